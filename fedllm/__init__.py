@@ -1,0 +1,3 @@
+"""fedllm: a federated, differentially private LLM router for hospitals."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,32 @@
+"""The `fedllm` command. Each service registers its own subcommands; this file only gathers them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.accountant import cli as accountant_cli
+from services.auditor import cli as auditor_cli
+from services.gateway import cli as gateway_cli
+from services.node_worker import cli as node_cli
+from services.router import cli as router_cli
+
+from fedllm import launcher
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    launcher.register(sub)
+    for module in (gateway_cli, accountant_cli, router_cli, node_cli, auditor_cli):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared by every service: config, topic names, Avro codec, Kafka clients, database engines."""

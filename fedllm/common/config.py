@@ -1,0 +1,153 @@
+"""Settings: environment variables over an optional YAML file (FEDLLM_CONFIG) over defaults.
+
+The well-known variables KAFKA_BOOTSTRAP, DATABASE_URL, REDIS_URL and JWT_SECRET are read
+without prefix; everything else is FEDLLM_<FIELD> (nested fields use `__`).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+PLACEHOLDER_SECRETS = {"", "changeme", "secret", "demo-secret-not-for-production"}
+DEMO_JWT_SECRET = "demo-secret-not-for-production"
+
+
+class HospitalConfig(BaseModel):
+    """One simulated or real hospital node."""
+
+    id: str
+    departments: list[str]
+    seed: int = 0
+    population: int = 20
+
+
+class BudgetConfig(BaseModel):
+    """Privacy budgets: epsilon per window, at `delta`."""
+
+    delta: float = 1e-5
+    window_seconds: int = 86_400
+    user_epsilon: float = 10.0
+    department_epsilon: dict[str, float] = Field(
+        default_factory=lambda: {
+            "emergency": 20.0,
+            "cardiology": 15.0,
+            "radiology": 10.0,
+            "general": 5.0,
+            "research": 2.0,
+        }
+    )
+    max_query_epsilon: float = 10.0
+
+
+def default_hospitals() -> list[HospitalConfig]:
+    return [
+        HospitalConfig(id="st_mary", departments=["emergency", "cardiology", "general"], seed=11),
+        HospitalConfig(id="city_general", departments=["general", "radiology", "research"], seed=22),
+        HospitalConfig(id="northside", departments=["cardiology", "emergency", "radiology"], seed=33),
+    ]
+
+
+class Settings(BaseSettings):
+    """Every service reads this; each uses the part it needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDLLM_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    mode: Literal["demo", "prod"] = "prod"
+    kafka_bootstrap: str = Field(
+        default="", validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "FEDLLM_KAFKA_BOOTSTRAP")
+    )
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    database_url: str = Field(
+        default="", validation_alias=AliasChoices("DATABASE_URL", "FEDLLM_DATABASE_URL")
+    )
+    redis_url: str = Field(
+        default="", validation_alias=AliasChoices("REDIS_URL", "FEDLLM_REDIS_URL")
+    )
+    jwt_secret: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("JWT_SECRET", "FEDLLM_JWT_SECRET")
+    )
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str = "fedllm"
+    data_dir: Path = Path(".fedllm")
+
+    # Kafka client tuning (see shared BROKER notes: short fetch waits, explicit topics).
+    fetch_max_wait_ms: int = 10
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+
+    # Request lifecycle.
+    request_timeout_s: float = 120.0
+    node_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 1.0
+    node_ttl_s: float = 5.0
+    max_tokens_limit: int = 256
+    max_prompt_chars: int = 4_000
+
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    hospitals: list[HospitalConfig] = Field(default_factory=default_hospitals)
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("FEDLLM_CONFIG")
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        if self.mode == "demo" and not self.jwt_secret.get_secret_value():
+            self.jwt_secret = SecretStr(DEMO_JWT_SECRET)
+        return self
+
+    def require_jwt_secret(self) -> str:
+        """The JWT secret; outside demo mode a default or empty one is refused."""
+        secret = self.jwt_secret.get_secret_value()
+        if self.mode != "demo" and secret in PLACEHOLDER_SECRETS:
+            raise ValueError("JWT_SECRET is empty or a placeholder; set a real secret")
+        return secret
+
+    def resolved_database_url(self) -> str:
+        """DATABASE_URL, or a SQLite file under data_dir (the embedded default)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fedllm.db').resolve()}"
+
+    def hospital(self, hospital_id: str) -> HospitalConfig:
+        for h in self.hospitals:
+            if h.id == hospital_id:
+                return h
+        raise KeyError(f"unknown hospital {hospital_id!r}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return Settings()

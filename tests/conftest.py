@@ -1,0 +1,106 @@
+"""Shared fixtures: a real Kafka-protocol broker, a real Postgres, a real Redis.
+
+Order of preference for each: the env var (KAFKA_BOOTSTRAP, DATABASE_URL, REDIS_URL), then a
+testcontainers container when a Docker engine answers, then the local server / embedded broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from fedllm.embedded import EmbeddedBroker
+
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LOCAL_REDIS = "redis://127.0.0.1:6379/15"
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers (then testcontainers is used)."""
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        yield os.environ["KAFKA_BOOTSTRAP"]
+    elif docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
+    else:
+        with EmbeddedBroker() as broker:
+            yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A Postgres server URL we may create databases on."""
+    if os.environ.get("DATABASE_URL", "").startswith("postgres"):
+        yield os.environ["DATABASE_URL"]
+    elif docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16", driver="psycopg") as pg:
+            yield pg.get_connection_url()
+    else:
+        yield LOCAL_POSTGRES
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str) -> Iterator[str]:
+    """A fresh, empty Postgres database on the admin server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from fedllm.common.db import normalise_url
+
+    admin_url = normalise_url(admin_url)
+    name = f"fedllm_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    """One fresh Postgres database for the session."""
+    with scratch_database(postgres_admin_url) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh Postgres database for one test."""
+    with scratch_database(postgres_admin_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+    elif docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer() as r:
+            yield f"redis://{r.get_container_host_ip()}:{r.get_exposed_port(6379)}/0"
+    else:
+        yield LOCAL_REDIS
