@@ -1,0 +1,219 @@
+"""The router's Kafka loop (thin): feeds the pure `Dispatcher` and carries out its actions.
+
+Consumers:
+- `fedllm.decisions` in group "router"; offsets are committed after the batch's actions are sent.
+- `fedllm.heartbeats` and `fedllm.node-results`, all partitions by `assign()` without a group
+  (every router instance needs every heartbeat and every answer). In-flight state lives in
+  memory, so there is nothing to resume on these: heartbeats are read from `node_ttl_s` ago,
+  node results from the end. After a crash the accountant's deadline backstop settles whatever
+  this router was supervising; a replayed decision is routed again (node results are kept
+  first-wins by the accountant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+
+from fedllm.common import audit, topics
+from fedllm.common.config import Settings
+from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
+from fedllm.common.lifecycle import clear_ready, mark_ready
+from services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
+from services.router.least_load import DepartmentLeastLoad
+from services.router.registry import NodeRegistry
+from services.router.strategy import RoutingStrategy
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 200
+
+
+class _Assigned(ConsumerRebalanceListener):
+    """Sets `event` once the group has given this member its (possibly empty) assignment."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.event.set()
+
+
+async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of `topic` to a group-less consumer."""
+    await consumer.topics()  # refresh metadata
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise RuntimeError(f"topic {topic} does not exist; run `fedllm topics` first")
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    return tps
+
+
+async def _seek_to_time(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ts_ms: int) -> None:
+    """Position at the first record at or after `ts_ms` (the end if none)."""
+    found = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
+    ends = await consumer.end_offsets(tps)
+    for tp in tps:
+        hit = found.get(tp)
+        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+
+
+class RouterService:
+    """Owns the clients and the dispatcher; `run()` is the service's lifetime."""
+
+    def __init__(self, settings: Settings, *, strategy: RoutingStrategy | None = None) -> None:
+        self.settings = settings
+        self.dispatcher = Dispatcher(
+            registry=NodeRegistry(ttl_s=settings.node_ttl_s),
+            strategy=strategy or DepartmentLeastLoad(),
+            node_timeout_s=settings.node_timeout_s,
+        )
+        self.producer = make_producer(settings)
+        self.bus = Bus(self.producer)
+        self.decisions = make_consumer(settings, group_id=SERVICE)
+        self.heartbeats = make_consumer(settings, group_id=None)
+        self.node_results = make_consumer(settings, group_id=None)
+        self._assigned = asyncio.Event()
+        self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
+
+    async def execute(self, actions: list[Action]) -> None:
+        """Send messages first, then their audit events."""
+        for action in actions:
+            if isinstance(action, Send):
+                await self.bus.send(action.topic, action.schema, action.record, key=action.key)
+        for action in actions:
+            if isinstance(action, Audit):
+                await audit.emit(
+                    self.bus, action=action.action, service=SERVICE,
+                    id_parts=action.id_parts, **action.fields,
+                )
+
+    # -- start-up -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await wait_for_broker(self.settings)
+        await self.producer.start()
+        for consumer in (self.decisions, self.heartbeats, self.node_results):
+            await consumer.start()
+        self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self._assigned))
+        hb_tps = await _assign_all(self.heartbeats, topics.HEARTBEATS)
+        await _seek_to_time(
+            self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000)
+        )
+        nr_tps = await _assign_all(self.node_results, topics.NODE_RESULTS)
+        await self.node_results.seek_to_end(*nr_tps)
+        for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
+            await self.node_results.position(tp)
+        await self._drain_heartbeats()
+
+    async def _drain_heartbeats(self) -> None:
+        """Read the recent heartbeats before routing anything, so the registry is warm."""
+        while True:
+            batch = await self.heartbeats.getmany(timeout_ms=50)
+            if not batch:
+                return
+            await self._on_heartbeats(batch)
+
+    async def stop(self) -> None:
+        for consumer in (self.decisions, self.heartbeats, self.node_results):
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+        with contextlib.suppress(Exception):
+            await self.producer.stop()
+
+    # -- loops ----------------------------------------------------------------------------
+
+    async def _on_heartbeats(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for msgs in batch.values():
+            for msg in msgs:
+                hb = await self.bus.decode_or_dead_letter(msg, "NodeHeartbeat", service=SERVICE)
+                if hb is not None:
+                    await self.execute(self.dispatcher.on_heartbeat(hb, now_ms=now_ms()))
+
+    async def route_decisions(self) -> None:
+        while True:
+            batch = await self.decisions.getmany(timeout_ms=POLL_MS)
+            for msgs in batch.values():
+                for msg in msgs:
+                    decision = await self.bus.decode_or_dead_letter(
+                        msg, "BudgetDecision", service=SERVICE
+                    )
+                    if decision is not None:
+                        await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
+            if batch:
+                await self.decisions.commit()
+
+    async def track_nodes(self) -> None:
+        while True:
+            await self._on_heartbeats(await self.heartbeats.getmany(timeout_ms=POLL_MS))
+
+    async def close_answered(self) -> None:
+        while True:
+            batch = await self.node_results.getmany(timeout_ms=POLL_MS)
+            for msgs in batch.values():
+                for msg in msgs:
+                    result = await self.bus.decode_or_dead_letter(
+                        msg, "InferenceResult", service=SERVICE
+                    )
+                    if result is not None:
+                        await self.execute(
+                            self.dispatcher.on_node_result(result, now_ms=now_ms())
+                        )
+
+    async def supervise(self) -> None:
+        while True:
+            await self.execute(self.dispatcher.tick(now_ms=now_ms()))
+            await asyncio.sleep(self.tick_s)
+
+    async def announce_ready(self) -> None:
+        await self._assigned.wait()
+        mark_ready(self.settings, SERVICE)
+        log.info("router ready: %d nodes alive", len(self.dispatcher.registry.alive(now_ms())))
+
+
+async def _until_stopped(stop: asyncio.Event, loops: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run `loops` until `stop` is set or one of them fails (then re-raise its error)."""
+    tasks = {asyncio.create_task(loop()) for loop in loops}
+    stopper = asyncio.create_task(stop.wait())
+    pending: set[asyncio.Task[None] | asyncio.Task[bool]] = {stopper, *tasks}
+    try:
+        while stopper in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:  # a loop that returns normally (announce_ready) is just done
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def run(
+    settings: Settings, *, stop: asyncio.Event, strategy: RoutingStrategy | None = None
+) -> None:
+    """Run the router until `stop` is set."""
+    service = RouterService(settings, strategy=strategy)
+    clear_ready(settings, SERVICE)
+    try:
+        await service.start()
+        await _until_stopped(
+            stop,
+            [
+                service.route_decisions,
+                service.track_nodes,
+                service.close_answered,
+                service.supervise,
+                service.announce_ready,
+            ],
+        )
+    finally:
+        clear_ready(settings, SERVICE)
+        await service.stop()
