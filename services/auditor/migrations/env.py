@@ -1,0 +1,18 @@
+"""Alembic environment: always handed a live connection by services.auditor.migrate."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from services.auditor.migrate import VERSION_TABLE
+from services.auditor.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    version_table=VERSION_TABLE,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()
