@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedllm import launcher
 from services.accountant import cli as accountant_cli
 from services.auditor import cli as auditor_cli
 from services.gateway import cli as gateway_cli
 from services.node_worker import cli as node_cli
 from services.router import cli as router_cli
-
-from fedllm import launcher
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -90,9 +91,9 @@ def encode(short_name: str, record: dict[str, Any]) -> tuple[bytes, Headers]:
     return buf.getvalue(), headers
 
 
-def decode(value: bytes | None, headers: Headers | None) -> tuple[str, dict[str, Any]]:
+def decode(value: bytes | None, headers: Headers | Mapping[str, bytes] | None) -> tuple[str, dict[str, Any]]:
     """Decode a message into (short schema name, record); raises DecodeError."""
-    hdrs = {k: v for k, v in (headers or [])}
+    hdrs = dict(headers.items() if isinstance(headers, Mapping) else headers or [])
     fp = hdrs.get(FINGERPRINT_HEADER)
     if fp is None:
         raise DecodeError("missing schema fingerprint header")
@@ -112,7 +113,7 @@ def decode(value: bytes | None, headers: Headers | None) -> tuple[str, dict[str,
 
 
 def decode_expect(
-    short_name: str, value: bytes | None, headers: Headers | None
+    short_name: str, value: bytes | None, headers: Headers | Mapping[str, bytes] | None
 ) -> dict[str, Any]:
     """Decode and check the message is a `short_name`; raises DecodeError otherwise."""
     name, record = decode(value, headers)

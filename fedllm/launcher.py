@@ -1,0 +1,203 @@
+"""Runs the whole pipeline on one machine: `fedllm topics`, `fedllm up`, `fedllm demo`.
+
+The embedded default starts the bundled Tansu broker on a free loopback port and a SQLite
+ledger; KAFKA_BOOTSTRAP / DATABASE_URL / REDIS_URL, when set, replace the embedded parts.
+Every service runs as its own process (`fedllm <service>`), exactly as in a deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedllm.common import topics
+from fedllm.common.config import DEMO_JWT_SECRET, HospitalConfig, Settings
+from fedllm.common.kafka import ensure_topics, wait_for_broker
+from fedllm.common.lifecycle import ready_path
+from fedllm.embedded import EmbeddedBroker, free_port
+
+
+class Pipeline:
+    """The broker (embedded unless KAFKA_BOOTSTRAP is set) plus one process per service."""
+
+    def __init__(self, *, data_dir: Path, env: dict[str, str] | None = None,
+                 database_url: str | None = None, gateway_port: int | None = None,
+                 hospitals: list[HospitalConfig] | None = None) -> None:
+        self.data_dir = data_dir.resolve()
+        self.extra_env = dict(env or {})
+        self.hospitals = hospitals
+        self.database_url = database_url or os.environ.get("DATABASE_URL", "")
+        self.gateway_port = gateway_port or free_port()
+        self.broker: EmbeddedBroker | None = None
+        self.bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.settings = Settings(**self._settings_overrides())
+
+    def _settings_overrides(self) -> dict[str, object]:
+        overrides: dict[str, object] = {"data_dir": self.data_dir}
+        if self.hospitals is not None:
+            overrides["hospitals"] = self.hospitals
+        return overrides
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            KAFKA_BOOTSTRAP=self.bootstrap,
+            FEDLLM_DATA_DIR=str(self.data_dir),
+            FEDLLM_GATEWAY_PORT=str(self.gateway_port),
+        )
+        env.setdefault("FEDLLM_MODE", "demo")
+        if env["FEDLLM_MODE"] == "demo":
+            env.setdefault("JWT_SECRET", DEMO_JWT_SECRET)
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
+        if self.hospitals is not None:
+            env["FEDLLM_HOSPITALS"] = json.dumps([h.model_dump() for h in self.hospitals])
+        env.update(self.extra_env)
+        return env
+
+    def start_broker(self) -> None:
+        if not self.bootstrap:
+            (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.broker = EmbeddedBroker(log_path=self.data_dir / "logs" / "broker.log").start()
+            self.bootstrap = self.broker.bootstrap
+        self.settings = Settings(kafka_bootstrap=self.bootstrap, **self._settings_overrides())
+        ids = [h.id for h in self.settings.hospitals]
+
+        async def _create() -> None:
+            await wait_for_broker(self.settings)
+            await ensure_topics(self.settings, topics.all_topics(ids))
+
+        asyncio.run(_create())
+
+    def service_commands(self) -> dict[str, list[str]]:
+        """Process name -> `fedllm` arguments, for every service of the pipeline."""
+        cmds = {
+            "auditor": ["auditor"],
+            "accountant": ["accountant"],
+            "router": ["router"],
+            "gateway": ["gateway"],
+        }
+        for h in self.settings.hospitals:
+            cmds[f"node-{h.id}"] = ["node", "--hospital", h.id]
+        return cmds
+
+    def start_service(self, name: str, args: list[str]) -> None:
+        ready_path(self.settings, name).unlink(missing_ok=True)
+        log_dir = self.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "fedllm.cli", *args],
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self, timeout_s: float = 300.0) -> Pipeline:
+        """Start the broker, create topics, start every service and wait until all are ready."""
+        if self.database_url == "" and "DATABASE_URL" not in self.extra_env:
+            self.database_url = f"sqlite:///{self.data_dir / 'fedllm.db'}"
+        self.start_broker()
+        for name, args in self.service_commands().items():
+            self.start_service(name, args)
+        self.wait_ready(list(self.procs), timeout_s=timeout_s)
+        return self
+
+    def wait_ready(self, names: list[str], *, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = set(names)
+        while pending:
+            for name in list(pending):
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"service {name} exited with {proc.returncode}; "
+                        f"see {self.data_dir / 'logs' / (name + '.log')}"
+                    )
+                if ready_path(self.settings, name).exists():
+                    pending.discard(name)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"services not ready after {timeout_s}s: {sorted(pending)}")
+            time.sleep(0.2)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one service process (fault injection in tests)."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+        ready_path(self.settings, name).unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self.broker:
+            self.broker.stop()
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _topics(args: argparse.Namespace) -> int:
+    settings = Settings()
+
+    async def _create() -> None:
+        await wait_for_broker(settings)
+        await ensure_topics(settings, topics.all_topics([h.id for h in settings.hospitals]))
+
+    asyncio.run(_create())
+    print("topics ready")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    pipeline = Pipeline(data_dir=Path(args.data_dir), gateway_port=args.port)
+    with pipeline:
+        print(f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
+              f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True)
+        try:
+            while all(p.poll() is None for p in pipeline.procs.values()):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fedllm.demo import run_demo
+
+    return run_demo(data_dir=Path(args.data_dir))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("topics", help="create every topic with its partition count")
+    p.set_defaults(func=_topics)
+    p = sub.add_parser("up", help="run the whole pipeline locally until Ctrl-C")
+    p.add_argument("--data-dir", default=".fedllm")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=_up)
+    p = sub.add_parser("demo", help="run the pipeline, send scripted requests, print a table")
+    p.add_argument("--data-dir", default=".fedllm")
+    p.set_defaults(func=_demo)

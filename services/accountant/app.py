@@ -1,0 +1,111 @@
+"""The accountant as a faust-streaming app: two agents and a timer.
+
+- `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
+- `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
+- `expire_reservations` (leader only) times out requests whose deadline passed.
+
+Offsets are acked only after an event is fully handled (faust at-least-once); the ledger makes
+every replay a no-op. Messages are raw bytes here and decoded with the shared Avro codec, so an
+undecodable one is dead-lettered instead of crashing the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaProducer
+
+from fedllm.common import codec, topics
+from fedllm.common.config import Settings
+from fedllm.common.db import make_engine
+from fedllm.common.faust_transport import broker_urls
+from fedllm.common.kafka import Bus, make_producer
+from fedllm.common.lifecycle import mark_ready
+from fedllm.privacy.accountant import RdpAccountant
+from services.accountant.handlers import SERVICE, Accountant
+from services.accountant.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the faust app and its agents for `settings`."""
+    app = faust.App(
+        "fedllm-accountant",
+        broker=broker_urls(settings.kafka_bootstrap),
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=topics.PARTITIONS[topics.REQUESTS],
+        topic_replication_factor=1,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
+        broker_commit_every=1,
+        broker_commit_interval=0.5,
+        producer_linger_ms=0,
+    )
+    requests_topic = app.topic(topics.REQUESTS, key_type=bytes, value_type=bytes,
+                               partitions=topics.PARTITIONS[topics.REQUESTS])
+    node_results_topic = app.topic(topics.NODE_RESULTS, key_type=bytes, value_type=bytes,
+                                   partitions=topics.PARTITIONS[topics.NODE_RESULTS])
+    state: dict[str, Any] = {}
+
+    async def accountant() -> Accountant:
+        """The Accountant, built on first use inside the worker's event loop."""
+        if "accountant" not in state:
+            producer: AIOKafkaProducer = make_producer(settings)
+            await producer.start()
+            ledger = Ledger(make_engine(settings.resolved_database_url()), settings.budget,
+                            RdpAccountant())
+            state["producer"] = producer
+            state["accountant"] = Accountant(settings, ledger, Bus(producer))
+        return state["accountant"]
+
+    async def handle(event: faust.types.EventT, schema: str) -> None:
+        acct = await accountant()
+        msg = event.message
+        try:
+            record = codec.decode_expect(schema, msg.value, msg.headers)
+        except codec.DecodeError as exc:
+            await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
+            return
+        if schema == "InferenceRequest":
+            await acct.on_request(record)
+        else:
+            await acct.on_node_result(record)
+
+    @app.agent(requests_topic, name="reserve_budget")
+    async def reserve_budget(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await handle(event, "InferenceRequest")
+
+    @app.agent(node_results_topic, name="settle_budget")
+    async def settle_budget(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await handle(event, "InferenceResult")
+
+    @app.timer(interval=1.0, on_leader=True)
+    async def expire_reservations() -> None:
+        n = await (await accountant()).sweep_expired()
+        if n:
+            log.info("timed out %d reservation(s)", n)
+
+    @app.timer(interval=0.5)
+    async def report_ready() -> None:
+        if not state.get("ready") and app.consumer.assignment():
+            await accountant()
+            mark_ready(settings, "accountant")
+            state["ready"] = True
+
+    @app.on_before_shutdown.connect
+    async def close_producer(app: faust.App, **_: Any) -> None:
+        if "producer" in state:
+            await state["producer"].stop()
+
+    return app

@@ -1,0 +1,137 @@
+"""The accountant's reactions to events: reserve on a request, settle on a node result,
+time out stale reservations. Database work runs in a thread; outputs go out after the
+database commit, so a crash in between only causes a replay, which the ledger absorbs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fedllm.common import audit, topics
+from fedllm.common.config import Settings
+from fedllm.common.kafka import Bus, now_ms
+from fedllm.privacy.accountant import PrivacyCurve
+from services.accountant import messages
+from services.accountant.ledger import Ledger, Outcome
+
+log = logging.getLogger(__name__)
+SERVICE = "accountant"
+
+
+class Accountant:
+    """Budget reservation and settlement over a durable ledger."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, bus: Bus) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.bus = bus
+
+    async def on_request(self, request: dict[str, Any]) -> None:
+        outcome = await asyncio.to_thread(self.ledger.reserve, request)
+        rid = request["request_id"]
+        common = {
+            "request_id": rid, "user_id": request["user_id"], "role": request["role"],
+            "department": request["department"], "source_address": request["source_address"],
+            "delta": outcome.entry["delta"],
+        }
+        if outcome.state == "reserved":
+            await self.bus.send(topics.DECISIONS, "BudgetDecision",
+                                messages.decision(request, outcome), key=rid)
+            await audit.emit(
+                self.bus, action="budget.reserved", service=SERVICE, id_parts=(rid,),
+                outcome="approved", epsilon=request["epsilon"],
+                rdp_summary=messages.rdp_summary(outcome.entry["reserved_rdp"],
+                                                 request["epsilon"]),
+                **common,
+            )
+        elif outcome.state == "rejected":
+            await self.bus.send(topics.DECISIONS, "BudgetDecision",
+                                messages.decision(request, outcome), key=rid)
+            await self.bus.send(topics.RESULTS, "InferenceResult",
+                                messages.final_result(outcome, status="rejected"), key=rid)
+            await audit.emit(self.bus, action="budget.refused", service=SERVICE, id_parts=(rid,),
+                             outcome="rejected", reason=outcome.reason,
+                             epsilon=request["epsilon"], **common)
+            await audit.emit(self.bus, action="request.rejected", service=SERVICE,
+                             id_parts=(rid,), outcome="rejected", reason=outcome.reason,
+                             **common)
+        else:
+            return  # already settled: a replay of an old request event
+        await self._publish_budget(outcome)
+
+    async def on_node_result(self, result: dict[str, Any]) -> None:
+        rid = result["request_id"]
+        spent, status, reason = self._charge_for(result)
+        outcome = await asyncio.to_thread(
+            self.ledger.settle, rid, spent=spent, outcome=status, reason=reason,
+            node_id=result.get("node_id", ""),
+        )
+        if outcome is None:
+            log.warning("node result for unknown request %s ignored", rid)
+            return
+        replay = (not outcome.changed and outcome.entry["outcome"] == status
+                  and outcome.entry["node_id"] == result.get("node_id", ""))
+        if outcome.changed or replay:
+            await self._finish(outcome, result if status == "ok" else None, status=status)
+
+    async def sweep_expired(self, *, grace_ms: int = 2_000) -> int:
+        """Refund and time out reservations whose request deadline has passed."""
+        ids = await asyncio.to_thread(self.ledger.expired, now_ms=now_ms(), grace_ms=grace_ms)
+        for rid in ids:
+            outcome = await asyncio.to_thread(
+                self.ledger.settle, rid, spent=None, outcome="timeout",
+                reason="request deadline passed without an answer",
+            )
+            if outcome is not None and outcome.changed:
+                await self._finish(outcome, None, status="timeout")
+        return len(ids)
+
+    def _charge_for(self, result: dict[str, Any]) -> tuple[PrivacyCurve | None, str, str]:
+        """What to charge for a node result: (curve or None for a full refund, status, reason)."""
+        status = result["status"]
+        if status != "ok":
+            return None, ("timeout" if status == "timeout" else "failed"), result["reason"]
+        if not result["is_private"]:
+            return None, "failed", "answer withheld: it was not released by a DP mechanism"
+        orders = tuple(result["rdp_orders"])
+        if orders != tuple(self.ledger.accountant.orders):
+            return None, "failed", "answer withheld: privacy cost reported on unknown orders"
+        return PrivacyCurve(orders=orders, values=tuple(result["rdp_epsilons"])), "ok", ""
+
+    async def _finish(self, outcome: Outcome, node_result: dict[str, Any] | None, *,
+                      status: str) -> None:
+        entry = outcome.entry
+        rid = entry["request_id"]
+        await self.bus.send(topics.RESULTS, "InferenceResult",
+                            messages.final_result(outcome, node_result, status=status), key=rid)
+        common = {"request_id": rid, "user_id": entry["user_id"],
+                  "department": entry["department"], "hospital_id": entry["node_id"],
+                  "delta": entry["delta"]}
+        if entry["state"] == "committed":
+            reserved = self.ledger.accountant.epsilon(
+                PrivacyCurve.from_dict(entry["reserved_rdp"]), delta=entry["delta"])
+            await audit.emit(
+                self.bus, action="budget.committed", service=SERVICE, id_parts=(rid,),
+                outcome="committed", epsilon=entry["spent_epsilon"],
+                rdp_summary=messages.rdp_summary(entry["spent_rdp"], entry["spent_epsilon"]),
+                refunded_epsilon=round(max(reserved - entry["spent_epsilon"], 0.0), 6),
+                records_used=int((node_result or {}).get("records_used", 0)), **common,
+            )
+        else:
+            await audit.emit(self.bus, action="budget.refunded", service=SERVICE,
+                             id_parts=(rid,), outcome="refunded", reason=outcome.reason,
+                             epsilon=0.0, **common)
+        await audit.emit(self.bus, action=messages.TERMINAL_ACTION[status], service=SERVICE,
+                         id_parts=(rid,), outcome=status, reason=outcome.reason,
+                         epsilon=entry["spent_epsilon"], **common)
+        await self._publish_budget(outcome)
+
+    async def _publish_budget(self, outcome: Outcome) -> None:
+        if outcome.user.limit <= 0:
+            return
+        await self.bus.send(
+            topics.BUDGETS, "BudgetStatus",
+            messages.budget_status(outcome, window_seconds=self.settings.budget.window_seconds),
+            key=outcome.entry["user_id"],
+        )

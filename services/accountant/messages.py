@@ -1,0 +1,85 @@
+"""Pure builders of the accountant's outgoing records from ledger outcomes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fedllm.common.kafka import now_ms
+from fedllm.privacy.accountant import PrivacyCurve
+from services.accountant.ledger import Outcome
+
+TERMINAL_ACTION = {
+    "ok": "request.completed",
+    "rejected": "request.rejected",
+    "failed": "request.failed",
+    "timeout": "request.timeout",
+}
+
+
+def decision(request: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+    """BudgetDecision for a reservation outcome."""
+    return {
+        "request_id": request["request_id"],
+        "approved": outcome.state != "rejected",
+        "reason": outcome.reason,
+        "reserved_epsilon": request["epsilon"] if outcome.state != "rejected" else 0.0,
+        "delta": outcome.entry["delta"],
+        "remaining_user_epsilon": outcome.user.remaining,
+        "remaining_department_epsilon": outcome.department.remaining,
+        "decided_at_ms": now_ms(),
+        "request": request,
+    }
+
+
+def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
+                 *, status: str) -> dict[str, Any]:
+    """The terminal InferenceResult for fedllm.results."""
+    entry = outcome.entry
+    base: dict[str, Any] = dict(node_result or {})
+    spent = entry.get("spent_rdp")
+    curve = PrivacyCurve.from_dict(spent) if spent else None
+    base.update(
+        request_id=entry["request_id"],
+        user_id=entry["user_id"],
+        department=entry["department"],
+        status=status,
+        reason=outcome.reason if status != "ok" else base.get("reason", ""),
+        privacy_cost=entry["spent_epsilon"],
+        delta=entry["delta"],
+        rdp_orders=list(curve.orders) if curve else [],
+        rdp_epsilons=list(curve.values) if curve else [],
+        remaining_budget=outcome.user.remaining,
+        finished_at_ms=now_ms(),
+    )
+    if status != "ok":
+        base["response"] = ""
+        base["is_private"] = False
+    base.setdefault("node_id", entry.get("node_id", ""))
+    base["processing_time_ms"] = float(now_ms() - entry["created_at_ms"])
+    return base
+
+
+def budget_status(outcome: Outcome, *, window_seconds: int) -> dict[str, Any]:
+    """BudgetStatus snapshot of the user after an operation."""
+    entry = outcome.entry
+    return {
+        "user_id": entry["user_id"],
+        "department": entry["department"],
+        "window_start": entry["window_start"],
+        "window_seconds": window_seconds,
+        "delta": entry["delta"],
+        "user_limit_epsilon": outcome.user.limit,
+        "user_spent_epsilon": outcome.user.spent,
+        "user_remaining_epsilon": outcome.user.remaining,
+        "department_limit_epsilon": outcome.department.limit,
+        "department_remaining_epsilon": outcome.department.remaining,
+        "updated_at_ms": now_ms(),
+    }
+
+
+def rdp_summary(curve_dict: dict[str, Any] | None, epsilon: float) -> str:
+    """Compact JSON of a charged curve for the audit record."""
+    if not curve_dict:
+        return ""
+    return json.dumps({"epsilon": round(epsilon, 6), "rdp": curve_dict}, sort_keys=True)

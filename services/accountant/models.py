@@ -1,0 +1,48 @@
+"""The durable budget ledger: one row per request, one lock row per budget account."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, BigInteger, Float, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BudgetAccount(Base):
+    """A user's or department's budget in one window. The row is the lock for its account;
+    what has been spent is derived from the entries (never a running float total)."""
+
+    __tablename__ = "budget_accounts"
+
+    scope: Mapped[str] = mapped_column(String(200), primary_key=True)  # user:<id> | dept:<name>
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    limit_epsilon: Mapped[float] = mapped_column(Float)
+
+
+class BudgetEntry(Base):
+    """One request's reservation and its settlement.
+
+    state: reserved -> committed | refunded; or rejected at once. Transitions happen only from
+    `reserved`, which makes every replayed event a no-op.
+    """
+
+    __tablename__ = "budget_entries"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), index=True)
+    department: Mapped[str] = mapped_column(String(100), index=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    reserved_rdp: Mapped[dict] = mapped_column(JSON)
+    spent_rdp: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    spent_epsilon: Mapped[float] = mapped_column(Float, default=0.0)
+    deadline_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    settled_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    node_id: Mapped[str] = mapped_column(String(100), default="")

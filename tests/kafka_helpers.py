@@ -1,0 +1,83 @@
+"""Small real-broker helpers for tests: produce typed records, collect decoded records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from fedllm.common import codec
+from fedllm.common.config import Settings
+from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
+
+
+async def produce(settings: Settings, topic: str, schema: str, record: dict[str, Any], *,
+                  key: str | None = None, times: int = 1) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for _ in range(times):
+            await Bus(producer).send(topic, schema, record, key=key)
+    finally:
+        await producer.stop()
+
+
+async def produce_raw(settings: Settings, topic: str, value: bytes,
+                      headers: list[tuple[str, bytes]] | None = None) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value=value, headers=headers or [])
+    finally:
+        await producer.stop()
+
+
+async def collect(settings: Settings, topic: str, *, until: Callable[[list[Any]], bool],
+                  timeout_s: float = 60.0, raw: bool = False) -> list[Any]:
+    """Read `topic` from the beginning (all partitions) until `until(records)` or timeout."""
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        parts = await _partitions(consumer, topic)
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while not until(out) and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                for m in msgs:
+                    out.append(m if raw else codec.decode(m.value, m.headers)[1])
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: Any, topic: str) -> list[TopicPartition]:
+    for _ in range(50):
+        ps = consumer.partitions_for_topic(topic)
+        if ps:
+            return [TopicPartition(topic, p) for p in sorted(ps)]
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"no partitions for {topic}")
+
+
+def inference_request(*, user_id: str = "u1", department: str = "cardiology",
+                      epsilon: float = 1.0, deadline_s: float = 60.0, **kw: Any
+                      ) -> dict[str, Any]:
+    """A valid InferenceRequest record."""
+    rec = {
+        "request_id": str(uuid.uuid4()), "user_id": user_id, "role": "doctor",
+        "department": department, "kind": "generate", "prompt": "What is the usual treatment?",
+        "max_tokens": 8, "temperature": 1.0, "epsilon": epsilon, "delta": 1e-5,
+        "require_consensus": False, "priority": "normal", "hospitals": [],
+        "source_address": "127.0.0.1", "created_at_ms": now_ms(),
+        "deadline_ms": now_ms() + int(deadline_s * 1000),
+    }
+    rec.update(kw)
+    return rec
