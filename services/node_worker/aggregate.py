@@ -1,0 +1,585 @@
+"""Differentially private aggregate queries over one hospital's per-patient table.
+
+Query (the request's prompt when ``kind == "aggregate"``; a dict or its JSON text)::
+
+    {"op": "count" | "sum" | "mean" | "histogram",
+     "field": "age" | "encounters" | "diagnoses" | "medications"   # sum/mean
+              | "diagnosis" | "medication",                          # histogram
+     "where": {"diagnosis": "E11" | "diabetes", "medication": "metformin",
+               "age_min": 40, "age_max": 65, "sex": "F"},
+     "bounds": [lo, hi],        # optional, sum/mean: public clipping range of the field
+     "top": 5,                  # optional, histogram: how many candidates the text names
+     "max_per_patient": 8}      # optional, histogram: contribution cap K
+
+Neighbouring relation: one patient (all of their records) added or removed. Each patient is one
+row (:mod:`services.node_worker.cohort`), so every release below has a stated sensitivity:
+
+* ``count``: number of matching patients, Δ = 1.
+* ``sum``: Σ clip(x, lo, hi) over matching patients on the grid (1/g)ℤ, Δ = max(|lo|, |hi|)
+  (in grid steps: max(|round(g·lo)|, |round(g·hi)|)).
+* ``mean``: a noisy count (share 1 − w of ρ) and a noisy *centred* sum Σ (x − m), m the grid
+  midpoint of [lo, hi], Δ = (hi − lo)/2 (share w = :data:`MEAN_SUM_SHARE`); the mean is
+  m + S/max(C, 1), clamped to [lo, hi] (post-processing). ``noisy_sum`` reports S + m·C.
+* ``histogram``: a count for every entry of a **public** vocabulary (clinosim's ICD-10-CM
+  categories or drug list, never taken from the records); a patient adds 1 to at most K
+  entries (a uniformly random K of theirs if they have more), so the L2 sensitivity is √K.
+
+Noise is the exact discrete Gaussian N_ℤ(0, σ²) (Canonne–Kamath–Steinke 2020), which is
+Δ²/(2σ²)-zCDP, i.e. RDP α·Δ²/(2σ²). σ is set so the total is ρ = ``rho_for_epsilon(ε, δ)``
+(never above it), and the answer carries the curve actually spent. Patients whose field is
+unknown (e.g. no birth date for ``age``) do not match a sum/mean or an age filter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.mechanisms import noisy_count, sample_discrete_gaussian
+from fedllm.privacy.rdp import rho_for_epsilon
+from services.node_worker.cohort import (
+    Cohort,
+    PatientRecord,
+    VocabEntry,
+    diagnosis_category,
+    diagnosis_vocabulary,
+    load_cohort,
+    medication_key,
+    medication_vocabulary,
+)
+
+__all__ = [
+    "FIELD_BOUNDS",
+    "HISTOGRAM_FIELDS",
+    "MEAN_SUM_SHARE",
+    "OPS",
+    "AggregateAnswer",
+    "AggregateQuery",
+    "answer_aggregate",
+    "answer_on_cohort",
+    "combine",
+    "parse_query",
+]
+
+Rng = random.Random | np.random.Generator
+
+OPS = ("count", "sum", "mean", "histogram")
+#: Numeric fields and their default public clipping range [lo, hi] (grid step 1: all integers).
+FIELD_BOUNDS: dict[str, tuple[float, float]] = {
+    "age": (0, 100),
+    "encounters": (0, 25),
+    "diagnoses": (0, 20),
+    "medications": (0, 30),
+}
+GRANULARITY = 1
+#: Histogram fields and their default contribution cap K.
+HISTOGRAM_FIELDS: dict[str, int] = {"diagnosis": 8, "medication": 8}
+#: Share of ρ spent on the centred sum of a mean; the rest goes to the count. The variance of
+#: the mean is ≈ (Δ_s²/ρ_s + (μ − m)²/ρ_c)/(2C²), minimised at ρ_s/ρ_c = Δ_s/|μ − m|; with the
+#: centred sum |μ − m| ≤ Δ_s, and 3/4 is optimal for |μ − m| = Δ_s/3 (fixed a priori, no data).
+MEAN_SUM_SHARE = 0.75
+_WHERE_KEYS = ("diagnosis", "medication", "age_min", "age_max", "sex")
+_QUERY_KEYS = ("op", "field", "where", "bounds", "top", "max_per_patient")
+_SEXES = ("F", "M", "O", "U")
+_MAX_TEXT = 200
+
+
+# --------------------------------------------------------------------------- query
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateQuery:
+    """A validated query (see the module docstring)."""
+
+    op: str
+    field: str | None = None
+    diagnosis: str | None = None
+    medication: str | None = None
+    age_min: int | None = None
+    age_max: int | None = None
+    sex: str | None = None
+    bounds: tuple[float, float] | None = None
+    top: int = 5
+    max_per_patient: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Canonical JSON of the query: answers to the same query can be combined."""
+        return json.dumps(
+            {s: getattr(self, s) for s in self.__slots__ if s != "top"},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def matches(self, p: PatientRecord) -> bool:
+        """Whether a patient satisfies the ``where`` filters."""
+        if self.sex is not None and p.sex != self.sex:
+            return False
+        if self.age_min is not None or self.age_max is not None:
+            if p.age is None:
+                return False
+            if self.age_min is not None and p.age < self.age_min:
+                return False
+            if self.age_max is not None and p.age > self.age_max:
+                return False
+        if self.diagnosis is not None:
+            q = self.diagnosis.casefold()
+            if not any(
+                d.code.casefold().startswith(q) or q in d.name.casefold() for d in p.diagnoses
+            ):
+                return False
+        if self.medication is not None:
+            q = self.medication.casefold()
+            if not any(q in m.name.casefold() for m in p.medications):
+                return False
+        return True
+
+
+def _text(where: str, key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{where}.{key} must be a non-empty string")
+    if len(v) > _MAX_TEXT:
+        raise ValueError(f"{where}.{key} is longer than {_MAX_TEXT} characters")
+    return v.strip()
+
+
+def _int(where: str, key: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{where}.{key} must be an integer in [{lo}, {hi}]; got {v!r}")
+    return v
+
+
+def _unknown(what: str, got: Iterable[str], allowed: Sequence[str]) -> None:
+    extra = sorted(set(got) - set(allowed))
+    if extra:
+        raise ValueError(f"unknown {what} {extra}; allowed: {list(allowed)}")
+
+
+def parse_query(query: Mapping[str, Any] | str) -> AggregateQuery:
+    """Validate a query dict (or its JSON text); raises ``ValueError`` naming the problem."""
+    if isinstance(query, str):
+        try:
+            query = json.loads(query)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"aggregate query is not valid JSON: {exc.msg}") from exc
+    if not isinstance(query, Mapping):
+        raise ValueError("aggregate query must be a JSON object")
+    _unknown("query key(s)", query, _QUERY_KEYS)
+    op = query.get("op")
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; allowed: {list(OPS)}")
+    field = query.get("field")
+    bounds: tuple[float, float] | None = None
+    if op == "count":
+        if field is not None:
+            raise ValueError("op 'count' takes no field")
+    elif op in ("sum", "mean"):
+        if field not in FIELD_BOUNDS:
+            raise ValueError(f"unknown field {field!r} for {op}; allowed: {list(FIELD_BOUNDS)}")
+        bounds = _bounds(query.get("bounds", FIELD_BOUNDS[field]))
+    elif field not in HISTOGRAM_FIELDS:
+        raise ValueError(
+            f"unknown field {field!r} for histogram; allowed: {list(HISTOGRAM_FIELDS)}"
+        )
+    if op != "histogram" and ("top" in query or "max_per_patient" in query):
+        raise ValueError("'top' and 'max_per_patient' apply to op 'histogram' only")
+    if op not in ("sum", "mean") and "bounds" in query:
+        raise ValueError("'bounds' applies to ops 'sum' and 'mean' only")
+    top = _int("query", "top", query.get("top", 5), 1, 50)
+    k = query.get("max_per_patient")
+    if op == "histogram":
+        k = _int("query", "max_per_patient", HISTOGRAM_FIELDS[field] if k is None else k, 1, 50)
+
+    where = query.get("where") or {}
+    if not isinstance(where, Mapping):
+        raise ValueError("where must be a JSON object")
+    _unknown("filter(s)", where, _WHERE_KEYS)
+    f: dict[str, Any] = {}
+    for key in ("diagnosis", "medication"):
+        if key in where:
+            f[key] = _text("where", key, where[key])
+    for key in ("age_min", "age_max"):
+        if key in where:
+            f[key] = _int("where", key, where[key], 0, 150)
+    if "age_min" in f and "age_max" in f and f["age_min"] > f["age_max"]:
+        raise ValueError("where.age_min must be <= where.age_max")
+    if "sex" in where:
+        if where["sex"] not in _SEXES:
+            raise ValueError(f"where.sex must be one of {list(_SEXES)}; got {where['sex']!r}")
+        f["sex"] = where["sex"]
+    return AggregateQuery(op=op, field=field, bounds=bounds, top=top, max_per_patient=k, **f)
+
+
+def _bounds(b: Any) -> tuple[float, float]:
+    ok = (
+        isinstance(b, Sequence)
+        and not isinstance(b, str)
+        and len(b) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in b)
+        and all(math.isfinite(x) and abs(x) <= 1e6 for x in b)
+    )
+    if not ok or not b[0] < b[1]:
+        raise ValueError(
+            f"bounds must be [lo, hi] with finite lo < hi, |lo|,|hi| <= 1e6; got {b!r}"
+        )
+    return float(b[0]), float(b[1])
+
+
+# --------------------------------------------------------------------------- answer
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateAnswer:
+    """A released answer: everything here is DP output or public, nothing is exact.
+
+    ``curve`` is the privacy actually spent by this release (per hospital for a combined answer,
+    see :func:`combine`); ``records_used`` is the number of patients scanned (cohort size,
+    treated as public hospital metadata), never the number matched.
+    """
+
+    op: str
+    field: str | None
+    value: float
+    text: str
+    curve: PrivacyCurve
+    records_used: int
+    epsilon: float
+    delta: float
+    query_key: str
+    noisy_count: int | None = None
+    noisy_sum: float | None = None
+    count_sd: float | None = None
+    sum_sd: float | None = None
+    bounds: tuple[float, float] | None = None
+    histogram: tuple[tuple[str, int], ...] | None = None
+    top: int = 5
+    hospitals: int = 1
+    disjoint_patients: bool = False
+
+
+def _sigma(*, rho: float, sq_sensitivity: float) -> float:
+    """The smallest σ (to rounding) with Δ²/(2σ²) ≤ ρ."""
+    if not rho > 0:
+        raise ValueError(f"zCDP budget must be > 0; got {rho}")
+    sigma = math.sqrt(sq_sensitivity / (2 * rho))
+    while sq_sensitivity / (2 * sigma * sigma) > rho:
+        sigma = math.nextafter(sigma, math.inf)
+    return sigma
+
+
+def _spent(sq_sensitivity: float, sigma: float) -> float:
+    return sq_sensitivity / (2 * sigma * sigma)
+
+
+def _grid(x: float) -> int:
+    return round(x * GRANULARITY)  # half-to-even, monotone
+
+
+def _value(p: PatientRecord, field: str) -> int | None:
+    if field == "age":
+        return p.age
+    if field == "encounters":
+        return p.encounters
+    if field == "diagnoses":
+        return len(p.diagnoses)
+    return len(p.medications)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _describe(q: AggregateQuery) -> str:
+    parts = []
+    if q.diagnosis:
+        parts.append(f"diagnosis ~ {q.diagnosis!r}")
+    if q.medication:
+        parts.append(f"medication ~ {q.medication!r}")
+    if q.sex:
+        parts.append(f"sex {q.sex}")
+    if q.age_min is not None or q.age_max is not None:
+        parts.append(
+            f"age {q.age_min if q.age_min is not None else 0}–"
+            f"{q.age_max if q.age_max is not None else '∞'}"
+        )
+    return "patients" + (f" with {', '.join(parts)}" if parts else "")
+
+
+def _vocab(field: str) -> tuple[VocabEntry, ...]:
+    return diagnosis_vocabulary() if field == "diagnosis" else medication_vocabulary()
+
+
+@functools.cache
+def _diagnosis_keys() -> frozenset[str]:
+    return frozenset(e.key for e in diagnosis_vocabulary())
+
+
+def _histogram_keys(p: PatientRecord, field: str) -> set[str]:
+    if field == "diagnosis":
+        keys = {diagnosis_category(d.code) for d in p.diagnoses}
+        return keys & _diagnosis_keys()
+    return {k for m in p.medications if (k := medication_key(m)) is not None}
+
+
+def _sample(rng: Rng, items: set[str], k: int) -> list[str]:
+    ordered = sorted(items)
+    if len(ordered) <= k:
+        return ordered
+    if isinstance(rng, np.random.Generator):
+        return [ordered[i] for i in rng.choice(len(ordered), size=k, replace=False)]
+    return rng.sample(ordered, k)
+
+
+def _render(a: AggregateAnswer, q_desc: str) -> str:
+    where = "across " + f"{a.hospitals} hospitals" if a.hospitals > 1 else "at this hospital"
+    dp = f"differentially private (ε={a.epsilon:g}, δ={a.delta:g} per hospital release)"
+    if a.op == "count":
+        body = f"About {_fmt(a.value)} {q_desc} {where} (noise s.d. {a.count_sd:.2g})."
+    elif a.op == "sum":
+        body = (
+            f"Sum of {a.field} over {q_desc} {where}: about {_fmt(a.value)} "
+            f"(each patient clipped to {a.bounds}; noise s.d. {a.sum_sd:.2g})."
+        )
+    elif a.op == "mean":
+        body = (
+            f"Mean {a.field} of {q_desc} {where}: about {_fmt(a.value)} "
+            f"(from a noisy sum and a noisy count of about {a.noisy_count}; values clipped "
+            f"to {a.bounds})."
+        )
+    else:
+        labels = {e.key: e.label for e in _vocab(a.field or "")}
+        ranked = sorted(a.histogram or (), key=lambda kv: (-kv[1], kv[0]))[: a.top]
+        items = "; ".join(f"{labels.get(k, k)} ≈ {c}" for k, c in ranked)
+        plural = "diagnoses" if a.field == "diagnosis" else "medications"
+        body = (
+            f"Most frequent {plural} among {q_desc} {where} (noisy patient counts over "
+            f"{len(labels)} public candidates, noise s.d. {a.count_sd:.2g}; counts below "
+            f"about {3 * (a.count_sd or 0):.0f} are indistinguishable from zero): {items}."
+        )
+    return f"{body} This answer is {dp}; exact figures are never released."
+
+
+def answer_on_cohort(
+    *,
+    query: Mapping[str, Any] | str | AggregateQuery,
+    cohort: Cohort,
+    epsilon: float,
+    delta: float,
+    rng: Rng,
+) -> AggregateAnswer:
+    """Answer one query on a loaded cohort under ρ = ``rho_for_epsilon(ε, δ)`` zCDP."""
+    q = query if isinstance(query, AggregateQuery) else parse_query(query)
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be finite and > 0; got {epsilon}")
+    rho = rho_for_epsilon(epsilon=epsilon, delta=delta)
+    if not rho > 0:
+        raise ValueError(f"no zCDP budget for epsilon={epsilon} at delta={delta}")
+    matched = [p for p in cohort.patients if q.matches(p)]
+    common = dict(
+        op=q.op,
+        field=q.field,
+        records_used=len(cohort),
+        epsilon=epsilon,
+        delta=delta,
+        query_key=q.key,
+        bounds=q.bounds,
+        top=q.top,
+    )
+
+    if q.op == "count":
+        s = _sigma(rho=rho, sq_sensitivity=1)
+        c = noisy_count(value=len(matched), sigma=s, rng=rng)
+        a = AggregateAnswer(
+            value=float(c),
+            text="",
+            curve=PrivacyCurve.from_rho(_spent(1, s)),
+            noisy_count=c,
+            count_sd=s,
+            **common,
+        )
+    elif q.op in ("sum", "mean"):
+        assert q.field is not None and q.bounds is not None
+        lo_u, hi_u = _grid(q.bounds[0]), _grid(q.bounds[1])
+        vals = [v for p in matched if (v := _value(p, q.field)) is not None]
+        units = [_grid(min(max(float(v), q.bounds[0]), q.bounds[1])) for v in vals]
+        if q.op == "sum":
+            d2 = float(max(abs(lo_u), abs(hi_u))) ** 2
+            s = _sigma(rho=rho, sq_sensitivity=d2)
+            total = noisy_count(value=sum(units), sigma=s, rng=rng) / GRANULARITY
+            a = AggregateAnswer(
+                value=total,
+                text="",
+                noisy_sum=total,
+                sum_sd=s / GRANULARITY,
+                curve=PrivacyCurve.from_rho(_spent(d2, s)),
+                **common,
+            )
+        else:
+            mid_u = (lo_u + hi_u) // 2
+            d2 = float(max(hi_u - mid_u, mid_u - lo_u)) ** 2
+            s_sum = _sigma(rho=rho * MEAN_SUM_SHARE, sq_sensitivity=d2)
+            rho_c = rho - _spent(d2, s_sum)
+            s_cnt = _sigma(rho=rho_c, sq_sensitivity=1)
+            while _spent(d2, s_sum) + _spent(1, s_cnt) > rho:  # float rounding guard
+                s_cnt = math.nextafter(s_cnt, math.inf)
+            c = noisy_count(value=len(units), sigma=s_cnt, rng=rng)
+            centred = noisy_count(value=sum(u - mid_u for u in units), sigma=s_sum, rng=rng)
+            total = (centred + mid_u * c) / GRANULARITY
+            mean = _clamp(total / max(c, 1), q.bounds) if c >= 1 else mid_u / GRANULARITY
+            a = AggregateAnswer(
+                value=mean,
+                text="",
+                noisy_count=c,
+                noisy_sum=total,
+                count_sd=s_cnt,
+                sum_sd=s_sum / GRANULARITY,
+                curve=PrivacyCurve.from_rho(_spent(d2, s_sum) + _spent(1, s_cnt)),
+                **common,
+            )
+    else:
+        assert q.field is not None and q.max_per_patient is not None
+        vocab = _vocab(q.field)
+        index = {e.key: i for i, e in enumerate(vocab)}
+        counts = np.zeros(len(vocab), dtype=np.int64)
+        for p in matched:
+            for key in _sample(rng, _histogram_keys(p, q.field), q.max_per_patient):
+                counts[index[key]] += 1
+        d2 = float(q.max_per_patient)  # L2² of a patient's 0/1 vector with ≤ K ones
+        s = _sigma(rho=rho, sq_sensitivity=d2)
+        noisy = counts + sample_discrete_gaussian(sigma=s, size=len(vocab), rng=rng)
+        hist = tuple((e.key, int(n)) for e, n in zip(vocab, noisy, strict=True))
+        a = AggregateAnswer(
+            value=float(noisy.max()),
+            text="",
+            histogram=hist,
+            count_sd=s,
+            curve=PrivacyCurve.from_rho(_spent(d2, s)),
+            **common,
+        )
+    return _with_text(a, q)
+
+
+def _clamp(x: float, bounds: tuple[float, float]) -> float:
+    return min(max(x, bounds[0]), bounds[1])
+
+
+def _with_text(a: AggregateAnswer, q: AggregateQuery) -> AggregateAnswer:
+    return replace(a, text=_render(a, _describe(q)))
+
+
+def answer_aggregate(
+    *, query: Mapping[str, Any] | str, cohort_dir: Path, epsilon: float, delta: float, rng: Rng
+) -> AggregateAnswer:
+    """Answer a query on the hospital records under ``cohort_dir`` (clinosim output)."""
+    q = parse_query(query)  # validate before touching the records
+    return answer_on_cohort(
+        query=q, cohort=load_cohort(cohort_dir), epsilon=epsilon, delta=delta, rng=rng
+    )
+
+
+# --------------------------------------------------------------------------- federation
+
+
+def combine(
+    answers: Sequence[AggregateAnswer], *, disjoint_patients: bool = False
+) -> AggregateAnswer:
+    """Sum the hospitals' noisy releases of one query (pure post-processing).
+
+    Each hospital's ledger is charged its own ``curve``. The returned ``curve`` is what the
+    *user* (and any one patient) spent: by default the **sum** of the hospitals' curves
+    (sequential composition — a patient may be treated at several hospitals, and no shared
+    patient identifier lets us rule that out). With ``disjoint_patients=True`` (each patient's
+    records live at one hospital only) parallel composition applies: a patient's data enters
+    one release only, so the spend is the **max** over hospitals (ρ_max·α).
+    """
+    if not answers:
+        raise ValueError("nothing to combine")
+    first = answers[0]
+    if any(a.query_key != first.query_key for a in answers):
+        raise ValueError("can only combine answers to the same query")
+    if any(a.delta != first.delta for a in answers):
+        raise ValueError("can only combine answers released at the same delta")
+    if disjoint_patients:
+        curve = PrivacyCurve.from_rho(
+            max(a.curve.rho_upper() for a in answers), orders=first.curve.orders
+        )
+    else:
+        curve = sum((a.curve for a in answers), PrivacyCurve.zero(first.curve.orders))
+
+    def total(xs: Iterable[float | None]) -> float | None:
+        vals = list(xs)
+        return None if any(v is None for v in vals) else float(sum(vals))  # type: ignore[arg-type]
+
+    def sd(xs: Iterable[float | None]) -> float | None:
+        t = total(x * x if x is not None else None for x in xs)
+        return None if t is None else math.sqrt(t)
+
+    count = total(a.noisy_count for a in answers)
+    noisy_sum = total(a.noisy_sum for a in answers)
+    hist = None
+    if first.histogram is not None:
+        keys = [k for k, _ in first.histogram]
+        sums = np.sum([[c for _, c in a.histogram or ()] for a in answers], axis=0)
+        hist = tuple((k, int(c)) for k, c in zip(keys, sums, strict=True))
+    if first.op == "count":
+        value = float(count or 0)
+    elif first.op == "sum":
+        value = float(noisy_sum or 0)
+    elif first.op == "mean":
+        assert first.bounds is not None and count is not None and noisy_sum is not None
+        value = _clamp(noisy_sum / count, first.bounds) if count >= 1 else sum(first.bounds) / 2
+    else:
+        value = float(max(c for _, c in hist or ()))
+    a = AggregateAnswer(
+        op=first.op,
+        field=first.field,
+        value=value,
+        text="",
+        curve=curve,
+        records_used=sum(a.records_used for a in answers),
+        epsilon=max(a.epsilon for a in answers),
+        delta=first.delta,
+        query_key=first.query_key,
+        noisy_count=None if count is None else int(count),
+        noisy_sum=noisy_sum,
+        count_sd=sd(a.count_sd for a in answers),
+        sum_sd=sd(a.sum_sd for a in answers),
+        bounds=first.bounds,
+        histogram=hist,
+        top=first.top,
+        hospitals=len(answers),
+        disjoint_patients=disjoint_patients,
+    )
+    q = parse_query(_query_from_key(first.query_key))
+    eps_user = curve.epsilon(delta=first.delta)
+    rule = (
+        "max over hospitals (disjoint patients)"
+        if disjoint_patients
+        else ("sum over hospitals (patients may overlap)")
+    )
+    text = _render(a, _describe(q)) + (
+        f" Privacy loss to any one patient: ε ≤ {eps_user:.3g} at δ={first.delta:g} ({rule})."
+    )
+    return replace(a, text=text)
+
+
+def _query_from_key(key: str) -> dict[str, Any]:
+    d = json.loads(key)
+    where = {k: d[k] for k in _WHERE_KEYS if d.get(k) is not None}
+    out: dict[str, Any] = {"op": d["op"], "where": where}
+    if d.get("field") is not None:
+        out["field"] = d["field"]
+    if d.get("bounds") is not None:
+        out["bounds"] = list(d["bounds"])
+    if d.get("max_per_patient") is not None:
+        out["max_per_patient"] = d["max_per_patient"]
+    return out
