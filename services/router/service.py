@@ -173,6 +173,20 @@ class RouterService:
             await self.execute(self.dispatcher.tick(now_ms=now_ms()))
             await asyncio.sleep(self.tick_s)
 
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start, run every loop until `stop` is set (or one fails), then close the clients."""
+        clear_ready(self.settings, SERVICE)
+        try:
+            await self.start()
+            await _until_stopped(
+                stop,
+                [self.route_decisions, self.track_nodes, self.close_answered, self.supervise,
+                 self.announce_ready],
+            )
+        finally:
+            clear_ready(self.settings, SERVICE)
+            await self.stop()
+
     async def announce_ready(self) -> None:
         await self._assigned.wait()
         mark_ready(self.settings, SERVICE)
@@ -200,20 +214,4 @@ async def run(
     settings: Settings, *, stop: asyncio.Event, strategy: RoutingStrategy | None = None
 ) -> None:
     """Run the router until `stop` is set."""
-    service = RouterService(settings, strategy=strategy)
-    clear_ready(settings, SERVICE)
-    try:
-        await service.start()
-        await _until_stopped(
-            stop,
-            [
-                service.route_decisions,
-                service.track_nodes,
-                service.close_answered,
-                service.supervise,
-                service.announce_ready,
-            ],
-        )
-    finally:
-        clear_ready(settings, SERVICE)
-        await service.stop()
+    await RouterService(settings, strategy=strategy).serve(stop)
