@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     """Every service reads this; each uses the part it needs."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FEDLLM_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="FEDLLM_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
     )
 
     mode: Literal["demo", "prod"] = "prod"
