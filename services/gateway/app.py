@@ -1,0 +1,150 @@
+"""The gateway's FastAPI app factory: HTTP in, Kafka out, results correlated back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from fedllm.common import topics
+from fedllm.common.config import Settings
+from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
+from services.gateway import routes_auth, routes_budget, routes_inference
+from services.gateway.auth import PasswordChecker, TokenVerifier
+from services.gateway.correlator import BudgetView, ResultCorrelator
+from services.gateway.deps import GatewayState, State
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.models import Health, Readiness, inference_body_model
+from services.gateway.ratelimit import RateLimiter, make_limiter
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+GATEWAY_TOPICS = (topics.REQUESTS, topics.RESULTS, topics.BUDGETS, topics.AUDIT)
+
+
+async def is_ready(state: GatewayState) -> Readiness:
+    broker = False
+    if state.producer is not None:
+        try:
+            broker = bool(await asyncio.wait_for(
+                state.producer.client.force_metadata_update(), timeout=2.0))
+        except Exception:
+            broker = False
+    try:
+        limiter = await asyncio.wait_for(state.limiter.ping(), timeout=2.0)
+    except Exception:
+        limiter = False
+    results = state.correlator.assigned.is_set() and state.correlator.running
+    budgets = state.budgets.assigned.is_set() and state.budgets.running
+    return Readiness(ready=broker and results and budgets and limiter, broker=broker,
+                     results_assigned=results, budgets_assigned=budgets, limiter=limiter)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    gateway_settings: GatewaySettings | None = None,
+    request_timeout_s: float | None = None,
+    limiter: RateLimiter | None = None,
+    assignment_wait_s: float = 15.0,
+) -> FastAPI:
+    """Build the gateway. Refuses (ValueError) a placeholder JWT secret outside demo mode."""
+    gw = gateway_settings if gateway_settings is not None else GatewaySettings()
+    verifier = TokenVerifier(
+        keys=gw.verification_keys(settings),
+        current_kid=gw.jwt_kid,
+        algorithm=settings.jwt_algorithm,
+        audience=settings.jwt_audience,
+        roles=gw.roles,
+        leeway_s=gw.jwt_leeway_s,
+    )
+    own_limiter = limiter is None
+    state = GatewayState(
+        settings=settings,
+        gw=gw,
+        verifier=verifier,
+        passwords=PasswordChecker(),
+        limiter=limiter if limiter is not None else make_limiter(settings.redis_url),
+        metrics=GatewayMetrics(),
+        correlator=ResultCorrelator(settings),
+        budgets=BudgetView(settings),
+        request_timeout_s=(request_timeout_s if request_timeout_s is not None
+                           else settings.request_timeout_s),
+        hmac_key=gw.prompt_hmac_key(settings),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await wait_for_broker(settings)
+        await ensure_topics(settings, {t: topics.PARTITIONS[t] for t in GATEWAY_TOPICS})
+        producer = make_producer(settings)
+        await producer.start()
+        state.producer, state.bus = producer, Bus(producer)
+        await state.correlator.start()
+        await state.budgets.start()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(state.correlator.assigned.wait(), state.budgets.assigned.wait()),
+                timeout=assignment_wait_s,
+            )
+        except TimeoutError:
+            log.warning("gateway consumers not assigned after %.0fs; /v1/ready says 503",
+                        assignment_wait_s)
+        try:
+            yield
+        finally:
+            await state.correlator.stop()
+            await state.budgets.stop()
+            state.bus = None
+            await producer.stop()
+            if own_limiter:
+                await state.limiter.close()
+
+    app = FastAPI(
+        title="fedllm gateway",
+        version="1.0.0",
+        description="Federated, differentially private LLM queries for hospitals.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            state.metrics.requests.labels(name, str(status)).inc()
+            state.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    @app.get("/v1/health", response_model=Health, tags=["ops"])
+    async def health() -> Health:
+        return Health(status="alive")
+
+    @app.get("/v1/ready", response_model=Readiness, tags=["ops"],
+             responses={503: {"model": Readiness}})
+    async def ready(st: State) -> JSONResponse:
+        readiness = await is_ready(st)
+        return JSONResponse(status_code=200 if readiness.ready else 503,
+                            content=readiness.model_dump())
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}})
+    async def metrics(st: State) -> Response:
+        return Response(st.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(routes_auth.router)
+    app.include_router(routes_inference.build_router(inference_body_model(settings)))
+    app.include_router(routes_budget.router)
+    return app

@@ -1,0 +1,183 @@
+"""Result correlation and budget snapshots: the gateway's two group-less consumers.
+
+`ResultCorrelator` reads `fedllm.results` from its end (manual `assign`, no group: every
+gateway process sees every result) and completes the future registered for a request id.
+`BudgetView` reads `fedllm.budgets` from the beginning and keeps the latest BudgetStatus per
+user and the latest department remainder per department.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from fedllm.common import codec, topics
+from fedllm.common.config import Settings
+from fedllm.common.kafka import make_consumer
+
+log = logging.getLogger(__name__)
+
+
+class _AssignedReader:
+    """One group-less consumer over every partition of one topic, with a read loop."""
+
+    topic: str = ""
+    from_end: bool = True
+    schema: str = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer: AIOKafkaConsumer | None = None
+        self.assigned = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"gateway-{self.topic}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        self.assigned.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _assign(self) -> AIOKafkaConsumer:
+        consumer = make_consumer(self.settings, group_id=None)
+        await consumer.start()
+        try:
+            while True:
+                await consumer.topics()  # refreshes cluster metadata
+                parts = consumer.partitions_for_topic(self.topic)
+                if parts:
+                    break
+                await asyncio.sleep(0.2)
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            if self.from_end:
+                await consumer.seek_to_end(*tps)
+            else:
+                await consumer.seek_to_beginning(*tps)
+            for tp in tps:  # resolve the lazy reset now, so nothing after "ready" is missed
+                await consumer.position(tp)
+        except BaseException:
+            await consumer.stop()
+            raise
+        return consumer
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.consumer = await self._assign()
+                self.assigned.set()
+                while True:
+                    batches = await self.consumer.getmany(timeout_ms=200, max_records=1000)
+                    for records in batches.values():
+                        for msg in records:
+                            self._handle(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s reader failed (%r); reassigning", self.topic, exc)
+                self.assigned.clear()
+                if self.consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await self.consumer.stop()
+                    self.consumer = None
+                await asyncio.sleep(1.0)
+
+    def _handle(self, msg: Any) -> None:
+        try:
+            record = codec.decode_expect(self.schema, msg.value, msg.headers)
+        except codec.DecodeError as exc:
+            # Not dead-lettered here: every gateway reads every record; skipping is enough.
+            log.warning("skipping undecodable %s[%d]@%d: %s", msg.topic, msg.partition,
+                        msg.offset, exc)
+            return
+        self.on_record(record)
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class ResultCorrelator(_AssignedReader):
+    """Completes waiters by request id. Unknown ids (old re-deliveries, other gateways'
+    requests) go into a small bounded cache so that a waiter registered late still finds its
+    result; duplicates of a settled request are ignored."""
+
+    topic = topics.RESULTS
+    from_end = True
+    schema = "InferenceResult"
+
+    def __init__(self, settings: Settings, *, orphan_capacity: int = 4096,
+                 orphan_ttl_s: float = 60.0) -> None:
+        super().__init__(settings)
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._orphans: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._orphan_capacity = orphan_capacity
+        self._orphan_ttl_s = orphan_ttl_s
+
+    def register(self, request_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future for `request_id`'s terminal result; register BEFORE producing."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        early = self._orphans.pop(request_id, None)
+        if early is not None and time.monotonic() - early[0] <= self._orphan_ttl_s:
+            fut.set_result(early[1])
+        else:
+            self._waiters[request_id] = fut
+        return fut
+
+    def discard(self, request_id: str) -> None:
+        fut = self._waiters.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiters)
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        rid = record["request_id"]
+        fut = self._waiters.pop(rid, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(record)
+            return
+        self._orphans[rid] = (time.monotonic(), record)
+        self._orphans.move_to_end(rid)
+        while len(self._orphans) > self._orphan_capacity:
+            self._orphans.popitem(last=False)
+
+
+class BudgetView(_AssignedReader):
+    """Latest BudgetStatus per user (by updated_at_ms) and per department."""
+
+    topic = topics.BUDGETS
+    from_end = False
+    schema = "BudgetStatus"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.user_to_status: dict[str, dict[str, Any]] = {}
+        self.department_to_status: dict[str, dict[str, Any]] = {}
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        user, dept = record["user_id"], record["department"]
+        old = self.user_to_status.get(user)
+        if old is None or record["updated_at_ms"] >= old["updated_at_ms"]:
+            self.user_to_status[user] = record
+        old_dept = self.department_to_status.get(dept)
+        if old_dept is None or record["updated_at_ms"] >= old_dept["updated_at_ms"]:
+            self.department_to_status[dept] = record

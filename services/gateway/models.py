@@ -1,0 +1,123 @@
+"""HTTP request and response bodies. Limits come from Settings, so the published OpenAPI
+document states the same bounds the gateway enforces."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from fedllm.common.config import Settings
+
+Kind = Literal["generate", "aggregate"]
+Priority = Literal["low", "normal", "high"]
+
+
+def _encodable(value: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates cannot be encoded as UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode") from None
+    return value
+
+
+class InferenceBodyBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    max_tokens: int
+    temperature: float
+    privacy_budget: float
+    require_consensus: bool = False
+    priority: Priority = "normal"
+    department: str | None = None
+    kind: Kind = "generate"
+    hospitals: list[str] = Field(default_factory=list)
+
+    _prompt_unicode = field_validator("prompt")(_encodable)
+
+
+def inference_body_model(settings: Settings) -> type[InferenceBodyBase]:
+    """The POST /v1/inference body with this deployment's limits."""
+    hospital_ids = sorted(h.id for h in settings.hospitals)
+    departments = sorted(settings.budget.department_epsilon)
+    return create_model(
+        "InferenceBody",
+        __base__=InferenceBodyBase,
+        prompt=(str, Field(min_length=1, max_length=settings.max_prompt_chars,
+                           description="The question; for kind=aggregate a JSON query.")),
+        max_tokens=(int, Field(default=min(128, settings.max_tokens_limit), ge=1,
+                               le=settings.max_tokens_limit)),
+        temperature=(float, Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)),
+        privacy_budget=(float, Field(gt=0.0, le=settings.budget.max_query_epsilon,
+                                     allow_inf_nan=False,
+                                     description="epsilon to spend on this query")),
+        department=(Literal[tuple(departments)] | None,  # type: ignore[valid-type]
+                    Field(default=None, description="defaults to the token's department")),
+        hospitals=(list[Literal[tuple(hospital_ids)]],  # type: ignore[valid-type]
+                   Field(default_factory=list, max_length=len(hospital_ids),
+                         description="empty: the router chooses")),
+    )
+
+
+class InferenceResponse(BaseModel):
+    request_id: str
+    response: str
+    privacy_cost: float
+    remaining_budget: float
+    node_id: str
+    processing_time: float = Field(description="seconds")
+    is_private: bool
+    tokens: int
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class BudgetRefused(BaseModel):
+    detail: str
+    remaining_budget: float | None = None
+
+
+class TimedOut(BaseModel):
+    detail: str
+    request_id: str
+
+
+class BudgetResponse(BaseModel):
+    user_id: str
+    department: str
+    limit: float
+    spent: float
+    remaining: float
+    department_remaining: float | None
+    window_start: int = Field(description="epoch seconds")
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+
+    _unicode = field_validator("username", "password")(_encodable)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    broker: bool
+    results_assigned: bool
+    budgets_assigned: bool
+    limiter: bool

@@ -1,0 +1,80 @@
+"""GET /v1/privacy/budget/{user_id}: a user's budget, from the materialised BudgetStatus."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+
+from services.gateway.auth import Principal
+from services.gateway.deps import CurrentPrincipal, GatewayState, State, deny
+from services.gateway.models import BudgetResponse, ErrorBody
+
+router = APIRouter(tags=["budget"])
+
+UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")]
+
+
+def _current(status: dict[str, Any] | None, now_s: float) -> dict[str, Any] | None:
+    """The snapshot if it belongs to the current window, else None (budget renewed)."""
+    if status is None or status["window_start"] + status["window_seconds"] <= now_s:
+        return None
+    return status
+
+
+def _known_department(state: GatewayState, user_id: str, principal: Principal) -> str:
+    status = state.budgets.user_to_status.get(user_id)
+    if status is not None:
+        return status["department"]
+    if user_id == principal.user_id:
+        return principal.department
+    user = state.gw.user(user_id)
+    return user.department if user is not None else ""
+
+
+def budget_of(*, state: GatewayState, user_id: str, department: str, now_s: float) -> BudgetResponse:
+    budget = state.settings.budget
+    snapshot = _current(state.budgets.user_to_status.get(user_id), now_s)
+    dept_status = _current(state.budgets.department_to_status.get(department), now_s)
+    if dept_status is not None:
+        dept_remaining: float | None = dept_status["department_remaining_epsilon"]
+    else:
+        dept_remaining = budget.department_epsilon.get(department)
+    if snapshot is None:
+        window = budget.window_seconds
+        return BudgetResponse(
+            user_id=user_id, department=department, limit=budget.user_epsilon, spent=0.0,
+            remaining=budget.user_epsilon, department_remaining=dept_remaining,
+            window_start=int(now_s // window * window),
+        )
+    return BudgetResponse(
+        user_id=user_id,
+        department=department,
+        limit=snapshot["user_limit_epsilon"],
+        spent=snapshot["user_spent_epsilon"],
+        remaining=snapshot["user_remaining_epsilon"],
+        department_remaining=dept_remaining,
+        window_start=snapshot["window_start"],
+    )
+
+
+@router.get(
+    "/v1/privacy/budget/{user_id}",
+    response_model=BudgetResponse,
+    responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+)
+async def read_budget(
+    user_id: UserId, request: Request, state: State, principal: CurrentPrincipal
+) -> BudgetResponse:
+    department = _known_department(state, user_id, principal)
+    allowed = (
+        (user_id == principal.user_id and principal.can("budget.read.self"))
+        or principal.can("budget.read.any")
+        or (principal.can("budget.read.department") and department
+            and department == principal.department)
+    )
+    if not allowed:
+        raise await deny(state, request, principal, "may not read another user's budget",
+                         target_user=user_id)
+    return budget_of(state=state, user_id=user_id, department=department, now_s=time.time())

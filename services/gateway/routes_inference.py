@@ -1,0 +1,206 @@
+"""POST /v1/inference: authorise, rate-limit, publish an InferenceRequest, await its result."""
+
+# No `from __future__ import annotations`: FastAPI must see the dynamic body model itself.
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from fedllm.common import topics
+from fedllm.common.audit import prompt_hmac
+from fedllm.common.kafka import now_ms
+from services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
+from services.gateway.models import (
+    BudgetRefused,
+    ErrorBody,
+    InferenceBodyBase,
+    InferenceResponse,
+    TimedOut,
+)
+from services.gateway.ratelimit import Window
+
+_WORD = re.compile(r"[A-Za-z0-9_]+")
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or invalid token"},
+    403: {"model": BudgetRefused, "description": "role not allowed, or privacy budget refused"},
+    422: {"description": "invalid body"},
+    429: {"model": ErrorBody, "description": "rate limited (see Retry-After)"},
+    502: {"model": ErrorBody, "description": "the pipeline failed the request"},
+    503: {"model": ErrorBody, "description": "broker or rate-limit store unavailable"},
+    504: {"model": TimedOut, "description": "no result before the deadline"},
+}
+
+
+def _identifying_terms(value: Any, banned: set[str]) -> set[str]:
+    """Identifying field names mentioned anywhere (keys or string values) in a JSON value."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                found |= {w for w in _WORD.findall(str(k)) if w.lower() in banned}
+                stack.append(item)
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            found |= {w for w in _WORD.findall(v) if w.lower() in banned}
+    return found
+
+
+async def authorise(
+    *, state: GatewayState, request: Request, principal: Any, body: InferenceBodyBase
+) -> str:
+    """RBAC and department checks; returns the department the query runs for."""
+    needed = "query" if body.kind == "generate" else "aggregate"
+    if not principal.can(needed):
+        raise await deny(state, request, principal,
+                         f"role {principal.role!r} may not run {body.kind} queries")
+    department = body.department or principal.department
+    if department not in state.settings.budget.department_epsilon:
+        raise HTTPException(422, f"department {department!r} is not configured")
+    if department != principal.department:
+        raise await deny(state, request, principal,
+                         "queries may only be made for the caller's own department",
+                         requested_department=department)
+    if body.kind == "aggregate":
+        try:
+            query = json.loads(body.prompt)
+        except ValueError:
+            raise HTTPException(422, "an aggregate prompt must be a JSON object") from None
+        if not isinstance(query, dict):
+            raise HTTPException(422, "an aggregate prompt must be a JSON object")
+        if principal.can("deidentified_only"):
+            banned = {f.lower() for f in state.gw.identifying_fields}
+            named = _identifying_terms(query, banned)
+            if named:
+                raise await deny(state, request, principal,
+                                 "role may only use de-identified fields; query names "
+                                 + ", ".join(sorted(named)))
+    return department
+
+
+async def rate_limit(*, state: GatewayState, user_id: str, address: str) -> None:
+    gw = state.gw
+    windows = [
+        Window(f"{gw.redis_prefix}:rl:user:{user_id}", gw.rate_limit_user, gw.rate_window_s),
+        Window(f"{gw.redis_prefix}:rl:addr:{address}", gw.rate_limit_address, gw.rate_window_s),
+    ]
+    try:
+        verdict = await state.limiter.hit(windows)
+    except Exception:
+        raise HTTPException(503, "rate-limit store unavailable") from None
+    if not verdict.allowed:
+        scope = "user" if verdict.blocked_key == windows[0].key else "address"
+        state.metrics.denied.labels("rate_limit").inc()
+        await state.audit(action="rate.limited", outcome="denied", user_id=user_id,
+                          source_address=address, reason=f"{scope} rate limit exceeded")
+        raise HTTPException(429, f"{scope} rate limit exceeded",
+                            headers={"Retry-After": str(verdict.retry_after_s)})
+
+
+def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
+    router = APIRouter(tags=["inference"])
+
+    @router.post("/v1/inference", response_model=InferenceResponse, responses=RESPONSES)
+    async def create_inference(
+        request: Request, state: State, principal: CurrentPrincipal, body: body_model  # type: ignore[valid-type]
+    ) -> Any:
+        started = time.monotonic()
+        address = client_address(request)
+        department = await authorise(state=state, request=request, principal=principal,
+                                     body=body)
+        await rate_limit(state=state, user_id=principal.user_id, address=address)
+
+        settings = state.settings
+        request_id = str(uuid.uuid4())
+        created = now_ms()
+        record = {
+            "request_id": request_id,
+            "user_id": principal.user_id,
+            "role": principal.role,
+            "department": department,
+            "kind": body.kind,
+            "prompt": body.prompt,
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "epsilon": body.privacy_budget,
+            "delta": settings.budget.delta,
+            "require_consensus": body.require_consensus,
+            "priority": body.priority,
+            "hospitals": list(body.hospitals),
+            "source_address": address,
+            "created_at_ms": created,
+            "deadline_ms": created + int(settings.request_timeout_s * 1000),
+        }
+        if state.bus is None:
+            raise HTTPException(503, "broker unavailable")
+        future = state.correlator.register(request_id)  # before producing: no lost results
+        state.metrics.in_flight.inc()
+        try:
+            try:
+                await state.audit(
+                    action="request.received", id_parts=(request_id,), required=True,
+                    request_id=request_id, user_id=principal.user_id, role=principal.role,
+                    department=department, source_address=address, outcome="accepted",
+                    epsilon=body.privacy_budget, delta=settings.budget.delta,
+                    prompt_hmac=prompt_hmac(state.hmac_key, body.prompt), kind=body.kind,
+                )
+                await state.bus.send(topics.REQUESTS, "InferenceRequest", record,
+                                     key=principal.user_id)
+            except Exception:
+                raise HTTPException(503, "broker unavailable") from None
+            remaining = state.request_timeout_s - (time.monotonic() - started)
+            try:
+                result = await asyncio.wait_for(future, timeout=max(0.0, remaining))
+            except TimeoutError:
+                state.metrics.inference.labels("gateway_timeout").inc()
+                return JSONResponse(
+                    status_code=504,
+                    content={"detail": "no result before the gateway deadline",
+                             "request_id": request_id},
+                )
+        finally:
+            state.correlator.discard(request_id)
+            state.metrics.in_flight.dec()
+        return _respond(state, request_id, result, started)
+
+    return router
+
+
+def _respond(state: GatewayState, request_id: str, result: dict[str, Any], started: float) -> Any:
+    status = result["status"]
+    state.metrics.inference.labels(status if status in {"ok", "rejected", "failed", "timeout"}
+                                   else "unknown").inc()
+    remaining = result["remaining_budget"]
+    if status == "ok":
+        processing = result["processing_time_ms"] / 1000 or (time.monotonic() - started)
+        return InferenceResponse(
+            request_id=request_id,
+            response=result["response"],
+            privacy_cost=result["privacy_cost"],
+            remaining_budget=remaining,
+            node_id=result["node_id"],
+            processing_time=processing,
+            is_private=result["is_private"],
+            tokens=result["tokens"],
+        )
+    if status == "rejected":
+        return JSONResponse(status_code=403, content={
+            "detail": result["reason"] or "privacy budget refused",
+            "remaining_budget": remaining if remaining >= 0 else None,
+        })
+    if status == "timeout":
+        return JSONResponse(status_code=504, content={
+            "detail": result["reason"] or "the request timed out", "request_id": request_id,
+        })
+    return JSONResponse(status_code=502, content={
+        "detail": result["reason"] or f"request {status}",
+    })
