@@ -1,0 +1,59 @@
+"""The whole pipeline as real processes: embedded broker (or KAFKA_BOOTSTRAP), real Postgres,
+two hospitals running the real SmolLM2 model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fedllm.common.config import HospitalConfig
+from fedllm.launcher import Pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+HOSPITALS = [
+    HospitalConfig(id="st_mary", departments=["cardiology", "emergency", "general"], seed=11),
+    HospitalConfig(id="northside", departments=["cardiology", "research", "radiology"], seed=33),
+]
+
+
+@pytest.fixture(scope="session")
+def pipeline(postgres_admin_url: str) -> Iterator[Pipeline]:
+    from tests.conftest import scratch_database
+
+    with scratch_database(postgres_admin_url) as db:
+        pipe = Pipeline(
+            data_dir=ROOT / ".fedllm",  # shares the model cache and generated records
+            database_url=db,
+            hospitals=HOSPITALS,
+            env={
+                "FEDLLM_NODE_TIMEOUT_S": "40",
+                "FEDLLM_REQUEST_TIMEOUT_S": "120",
+                "FEDLLM_NODE_TTL_S": "4",
+            },
+        )
+        with pipe:
+            yield pipe
+
+
+@pytest.fixture
+def client(pipeline: Pipeline) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=pipeline.gateway_url, timeout=180) as c:
+        yield c
+
+
+def bearer(pipeline: Pipeline, user_id: str, department: str, role: str = "doctor") -> dict:
+    from services.gateway.tokens import mint_token
+
+    token = mint_token(pipeline.settings, user_id=user_id, department=department, role=role)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ask_body(prompt: str, *, epsilon: float, department: str, max_tokens: int = 8, **kw) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+            "privacy_budget": epsilon, "require_consensus": False, "priority": "normal",
+            "department": department}
+    body.update(kw)
+    return body
