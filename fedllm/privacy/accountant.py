@@ -277,9 +277,16 @@ class RdpAccountant:
     def query_curve(self, *, epsilon: float, delta: float) -> PrivacyCurve:
         """The reservation for one query with budget (ε, δ): the curve ρ·α with ρ the largest
         such that it converts to ≤ ε at δ (:func:`fedllm.privacy.rdp.rho_for_epsilon`).
-        Nodes run zCDP/Gaussian-type mechanisms, so a spend ρ'·α with ρ' ≤ ρ fits inside it."""
-        rho = _cached_rho(float(epsilon), float(delta), self._orders)
-        return PrivacyCurve.from_rho(rho, self._orders)
+        Nodes run zCDP/Gaussian-type mechanisms, so a spend ρ'·α with ρ' ≤ ρ fits inside it.
+        A zero budget reserves nothing (the zero curve), although a tiny ρ > 0 would still
+        convert to ε = 0 through δ."""
+        return PrivacyCurve.from_rho(self._query_rho(epsilon=epsilon, delta=delta), self._orders)
+
+    def _query_rho(self, *, epsilon: float, delta: float) -> float:
+        if epsilon == 0:
+            rho_for_epsilon(epsilon=0.0, delta=delta, orders=self._orders)  # validates δ
+            return 0.0
+        return _cached_rho(float(epsilon), float(delta), self._orders)
 
     def compose(self, *curves: PrivacyCurve) -> PrivacyCurve:
         total = self.zero()
@@ -310,12 +317,11 @@ class RdpAccountant:
         """Largest ε' ∈ [0, limit] (to ~1e-12 relative) such that
         ``not would_exceed(spent=spent, extra=query_curve(ε'), ...)``; 0.0 if none."""
         self._own(spent)
+        orders, spent_values = np.array(self._orders), spent.as_array()
 
-        def fits(eps: float) -> bool:
-            extra = self.query_curve(epsilon=eps, delta=delta)
-            return not self.would_exceed(
-                spent=spent, extra=extra, limit_epsilon=limit_epsilon, delta=delta
-            )
+        def fits(eps: float) -> bool:  # == not would_exceed(spent, query_curve(eps)), vectorised
+            rdp = spent_values + self._query_rho(epsilon=eps, delta=delta) * orders
+            return eps_from_rdp(orders=orders, rdp=rdp, delta=delta)[0] <= limit_epsilon
 
         if not (limit_epsilon > 0 and math.isfinite(limit_epsilon)) or not fits(0.0):
             return 0.0
