@@ -7,13 +7,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# CPU wheels of torch by default (the CUDA build is several GB); pass
-# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 for GPU nodes.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<=2.14.1"
-
 WORKDIR /src
 COPY pyproject.toml README.md* ./
+
+# CPU wheels of torch by default (the CUDA build is several GB), at the version pyproject pins;
+# pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 for GPU nodes.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(next(d for d in deps if d.startswith('torch')))" > /tmp/torch.txt \
+ && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt
+
 COPY schemas ./schemas
 COPY fedllm ./fedllm
 COPY services ./services

@@ -150,6 +150,13 @@ class Dispatcher:
             actions += self._attempt(entry, now_ms=now_ms, why=why)
         return actions
 
+    def on_send_failed(self, request_id: str, hospital_id: str, *, now_ms: int) -> list[Action]:
+        """The RoutedRequest to `hospital_id` could not be produced: abandon that attempt."""
+        entry = self.in_flight.get(request_id)
+        if entry is None or entry.hospital_id != hospital_id:
+            return []
+        return self._attempt(entry, now_ms=now_ms, why=f"could not send to {hospital_id}")
+
     def is_finished(self, request_id: str) -> bool:
         return request_id in self._finished
 

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from fedllm.common import audit, topics
 from fedllm.common.config import Settings
@@ -88,7 +89,16 @@ class RouterService:
         """Send messages first, then their audit events."""
         for action in actions:
             if isinstance(action, Send):
-                await self.bus.send(action.topic, action.schema, action.record, key=action.key)
+                try:
+                    await self.bus.send(action.topic, action.schema, action.record, key=action.key)
+                except KafkaError as exc:
+                    if action.schema != "RoutedRequest":
+                        raise  # a failure result must not be lost: crash, replay on restart
+                    log.warning("cannot send to %s: %r", action.topic, exc)
+                    await self.execute(self.dispatcher.on_send_failed(
+                        action.record["request_id"], action.record["hospital_id"],
+                        now_ms=now_ms(),
+                    ))
         for action in actions:
             if isinstance(action, Audit):
                 await audit.emit(

@@ -122,3 +122,12 @@ def test_finished_memory_is_bounded() -> None:
     for i in range(3):
         d.on_decision(decision(request(f"x{i}", created_ms=0, deadline_ms=10), at_ms=0), now_ms=0)
     assert not d.is_finished("x0") and d.is_finished("x1") and d.is_finished("x2")
+
+
+def test_send_failure_abandons_the_attempt() -> None:
+    d = make()
+    d.on_decision(decision(REQ, at_ms=0), now_ms=0)
+    assert d.on_send_failed("r1", "b", now_ms=1) == []  # not the current attempt
+    retry = d.on_send_failed("r1", "a", now_ms=1)
+    assert sends(retry)[0].record["hospital_id"] == "b"
+    assert "could not send to a" in [a for a in retry if isinstance(a, Audit)][0].fields["reason"]
