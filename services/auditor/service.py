@@ -27,7 +27,6 @@ from services.auditor.settings import AuditorSettings
 
 log = logging.getLogger(__name__)
 SERVICE = "auditor"
-GROUP = "auditor"
 
 
 class Stopped(Exception):
@@ -116,9 +115,10 @@ async def consume(consumer: AIOKafkaConsumer, bus: Bus, engine: Engine, *,
     return total
 
 
-async def run(settings: Settings, *, stop: asyncio.Event) -> None:
+async def run(settings: Settings, *, stop: asyncio.Event,
+              cfg: AuditorSettings | None = None) -> None:
     """Migrate, then consume the audit topic until `stop` is set."""
-    cfg = AuditorSettings()
+    cfg = cfg or AuditorSettings()
     protection = Protection.from_settings(cfg)
     if protection.sealer is None:
         log.warning("FEDLLM_AUDIT_ENCRYPTION_KEY not set: clear text met in events is dropped, "
@@ -129,7 +129,7 @@ async def run(settings: Settings, *, stop: asyncio.Event) -> None:
     except Stopped:
         engine.dispose()
         return
-    consumer = make_consumer(settings, group_id=GROUP)
+    consumer = make_consumer(settings, group_id=cfg.group_id)
     consumer.subscribe([topics.AUDIT], listener=_ReadyOnAssignment(settings))
     producer = make_producer(settings)
     await producer.start()

@@ -24,6 +24,7 @@ class AuditorSettings(BaseSettings):
     hmac_key: SecretStr = SecretStr("")  # for clear text met in details; else derived from key
     retention_days: int = SIX_YEARS_DAYS + 1
     chain_by: Literal["main", "hospital"] = "main"
+    group_id: str = "auditor"
     batch_max: int = 500
     batch_wait_ms: int = 100
     retry_initial_s: float = 0.2
