@@ -266,18 +266,23 @@ class AggregateAnswer:
     disjoint_patients: bool = False
 
 
-def _sigma(*, rho: float, sq_sensitivity: float) -> float:
-    """The smallest σ (to rounding) with Δ²/(2σ²) ≤ ρ."""
+def _calibrate(
+    *, rho: float, epsilon: float, delta: float, parts: Sequence[tuple[float, float]]
+) -> tuple[list[float], PrivacyCurve]:
+    """σ for each (Δ², share of ρ) part, smallest to rounding, and the curve they spend.
+
+    Σ Δ²/(2σ²) ≤ ρ, and the stored curve (ρ_spent·α) converts to ≤ ε: float rounding in
+    σ, in ρ·α or in the conversion is absorbed by widening σ by a relative 1e-12 at a time.
+    """
     if not rho > 0:
         raise ValueError(f"zCDP budget must be > 0; got {rho}")
-    sigma = math.sqrt(sq_sensitivity / (2 * rho))
-    while sq_sensitivity / (2 * sigma * sigma) > rho:
-        sigma = math.nextafter(sigma, math.inf)
-    return sigma
-
-
-def _spent(sq_sensitivity: float, sigma: float) -> float:
-    return sq_sensitivity / (2 * sigma * sigma)
+    sigmas = [math.sqrt(d2 / (2 * rho * share)) for d2, share in parts]
+    while True:
+        spent = sum(d2 / (2 * s * s) for (d2, _), s in zip(parts, sigmas, strict=True))
+        curve = PrivacyCurve.from_rho(spent)
+        if spent <= rho and curve.rho_upper() <= rho and curve.epsilon(delta=delta) <= epsilon:
+            return sigmas, curve
+        sigmas = [s * (1 + 1e-12) for s in sigmas]
 
 
 def _grid(x: float) -> int:
@@ -396,12 +401,12 @@ def answer_on_cohort(
     )
 
     if q.op == "count":
-        s = _sigma(rho=rho, sq_sensitivity=1)
+        (s,), curve = _calibrate(rho=rho, epsilon=epsilon, delta=delta, parts=[(1.0, 1.0)])
         c = noisy_count(value=len(matched), sigma=s, rng=rng)
         a = AggregateAnswer(
             value=float(c),
             text="",
-            curve=PrivacyCurve.from_rho(_spent(1, s)),
+            curve=curve,
             noisy_count=c,
             count_sd=s,
             **common,
@@ -413,24 +418,25 @@ def answer_on_cohort(
         units = [_grid(min(max(float(v), q.bounds[0]), q.bounds[1])) for v in vals]
         if q.op == "sum":
             d2 = float(max(abs(lo_u), abs(hi_u))) ** 2
-            s = _sigma(rho=rho, sq_sensitivity=d2)
+            (s,), curve = _calibrate(rho=rho, epsilon=epsilon, delta=delta, parts=[(d2, 1.0)])
             total = noisy_count(value=sum(units), sigma=s, rng=rng) / GRANULARITY
             a = AggregateAnswer(
                 value=total,
                 text="",
                 noisy_sum=total,
                 sum_sd=s / GRANULARITY,
-                curve=PrivacyCurve.from_rho(_spent(d2, s)),
+                curve=curve,
                 **common,
             )
         else:
             mid_u = (lo_u + hi_u) // 2
             d2 = float(max(hi_u - mid_u, mid_u - lo_u)) ** 2
-            s_sum = _sigma(rho=rho * MEAN_SUM_SHARE, sq_sensitivity=d2)
-            rho_c = rho - _spent(d2, s_sum)
-            s_cnt = _sigma(rho=rho_c, sq_sensitivity=1)
-            while _spent(d2, s_sum) + _spent(1, s_cnt) > rho:  # float rounding guard
-                s_cnt = math.nextafter(s_cnt, math.inf)
+            (s_sum, s_cnt), curve = _calibrate(
+                rho=rho,
+                epsilon=epsilon,
+                delta=delta,
+                parts=[(d2, MEAN_SUM_SHARE), (1.0, 1 - MEAN_SUM_SHARE)],
+            )
             c = noisy_count(value=len(units), sigma=s_cnt, rng=rng)
             centred = noisy_count(value=sum(u - mid_u for u in units), sigma=s_sum, rng=rng)
             total = (centred + mid_u * c) / GRANULARITY
@@ -442,7 +448,7 @@ def answer_on_cohort(
                 noisy_sum=total,
                 count_sd=s_cnt,
                 sum_sd=s_sum / GRANULARITY,
-                curve=PrivacyCurve.from_rho(_spent(d2, s_sum) + _spent(1, s_cnt)),
+                curve=curve,
                 **common,
             )
     else:
@@ -454,7 +460,7 @@ def answer_on_cohort(
             for key in _sample(rng, _histogram_keys(p, q.field), q.max_per_patient):
                 counts[index[key]] += 1
         d2 = float(q.max_per_patient)  # L2² of a patient's 0/1 vector with ≤ K ones
-        s = _sigma(rho=rho, sq_sensitivity=d2)
+        (s,), curve = _calibrate(rho=rho, epsilon=epsilon, delta=delta, parts=[(d2, 1.0)])
         noisy = counts + sample_discrete_gaussian(sigma=s, size=len(vocab), rng=rng)
         hist = tuple((e.key, int(n)) for e, n in zip(vocab, noisy, strict=True))
         a = AggregateAnswer(
@@ -462,7 +468,7 @@ def answer_on_cohort(
             text="",
             histogram=hist,
             count_sd=s,
-            curve=PrivacyCurve.from_rho(_spent(d2, s)),
+            curve=curve,
             **common,
         )
     return _with_text(a, q)
@@ -508,10 +514,9 @@ def combine(
         raise ValueError("can only combine answers to the same query")
     if any(a.delta != first.delta for a in answers):
         raise ValueError("can only combine answers released at the same delta")
-    if disjoint_patients:
-        curve = PrivacyCurve.from_rho(
-            max(a.curve.rho_upper() for a in answers), orders=first.curve.orders
-        )
+    if disjoint_patients:  # pointwise max: at every α a patient is in one release only
+        values = zip(*(a.curve.values for a in answers), strict=True)
+        curve = PrivacyCurve(first.curve.orders, tuple(max(v) for v in values))
     else:
         curve = sum((a.curve for a in answers), PrivacyCurve.zero(first.curve.orders))
 
