@@ -63,7 +63,7 @@ def _start_seq(conn: Connection, chain: str) -> int:
 
 
 def purge_chain(conn: Connection, chain: str, before: datetime, *, protection: Protection,
-                actor: str, source: str) -> ChainPurge | None:
+                actor: str, source: str, now: datetime) -> ChainPurge | None:
     head_seq, _ = lock_chain_head(conn, chain)
     first_kept = conn.scalar(select(func.min(audit_log.c.seq)).where(
         audit_log.c.chain == chain, audit_log.c.occurred_at >= as_utc(before)))
@@ -83,6 +83,7 @@ def purge_chain(conn: Connection, chain: str, before: datetime, *, protection: P
         chain=chain, cut_seq=str(cut), cut_hash=cut_hash, purged_rows=str(purged),
         before=iso_ms(before),
     )
+    record["occurred_at_ms"] = int(as_utc(now).timestamp() * 1000)
     row = event_to_row(record, protection)
     row["chain"] = chain  # anchored in the chain it cut, whatever the chain policy
     conn.execute(insert(checkpoints).values(
@@ -96,6 +97,7 @@ def purge_chain(conn: Connection, chain: str, before: datetime, *, protection: P
 def purge(engine: Engine, *, before: datetime, cfg: AuditorSettings,
           now: datetime | None = None, actor: str | None = None) -> list[ChainPurge]:
     """Purge every chain up to `before` (refused inside the retention period)."""
+    now = now or datetime.now(UTC)
     check_cutoff(before, retention_days=cfg.retention_days, now=now)
     protection = Protection.from_settings(cfg)
     actor = actor or f"os:{getpass.getuser()}"
@@ -105,7 +107,7 @@ def purge(engine: Engine, *, before: datetime, cfg: AuditorSettings,
         _permit(conn, True)
         for chain in sorted(conn.scalars(select(chain_heads.c.chain))):
             result = purge_chain(conn, chain, before, protection=protection, actor=actor,
-                                 source=source)
+                                 source=source, now=now)
             if result is not None:
                 done.append(result)
         _permit(conn, False)
