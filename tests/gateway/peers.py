@@ -146,3 +146,39 @@ async def running_gateway(
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway",
                                      timeout=30) as client:
             yield app, client
+
+
+class AuditTap:
+    """Reads the audit topic from (about) now; `wait_for` returns the first matching event."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.events: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> AuditTap:
+        self.consumer = make_consumer(self.settings, group_id=None)
+        await self.consumer.start()
+        await self.consumer.topics()
+        tps = [TopicPartition(topics.AUDIT, p)
+               for p in sorted(self.consumer.partitions_for_topic(topics.AUDIT) or [])]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self.consumer.position(tp)
+        return self
+
+    async def wait_for(self, match: Callable[[dict[str, Any]], bool],
+                       timeout_s: float = 5.0) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for ev in self.events:
+                if match(ev):
+                    return ev
+            if time.monotonic() > deadline:
+                return None
+            for recs in (await self.consumer.getmany(timeout_ms=100)).values():
+                for m in recs:
+                    self.events.append(codec.decode_expect("AuditEvent", m.value, m.headers))
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from fedllm.common.config import Settings
+from services.gateway.auth import PasswordChecker
+from services.gateway.settings import GatewaySettings, UserRecord
+from tests.gateway.peers import make_settings, prepare_topics
+
+PASSWORDS = {
+    "dr_grey": ("cardiology", "doctor", "correct horse battery staple"),
+    "nurse_joy": ("emergency", "nurse", "n0t-the-same-pass!"),
+    "res_lee": ("research", "researcher", "r3search-only-pass"),
+    "root": ("admin", "admin", "admin-pass-long-enough"),
+}
+
+
+@pytest.fixture(scope="session")
+async def settings(kafka_bootstrap: str) -> Settings:
+    s = make_settings(kafka_bootstrap)
+    await prepare_topics(s)
+    return s
+
+
+@pytest.fixture(scope="session")
+def users() -> list[UserRecord]:
+    checker = PasswordChecker()
+    return [UserRecord(username=u, department=d, role=r, password_hash=checker.hash(p))
+            for u, (d, r, p) in PASSWORDS.items()]
+
+
+@pytest.fixture
+def gw(users) -> GatewaySettings:
+    """Gateway settings with test users and a fresh key prefix (no cross-test counters)."""
+    return GatewaySettings(users=users, redis_prefix=f"fedllm:test:{uuid.uuid4().hex[:8]}")
