@@ -117,7 +117,7 @@ async def read_into(settings: Settings, target: Engine, *, protection: Protectio
         while True:
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
             if not batches:
-                caught_up = all(await consumer.position(tp) >= ends[tp] for tp in tps)
+                caught_up = all([await consumer.position(tp) >= ends[tp] for tp in tps])
                 if caught_up and time.monotonic() - last_data > idle_s:
                     break
                 continue
