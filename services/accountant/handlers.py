@@ -62,6 +62,12 @@ class Accountant:
 
     async def on_node_result(self, result: dict[str, Any]) -> None:
         rid = result["request_id"]
+        if result["status"] != "ok" and result.get("node_id"):
+            # A node's own failure does not end the request: the router retries it elsewhere
+            # and reports the final failure itself (node_id ""); the deadline sweep backs it up.
+            log.info("node %s failed attempt %s of %s; awaiting the router's verdict",
+                     result["node_id"], result.get("attempt"), rid)
+            return
         spent, status, reason = self._charge_for(result)
         outcome = await asyncio.to_thread(
             self.ledger.settle, rid, spent=spent, outcome=status, reason=reason,

@@ -112,7 +112,12 @@ async def test_failed_node_result_refunds(accountant: Pipeline) -> None:
     await collect(s, topics.DECISIONS, until=lambda r: any(
         d["request_id"] == req["request_id"] for d in r), timeout_s=30)
     await produce(s, topics.NODE_RESULTS, "InferenceResult",
-                  node_result(req, status="failed"), key=req["user_id"])
+                  node_result(req, status="failed"), key=req["user_id"])  # a node's failure
+    await asyncio.sleep(1.5)
+    assert ledger_rows(accountant, req["request_id"]) == [("reserved", 0.0)]
+    router_verdict = dict(node_result(req, status="failed"), node_id="", reason="no node")
+    await produce(s, topics.NODE_RESULTS, "InferenceResult", router_verdict,
+                  key=req["user_id"])
     finals = await collect(s, topics.RESULTS, until=lambda r: any(
         x["request_id"] == req["request_id"] for x in r), timeout_s=30)
     mine = [x for x in finals if x["request_id"] == req["request_id"]]
