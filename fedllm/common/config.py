@@ -104,6 +104,7 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
+    metrics_port: int = 0  # >0: non-HTTP services serve Prometheus /metrics on this port
 
     @classmethod
     def settings_customise_sources(
