@@ -23,6 +23,7 @@ from fedllm.common.db import make_engine
 from fedllm.common.faust_transport import broker_urls
 from fedllm.common.kafka import Bus, make_producer
 from fedllm.common.lifecycle import mark_ready
+from fedllm.common.metrics import MESSAGES
 from fedllm.privacy.accountant import RdpAccountant
 from services.accountant.handlers import SERVICE, Accountant
 from services.accountant.ledger import Ledger
@@ -74,11 +75,13 @@ def create_app(settings: Settings) -> faust.App:
             record = codec.decode_expect(schema, msg.value, msg.headers)
         except codec.DecodeError as exc:
             await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
+            MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
             return
         if schema == "InferenceRequest":
             await acct.on_request(record)
         else:
             await acct.on_node_result(record)
+        MESSAGES.labels(SERVICE, msg.topic, "handled").inc()
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:

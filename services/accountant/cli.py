@@ -6,6 +6,7 @@ import argparse
 
 from fedllm.common.config import Settings
 from fedllm.common.lifecycle import setup_logging
+from fedllm.common.metrics import serve_metrics
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -15,6 +16,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = Settings()
     setup_logging("accountant")
+    serve_metrics(settings, "accountant")
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -7,6 +7,7 @@ import asyncio
 
 from fedllm.common.config import Settings
 from fedllm.common.lifecycle import run_until_signalled, setup_logging
+from fedllm.common.metrics import serve_metrics
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -14,6 +15,7 @@ def _router(args: argparse.Namespace) -> int:
 
     settings = Settings()
     setup_logging("router")
+    serve_metrics(settings, "router")
 
     async def main(stop: asyncio.Event) -> None:
         await service.run(settings, stop=stop)
