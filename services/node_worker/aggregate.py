@@ -67,6 +67,7 @@ __all__ = [
     "answer_aggregate",
     "answer_on_cohort",
     "combine",
+    "histogram_keys",
     "parse_query",
 ]
 
@@ -328,7 +329,8 @@ def _diagnosis_keys() -> frozenset[str]:
     return frozenset(e.key for e in diagnosis_vocabulary())
 
 
-def _histogram_keys(p: PatientRecord, field: str) -> set[str]:
+def histogram_keys(p: PatientRecord, field: str) -> set[str]:
+    """The public-vocabulary keys a patient has for a histogram field (before the cap K)."""
     if field == "diagnosis":
         keys = {diagnosis_category(d.code) for d in p.diagnoses}
         return keys & _diagnosis_keys()
@@ -457,7 +459,7 @@ def answer_on_cohort(
         index = {e.key: i for i, e in enumerate(vocab)}
         counts = np.zeros(len(vocab), dtype=np.int64)
         for p in matched:
-            for key in _sample(rng, _histogram_keys(p, q.field), q.max_per_patient):
+            for key in _sample(rng, histogram_keys(p, q.field), q.max_per_patient):
                 counts[index[key]] += 1
         d2 = float(q.max_per_patient)  # L2² of a patient's 0/1 vector with ≤ K ones
         (s,), curve = _calibrate(rho=rho, epsilon=epsilon, delta=delta, parts=[(d2, 1.0)])
