@@ -1,0 +1,311 @@
+"""The node worker's Kafka loop: one process per hospital.
+
+Consumes RoutedRequests from ``hospital.<id>.requests`` (group ``node-<id>``), answers each with
+:class:`~services.node_worker.engine.Engine` in a worker thread, produces exactly one
+InferenceResult per request to ``fedllm.node-results`` (key user_id), audits it, and only then
+commits the offset (at-least-once). Heartbeats flow on their own task throughout, including
+while the model loads and while a request is being decoded.
+
+Replays: a request met again (same request_id and attempt) within this process gets the result
+already computed, so a redelivered request never triggers a second DP release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRecord, TopicPartition
+
+from fedllm.common import audit, topics
+from fedllm.common.config import Settings
+from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
+from fedllm.common.lifecycle import clear_ready, mark_ready
+
+log = logging.getLogger(__name__)
+
+SERVICE = "node_worker"
+_REPLAY_CACHE = 1024
+
+
+class EngineLike:  # pragma: no cover - structural type for the factory's product
+    model_name: str
+    device: str
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+EngineFactory = Callable[[Settings, str], Any]
+
+
+def default_engine_factory(settings: Settings, hospital_id: str) -> Any:
+    from services.node_worker.engine import Engine
+
+    return Engine(settings, hospital_id)
+
+
+@dataclass(slots=True)
+class NodeState:
+    """What the heartbeat reports."""
+
+    engine: Any = None
+    load_error: str = ""
+    queue_depth: int = 0
+    in_flight: int = 0
+    latencies_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=20)
+    )
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine is not None and not self.load_error
+
+    def recent_latency_ms(self) -> float:
+        return sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
+
+
+def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> dict[str, Any]:
+    engine = state.engine
+    return {
+        "hospital_id": hospital_id,
+        "departments": list(settings.hospital(hospital_id).departments),
+        "queue_depth": state.queue_depth,
+        "in_flight": state.in_flight,
+        "recent_latency_ms": state.recent_latency_ms(),
+        "model": getattr(engine, "model_name", "") if engine is not None else "loading",
+        "device": getattr(engine, "device", "cpu") if engine is not None else "cpu",
+        "healthy": state.healthy,
+        "sent_at_ms": now_ms(),
+    }
+
+
+def result_record(
+    routed: dict[str, Any], fields: dict[str, Any], *, hospital_id: str, started_ms: int
+) -> dict[str, Any]:
+    """An InferenceResult for ``routed`` from the engine's fields (unknown keys dropped)."""
+    inner = routed.get("request") or {}
+    finished = now_ms()
+    rec: dict[str, Any] = {
+        "request_id": routed["request_id"],
+        "user_id": inner.get("user_id", ""),
+        "department": inner.get("department", ""),
+        "status": "failed",
+        "reason": "",
+        "response": "",
+        "node_id": hospital_id,
+        "attempt": int(routed.get("attempt", 0)),
+        "is_private": False,
+        "privacy_cost": 0.0,
+        "delta": float(routed.get("delta", 0.0)),
+        "rdp_orders": [],
+        "rdp_epsilons": [],
+        "remaining_budget": -1.0,
+        "tokens": 0,
+        "records_used": 0,
+        "model_time_ms": 0.0,
+        "processing_time_ms": float(finished - started_ms),
+        "finished_at_ms": finished,
+    }
+    for k in (
+        "status", "reason", "response", "is_private", "privacy_cost", "delta", "rdp_orders",
+        "rdp_epsilons", "tokens", "records_used", "model_time_ms",
+    ):
+        if k in fields:
+            rec[k] = fields[k]
+    rec["reason"] = str(rec["reason"])[:1000]
+    return rec
+
+
+def failed_fields(reason: str) -> dict[str, Any]:
+    return {"status": "failed", "reason": reason, "is_private": False}
+
+
+class NodeWorker:
+    """The per-request handling, separate from the consume loop so tests can drive it."""
+
+    def __init__(self, settings: Settings, hospital_id: str, bus: Bus, state: NodeState) -> None:
+        self.settings = settings
+        self.hospital_id = hospital_id
+        self.bus = bus
+        self.state = state
+        self._answered: collections.OrderedDict[tuple[str, int], dict[str, Any]] = (
+            collections.OrderedDict()
+        )
+
+    async def handle(self, msg: ConsumerRecord) -> None:
+        """Decode, answer and publish one message; never leaves a request without a result."""
+        routed = await self.bus.decode_or_dead_letter(msg, "RoutedRequest", service=SERVICE)
+        if routed is None:
+            return
+        started = now_ms()
+        key = (routed["request_id"], int(routed.get("attempt", 0)))
+        fields = self._answered.get(key)
+        if fields is not None:
+            log.info("replayed request %s attempt %d: re-sending its result", *key)
+        elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
+            fields = failed_fields("deadline passed before start")
+        else:
+            fields = await self._answer(routed)
+            self._answered[key] = fields
+            while len(self._answered) > _REPLAY_CACHE:
+                self._answered.popitem(last=False)
+        record = result_record(routed, fields, hospital_id=self.hospital_id, started_ms=started)
+        try:
+            await self.bus.send(
+                topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
+            )
+        except ValueError as exc:  # the engine returned something the schema refuses
+            log.error("result for %s does not encode: %s", routed["request_id"], exc)
+            record = result_record(
+                routed, failed_fields("internal error: unencodable result"),
+                hospital_id=self.hospital_id, started_ms=started,
+            )
+            await self.bus.send(
+                topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
+            )
+        self.state.latencies_ms.append(record["processing_time_ms"])
+        await self._audit(routed, record)
+
+    async def _answer(self, routed: dict[str, Any]) -> dict[str, Any]:
+        engine = self.state.engine
+        if engine is None:
+            return failed_fields(f"node not ready: {self.state.load_error or 'model loading'}")
+        self.state.in_flight += 1
+        try:
+            return await asyncio.to_thread(engine.answer, routed)
+        except Exception as exc:  # one bad request must not kill the node
+            log.exception("request %s failed", routed.get("request_id"))
+            return failed_fields(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.state.in_flight -= 1
+
+    async def _audit(self, routed: dict[str, Any], record: dict[str, Any]) -> None:
+        inner = routed.get("request") or {}
+        ok = record["status"] == "ok"
+        summary = (
+            json.dumps({"orders": record["rdp_orders"], "values": record["rdp_epsilons"]})
+            if record["rdp_orders"] else ""
+        )
+        try:
+            await audit.emit(
+                self.bus,
+                action="node.answered" if ok else "node.failed",
+                service=SERVICE,
+                id_parts=(routed["request_id"], record["attempt"], self.hospital_id),
+                request_id=routed["request_id"],
+                user_id=inner.get("user_id", ""),
+                role=inner.get("role", ""),
+                department=inner.get("department", ""),
+                hospital_id=self.hospital_id,
+                records_used=int(record["records_used"]),
+                epsilon=float(record["privacy_cost"]),
+                delta=float(record["delta"]),
+                rdp_summary=summary,
+                outcome=record["status"],
+                reason=record["reason"],
+                attempt=str(record["attempt"]),
+                tokens=str(record["tokens"]),
+            )
+        except Exception:
+            log.exception("audit event for %s not sent", routed["request_id"])
+
+
+async def _heartbeats(
+    settings: Settings, hospital_id: str, bus: Bus, state: NodeState, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        try:
+            await bus.send(
+                topics.HEARTBEATS, "NodeHeartbeat",
+                heartbeat_record(settings, hospital_id, state), key=hospital_id,
+            )
+        except Exception as exc:
+            log.warning("heartbeat not sent: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.heartbeat_interval_s)
+
+
+async def _load_engine(
+    factory: EngineFactory, settings: Settings, hospital_id: str, state: NodeState
+) -> None:
+    try:
+        state.engine = await asyncio.to_thread(factory, settings, hospital_id)
+    except Exception as exc:
+        log.exception("engine failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+
+
+async def run(
+    settings: Settings,
+    hospital_id: str,
+    *,
+    stop: asyncio.Event,
+    engine_factory: EngineFactory | None = None,
+) -> None:
+    """Serve ``hospital_id`` until ``stop`` is set."""
+    settings.hospital(hospital_id)  # unknown hospital: fail fast
+    ready_name = f"node-{hospital_id}"
+    clear_ready(settings, ready_name)
+    await wait_for_broker(settings)
+    state = NodeState()
+    producer = make_producer(settings)
+    await producer.start()
+    bus = Bus(producer)
+    consumer = make_consumer(
+        settings, topics.hospital_requests(hospital_id), group_id=f"node-{hospital_id}",
+        max_poll_records=8,
+    )
+    heartbeat_task = asyncio.create_task(_heartbeats(settings, hospital_id, bus, state, stop))
+    load_task = asyncio.create_task(
+        _load_engine(engine_factory or default_engine_factory, settings, hospital_id, state)
+    )
+    worker = NodeWorker(settings, hospital_id, bus, state)
+    try:
+        await consumer.start()
+        # Join the group only after the engine is up, so no request waits on a loading model.
+        while not load_task.done() and not stop.is_set():
+            await asyncio.wait({load_task}, timeout=0.2)
+        ready = False
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            if not ready and consumer.assignment() and state.healthy:
+                mark_ready(settings, ready_name)
+                ready = True
+                log.info("node %s ready: %s", hospital_id, sorted(consumer.assignment()))
+            pending = sum(len(v) for v in batches.values())
+            for tp, msgs in batches.items():
+                for msg in msgs:
+                    state.queue_depth = pending
+                    await worker.handle(msg)
+                    pending -= 1
+                    await consumer.commit({TopicPartition(tp.topic, tp.partition): msg.offset + 1})
+            state.queue_depth = 0
+    finally:
+        clear_ready(settings, ready_name)
+        stop.set()
+        load_task.cancel()
+        await asyncio.gather(heartbeat_task, load_task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        log.info("node %s stopped", hospital_id)
+
+
+async def wait_ready(settings: Settings, hospital_id: str, *, timeout_s: float = 60.0) -> None:
+    """Poll for the readiness marker (for tests and the launcher)."""
+    from fedllm.common.lifecycle import ready_path
+
+    deadline = time.monotonic() + timeout_s
+    path = ready_path(settings, f"node-{hospital_id}")
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {hospital_id} not ready after {timeout_s} s")
+        await asyncio.sleep(0.1)
