@@ -6,10 +6,10 @@ Pure functions, no I/O. `prev_hash` enters the digest as its 64 ASCII hex charac
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from datetime import UTC, datetime
 from decimal import Decimal
+from json.encoder import encode_basestring as _string  # type: ignore[attr-defined]
 from typing import Any
 
 GENESIS = "0" * 64
@@ -35,6 +35,9 @@ def es_number(x: float | int) -> str:
             return str(x)
     if not math.isfinite(x):
         raise ValueError("NaN and infinities have no canonical JSON form")
+    r = repr(x)
+    if "e" not in r:  # 1e-4 <= |x| < 1e16 or 0: Python's repr is already ES's fixed notation
+        return r[:-2] if r.endswith(".0") else r
     if x == 0:
         return "0"
     sign = "-" if x < 0 else ""
@@ -60,8 +63,22 @@ def _utf16_key(s: str) -> bytes:
     return s.encode("utf-16-be", "surrogatepass")
 
 
+def _sorted_keys(obj: dict[str, Any]) -> list[str]:
+    """Keys in UTF-16 code-unit order (code-point order agrees below U+D800)."""
+    keys = list(obj)
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError("object keys must be strings")
+    joined = "".join(keys)
+    if joined and max(joined) >= "\ud800":
+        return sorted(keys, key=_utf16_key)
+    return sorted(keys)
+
+
 def _canon(value: Any, out: list[str]) -> None:
-    if value is None:
+    if isinstance(value, str):
+        out.append(_string(value))
+    elif value is None:
         out.append("null")
     elif value is True:
         out.append("true")
@@ -69,16 +86,12 @@ def _canon(value: Any, out: list[str]) -> None:
         out.append("false")
     elif isinstance(value, int | float):
         out.append(es_number(value))
-    elif isinstance(value, str):
-        out.append(json.dumps(value, ensure_ascii=False))
     elif isinstance(value, dict):
         out.append("{")
-        for i, key in enumerate(sorted(value, key=_utf16_key)):
-            if not isinstance(key, str):
-                raise TypeError("object keys must be strings")
+        for i, key in enumerate(_sorted_keys(value)):
             if i:
                 out.append(",")
-            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(_string(key))
             out.append(":")
             _canon(value[key], out)
         out.append("}")
@@ -123,9 +136,27 @@ def hashed_view(row: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+_SORTED_FIELDS = tuple((f, _string(f) + ":") for f in sorted(HASHED_FIELDS))
+
+
+def canonical_row_json(view: dict[str, Any]) -> bytes:
+    """canonical_json(view) for a hashed view (flat, ASCII field names), without the dispatch."""
+    parts = []
+    for name, prefix in _SORTED_FIELDS:
+        v = view[name]
+        if isinstance(v, str):
+            parts.append(prefix + _string(v))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            parts.append(prefix + es_number(v))
+        else:
+            parts.append(prefix + canonical_json(v).decode())
+    return ("{" + ",".join(parts) + "}").encode()
+
+
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """SHA-256(prev_hash ‖ canonical JSON of the row's hashed fields), hex."""
-    return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(hashed_view(row))).hexdigest()
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_row_json(hashed_view(row))
+                          ).hexdigest()
 
 
 def content_view(row: dict[str, Any]) -> dict[str, Any]:
