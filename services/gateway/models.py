@@ -3,14 +3,24 @@ document states the same bounds the gateway enforces."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
 from fedllm.common.config import Settings
 
 Kind = Literal["generate", "aggregate"]
 Priority = Literal["low", "normal", "high"]
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer includes 1.0; accept an integral float as that int (no strings)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 def _encodable(value: str) -> str:
@@ -23,7 +33,7 @@ def _encodable(value: str) -> str:
 
 
 class InferenceBodyBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str
     max_tokens: int
@@ -47,7 +57,7 @@ def inference_body_model(settings: Settings) -> type[InferenceBodyBase]:
         __base__=InferenceBodyBase,
         prompt=(str, Field(min_length=1, max_length=settings.max_prompt_chars,
                            description="The question; for kind=aggregate a JSON query.")),
-        max_tokens=(int, Field(default=min(128, settings.max_tokens_limit), ge=1,
+        max_tokens=(JsonInt, Field(default=min(128, settings.max_tokens_limit), ge=1,
                                le=settings.max_tokens_limit)),
         temperature=(float, Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)),
         privacy_budget=(float, Field(gt=0.0, le=settings.budget.max_query_epsilon,
@@ -97,7 +107,7 @@ class BudgetResponse(BaseModel):
 
 
 class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=256)

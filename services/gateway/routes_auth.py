@@ -18,6 +18,7 @@ router = APIRouter(tags=["auth"])
     "/v1/auth/token",
     response_model=TokenResponse,
     responses={
+        400: {"model": ErrorBody, "description": "body is not parseable"},
         401: {"model": ErrorBody, "description": "invalid credentials"},
         423: {"model": ErrorBody, "description": "account locked after repeated failures"},
         429: {"model": ErrorBody, "description": "too many failures from this address"},

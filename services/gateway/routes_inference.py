@@ -28,6 +28,7 @@ from services.gateway.ratelimit import Window
 _WORD = re.compile(r"[A-Za-z0-9_]+")
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "body is not parseable"},
     401: {"model": ErrorBody, "description": "missing or invalid token"},
     403: {"model": BudgetRefused, "description": "role not allowed, or privacy budget refused"},
     422: {"description": "invalid body"},
