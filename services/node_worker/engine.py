@@ -184,9 +184,13 @@ class Engine:
             query = json.loads(inner.get("prompt", ""))
         except ValueError:
             return failed("aggregate prompt is not valid JSON")
-        res = aggregate.answer_aggregate(
-            query=query, cohort_dir=self.clinosim_dir, epsilon=epsilon, delta=delta, rng=self.rng,
-        )
+        try:
+            res = aggregate.answer_aggregate(
+                query=query, cohort_dir=self.clinosim_dir, epsilon=epsilon, delta=delta,
+                rng=self.rng,
+            )
+        except ValueError as exc:  # an invalid query: nothing was released
+            return failed(f"invalid aggregate query: {exc}")
         curve: PrivacyCurve = res.curve
         reserved = PrivacyCurve.from_rho(
             rho_for_epsilon(epsilon=epsilon, delta=delta, orders=curve.orders), curve.orders

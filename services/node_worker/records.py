@@ -99,7 +99,7 @@ def hospital_key(key_file: Path) -> bytes:
     if key_file.exists():
         return key_file.read_bytes()
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = key_file.with_name(f"{key_file.name}.tmp-{os.getpid()}")
+    tmp = key_file.with_name(f"{key_file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, secrets.token_bytes(32))
