@@ -38,10 +38,15 @@ class Pipeline:
         self.broker: EmbeddedBroker | None = None
         self.bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.settings = Settings(**self._settings_overrides())
+        self.settings = Settings(kafka_bootstrap=self.bootstrap, **self._settings_overrides())
 
     def _settings_overrides(self) -> dict[str, object]:
-        overrides: dict[str, object] = {"data_dir": self.data_dir}
+        env = self.env()
+        overrides: dict[str, object] = {
+            "data_dir": self.data_dir,
+            "mode": env["FEDLLM_MODE"],
+            "jwt_secret": env.get("JWT_SECRET", ""),
+        }
         if self.hospitals is not None:
             overrides["hospitals"] = self.hospitals
         return overrides

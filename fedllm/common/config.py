@@ -19,8 +19,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-PLACEHOLDER_SECRETS = {"", "changeme", "secret", "demo-secret-not-for-production"}
-DEMO_JWT_SECRET = "demo-secret-not-for-production"
+PLACEHOLDER_SECRETS = {"", "changeme", "secret", "demo-secret-not-for-production-use-only"}
+DEMO_JWT_SECRET = "demo-secret-not-for-production-use-only"
 
 
 class HospitalConfig(BaseModel):
