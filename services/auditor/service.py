@@ -54,6 +54,13 @@ async def with_db_retry(fn: Any, *args: Any, cfg: AuditorSettings, stop: asyncio
         delay = min(delay * 2, cfg.retry_max_s)
 
 
+def _engine(url: str) -> Engine:
+    """The store's engine; Postgres connects time out (10 s) instead of hanging in an outage."""
+    if url.startswith("postgres") and "connect_timeout" not in url:
+        url += ("&" if "?" in url else "?") + "connect_timeout=10"
+    return make_engine(url)
+
+
 async def decode_batch(bus: Bus, messages: list[ConsumerRecord],
                        protection: Protection) -> list[dict[str, Any]]:
     """Rows for the decodable, storable messages; the others go to the DLQ."""
@@ -123,7 +130,7 @@ async def run(settings: Settings, *, stop: asyncio.Event,
     if protection.sealer is None:
         log.warning("FEDLLM_AUDIT_ENCRYPTION_KEY not set: clear text met in events is dropped, "
                     "not sealed")
-    engine = make_engine(settings.resolved_database_url())
+    engine = _engine(settings.resolved_database_url())
     try:
         await with_db_retry(migrate.upgrade, engine, cfg=cfg, stop=stop, what="migrating")
     except Stopped:
