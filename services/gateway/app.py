@@ -46,6 +46,13 @@ async def is_ready(state: GatewayState) -> Readiness:
                      results_assigned=results, budgets_assigned=budgets, limiter=limiter)
 
 
+def quiet_kafka_client_logs() -> None:
+    """aiokafka logs whole message values at DEBUG (prompts, answers): never below INFO here."""
+    kafka_log = logging.getLogger("aiokafka")
+    if kafka_log.getEffectiveLevel() < logging.INFO:
+        kafka_log.setLevel(logging.INFO)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -56,6 +63,7 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway. Refuses (ValueError) a placeholder JWT secret outside demo mode."""
     gw = gateway_settings if gateway_settings is not None else GatewaySettings()
+    quiet_kafka_client_logs()
     verifier = TokenVerifier(
         keys=gw.verification_keys(settings),
         current_kid=gw.jwt_kid,
@@ -69,7 +77,7 @@ def create_app(
         settings=settings,
         gw=gw,
         verifier=verifier,
-        passwords=PasswordChecker(),
+        passwords=PasswordChecker(like=gw.users[0].password_hash if gw.users else None),
         limiter=limiter if limiter is not None else make_limiter(settings.redis_url),
         metrics=GatewayMetrics(),
         correlator=ResultCorrelator(settings),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from argon2 import PasswordHasher
 
 from fedllm.common.config import Settings
 from services.gateway.auth import PasswordChecker
@@ -26,7 +27,9 @@ async def settings(kafka_bootstrap: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def users() -> list[UserRecord]:
+    # Cheap argon2 parameters keep the suite fast; production hashes use argon2's defaults.
     checker = PasswordChecker()
+    checker.hasher = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
     return [UserRecord(username=u, department=d, role=r, password_hash=checker.hash(p))
             for u, (d, r, p) in PASSWORDS.items()]
 
