@@ -36,7 +36,10 @@ def test_row_hash_is_sha256_of_prev_and_canonical_row() -> None:
 def test_fast_row_serialiser_agrees_with_the_generic_one() -> None:
     from services.auditor.chain import canonical_row_json
 
-    for i in range(50):
-        row = {**rows([event(i, epsilon=i * 1e-7, note="\U0001f600x", **{"\ue000k": "v"})])[0],
-               "seq": i}
+    odd = ["\U0001f600x", "a\\u0000b", "\x00", "\u2028\"\\", "\x7f\x1f"]
+    for i in range(60):
+        extra = {"\ue000k": "v"} if i % 3 == 0 else {f"k{i}": odd[i % len(odd)]}
+        row = {**rows([event(i, epsilon=[i * 1e-7, 1e21, 5.0, 0.25, 1e16][i % 5],
+                             delta=[1e-5, 0.0, 1e-300][i % 3], reason=odd[i % len(odd)],
+                             **extra)])[0], "seq": i * 2**50}
         assert canonical_row_json(hashed_view(row)) == canonical_json(hashed_view(row))
