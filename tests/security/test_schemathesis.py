@@ -24,6 +24,10 @@ from tests.gateway.peers import FakeAccountant, make_settings, ok_result, prepar
 from tests.security.conftest import PASSWORDS
 
 
+# schemathesis' own strategies trigger Hypothesis deprecation notices; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+
+
 @pytest.fixture(scope="module")
 def live_gateway(kafka_bootstrap: str, users) -> Iterator[tuple[str, dict[str, str]]]:
     settings = make_settings(kafka_bootstrap, request_timeout_s=10.0)
@@ -53,8 +57,8 @@ def live_gateway(kafka_bootstrap: str, users) -> Iterator[tuple[str, dict[str, s
     while not server.started:
         assert time.monotonic() < deadline and not stopped.is_set(), "gateway did not start"
         time.sleep(0.05)
-    headers = token(settings, PASSWORDS["dr_grey"][0] and "dr_grey", department="cardiology",
-                    role="doctor")
+    department, role, _ = PASSWORDS["dr_grey"]
+    headers = token(settings, "dr_grey", department=department, role=role)
     yield f"http://127.0.0.1:{port}", headers
     server.should_exit = True
     stopped.wait(20)
