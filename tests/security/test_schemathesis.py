@@ -23,7 +23,6 @@ from services.gateway.settings import GatewaySettings
 from tests.gateway.peers import FakeAccountant, make_settings, ok_result, prepare_topics, token
 from tests.security.conftest import PASSWORDS
 
-
 # schemathesis' own strategies trigger Hypothesis deprecation notices; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 
