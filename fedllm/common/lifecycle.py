@@ -18,6 +18,8 @@ def setup_logging(service: str) -> None:
         level=os.environ.get("FEDLLM_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
     )
+    # aiokafka logs whole message values (prompts, answers) at DEBUG: never let it.
+    logging.getLogger("aiokafka").setLevel(max(logging.INFO, logging.root.level))
 
 
 def ready_path(settings: Settings, name: str) -> Path:

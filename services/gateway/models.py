@@ -78,6 +78,7 @@ class InferenceResponse(BaseModel):
     remaining_budget: float
     node_id: str
     processing_time: float = Field(description="seconds")
+    model_time: float = Field(0.0, description="milliseconds the node spent in the model")
     is_private: bool
     tokens: int
 

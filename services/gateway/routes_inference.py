@@ -190,6 +190,7 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
             remaining_budget=remaining,
             node_id=result["node_id"],
             processing_time=processing,
+            model_time=result["model_time_ms"],
             is_private=result["is_private"],
             tokens=result["tokens"],
         )
