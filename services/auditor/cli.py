@@ -15,6 +15,7 @@ from typing import Any
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.lifecycle import run_until_signalled, setup_logging
+from fedllm.common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def cmd_auditor(args: argparse.Namespace) -> int:
 
     settings = Settings()
     setup_logging("auditor")
+    serve_metrics(settings, "auditor")
     run_until_signalled(lambda stop: service.run(settings, stop=stop))
     return 0
 
