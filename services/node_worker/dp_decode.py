@@ -190,7 +190,8 @@ class BatchedDecoder:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+            logits_to_keep=1,  # only the last position's logits: (B, 1, V), not (B, T, V)
         )
         self.past, self.mask = out.past_key_values, mask
         self.next_pos = pos[:, -1:] + 1
