@@ -282,9 +282,9 @@ async def run(
             pending = sum(len(v) for v in batches.values())
             for tp, msgs in batches.items():
                 for msg in msgs:
-                    state.queue_depth = pending
-                    await worker.handle(msg)
                     pending -= 1
+                    state.queue_depth = pending  # fetched and waiting behind this one
+                    await worker.handle(msg)
                     await consumer.commit({TopicPartition(tp.topic, tp.partition): msg.offset + 1})
             state.queue_depth = 0
     finally:
