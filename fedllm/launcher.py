@@ -63,6 +63,7 @@ class Pipeline:
             FEDLLM_GATEWAY_PORT=str(self.gateway_port),
         )
         env.setdefault("FEDLLM_MODE", "demo")
+        env.setdefault("FEDLLM_TORCH_THREADS", "1")  # several nodes share this machine's cores
         if env["FEDLLM_MODE"] == "demo":
             env.setdefault("JWT_SECRET", DEMO_JWT_SECRET)
         if self.database_url:

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     node_ttl_s: float = 5.0
     max_tokens_limit: int = 256
+
+    # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
+    # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
+    dp_groups: int = 8
+    torch_threads: int = 0
     max_prompt_chars: int = 4_000
 
     budget: BudgetConfig = Field(default_factory=BudgetConfig)

@@ -48,7 +48,7 @@ EngineFactory = Callable[[Settings, str], Any]
 def default_engine_factory(settings: Settings, hospital_id: str) -> Any:
     from services.node_worker.engine import Engine
 
-    return Engine(settings, hospital_id)
+    return Engine(settings, hospital_id, groups=settings.dp_groups)
 
 
 @dataclass(slots=True)
