@@ -49,7 +49,9 @@ def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
         delta=entry["delta"],
         rdp_orders=list(curve.orders) if curve else [],
         rdp_epsilons=list(curve.values) if curve else [],
-        remaining_budget=outcome.user.remaining,
+        # A refusal reports the binding limit (user's or department's); otherwise the user's.
+        remaining_budget=(min(outcome.user.remaining, outcome.department.remaining)
+                          if status == "rejected" else outcome.user.remaining),
         finished_at_ms=now_ms(),
     )
     if status != "ok":
