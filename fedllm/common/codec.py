@@ -29,6 +29,7 @@ SCHEMA_FILES = (
     "node_heartbeat.avsc",
     "audit_event.avsc",
     "budget_status.avsc",
+    "budget_adjustment.avsc",
 )
 
 Headers = list[tuple[str, bytes]]

@@ -9,6 +9,7 @@ RESULTS = "fedllm.results"  # InferenceResult, key request_id; accountant -> gat
 HEARTBEATS = "fedllm.heartbeats"  # NodeHeartbeat, key hospital_id; node -> router
 AUDIT = "fedllm.audit"  # AuditEvent, key request_id or actor; every service -> auditor
 BUDGETS = "fedllm.budgets"  # BudgetStatus, key user_id; accountant -> gateway
+ADMIN = "fedllm.admin"  # BudgetAdjustment, key subject; gateway -> accountant
 
 # Keyed by user so one accountant instance sees all of a user's events in order.
 PARTITIONS: dict[str, int] = {
@@ -19,6 +20,7 @@ PARTITIONS: dict[str, int] = {
     HEARTBEATS: 1,
     AUDIT: 1,
     BUDGETS: 1,
+    ADMIN: 1,
 }
 
 
