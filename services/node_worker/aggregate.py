@@ -382,14 +382,21 @@ def answer_on_cohort(
     epsilon: float,
     delta: float,
     rng: Rng,
+    rho: float | None = None,
 ) -> AggregateAnswer:
-    """Answer one query on a loaded cohort under ρ = ``rho_for_epsilon(ε, δ)`` zCDP."""
+    """Answer one query on a loaded cohort under ρ = ``rho_for_epsilon(ε, δ)`` zCDP, or under
+    the smaller ``rho`` when given (a hospital's share of a fan-out's reservation)."""
     q = query if isinstance(query, AggregateQuery) else parse_query(query)
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be finite and > 0; got {epsilon}")
-    rho = rho_for_epsilon(epsilon=epsilon, delta=delta)
+    full = rho_for_epsilon(epsilon=epsilon, delta=delta)
+    if rho is not None and not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be finite and > 0; got {rho}")
+    rho = full if rho is None else min(rho, full)
     if not rho > 0:
         raise ValueError(f"no zCDP budget for epsilon={epsilon} at delta={delta}")
+    if rho < full:  # report the ε this release is calibrated to, not the reservation's
+        epsilon = min(epsilon, PrivacyCurve.from_rho(rho).epsilon(delta=delta))
     matched = [p for p in cohort.patients if q.matches(p)]
     common = dict(
         op=q.op,
@@ -485,12 +492,18 @@ def _with_text(a: AggregateAnswer, q: AggregateQuery) -> AggregateAnswer:
 
 
 def answer_aggregate(
-    *, query: Mapping[str, Any] | str, cohort_dir: Path, epsilon: float, delta: float, rng: Rng
+    *,
+    query: Mapping[str, Any] | str,
+    cohort_dir: Path,
+    epsilon: float,
+    delta: float,
+    rng: Rng,
+    rho: float | None = None,
 ) -> AggregateAnswer:
     """Answer a query on the hospital records under ``cohort_dir`` (clinosim output)."""
     q = parse_query(query)  # validate before touching the records
     return answer_on_cohort(
-        query=q, cohort=load_cohort(cohort_dir), epsilon=epsilon, delta=delta, rng=rng
+        query=q, cohort=load_cohort(cohort_dir), epsilon=epsilon, delta=delta, rng=rng, rho=rho
     )
 
 

@@ -135,20 +135,28 @@ class Engine:
             kind = inner.get("kind", "generate") or "generate"
             epsilon = float(request["reserved_epsilon"])
             delta = float(request["delta"])
+            share = float(request.get("budget_share", 1.0))
+            parts = int(request.get("parts", 1))
         except (KeyError, TypeError, ValueError) as exc:
             return failed(f"malformed routed request: {exc!r}")
         if not (math.isfinite(epsilon) and epsilon >= 0 and 0 < delta < 1):
             return failed("invalid reserved epsilon or delta")
-        if kind == "aggregate":
-            out = self._aggregate(inner, epsilon=epsilon, delta=delta)
+        if not (math.isfinite(share) and 0 < share <= 1) or parts < 1:
+            return failed("invalid budget share or part count")
+        if parts > 1 and kind != "aggregate":
+            out = failed("only aggregate queries can be answered in parts")
+        elif kind == "aggregate":
+            out = self._aggregate(inner, epsilon=epsilon, delta=delta, share=share, parts=parts)
         elif kind == "generate":
-            out = self._generate(inner, epsilon=epsilon, delta=delta)
+            out = self._generate(inner, epsilon=epsilon, delta=delta, share=share)
         else:
             out = failed(f"unknown request kind {kind!r}")
         out["model_time_ms"] = (time.perf_counter() - started) * 1000.0
         return out
 
-    def _generate(self, inner: dict[str, Any], *, epsilon: float, delta: float) -> dict[str, Any]:
+    def _generate(
+        self, inner: dict[str, Any], *, epsilon: float, delta: float, share: float = 1.0
+    ) -> dict[str, Any]:
         question = str(inner.get("prompt", ""))[: self.settings.max_prompt_chars]
         max_tokens = max(0, min(int(inner.get("max_tokens", 64)), self.settings.max_tokens_limit))
         temperature = float(inner.get("temperature", 1.0))
@@ -156,6 +164,7 @@ class Engine:
         if math.isfinite(temperature) and 0 <= temperature <= 2:
             config = replace(config, vote_temperature=temperature)
         rho = rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders) if epsilon else 0.0
+        rho *= share  # this node's part of the reservation
         contexts = self.records.retrieve(question, per_group=self.notes_per_group)
         group_prompts = [self.encode(question, notes) for notes in contexts]
         public_prompt = self.encode(question, None)
@@ -177,7 +186,13 @@ class Engine:
             records_used=sum(len(c) for c in contexts),
         )
 
-    def _aggregate(self, inner: dict[str, Any], *, epsilon: float, delta: float) -> dict[str, Any]:
+    def _aggregate(
+        self, inner: dict[str, Any], *, epsilon: float, delta: float, share: float = 1.0,
+        parts: int = 1,
+    ) -> dict[str, Any]:
+        """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most
+        ``share``·ρ of the reservation and returns status "partial" with its noisy release in
+        ``aggregate_json``, for the router to combine with the other hospitals' parts."""
         try:
             from services.node_worker import aggregate
         except ImportError:
@@ -186,22 +201,30 @@ class Engine:
             query = json.loads(inner.get("prompt", ""))
         except ValueError:
             return failed("aggregate prompt is not valid JSON")
+        extra: dict[str, Any] = {}
+        if share < 1:
+            extra["rho"] = share * rho_for_epsilon(epsilon=epsilon, delta=delta)
         try:
             res = aggregate.answer_aggregate(
                 query=query, cohort_dir=self.clinosim_dir, epsilon=epsilon, delta=delta,
-                rng=self.rng,
+                rng=self.rng, **extra,
             )
         except ValueError as exc:  # an invalid query: nothing was released
             return failed(f"invalid aggregate query: {exc}")
         curve: PrivacyCurve = res.curve
         reserved = PrivacyCurve.from_rho(
-            rho_for_epsilon(epsilon=epsilon, delta=delta, orders=curve.orders), curve.orders
+            share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=curve.orders),
+            curve.orders,
         )
         if not reserved.dominates(curve):
             log.error("aggregate spent more than reserved; reporting the true spend")
-        return self._ok(
+        out = self._ok(
             text=res.text, curve=curve, delta=delta, tokens=0, records_used=int(res.records_used)
         )
+        if parts > 1:
+            out["status"] = "partial"
+            out["aggregate_json"] = json.dumps(_release(res), separators=(",", ":"))
+        return out
 
     @staticmethod
     def _ok(
@@ -219,3 +242,23 @@ class Engine:
             "tokens": tokens,
             "records_used": records_used,
         }
+
+
+def _release(res: Any) -> dict[str, Any]:
+    """The DP release of an aggregate answer (noisy figures and public metadata only), as the
+    router's combiner reads it from ``aggregate_json``."""
+    return {
+        "op": res.op,
+        "field": res.field,
+        "query_key": res.query_key,
+        "bounds": list(res.bounds) if res.bounds is not None else None,
+        "top": res.top,
+        "noisy_count": res.noisy_count,
+        "noisy_sum": res.noisy_sum,
+        "count_sd": res.count_sd,
+        "sum_sd": res.sum_sd,
+        "histogram": [list(kv) for kv in res.histogram] if res.histogram is not None else None,
+        "records_used": int(res.records_used),
+        "epsilon": res.epsilon,
+        "delta": res.delta,
+    }

@@ -112,10 +112,11 @@ def result_record(
         "model_time_ms": 0.0,
         "processing_time_ms": float(finished - started_ms),
         "finished_at_ms": finished,
+        "aggregate_json": "",
     }
     for k in (
         "status", "reason", "response", "is_private", "privacy_cost", "delta", "rdp_orders",
-        "rdp_epsilons", "tokens", "records_used", "model_time_ms",
+        "rdp_epsilons", "tokens", "records_used", "model_time_ms", "aggregate_json",
     ):
         if k in fields:
             rec[k] = fields[k]
@@ -188,7 +189,7 @@ class NodeWorker:
 
     async def _audit(self, routed: dict[str, Any], record: dict[str, Any]) -> None:
         inner = routed.get("request") or {}
-        ok = record["status"] == "ok"
+        ok = record["status"] in ("ok", "partial")  # a part of a fan-out is a DP release too
         summary = (
             json.dumps({"orders": record["rdp_orders"], "values": record["rdp_epsilons"]})
             if record["rdp_orders"] else ""
