@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
-from services.gateway import routes_auth, routes_budget, routes_inference
+from services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
 from services.gateway.auth import PasswordChecker, TokenVerifier
-from services.gateway.correlator import BudgetView, ResultCorrelator
+from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.deps import GatewayState, State
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import Health, Readiness, inference_body_model
@@ -25,7 +25,8 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-GATEWAY_TOPICS = (topics.REQUESTS, topics.RESULTS, topics.BUDGETS, topics.AUDIT)
+GATEWAY_TOPICS = (topics.REQUESTS, topics.RESULTS, topics.BUDGETS, topics.AUDIT,
+                  topics.HEARTBEATS, topics.ADMIN)
 
 
 async def is_ready(state: GatewayState) -> Readiness:
@@ -82,6 +83,7 @@ def create_app(
         metrics=GatewayMetrics(),
         correlator=ResultCorrelator(settings),
         budgets=BudgetView(settings),
+        nodes=NodeView(settings),
         request_timeout_s=(request_timeout_s if request_timeout_s is not None
                            else settings.request_timeout_s),
         hmac_key=gw.prompt_hmac_key(settings),
@@ -96,9 +98,11 @@ def create_app(
         state.producer, state.bus = producer, Bus(producer)
         await state.correlator.start()
         await state.budgets.start()
+        await state.nodes.start()
         try:
             await asyncio.wait_for(
-                asyncio.gather(state.correlator.assigned.wait(), state.budgets.assigned.wait()),
+                asyncio.gather(state.correlator.assigned.wait(), state.budgets.assigned.wait(),
+                               state.nodes.assigned.wait()),
                 timeout=assignment_wait_s,
             )
         except TimeoutError:
@@ -109,6 +113,7 @@ def create_app(
         finally:
             await state.correlator.stop()
             await state.budgets.stop()
+            await state.nodes.stop()
             state.bus = None
             await producer.stop()
             if own_limiter:
@@ -155,4 +160,5 @@ def create_app(
     app.include_router(routes_auth.router)
     app.include_router(routes_inference.build_router(inference_body_model(settings)))
     app.include_router(routes_budget.router)
+    app.include_router(routes_admin.build_router(settings))
     return app

@@ -1,9 +1,10 @@
-"""Result correlation and budget snapshots: the gateway's two group-less consumers.
+"""Result correlation, budget snapshots and the node registry: the gateway's group-less consumers.
 
 `ResultCorrelator` reads `fedllm.results` from its end (manual `assign`, no group: every
 gateway process sees every result) and completes the future registered for a request id.
 `BudgetView` reads `fedllm.budgets` from the beginning and keeps the latest BudgetStatus per
-user and the latest department remainder per department.
+user and the latest department remainder per department. `NodeView` reads `fedllm.heartbeats`
+from `node_ttl_s` ago and keeps the latest NodeHeartbeat per hospital (for the admin API).
 """
 
 from __future__ import annotations
@@ -66,16 +67,19 @@ class _AssignedReader:
                 await asyncio.sleep(0.2)
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
-            if self.from_end:
-                await consumer.seek_to_end(*tps)
-            else:
-                await consumer.seek_to_beginning(*tps)
+            await self._seek(consumer, tps)
             for tp in tps:  # resolve the lazy reset now, so nothing after "ready" is missed
                 await consumer.position(tp)
         except BaseException:
             await consumer.stop()
             raise
         return consumer
+
+    async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        if self.from_end:
+            await consumer.seek_to_end(*tps)
+        else:
+            await consumer.seek_to_beginning(*tps)
 
     async def _run(self) -> None:
         while True:
@@ -181,3 +185,52 @@ class BudgetView(_AssignedReader):
         old_dept = self.department_to_status.get(dept)
         if old_dept is None or record["updated_at_ms"] >= old_dept["updated_at_ms"]:
             self.department_to_status[dept] = record
+
+
+class NodeView(_AssignedReader):
+    """Latest NodeHeartbeat per hospital (by sent_at_ms), read from `node_ttl_s` ago: nodes
+    silent for longer than that before this gateway started are not known to it; nodes that
+    fall silent later stay listed, reported not alive."""
+
+    topic = topics.HEARTBEATS
+    schema = "NodeHeartbeat"
+
+    def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
+        super().__init__(settings)
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self._capacity = capacity
+        self._since_ms = 0
+
+    def _handle(self, msg: Any) -> None:
+        # Record timestamps are set by producers and need not grow with offsets, so the time
+        # lookup may position before older records: skip those here.
+        if msg.timestamp is not None and 0 <= msg.timestamp < self._since_ms:
+            return
+        super()._handle(msg)
+
+    async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        since = int(time.time() * 1000) - int(self.settings.node_ttl_s * 1000)
+        self._since_ms = since
+        found = await consumer.offsets_for_times({tp: since for tp in tps})
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            hit = found.get(tp)
+            consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        hospital = record["hospital_id"]
+        old = self.nodes.get(hospital)
+        if old is not None and record["sent_at_ms"] < old["sent_at_ms"]:
+            return
+        if old is None and len(self.nodes) >= self._capacity:
+            # Bounded: forget the node heard from longest ago.
+            oldest = min(self.nodes, key=lambda h: self.nodes[h]["sent_at_ms"])
+            del self.nodes[oldest]
+        self.nodes[hospital] = record
+
+    def snapshot(self, now_ms: int) -> list[dict[str, Any]]:
+        """Every known node, sorted by hospital id, with `alive` against `node_ttl_s`."""
+        ttl_ms = int(self.settings.node_ttl_s * 1000)
+        return [{**rec, "last_seen_ms": rec["sent_at_ms"],
+                 "alive": now_ms - rec["sent_at_ms"] <= ttl_ms}
+                for _, rec in sorted(self.nodes.items())]

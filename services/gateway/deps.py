@@ -15,7 +15,7 @@ from fedllm.common import audit
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus
 from services.gateway.auth import AuthError, PasswordChecker, Principal, TokenVerifier
-from services.gateway.correlator import BudgetView, ResultCorrelator
+from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.settings import GatewaySettings
@@ -35,6 +35,7 @@ class GatewayState:
     metrics: GatewayMetrics
     correlator: ResultCorrelator
     budgets: BudgetView
+    nodes: NodeView
     request_timeout_s: float
     hmac_key: bytes
     producer: AIOKafkaProducer | None = None

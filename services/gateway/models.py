@@ -132,3 +132,122 @@ class Readiness(BaseModel):
     results_assigned: bool
     budgets_assigned: bool
     limiter: bool
+
+
+# -- admin API --------------------------------------------------------------------------------
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]+$"
+
+
+class BudgetResetBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str = Field(min_length=1, max_length=500, pattern=r"\S",
+                        description="why the budget is reset (kept in the audit trail)")
+
+    _reason_unicode = field_validator("reason")(_encodable)
+
+
+class UserBudgetReset(BudgetResetBase):
+    scope: Literal["user"]
+    subject: str = Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
+                         description="the user id")
+
+
+def budget_reset_body(settings: Settings) -> object:
+    """The POST /v1/admin/budget/reset body: a user, or a department this deployment has."""
+    departments = sorted(settings.budget.department_epsilon)
+    department_reset = create_model(
+        "DepartmentBudgetReset",
+        __base__=BudgetResetBase,
+        scope=(Literal["department"], ...),
+        subject=(Literal[tuple(departments)],  # type: ignore[valid-type]
+                 Field(description="a configured department")),
+    )
+    return Annotated[UserBudgetReset | department_reset,  # type: ignore[valid-type]
+                     Field(discriminator="scope")]
+
+
+class BudgetResetAccepted(BaseModel):
+    adjustment_id: str
+
+
+class NodeInfo(BaseModel):
+    hospital_id: str
+    departments: list[str]
+    queue_depth: int
+    in_flight: int
+    recent_latency_ms: float
+    model: str
+    device: str
+    healthy: bool
+    last_seen_ms: int = Field(description="sent_at_ms of the node's latest heartbeat")
+    alive: bool = Field(description="heard from within node_ttl_s")
+
+
+class HospitalView(BaseModel):
+    id: str
+    departments: list[str]
+    population: int
+
+
+class BudgetConfigView(BaseModel):
+    delta: float
+    window_seconds: int
+    user_epsilon: float
+    department_epsilon: dict[str, float]
+    max_query_epsilon: float
+
+
+class LimitsView(BaseModel):
+    max_prompt_chars: int
+    max_tokens_limit: int
+    request_timeout_s: float
+    node_timeout_s: float
+    node_ttl_s: float
+    heartbeat_interval_s: float
+    dp_groups: int
+    rate_window_s: int
+    rate_limit_user: int
+    rate_limit_address: int
+    lockout_window_s: int
+    lockout_user_failures: int
+    lockout_address_failures: int
+
+
+class UserView(BaseModel):
+    username: str
+    department: str
+    role: str
+    disabled: bool
+
+
+class AuthView(BaseModel):
+    jwt_algorithm: str
+    jwt_audience: str
+    jwt_kid: str
+    jwt_previous_kids: list[str] = Field(description="key ids only, never the keys")
+    jwt_leeway_s: int
+    token_ttl_s: int
+    roles: dict[str, list[str]]
+    users: list[UserView] = Field(description="configured accounts (never password hashes)")
+
+
+class InfrastructureView(BaseModel):
+    kafka_bootstrap: str
+    kafka_security_protocol: str
+    database_url: str = Field(description="password redacted")
+    redis_url: str = Field(description="password redacted; empty: in-process limiter")
+    tls: bool
+    mtls_required: bool
+    forwarded_allow_ips: str
+
+
+class AdminConfig(BaseModel):
+    mode: str
+    departments: list[str]
+    hospitals: list[HospitalView]
+    budget: BudgetConfigView
+    limits: LimitsView
+    auth: AuthView
+    infrastructure: InfrastructureView
