@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     db = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
     with Pipeline(data_dir=Path(args.data_dir), database_url=db,
-                  env={"FEDLLM_RATE_LIMIT_PER_USER": "100000"}) as pipeline:
+                  env={"FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "1000000"}) as pipeline:
         raw, raw_rate = asyncio.run(raw_round_trips(pipeline, args.raw))
         outside, model, rate, failures = pipeline_requests(
             pipeline, args.requests, args.concurrency, args.max_tokens)

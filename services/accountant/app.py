@@ -2,6 +2,7 @@
 
 - `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
 - `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
+- `apply_adjustment` over fedllm.admin applies an admin's budget reset;
 - `expire_reservations` (leader only) times out requests whose deadline passed.
 
 Offsets are acked only after an event is fully handled (faust at-least-once); the ledger makes
@@ -55,6 +56,8 @@ def create_app(settings: Settings) -> faust.App:
                                partitions=topics.PARTITIONS[topics.REQUESTS])
     node_results_topic = app.topic(topics.NODE_RESULTS, key_type=bytes, value_type=bytes,
                                    partitions=topics.PARTITIONS[topics.NODE_RESULTS])
+    admin_topic = app.topic(topics.ADMIN, key_type=bytes, value_type=bytes,
+                            partitions=topics.PARTITIONS[topics.ADMIN])
     state: dict[str, Any] = {}
 
     async def accountant() -> Accountant:
@@ -79,6 +82,8 @@ def create_app(settings: Settings) -> faust.App:
             return
         if schema == "InferenceRequest":
             await acct.on_request(record)
+        elif schema == "BudgetAdjustment":
+            await acct.on_adjustment(record)
         else:
             await acct.on_node_result(record)
         MESSAGES.labels(SERVICE, msg.topic, "handled").inc()
@@ -92,6 +97,11 @@ def create_app(settings: Settings) -> faust.App:
     async def settle_budget(stream: faust.StreamT) -> None:
         async for event in stream.events():
             await handle(event, "InferenceResult")
+
+    @app.agent(admin_topic, name="apply_adjustment")
+    async def apply_adjustment(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await handle(event, "BudgetAdjustment")
 
     @app.timer(interval=1.0, on_leader=True)
     async def expire_reservations() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from fedllm.common import audit, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
-from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.accountant import PrivacyCurve, window_start
 from services.accountant import messages
 from services.accountant.ledger import Ledger, Outcome
 
@@ -80,6 +80,41 @@ class Accountant:
                   and outcome.entry["node_id"] == result.get("node_id", ""))
         if outcome.changed or replay:
             await self._finish(outcome, result if status == "ok" else None, status=status)
+
+    async def on_adjustment(self, adjustment: dict[str, Any]) -> None:
+        """Apply an admin's budget reset; audited with the admin as the actor."""
+        try:
+            changed = await asyncio.to_thread(self.ledger.reset, adjustment)
+            outcome, reason = ("applied" if changed else "replayed"), ""
+        except (KeyError, ValueError) as exc:
+            outcome, reason = "rejected", f"invalid adjustment: {exc}"
+        await audit.emit(
+            self.bus, action="budget.reset", service=SERVICE,
+            id_parts=(adjustment["adjustment_id"],), user_id=adjustment["actor_user_id"],
+            role=adjustment["actor_role"], source_address=adjustment["source_address"],
+            department=adjustment["subject"] if adjustment["scope"] == "department" else "",
+            outcome=outcome, reason=reason or adjustment["reason"],
+            scope=adjustment["scope"], subject=adjustment["subject"],
+        )
+        if outcome == "applied" and adjustment["scope"] == "user":
+            await self._publish_user_budget(adjustment["subject"])
+
+    async def _publish_user_budget(self, user_id: str) -> None:
+        department = await asyncio.to_thread(self.ledger.last_department, user_id)
+        if department is None:
+            return
+        user, dept = await asyncio.to_thread(self.ledger.balances, user_id, department)
+        budget = self.settings.budget
+        await self.bus.send(topics.BUDGETS, "BudgetStatus", {
+            "user_id": user_id, "department": department,
+            "window_start": window_start(now_s=now_ms() / 1000,
+                                         window_seconds=budget.window_seconds),
+            "window_seconds": budget.window_seconds, "delta": budget.delta,
+            "user_limit_epsilon": user.limit, "user_spent_epsilon": user.spent,
+            "user_remaining_epsilon": user.remaining,
+            "department_limit_epsilon": dept.limit,
+            "department_remaining_epsilon": dept.remaining, "updated_at_ms": now_ms(),
+        }, key=user_id)
 
     async def sweep_expired(self, *, grace_ms: int = 2_000) -> int:
         """Refund and time out reservations whose request deadline has passed."""

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from fedllm.common.config import BudgetConfig
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, window_start
-from services.accountant.models import Base, BudgetAccount, BudgetEntry
+from services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
 
 LIVE_STATES = ("reserved", "committed")
 
@@ -66,11 +66,16 @@ class Ledger:
         return self.budget.department_epsilon[department]
 
     def _spent_curve(self, s: Session, *, column: Any, value: str, window: int) -> PrivacyCurve:
+        scope = ("user:" if column is BudgetEntry.user_id else "dept:") + value
+        reset_at = s.scalar(select(func.max(BudgetReset.reset_at_ms)).where(
+            BudgetReset.scope == scope, BudgetReset.window_start == window,
+        )) or 0
         rows = s.execute(
             select(BudgetEntry.state, BudgetEntry.reserved_rdp, BudgetEntry.spent_rdp).where(
                 column == value,
                 BudgetEntry.window_start == window,
                 BudgetEntry.state.in_(LIVE_STATES),
+                BudgetEntry.created_at_ms > reset_at,
             )
         ).all()
         curves = [
@@ -99,6 +104,13 @@ class Ledger:
                                  window=window)
         return (self._balance(user, self.budget.user_epsilon),
                 self._balance(dept, self._dept_limit(department)))
+
+    def last_department(self, user_id: str) -> str | None:
+        """The department of the user's latest request, if any."""
+        with Session(self.engine) as s:
+            return s.scalar(select(BudgetEntry.department).where(
+                BudgetEntry.user_id == user_id).order_by(BudgetEntry.created_at_ms.desc())
+                .limit(1))
 
     def entry(self, request_id: str) -> dict[str, Any] | None:
         with Session(self.engine) as s:
@@ -220,6 +232,30 @@ class Ledger:
             user, dept = self._balances(s, row.user_id, row.department, row.window_start)
             return Outcome(row.request_id, changed, row.state, row.reason, user, dept,
                            _as_dict(row))
+
+    def reset(self, adjustment: dict[str, Any], *, now_s: float | None = None) -> bool:
+        """Apply an admin's BudgetAdjustment (action "reset") to the current window, once.
+
+        Returns False for a replay (same adjustment id). Raises KeyError for an unknown
+        department and ValueError for an unknown scope or action.
+        """
+        if adjustment["action"] != "reset" or adjustment["scope"] not in ("user", "department"):
+            raise ValueError(f"unsupported adjustment {adjustment['action']}/"
+                             f"{adjustment['scope']}")
+        subject = adjustment["subject"]
+        if adjustment["scope"] == "department":
+            self._dept_limit(subject)
+        prefix = "user:" if adjustment["scope"] == "user" else "dept:"
+        with Session(self.engine, autobegin=False) as s, s.begin():
+            self._begin(s)
+            if s.get(BudgetReset, adjustment["adjustment_id"]) is not None:
+                return False
+            s.add(BudgetReset(
+                adjustment_id=adjustment["adjustment_id"], scope=prefix + subject,
+                window_start=self._window(now_s), reset_at_ms=_now_ms(),
+                actor_user_id=adjustment["actor_user_id"], reason=adjustment["reason"],
+            ))
+            return True
 
     def expired(self, *, now_ms: int, grace_ms: int) -> list[str]:
         """Ids of reservations whose deadline passed more than `grace_ms` ago."""

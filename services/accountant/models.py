@@ -46,3 +46,17 @@ class BudgetEntry(Base):
     outcome: Mapped[str] = mapped_column(String(16), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     node_id: Mapped[str] = mapped_column(String(100), default="")
+
+
+class BudgetReset(Base):
+    """An admin's reset of one account in one window: entries created before `reset_at_ms`
+    no longer count against that account (they still count against the other one)."""
+
+    __tablename__ = "budget_resets"
+
+    adjustment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(200), index=True)  # user:<id> | dept:<name>
+    window_start: Mapped[int] = mapped_column(BigInteger, index=True)
+    reset_at_ms: Mapped[int] = mapped_column(BigInteger)
+    actor_user_id: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text, default="")

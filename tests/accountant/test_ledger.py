@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -90,3 +91,31 @@ def test_concurrent_reservations_never_overspend(fresh_database_url: str) -> Non
     assert len(approved) == fits
     _, dept = ledger.balances("nobody", "general")
     assert dept.spent <= 5.0 + 1e-9
+
+
+def adjustment(scope: str, subject: str) -> dict:
+    return {"adjustment_id": str(uuid.uuid4()), "action": "reset", "scope": scope,
+            "subject": subject, "reason": "approved exception", "actor_user_id": "admin1",
+            "actor_role": "admin", "source_address": "127.0.0.1", "requested_at_ms": 0}
+
+
+def test_admin_reset_forgives_the_window_once(ledger: Ledger) -> None:
+    first = ledger.reserve(inference_request(user_id="r1", department="research", epsilon=1.8))
+    assert first.state == "reserved"
+    assert ledger.reserve(inference_request(user_id="r2", department="research",
+                                            epsilon=1.8)).state == "rejected"
+    adj = adjustment("department", "research")
+    time.sleep(0.002)
+    assert ledger.reset(adj) is True
+    assert ledger.reset(adj) is False  # replay
+    _, dept = ledger.balances("r1", "research")
+    assert dept.spent == 0.0
+    user, _ = ledger.balances("r1", "research")
+    assert user.spent > 0  # the user's own account is untouched by a department reset
+    assert ledger.reserve(inference_request(user_id="r2", department="research",
+                                            epsilon=1.8)).state == "reserved"
+
+
+def test_reset_rejects_unknown_department(ledger: Ledger) -> None:
+    with pytest.raises(KeyError):
+        ledger.reset(adjustment("department", "astrology"))

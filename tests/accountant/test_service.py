@@ -149,3 +149,28 @@ async def test_non_private_answer_is_withheld(accountant: Pipeline) -> None:
     mine = [x for x in finals if x["request_id"] == req["request_id"]]
     assert mine[0]["status"] == "failed" and mine[0]["response"] == ""
     assert "not released by a DP mechanism" in mine[0]["reason"]
+
+
+async def test_admin_reset_is_applied_and_audited(accountant: Pipeline) -> None:
+    import uuid
+
+    s = accountant.settings
+    req = inference_request(user_id="reset-user", department="radiology", epsilon=5.0)
+    await produce(s, topics.REQUESTS, "InferenceRequest", req, key=req["user_id"])
+    await collect(s, topics.DECISIONS, until=lambda r: any(
+        d["request_id"] == req["request_id"] for d in r), timeout_s=30)
+    adj = {"adjustment_id": str(uuid.uuid4()), "action": "reset", "scope": "user",
+           "subject": "reset-user", "reason": "clinical emergency", "actor_user_id": "root",
+           "actor_role": "admin", "source_address": "10.0.0.1", "requested_at_ms": now_ms()}
+    await produce(s, topics.ADMIN, "BudgetAdjustment", adj, key="reset-user", times=2)
+    audit = await collect(s, topics.AUDIT, until=lambda r: any(
+        a["action"] == "budget.reset" for a in r), timeout_s=30)
+    resets = {a["event_id"]: a for a in audit if a["action"] == "budget.reset"}
+    assert len(resets) == 1
+    (event,) = resets.values()
+    assert event["user_id"] == "root" and event["outcome"] in ("applied", "replayed")
+    budgets = await collect(s, topics.BUDGETS, until=lambda r: any(
+        b["user_id"] == "reset-user" and b["user_spent_epsilon"] == 0.0 for b in r),
+        timeout_s=30)
+    assert any(b["user_id"] == "reset-user" and b["user_spent_epsilon"] == 0.0
+               for b in budgets)

@@ -32,6 +32,7 @@ def pipeline(postgres_admin_url: str) -> Iterator[Pipeline]:
                 "FEDLLM_NODE_TIMEOUT_S": "40",
                 "FEDLLM_REQUEST_TIMEOUT_S": "120",
                 "FEDLLM_NODE_TTL_S": "4",
+                "FEDLLM_DP_GROUPS": "4",
             },
         )
         with pipe:

@@ -166,3 +166,21 @@ def test_every_request_has_one_terminal_audit_record(pipeline: Pipeline,
                  "request.completed"):
         assert step in actions, actions
     assert actions.index("budget.reserved") < actions.index("budget.committed")
+
+
+def test_zz_every_request_of_the_session_ends_exactly_once(pipeline: Pipeline) -> None:
+    """Runs last: every request the gateway received has exactly one terminal audit record."""
+    terminal = ("request.completed", "request.rejected", "request.failed", "request.timeout")
+    deadline = time.monotonic() + 180
+    while True:
+        received = {r for (r,) in sql(pipeline, "SELECT request_id FROM audit_log "
+                                                "WHERE action = 'request.received'")}
+        ends = sql(pipeline, "SELECT request_id, count(*) FROM audit_log WHERE action IN "
+                             f"{terminal!r} GROUP BY request_id")
+        ended = dict(ends)
+        if received <= set(ended) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert len(received) >= 5
+    assert received <= set(ended), received - set(ended)
+    assert all(n == 1 for n in ended.values()), ended
