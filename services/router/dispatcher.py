@@ -6,16 +6,27 @@ is abandoned when the node misses the attempt deadline, answers "failed"/"timeou
 of the registry; then the request is retried once on a node not yet tried, else failed with an
 InferenceResult on the node-results topic (the accountant refunds the reservation on it).
 Everything is idempotent by request id: replayed decisions and duplicate answers change nothing.
+
+Fan-out: an aggregate request naming two or more hospitals (or "*": every healthy node alive)
+goes to all of them at once, one RoutedRequest each with ``budget_share`` = 1/k of the reserved
+ρ and ``parts`` = k, so the sum of what the k hospitals spend stays within the reservation. Each
+node answers "partial"; when all k parts are in, the router emits one combined "ok" result
+(:mod:`services.router.combine`; the curve is the sum of the parts' curves). A part that fails,
+misses its deadline or whose node leaves fails the whole request — no retry, since the answered
+parts already spent budget — and the failure result carries the answered parts' summed curve,
+which the accountant charges.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
+from services.router.combine import combine_parts, parse_part, part_curve, total_curve
 from services.router.registry import NodeInfo, NodeRegistry
 from services.router.strategy import RoutingStrategy
 
@@ -58,6 +69,23 @@ class InFlight:
     tried: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class FanOut:
+    """An aggregate request sent to several hospitals at once, awaiting their parts."""
+
+    request: dict[str, Any]
+    reserved_epsilon: float
+    delta: float
+    hospitals: list[str]
+    deadline_ms: int
+    routed_at_ms: int
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # hospital -> its result
+
+    @property
+    def missing(self) -> list[str]:
+        return [h for h in self.hospitals if h not in self.parts]
+
+
 class Dispatcher:
     """Routes approved decisions and supervises attempts. Time is always passed in."""
 
@@ -78,6 +106,7 @@ class Dispatcher:
         self.node_timeout_ms = int(node_timeout_s * 1000)
         self.finished_memory = finished_memory
         self.in_flight: dict[str, InFlight] = {}
+        self.fan_outs: dict[str, FanOut] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
 
     # -- inputs ---------------------------------------------------------------------------
@@ -88,8 +117,22 @@ class Dispatcher:
             return []
         request = dict(decision["request"])
         request_id = request["request_id"]
-        if request_id in self.in_flight or request_id in self._finished:
+        if (request_id in self.in_flight or request_id in self.fan_outs
+                or request_id in self._finished):
             return []
+        targets = self._fan_out_targets(request, now_ms=now_ms)
+        if targets is not None:
+            fan = FanOut(
+                request=request,
+                reserved_epsilon=float(decision["reserved_epsilon"]),
+                delta=float(decision["delta"]),
+                hospitals=targets,
+                deadline_ms=min(now_ms + self.node_timeout_ms, int(request["deadline_ms"])),
+                routed_at_ms=now_ms,
+            )
+            return self._fan_out(fan, now_ms=now_ms)
+        if "*" in (request.get("hospitals") or ()):
+            request["hospitals"] = []  # "*" with fewer than two nodes alive: router chooses
         entry = InFlight(
             request=request,
             reserved_epsilon=float(decision["reserved_epsilon"]),
@@ -104,6 +147,9 @@ class Dispatcher:
         """An answer on node-results closes the request, unless it is a failure of the current
         attempt, which triggers the retry. Stale or unknown answers are ignored."""
         request_id = result["request_id"]
+        fan = self.fan_outs.get(request_id)
+        if fan is not None:
+            return self._on_part(fan, result, now_ms=now_ms)
         entry = self.in_flight.get(request_id)
         if entry is None:
             return []
@@ -145,13 +191,22 @@ class Dispatcher:
             for entry in [e for e in self.in_flight.values() if e.hospital_id == node.hospital_id]:
                 why = f"node {node.hospital_id} left the registry"
                 actions += self._attempt(entry, now_ms=now_ms, why=why)
+            for fan in [f for f in self.fan_outs.values() if node.hospital_id in f.missing]:
+                why = f"node {node.hospital_id} left the registry"
+                actions += self._fail_fan_out(fan, why, now_ms=now_ms)
         for entry in [e for e in self.in_flight.values() if now_ms >= e.attempt_deadline_ms]:
             why = f"node {entry.hospital_id} did not answer attempt {entry.attempt} in time"
             actions += self._attempt(entry, now_ms=now_ms, why=why)
+        for fan in [f for f in self.fan_outs.values() if now_ms >= f.deadline_ms]:
+            why = f"{','.join(fan.missing)} did not answer in time"
+            actions += self._fail_fan_out(fan, why, now_ms=now_ms)
         return actions
 
     def on_send_failed(self, request_id: str, hospital_id: str, *, now_ms: int) -> list[Action]:
         """The RoutedRequest to `hospital_id` could not be produced: abandon that attempt."""
+        fan = self.fan_outs.get(request_id)
+        if fan is not None and hospital_id in fan.missing:
+            return self._fail_fan_out(fan, f"could not send to {hospital_id}", now_ms=now_ms)
         entry = self.in_flight.get(request_id)
         if entry is None or entry.hospital_id != hospital_id:
             return []
@@ -255,7 +310,166 @@ class Dispatcher:
             ),
         ]
 
+    # -- fan-out ---------------------------------------------------------------------------
+
+    def _fan_out_targets(self, request: Mapping[str, Any], *, now_ms: int) -> list[str] | None:
+        """The hospitals an aggregate request fans out to, or None for a single-node route."""
+        if request.get("kind") != "aggregate":
+            return None
+        wanted = list(dict.fromkeys(request.get("hospitals") or ()))
+        if "*" in wanted:
+            alive = sorted(n.hospital_id for n in self.registry.alive(now_ms) if n.healthy)
+            return alive if len(alive) >= 2 else None
+        return wanted if len(wanted) >= 2 else None
+
+    def _fan_out(self, fan: FanOut, *, now_ms: int) -> list[Action]:
+        """Send one part to each hospital, or fail at once (nothing released) if one is down."""
+        request = fan.request
+        request_id = request["request_id"]
+        if now_ms >= int(request["deadline_ms"]):
+            return self._fail_fan_out(fan, "request deadline passed before routing",
+                                      now_ms=now_ms, status="timeout")
+        down = [h for h in fan.hospitals
+                if (n := self.registry.get(h, now_ms=now_ms)) is None or not n.healthy]
+        if down:
+            return self._fail_fan_out(fan, f"no eligible node: {','.join(down)} not alive",
+                                      now_ms=now_ms)
+        self.fan_outs[request_id] = fan
+        k = len(fan.hospitals)
+        common = {"request_id": request_id, "user_id": request["user_id"],
+                  "department": request["department"]}
+        sends: list[Action] = []
+        audits: list[Action] = []
+        for i, hospital_id in enumerate(fan.hospitals, start=1):
+            self.registry.note_routed(hospital_id)
+            routed = {
+                "request_id": request_id,
+                "hospital_id": hospital_id,
+                "attempt": 1,
+                "reserved_epsilon": fan.reserved_epsilon,
+                "delta": fan.delta,
+                "deadline_ms": fan.deadline_ms,
+                "routed_at_ms": now_ms,
+                "request": request,
+                "budget_share": 1.0 / k,
+                "parts": k,
+            }
+            sends.append(Send(topics.hospital_requests(hospital_id), "RoutedRequest", routed,
+                              request_id))
+            audits.append(Audit(
+                "request.routed",
+                (request_id, "part", hospital_id),
+                {**common, "hospital_id": hospital_id, "attempt": 1,
+                 "reason": f"fan-out part {i}/{k}, budget share 1/{k}",
+                 "attempt_deadline_ms": fan.deadline_ms},
+            ))
+        return sends + audits
+
+    def _on_part(self, fan: FanOut, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
+        node_id = result.get("node_id", "")
+        if node_id not in fan.missing:
+            return []  # a duplicate, or not one of this fan-out's parts (e.g. our own verdict)
+        status = result["status"]
+        if status == "partial":
+            fan.parts[node_id] = dict(result)
+            return [] if fan.missing else self._complete(fan, now_ms=now_ms)
+        if status == "ok":
+            # A node that does not know fan-out answered the whole query: the accountant settles
+            # on that answer (first wins), so there is nothing left for the router to do.
+            self._finish(fan.request["request_id"])
+            return []
+        why = f"node {node_id} answered {status}: {result.get('reason', '')}"
+        return self._fail_fan_out(fan, why, now_ms=now_ms)
+
+    def _complete(self, fan: FanOut, *, now_ms: int) -> list[Action]:
+        request = fan.request
+        request_id = request["request_id"]
+        try:
+            combined = combine_parts([parse_part(fan.parts[h]) for h in fan.hospitals])
+        except ValueError as exc:
+            return self._fail_fan_out(fan, f"cannot combine the parts: {exc}", now_ms=now_ms)
+        self._finish(request_id)
+        result = {
+            "request_id": request_id,
+            "user_id": request["user_id"],
+            "department": request["department"],
+            "status": "ok",
+            "reason": "",
+            "response": combined.text,
+            "node_id": ",".join(fan.hospitals),
+            "attempt": 1,
+            "is_private": True,
+            "privacy_cost": combined.epsilon,
+            "delta": combined.delta,
+            "rdp_orders": list(combined.curve.orders),
+            "rdp_epsilons": list(combined.curve.values),
+            "tokens": 0,
+            "records_used": combined.records_used,
+            "model_time_ms": max(float(p.get("model_time_ms", 0.0)) for p in fan.parts.values()),
+            "processing_time_ms": float(now_ms - fan.routed_at_ms),
+            "aggregate_json": json.dumps(combined.release, separators=(",", ":")),
+            "finished_at_ms": now_ms,
+        }
+        return [
+            Send(topics.NODE_RESULTS, "InferenceResult", result, request["user_id"]),
+            Audit(
+                "request.combined",
+                (request_id,),
+                {"request_id": request_id, "user_id": request["user_id"],
+                 "department": request["department"], "hospital_id": result["node_id"],
+                 "outcome": "ok", "epsilon": combined.epsilon, "delta": combined.delta,
+                 "records_used": combined.records_used, "parts": len(fan.hospitals)},
+            ),
+        ]
+
+    def _fail_fan_out(self, fan: FanOut, why: str, *, now_ms: int,
+                      status: str = "failed") -> list[Action]:
+        """Fail the whole fan-out. The parts that did answer were released (to the router) and
+        spent budget at their hospitals: their summed curve goes with the failure, and the
+        accountant charges it."""
+        request = fan.request
+        request_id = request["request_id"]
+        sent = request_id in self.fan_outs
+        self._finish(request_id)
+        answered = [h for h in fan.hospitals if h in fan.parts]
+        curves = [c for h in answered if (c := part_curve(fan.parts[h])) is not None]
+        spent = total_curve(curves)
+        reason = why
+        result: dict[str, Any] = {
+            "request_id": request_id,
+            "user_id": request["user_id"],
+            "department": request["department"],
+            "status": status,
+            "node_id": "",
+            "attempt": 1 if sent else 0,
+            "delta": fan.delta,
+            "finished_at_ms": now_ms,
+        }
+        if spent is not None:
+            epsilon = spent.epsilon(delta=fan.delta)
+            reason += (f"; partial release: {','.join(answered)} answered their parts, "
+                       f"which spent ε ≤ {epsilon:.4g} at δ={fan.delta:g} and are charged")
+            result.update(
+                privacy_cost=epsilon,
+                rdp_orders=list(spent.orders),
+                rdp_epsilons=list(spent.values),
+                records_used=sum(int(fan.parts[h].get("records_used", 0)) for h in answered),
+            )
+        result["reason"] = reason
+        return [
+            Send(topics.NODE_RESULTS, "InferenceResult", result, request["user_id"]),
+            Audit(
+                "request.route_failed",
+                (request_id,),
+                {"request_id": request_id, "user_id": request["user_id"],
+                 "department": request["department"], "hospital_id": ",".join(fan.hospitals),
+                 "outcome": status, "reason": reason, "attempt": result["attempt"],
+                 "epsilon": result.get("privacy_cost", 0.0)},
+            ),
+        ]
+
     def _finish(self, request_id: str) -> None:
+        self.fan_outs.pop(request_id, None)
         self.in_flight.pop(request_id, None)
         self._finished[request_id] = None
         self._finished.move_to_end(request_id)
