@@ -3,7 +3,8 @@
 - `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
 - `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
-- `expire_reservations` (leader only) times out requests whose deadline passed.
+- `expire_reservations` times out requests whose deadline passed (on every instance; the
+  ledger's row transition lets exactly one of them act).
 
 Offsets are acked only after an event is fully handled (faust at-least-once); the ledger makes
 every replay a no-op. Messages are raw bytes here and decoded with the shared Avro codec, so an
@@ -103,7 +104,7 @@ def create_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await handle(event, "BudgetAdjustment")
 
-    @app.timer(interval=1.0, on_leader=True)
+    @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:
         n = await (await accountant()).sweep_expired()
         if n:
