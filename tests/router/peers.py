@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from aiokafka import TopicPartition
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
+from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.rdp import rho_for_epsilon
 
 
 async def _assign_from_end(consumer: Any, topic_names: list[str]) -> None:
@@ -32,7 +35,10 @@ async def _assign_from_end(consumer: Any, topic_names: list[str]) -> None:
 
 
 class FakeNode:
-    """A hospital node: heartbeats every `beat_s`; answers "ok" when `answers`, else is silent."""
+    """A hospital node: heartbeats every `beat_s`; answers "ok" when `answers`, else is silent.
+
+    A part of a fan-out (`parts` > 1) is answered "partial" with a noisy count of `count`,
+    spending exactly its budget share of the reservation (ρ·share·α on every order)."""
 
     def __init__(
         self,
@@ -43,6 +49,7 @@ class FakeNode:
         load: int = 0,
         answers: bool = True,
         beat_s: float = 0.1,
+        count: int = 10,
     ) -> None:
         self.settings = settings
         self.hospital_id = hospital_id
@@ -50,6 +57,7 @@ class FakeNode:
         self.load = load
         self.answers = answers
         self.beat_s = beat_s
+        self.count = count
         self.received: list[dict[str, Any]] = []
         self.beating = True
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,6 +113,9 @@ class FakeNode:
 
     async def _answer(self, routed: dict[str, Any]) -> None:
         req = routed["request"]
+        if routed["parts"] > 1:
+            await self._answer_part(routed)
+            return
         await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
             "request_id": req["request_id"],
             "user_id": req["user_id"],
@@ -113,6 +124,31 @@ class FakeNode:
             "response": f"answer from {self.hospital_id}",
             "node_id": self.hospital_id,
             "attempt": routed["attempt"],
+            "finished_at_ms": now_ms(),
+        }, key=req["user_id"])
+
+    async def _answer_part(self, routed: dict[str, Any]) -> None:
+        req = routed["request"]
+        rho = routed["budget_share"] * rho_for_epsilon(
+            epsilon=routed["reserved_epsilon"], delta=routed["delta"])
+        curve = PrivacyCurve.from_rho(rho)
+        release = {"op": "count", "field": None, "query_key": '{"op":"count"}',
+                   "noisy_count": self.count, "count_sd": 1.5}
+        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
+            "request_id": req["request_id"],
+            "user_id": req["user_id"],
+            "department": req["department"],
+            "status": "partial",
+            "response": "",
+            "node_id": self.hospital_id,
+            "attempt": routed["attempt"],
+            "is_private": True,
+            "privacy_cost": curve.epsilon(delta=routed["delta"]),
+            "delta": routed["delta"],
+            "rdp_orders": list(curve.orders),
+            "rdp_epsilons": list(curve.values),
+            "records_used": 20,
+            "aggregate_json": json.dumps(release),
             "finished_at_ms": now_ms(),
         }, key=req["user_id"])
 
@@ -162,3 +198,4 @@ class Watcher:
                 return found[0]
             await asyncio.sleep(0.02)
         raise AssertionError(f"nothing matching on {topic} within {timeout_s}s")
+

@@ -20,13 +20,15 @@ from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, now_ms
 from fedllm.common.lifecycle import ready_path
+from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.rdp import rho_for_epsilon
 from services.router.service import RouterService
 from tests.router.helpers import decision, request
 from tests.router.peers import FakeNode, Watcher
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-HOSPITALS = [f"rt_{c}" for c in "abcdefghijk"]
+HOSPITALS = [f"rt_{c}" for c in "abcdefghijklmnop"]
 NODE_TIMEOUT_S = 2.0
 NODE_TTL_S = 1.0
 
@@ -89,10 +91,12 @@ async def nodes(router: RouterService, *peers: FakeNode) -> list[FakeNode]:
     return list(peers)
 
 
-async def submit(bus: Bus, department: str, hospitals: list[str]) -> dict:
+async def submit(bus: Bus, department: str, hospitals: list[str], kind: str = "generate") -> dict:
     now = now_ms()
     req = request(f"req-{uuid.uuid4().hex[:8]}", department=department,
                   hospitals=tuple(hospitals), created_ms=now, deadline_ms=now + 60_000)
+    if kind == "aggregate":
+        req.update(kind="aggregate", prompt='{"op": "count"}')
     await bus.send(topics.DECISIONS, "BudgetDecision", decision(req, at_ms=now),
                    key=req["request_id"])
     return req
@@ -254,3 +258,60 @@ async def test_undecodable_decision_is_dead_lettered_and_routing_goes_on(
         assert result["node_id"] == "rt_j"
     finally:
         await node.stop()
+
+
+async def test_aggregate_over_two_hospitals_is_combined_into_one_result(
+    router: RouterService, watcher: Watcher, bus: Bus, settings: Settings
+) -> None:
+    a, b = await nodes(
+        router,
+        FakeNode(settings, "rt_l", ("general",), count=12),
+        FakeNode(settings, "rt_m", ("general",), count=30),
+    )
+    try:
+        req = await submit(bus, "general", ["rt_l", "rt_m"], kind="aggregate")
+        result = await watcher.wait_for(topics.NODE_RESULTS, of(req, "ok"), timeout_s=5)
+        assert result["node_id"] == "rt_l,rt_m" and result["is_private"]
+        assert "About 42 patients" in result["response"]
+        half = PrivacyCurve.from_rho(0.5 * rho_for_epsilon(epsilon=req["epsilon"],
+                                                           delta=req["delta"]))
+        assert result["rdp_epsilons"] == pytest.approx(list((2 * half).values))
+        assert result["privacy_cost"] <= req["epsilon"] + 1e-9
+        parts = watcher.records(topics.NODE_RESULTS, of(req, "partial"))
+        assert sorted(p["node_id"] for p in parts) == ["rt_l", "rt_m"]
+        for node in (a, b):
+            (routed,) = mine(node, req)
+            assert routed["budget_share"] == 0.5 and routed["parts"] == 2
+        await watcher.wait_for(topics.AUDIT, audit_of(req, "request.combined"))
+        await closed(router, req)
+        await asyncio.sleep(0.3)
+        assert len(watcher.records(topics.NODE_RESULTS, of(req, "ok"))) == 1
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_aggregate_with_a_silent_hospital_fails_carrying_the_answered_curve(
+    router: RouterService, watcher: Watcher, bus: Bus, settings: Settings
+) -> None:
+    a, silent = await nodes(
+        router,
+        FakeNode(settings, "rt_n", ("general",)),
+        FakeNode(settings, "rt_o", ("general",), answers=False),
+    )
+    try:
+        req = await submit(bus, "general", ["rt_n", "rt_o"], kind="aggregate")
+        result = await watcher.wait_for(
+            topics.NODE_RESULTS, of(req, "failed"), timeout_s=NODE_TIMEOUT_S + 5)
+        assert result["node_id"] == ""
+        assert "rt_o did not answer in time" in result["reason"]
+        assert "partial release" in result["reason"]
+        half = PrivacyCurve.from_rho(0.5 * rho_for_epsilon(epsilon=req["epsilon"],
+                                                           delta=req["delta"]))
+        assert result["rdp_epsilons"] == pytest.approx(list(half.values))
+        assert result["privacy_cost"] == pytest.approx(half.epsilon(delta=req["delta"]))
+        assert len(mine(silent, req)) == 1  # no retry: the answered part already spent
+        assert watcher.records(topics.NODE_RESULTS, of(req, "ok")) == []
+    finally:
+        await a.stop()
+        await silent.stop()
