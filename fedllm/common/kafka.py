@@ -22,12 +22,22 @@ from fedllm.common.config import Settings
 log = logging.getLogger(__name__)
 
 
-def _security(settings: Settings) -> dict[str, Any]:
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS context for Kafka (server verified against kafka_ssl_cafile; client certificate for
+    mTLS when kafka_ssl_certfile is set), or None for PLAINTEXT."""
     if settings.kafka_security_protocol == "PLAINTEXT":
-        return {}
+        return None
     ctx = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if settings.kafka_ssl_certfile:
         ctx.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile or None)
+    return ctx
+
+
+def _security(settings: Settings) -> dict[str, Any]:
+    ctx = ssl_context(settings)
+    if ctx is None:
+        return {}
     return {"security_protocol": settings.kafka_security_protocol, "ssl_context": ctx}
 
 

@@ -23,7 +23,7 @@ from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.faust_transport import broker_urls
-from fedllm.common.kafka import Bus, make_producer
+from fedllm.common.kafka import Bus, make_producer, ssl_context
 from fedllm.common.lifecycle import mark_ready
 from fedllm.common.metrics import MESSAGES
 from fedllm.privacy.accountant import RdpAccountant
@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> faust.App:
     """Build the faust app and its agents for `settings`."""
+    tls = ssl_context(settings)
     app = faust.App(
         "fedllm-accountant",
+        broker_credentials=faust.SSLCredentials(tls) if tls else None,
         broker=broker_urls(settings.kafka_bootstrap),
         value_serializer="raw",
         key_serializer="raw",
