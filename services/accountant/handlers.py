@@ -62,6 +62,8 @@ class Accountant:
 
     async def on_node_result(self, result: dict[str, Any]) -> None:
         rid = result["request_id"]
+        if result["status"] == "partial":
+            return  # one hospital's part of a fan-out: the router combines the parts
         if result["status"] != "ok" and result.get("node_id"):
             # A node's own failure does not end the request: the router retries it elsewhere
             # and reports the final failure itself (node_id ""); the deadline sweep backs it up.
@@ -132,13 +134,27 @@ class Accountant:
         """What to charge for a node result: (curve or None for a full refund, status, reason)."""
         status = result["status"]
         if status != "ok":
-            return None, ("timeout" if status == "timeout" else "failed"), result["reason"]
+            status = "timeout" if status == "timeout" else "failed"
+            if result.get("rdp_orders"):
+                # The router failed a fan-out after some hospitals had answered their parts:
+                # those releases happened, so their curve is charged (the user gets no answer).
+                spent = self._reported_curve(result)
+                if spent is not None:
+                    return spent, status, result["reason"]
+            return None, status, result["reason"]
         if not result["is_private"]:
             return None, "failed", "answer withheld: it was not released by a DP mechanism"
+        spent = self._reported_curve(result)
+        if spent is None:
+            return None, "failed", "answer withheld: privacy cost reported on unknown orders"
+        return spent, "ok", ""
+
+    def _reported_curve(self, result: dict[str, Any]) -> PrivacyCurve | None:
+        """The result's spent curve, or None when it is not on the ledger's orders."""
         orders = tuple(result["rdp_orders"])
         if orders != tuple(self.ledger.accountant.orders):
-            return None, "failed", "answer withheld: privacy cost reported on unknown orders"
-        return PrivacyCurve(orders=orders, values=tuple(result["rdp_epsilons"])), "ok", ""
+            return None
+        return PrivacyCurve(orders=orders, values=tuple(result["rdp_epsilons"]))
 
     async def _finish(self, outcome: Outcome, node_result: dict[str, Any] | None, *,
                       status: str) -> None:

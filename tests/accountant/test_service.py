@@ -115,7 +115,8 @@ async def test_failed_node_result_refunds(accountant: Pipeline) -> None:
                   node_result(req, status="failed"), key=req["user_id"])  # a node's failure
     await asyncio.sleep(1.5)
     assert ledger_rows(accountant, req["request_id"]) == [("reserved", 0.0)]
-    router_verdict = dict(node_result(req, status="failed"), node_id="", reason="no node")
+    router_verdict = dict(node_result(req, status="failed"), node_id="", reason="no node",
+                          rdp_orders=[], rdp_epsilons=[], privacy_cost=0.0)  # nothing spent
     await produce(s, topics.NODE_RESULTS, "InferenceResult", router_verdict,
                   key=req["user_id"])
     finals = await collect(s, topics.RESULTS, until=lambda r: any(
@@ -123,6 +124,33 @@ async def test_failed_node_result_refunds(accountant: Pipeline) -> None:
     mine = [x for x in finals if x["request_id"] == req["request_id"]]
     assert mine[0]["status"] == "failed" and mine[0]["remaining_budget"] == pytest.approx(10.0)
     assert ledger_rows(accountant, req["request_id"]) == [("refunded", 0.0)]
+
+
+async def test_fan_out_parts_are_ignored_and_a_failed_verdict_charges_its_curve(
+    accountant: Pipeline,
+) -> None:
+    s = accountant.settings
+    req = inference_request(user_id="fanout-user", epsilon=2.0)
+    await produce(s, topics.REQUESTS, "InferenceRequest", req, key=req["user_id"])
+    await collect(s, topics.DECISIONS, until=lambda r: any(
+        d["request_id"] == req["request_id"] for d in r), timeout_s=30)
+    part = PrivacyCurve.from_rho(0.002)
+    await produce(s, topics.NODE_RESULTS, "InferenceResult",
+                  dict(node_result(req, curve=part), status="partial"), key=req["user_id"])
+    await asyncio.sleep(1.5)
+    assert ledger_rows(accountant, req["request_id"]) == [("reserved", 0.0)]
+    verdict = dict(node_result(req, status="failed", curve=part), node_id="",
+                   reason="h2 did not answer in time; partial release: h1 answered")
+    await produce(s, topics.NODE_RESULTS, "InferenceResult", verdict, key=req["user_id"])
+    finals = await collect(s, topics.RESULTS, until=lambda r: any(
+        x["request_id"] == req["request_id"] for x in r), timeout_s=30)
+    mine = [x for x in finals if x["request_id"] == req["request_id"]]
+    spent = part.epsilon(delta=1e-5)
+    assert mine[0]["status"] == "failed" and mine[0]["response"] == ""
+    assert mine[0]["privacy_cost"] == pytest.approx(spent)
+    assert mine[0]["rdp_epsilons"] == pytest.approx(list(part.values))
+    assert mine[0]["remaining_budget"] < 10.0
+    assert ledger_rows(accountant, req["request_id"]) == [("committed", pytest.approx(spent))]
 
 
 async def test_stale_reservation_times_out_and_refunds(accountant: Pipeline) -> None:
