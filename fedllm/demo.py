@@ -34,7 +34,7 @@ class Step:
 def script() -> list[Step]:
     """The scripted requests: cardiology within budget, research until refused."""
     steps = [Step("dr_alice", "cardiology", "doctor", q, 2.0) for q in QUESTIONS]
-    steps += [Step("dr_raj", "research", "doctor", QUESTIONS[i % 3], 1.0) for i in range(5)]
+    steps += [Step("dr_raj", "research", "doctor", QUESTIONS[i % 3], 1.5) for i in range(6)]
     return steps
 
 
@@ -59,7 +59,8 @@ def excerpt(text: str, n: int) -> str:
 
 
 def print_table(rows: list[tuple[Step, dict[str, Any]]]) -> None:
-    header = ("user", "dept", "ε asked", "status", "node", "ε spent", "ε left", "answer / reason")
+    header = ("user", "dept", "ε asked", "status", "node", "ε spent", "user ε left",
+              "answer / reason")
     lines = [header]
     for step, d in rows:
         ok = d["http_status"] == 200
@@ -101,5 +102,7 @@ def run_demo(*, data_dir: Path, max_tokens: int = 24) -> int:
         print()
         print_table(rows)
         done = all(d["http_status"] in (200, 403) for _, d in rows)
-        print(f"\nresearch budget refused: {refused}; all requests ended: {done}")
+        print("\nε composes under RDP (δ = 1e-5): a budget holds more than the plain sum of the"
+              " ε spent per query suggests; a refusal reports the binding (department) limit.")
+        print(f"research budget refused: {refused}; all requests ended: {done}")
         return 0 if done and refused else 1
