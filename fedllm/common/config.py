@@ -50,6 +50,25 @@ class BudgetConfig(BaseModel):
     max_query_epsilon: float = 10.0
 
 
+def layered_sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+    file_secret_settings: PydanticBaseSettingsSource,
+    *,
+    section: str | None = None,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """Init kwargs, then env vars, then the FEDLLM_CONFIG YAML file (or one `section` of it),
+    then secret files."""
+    sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+    path = os.environ.get("FEDLLM_CONFIG")
+    if path:
+        sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path,
+                                                yaml_config_section=section))
+    sources.append(file_secret_settings)
+    return tuple(sources)
+
+
 def default_hospitals() -> list[HospitalConfig]:
     return [
         HospitalConfig(id="st_mary", departments=["emergency", "cardiology", "general"], seed=11),
@@ -120,12 +139,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = os.environ.get("FEDLLM_CONFIG")
-        if path:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
-        sources.append(file_secret_settings)
-        return tuple(sources)
+        return layered_sources(settings_cls, init_settings, env_settings, file_secret_settings)
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:

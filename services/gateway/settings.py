@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
@@ -18,10 +17,9 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
-from fedllm.common.config import PLACEHOLDER_SECRETS, Settings
+from fedllm.common.config import PLACEHOLDER_SECRETS, Settings, layered_sources
 
 Permission = Literal[
     "query",  # kind=generate: free-text questions over patient records
@@ -118,14 +116,8 @@ class GatewaySettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = os.environ.get("FEDLLM_CONFIG")
-        if path:
-            sources.append(
-                YamlConfigSettingsSource(settings_cls, yaml_file=path, yaml_config_section="gateway")
-            )
-        sources.append(file_secret_settings)
-        return tuple(sources)
+        return layered_sources(settings_cls, init_settings, env_settings, file_secret_settings,
+                               section="gateway")
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySettings:
