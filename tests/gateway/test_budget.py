@@ -27,15 +27,19 @@ async def eventually(fn, timeout_s: float = 5.0):
 
 
 async def test_unknown_user_gets_full_budget(settings):
-    user = uid()
+    user, dept = uid(), uid()  # a department no other test on the shared broker has charged
+    budget = settings.budget.model_copy(
+        update={"department_epsilon": {**settings.budget.department_epsilon, dept: 7.5}})
+    settings = settings.model_copy(update={"budget": budget})
     async with running_gateway(settings) as (_, c):
-        r = await c.get(f"/v1/privacy/budget/{user}", headers=token(settings, user))
+        r = await c.get(f"/v1/privacy/budget/{user}",
+                        headers=token(settings, user, department=dept))
     assert r.status_code == 200
     body = r.json()
-    assert body["user_id"] == user and body["department"] == "cardiology"
+    assert body["user_id"] == user and body["department"] == dept
     assert body["limit"] == body["remaining"] == settings.budget.user_epsilon
     assert body["spent"] == 0.0
-    assert body["department_remaining"] == settings.budget.department_epsilon["cardiology"]
+    assert body["department_remaining"] == 7.5
     window = settings.budget.window_seconds
     assert body["window_start"] == int(time.time()) // window * window
 
