@@ -100,11 +100,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=2)
     ap.add_argument("--raw", type=int, default=300, help="raw round trips for the baseline")
+    ap.add_argument("--groups", type=int, default=4,
+                    help="DP groups per node (model time only; not what is measured here)")
     ap.add_argument("--data-dir", default=".fedllm")
     args = ap.parse_args()
     db = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
     with Pipeline(data_dir=Path(args.data_dir), database_url=db,
-                  env={"FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "1000000"}) as pipeline:
+                  env={"FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "1000000",
+                       "FEDLLM_DP_GROUPS": str(args.groups)}) as pipeline:
         raw, raw_rate = asyncio.run(raw_round_trips(pipeline, args.raw))
         outside, model, rate, failures = pipeline_requests(
             pipeline, args.requests, args.concurrency, args.max_tokens)
