@@ -1,0 +1,7 @@
+"""`python -m fedllm ...`: the same as the `fedllm` command."""
+
+import sys
+
+from fedllm.cli import main
+
+sys.exit(main())
