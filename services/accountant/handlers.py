@@ -107,16 +107,11 @@ class Accountant:
             return
         user, dept = await asyncio.to_thread(self.ledger.balances, user_id, department)
         budget = self.settings.budget
-        await self.bus.send(topics.BUDGETS, "BudgetStatus", {
-            "user_id": user_id, "department": department,
-            "window_start": window_start(now_s=now_ms() / 1000,
-                                         window_seconds=budget.window_seconds),
-            "window_seconds": budget.window_seconds, "delta": budget.delta,
-            "user_limit_epsilon": user.limit, "user_spent_epsilon": user.spent,
-            "user_remaining_epsilon": user.remaining,
-            "department_limit_epsilon": dept.limit,
-            "department_remaining_epsilon": dept.remaining, "updated_at_ms": now_ms(),
-        }, key=user_id)
+        await self.bus.send(topics.BUDGETS, "BudgetStatus", messages.budget_status(
+            user_id=user_id, department=department,
+            window_start=window_start(now_s=now_ms() / 1000, window_seconds=budget.window_seconds),
+            window_seconds=budget.window_seconds, delta=budget.delta, user=user, dept=dept,
+        ), key=user_id)
 
     async def sweep_expired(self, *, grace_ms: int = 2_000) -> int:
         """Refund and time out reservations whose request deadline has passed."""
@@ -187,8 +182,10 @@ class Accountant:
     async def _publish_budget(self, outcome: Outcome) -> None:
         if outcome.user.limit <= 0:
             return
-        await self.bus.send(
-            topics.BUDGETS, "BudgetStatus",
-            messages.budget_status(outcome, window_seconds=self.settings.budget.window_seconds),
-            key=outcome.entry["user_id"],
-        )
+        entry = outcome.entry
+        await self.bus.send(topics.BUDGETS, "BudgetStatus", messages.budget_status(
+            user_id=entry["user_id"], department=entry["department"],
+            window_start=entry["window_start"],
+            window_seconds=self.settings.budget.window_seconds, delta=entry["delta"],
+            user=outcome.user, dept=outcome.department,
+        ), key=entry["user_id"])

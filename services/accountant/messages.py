@@ -7,7 +7,7 @@ from typing import Any
 
 from fedllm.common.kafka import now_ms
 from fedllm.privacy.accountant import PrivacyCurve
-from services.accountant.ledger import Outcome
+from services.accountant.ledger import Balance, Outcome
 
 TERMINAL_ACTION = {
     "ok": "request.completed",
@@ -62,20 +62,20 @@ def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
     return base
 
 
-def budget_status(outcome: Outcome, *, window_seconds: int) -> dict[str, Any]:
-    """BudgetStatus snapshot of the user after an operation."""
-    entry = outcome.entry
+def budget_status(*, user_id: str, department: str, window_start: int, window_seconds: int,
+                  delta: float, user: Balance, dept: Balance) -> dict[str, Any]:
+    """BudgetStatus snapshot of a user's (and their department's) balances."""
     return {
-        "user_id": entry["user_id"],
-        "department": entry["department"],
-        "window_start": entry["window_start"],
+        "user_id": user_id,
+        "department": department,
+        "window_start": window_start,
         "window_seconds": window_seconds,
-        "delta": entry["delta"],
-        "user_limit_epsilon": outcome.user.limit,
-        "user_spent_epsilon": outcome.user.spent,
-        "user_remaining_epsilon": outcome.user.remaining,
-        "department_limit_epsilon": outcome.department.limit,
-        "department_remaining_epsilon": outcome.department.remaining,
+        "delta": delta,
+        "user_limit_epsilon": user.limit,
+        "user_spent_epsilon": user.spent,
+        "user_remaining_epsilon": user.remaining,
+        "department_limit_epsilon": dept.limit,
+        "department_remaining_epsilon": dept.remaining,
         "updated_at_ms": now_ms(),
     }
 
