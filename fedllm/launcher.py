@@ -79,13 +79,7 @@ class Pipeline:
             self.broker = EmbeddedBroker(log_path=self.data_dir / "logs" / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
         self.settings = Settings(kafka_bootstrap=self.bootstrap, **self._settings_overrides())
-        ids = [h.id for h in self.settings.hospitals]
-
-        async def _create() -> None:
-            await wait_for_broker(self.settings)
-            await ensure_topics(self.settings, topics.all_topics(ids))
-
-        asyncio.run(_create())
+        asyncio.run(create_topics(self.settings))
 
     def service_commands(self) -> dict[str, list[str]]:
         """Process name -> `fedllm` arguments, for every service of the pipeline."""
@@ -166,14 +160,14 @@ class Pipeline:
         self.stop()
 
 
+async def create_topics(settings: Settings) -> None:
+    """Wait for the broker, then create every topic the configured hospitals need."""
+    await wait_for_broker(settings)
+    await ensure_topics(settings, topics.all_topics([h.id for h in settings.hospitals]))
+
+
 def _topics(args: argparse.Namespace) -> int:
-    settings = Settings()
-
-    async def _create() -> None:
-        await wait_for_broker(settings)
-        await ensure_topics(settings, topics.all_topics([h.id for h in settings.hospitals]))
-
-    asyncio.run(_create())
+    asyncio.run(create_topics(Settings()))
     print("topics ready")
     return 0
 
