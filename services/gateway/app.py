@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fedllm.common import topics
@@ -18,6 +19,7 @@ from services.gateway import routes_admin, routes_auth, routes_budget, routes_in
 from services.gateway.auth import PasswordChecker, TokenVerifier
 from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.deps import GatewayState, State
+from services.gateway.errors import invalid_request
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import Health, Readiness, inference_body_model
 from services.gateway.ratelimit import RateLimiter, make_limiter
@@ -126,6 +128,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    app.add_exception_handler(RequestValidationError, invalid_request)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -92,3 +92,26 @@ async def test_token_department_not_configured_is_422(client, settings):
     r = await client.post("/v1/inference", json=BODY,
                           headers=token(settings, "u1", department="dermatology"))
     assert r.status_code == 422
+
+
+# Bodies a JSON parser accepts but the schema refuses, and whose values cannot be rendered back
+# as JSON or UTF-8: FastAPI's default handler echoed them and answered 500.
+UNRENDERABLE = {
+    "nan": b'{"prompt": "hi", "max_tokens": 16, "temperature": NaN, "privacy_budget": 1.0}',
+    "infinity": b'{"prompt": "hi", "max_tokens": 16, "privacy_budget": Infinity}',
+    "lone surrogate value": b'{"prompt": "\\ud800 hi", "privacy_budget": 1.0}',
+    "lone surrogate key": b'{"\\udfff": 1, "prompt": "hi", "privacy_budget": 1.0}',
+    "nan in a wrong field": b'{"prompt": "hi", "privacy_budget": "x", "max_tokens": NaN}',
+    "top-level array": b"[1, 2]",
+    "top-level null": b"null",
+}
+
+
+@pytest.mark.parametrize("body", UNRENDERABLE.values(), ids=UNRENDERABLE.keys())
+async def test_unrenderable_bad_body_is_422_without_echo(client, settings, body):
+    r = await client.post("/v1/inference", content=body, headers={
+        **token(settings, "u1"), "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert errors and all(set(e) == {"type", "loc", "msg"} for e in errors)
+    assert "NaN" not in r.text and "Infinity" not in r.text
