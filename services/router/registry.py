@@ -11,6 +11,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+MAX_ERROR_RATE = 0.5
+"""A node whose reported error rate reaches this leaves the candidate set until it recovers."""
+
+PRIORITIES = ("high", "normal", "low")
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -26,11 +31,25 @@ class NodeInfo:
     healthy: bool
     last_seen_ms: int
     routed_since_heartbeat: int = 0
+    queue_by_priority: tuple[tuple[str, int], ...] = ()
+    ewma_latency_ms: float = 0.0
+    error_rate: float = 0.0
+    budget_room: int = -1  # 0 exhausted … 4 most room; -1 unknown (see node_heartbeat.avsc)
 
     @property
     def load(self) -> int:
         """Reported queue + in-flight, plus what this router sent since that report."""
         return self.queue_depth + self.in_flight + self.routed_since_heartbeat
+
+    @property
+    def latency_ms(self) -> float:
+        """The node's EWMA latency when it reports one, else its recent mean latency."""
+        return self.ewma_latency_ms if self.ewma_latency_ms > 0 else self.recent_latency_ms
+
+    @property
+    def eligible(self) -> bool:
+        """Healthy, not failing, and with data-set budget left (or not saying)."""
+        return self.healthy and self.error_rate < MAX_ERROR_RATE and self.budget_room != 0
 
     @classmethod
     def from_heartbeat(cls, heartbeat: Mapping[str, Any], *, seen_ms: int) -> NodeInfo:
@@ -44,6 +63,12 @@ class NodeInfo:
             device=heartbeat.get("device", "cpu"),
             healthy=bool(heartbeat["healthy"]),
             last_seen_ms=seen_ms,
+            queue_by_priority=tuple(sorted(
+                (str(k), int(v)) for k, v in (heartbeat.get("queue_by_priority") or {}).items()
+            )),
+            ewma_latency_ms=float(heartbeat.get("ewma_latency_ms", 0.0)),
+            error_rate=float(heartbeat.get("error_rate", 0.0)),
+            budget_room=int(heartbeat.get("budget_room", -1)),
         )
 
 
