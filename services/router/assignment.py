@@ -12,9 +12,10 @@ request r in slot (n, j) is
   this batch placed before it, and its own service, at the node's EWMA pace (unknown latency =
   the mean of the known, as in :mod:`services.router.response_time`);
 - priority_weight: high 4, normal 1, low 0.25 — high-priority requests take the earliest slots;
-- pressure(n) = :func:`services.router.privacy_aware.budget_pressure` − 1 (0 at full room, 7 at
-  the last level) times the mean candidate latency L̄, so it is measured in the same unit as the
-  wait: a node at a lower budget level must save that many service times to be chosen.
+- pressure(n) = :func:`services.router.privacy_aware.budget_pressures` − 1 (0 for a hospital at
+  full room and at most its share of routed ε; it grows per room level lost and with the share)
+  times the mean candidate latency L̄, so it is measured in the same unit as the wait: a
+  hospital whose budget is under more pressure must save that many service times to be chosen.
 
 A request may only take slots of its own candidate set
 (:func:`services.router.strategy.candidates`). Because slot costs grow with j, the matching fills
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from services.router.privacy_aware import budget_pressure
+from services.router.privacy_aware import budget_pressures
 from services.router.registry import NodeInfo
 from services.router.response_time import latency_or_mean
 from services.router.strategy import Candidates, Choice, candidates
@@ -83,8 +84,9 @@ class BatchAssignment:
         completion = np.array(
             [[latency[n.hospital_id] * (n.load + j + 1) for j in range(slots)] for n in used]
         )
+        pressures = budget_pressures([n for n in nodes if n.eligible])
         pressure = np.array(
-            [self.privacy_weight * (budget_pressure(n) - 1.0) * mean_latency for n in used]
+            [self.privacy_weight * (pressures[n.hospital_id] - 1.0) * mean_latency for n in used]
         )
         cost = np.full((len(requests), len(used) * slots), _INFEASIBLE)
         for i, (request, pool) in enumerate(zip(requests, pools, strict=True)):

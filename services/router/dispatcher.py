@@ -322,7 +322,7 @@ class Dispatcher:
         entry.attempt_deadline_ms = min(now_ms + self.node_timeout_ms, int(request["deadline_ms"]))
         entry.attempt_started_ms = now_ms
         self.in_flight[request_id] = entry
-        self.registry.note_routed(node.hospital_id)
+        self.registry.note_routed(node.hospital_id, epsilon=entry.reserved_epsilon)
 
         routed = {
             "request_id": request_id,
@@ -398,7 +398,7 @@ class Dispatcher:
         entry.hedge_hospital_id = node.hospital_id
         entry.hedge_attempt = entry.attempt + 1
         entry.hedge_deadline_ms = min(now_ms + self.node_timeout_ms, int(request["deadline_ms"]))
-        self.registry.note_routed(node.hospital_id)
+        self.registry.note_routed(node.hospital_id, epsilon=entry.reserved_epsilon)
         routed = {
             "request_id": request_id,
             "hospital_id": node.hospital_id,
@@ -492,7 +492,7 @@ class Dispatcher:
         sends: list[Action] = []
         audits: list[Action] = []
         for i, hospital_id in enumerate(fan.hospitals, start=1):
-            self.registry.note_routed(hospital_id)
+            self.registry.note_routed(hospital_id, epsilon=fan.reserved_epsilon / k)
             routed = {
                 "request_id": request_id,
                 "hospital_id": hospital_id,

@@ -1,16 +1,22 @@
 """Privacy-aware placement: among the candidates, prefer the hospitals whose data-set budget has
 the most room, so that no hospital's patients are exhausted first.
 
-Each hospital keeps a lifetime ledger of what queries over its records have spent; its heartbeat
-reports only a coarse public level of the room left (`budget_room`: 4 = 75 % or more … 1 = under
-25 %, 0 = exhausted, which leaves the candidate set; -1 = not reported). The cost of a node is
-its expected wait — EWMA latency × (load + 1), as in
-:mod:`services.router.response_time` — multiplied by a pressure that doubles for every level of
-room the hospital has lost (:func:`budget_pressure`). So a hospital with half the room must be
-four times faster to win, and load still spreads: a pure "most room first" order would send every
-request to one hospital until its level dropped. The idea is water-filling of a shared resource
-(max–min fairness, Bertsekas & Gallager, "Data Networks", §6.5.2) over a coarse signal; the
-level buckets keep the ledger's exact figure at the hospital.
+Two public signals say how much of a hospital's data-set budget is used:
+- its heartbeat's coarse `budget_room` level (4 = 75 % or more left … 1 = under 25 %, 0 =
+  exhausted, which leaves the candidate set; -1 = not reported), which covers every router and
+  the hospital's whole lifetime, but moves only every quarter of the budget;
+- the ε this router has reserved there (`routed_epsilon`, from the accountant's reservations,
+  public), which is fine-grained but only what this router has sent since it started.
+
+:func:`budget_pressures` turns them into one factor per node: ×2 per room level lost, times
+(share of routed ε over the mean share of the alive nodes)^:data:`SHARE_EXPONENT` when above 1
+(a prior of :data:`SHARE_PRIOR` ε keeps the first requests from swinging it). The cost of a node
+is its expected wait — EWMA latency × (load + 1), as in :mod:`services.router.response_time` —
+times that pressure: a hospital used twice its share must be 2^SHARE_EXPONENT times faster to
+win, and load still spreads (a pure "most room first" order would send every request to one
+hospital until its level dropped). This is water-filling of a shared resource (max–min
+fairness, Bertsekas & Gallager, "Data Networks", §6.5.2) over public signals only; the ledger's
+exact figure stays at the hospital.
 """
 
 from __future__ import annotations
@@ -23,14 +29,29 @@ from services.router.response_time import latency_or_mean
 from services.router.strategy import Choice, candidates
 
 ROOM_LEVELS = 4
+SHARE_EXPONENT = 3.0
+SHARE_PRIOR = 10.0  # ε
 
 
-def budget_pressure(node: NodeInfo) -> float:
+def level_pressure(node: NodeInfo) -> float:
     """1 at full room (or unknown), doubling per level lost: 1, 2, 4, 8 for levels 4 … 1."""
     level = node.budget_room
     if level < 0:
         return 1.0
     return float(2 ** (ROOM_LEVELS - min(max(level, 1), ROOM_LEVELS)))
+
+
+def budget_pressures(nodes: Sequence[NodeInfo]) -> dict[str, float]:
+    """Each node's budget pressure (≥ 1; see the module docstring), relative to `nodes`."""
+    if not nodes:
+        return {}
+    mean = sum(n.routed_epsilon for n in nodes) / len(nodes)
+    return {
+        n.hospital_id: level_pressure(n) * max(
+            1.0, (n.routed_epsilon + SHARE_PRIOR) / (mean + SHARE_PRIOR)
+        ) ** SHARE_EXPONENT
+        for n in nodes
+    }
 
 
 class PrivacyAware:
@@ -49,13 +70,14 @@ class PrivacyAware:
         if pool is None:
             return None
         latency = latency_or_mean(pool.nodes)
+        pressure = budget_pressures([n for n in nodes if n.eligible])
 
         def cost(n: NodeInfo) -> tuple[float, int, int, str]:
             wait = latency[n.hospital_id] * (n.load + 1)
-            return (wait * budget_pressure(n), -n.budget_room, n.load, n.hospital_id)
+            return (wait * pressure[n.hospital_id], -n.budget_room, n.load, n.hospital_id)
 
         node = min(pool.nodes, key=cost)
         return pool.choice(
-            node, f"budget room level {node.budget_room}, load {node.load}: "
-                  f"least wait × pressure ({cost(node)[0]:.0f})"
+            node, f"budget room level {node.budget_room}, pressure "
+                  f"{pressure[node.hospital_id]:.2f}, load {node.load}: least wait × pressure"
         )

@@ -35,6 +35,7 @@ class NodeInfo:
     ewma_latency_ms: float = 0.0
     error_rate: float = 0.0
     budget_room: int = -1  # 0 exhausted … 4 most room; -1 unknown (see node_heartbeat.avsc)
+    routed_epsilon: float = 0.0  # reserved ε this router has sent there (public: reservations)
 
     @property
     def load(self) -> int:
@@ -85,6 +86,7 @@ class NodeRegistry:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.ttl_ms = int(ttl_s * 1000)
         self._nodes: dict[str, NodeInfo] = {}
+        self._routed: dict[str, float] = {}  # survives departures: the hospital's data stays
 
     def observe(self, heartbeat: Mapping[str, Any], *, now_ms: int) -> bool:
         """Record a heartbeat; True when the node has just joined (was not alive before)."""
@@ -92,7 +94,8 @@ class NodeRegistry:
             return False
         hospital_id = heartbeat["hospital_id"]
         joined = self.get(hospital_id, now_ms=now_ms) is None
-        self._nodes[hospital_id] = NodeInfo.from_heartbeat(heartbeat, seen_ms=now_ms)
+        node = NodeInfo.from_heartbeat(heartbeat, seen_ms=now_ms)
+        self._nodes[hospital_id] = replace(node, routed_epsilon=self._routed.get(hospital_id, 0.0))
         return joined
 
     def expire(self, *, now_ms: int) -> list[NodeInfo]:
@@ -114,12 +117,15 @@ class NodeRegistry:
         node = self._nodes.get(hospital_id)
         return node if node is not None and self._is_alive(node, now_ms) else None
 
-    def note_routed(self, hospital_id: str) -> None:
-        """Count a request sent to the node since its last heartbeat (until the next one)."""
+    def note_routed(self, hospital_id: str, *, epsilon: float = 0.0) -> None:
+        """Count a request sent to the node since its last heartbeat (until the next one), and
+        the ε reserved for it in the hospital's running total."""
+        self._routed[hospital_id] = self._routed.get(hospital_id, 0.0) + epsilon
         node = self._nodes.get(hospital_id)
         if node is not None:
             self._nodes[hospital_id] = replace(
-                node, routed_since_heartbeat=node.routed_since_heartbeat + 1
+                node, routed_since_heartbeat=node.routed_since_heartbeat + 1,
+                routed_epsilon=self._routed[hospital_id],
             )
 
     def ids(self) -> Iterable[str]:
