@@ -220,7 +220,7 @@ class Dispatcher:
                 return []  # a failure of an attempt already abandoned
             why = f"node {entry.hospital_id} answered {result['status']}: {result.get('reason', '')}"
             return self._attempt(entry, now_ms=now_ms, why=why)
-        if node_id in (entry.hospital_id, entry.hedge_hospital_id) and entry.attempt_started_ms:
+        if node_id in (entry.hospital_id, entry.hedge_hospital_id):
             self._answer_ms.append(now_ms - entry.attempt_started_ms)
         self._finish(request_id)
         return []

@@ -8,7 +8,7 @@ Two public signals say how much of a hospital's data-set budget is used:
 - the ε this router has reserved there (`routed_epsilon`, from the accountant's reservations,
   public), which is fine-grained but only what this router has sent since it started.
 
-:func:`budget_pressures` turns them into one factor per node: ×2 per room level lost, times
+:func:`budget_pressures` turns them into one factor per node: ×3 per room level lost, times
 (share of routed ε over the mean share of the alive nodes)^:data:`SHARE_EXPONENT` when above 1
 (a prior of :data:`SHARE_PRIOR` ε keeps the first requests from swinging it). The cost of a node
 is its expected wait — EWMA latency × (load + 1), as in :mod:`services.router.response_time` —
@@ -29,16 +29,17 @@ from services.router.response_time import latency_or_mean
 from services.router.strategy import Choice, candidates
 
 ROOM_LEVELS = 4
+LEVEL_FACTOR = 3.0  # chosen in bench/routing_sim.py: 2 drained the near-cap hospital, 4 cost p95
 SHARE_EXPONENT = 3.0
 SHARE_PRIOR = 10.0  # ε
 
 
 def level_pressure(node: NodeInfo) -> float:
-    """1 at full room (or unknown), doubling per level lost: 1, 2, 4, 8 for levels 4 … 1."""
+    """1 at full room (or unknown), ×LEVEL_FACTOR per level lost: 1, 3, 9, 27 for levels 4 … 1."""
     level = node.budget_room
     if level < 0:
         return 1.0
-    return float(2 ** (ROOM_LEVELS - min(max(level, 1), ROOM_LEVELS)))
+    return LEVEL_FACTOR ** (ROOM_LEVELS - min(max(level, 1), ROOM_LEVELS))
 
 
 def budget_pressures(nodes: Sequence[NodeInfo]) -> dict[str, float]:

@@ -137,23 +137,23 @@ def test_two_choices_never_picks_the_most_loaded_and_is_reproducible() -> None:
 # -- privacy-aware ---------------------------------------------------------------------------
 
 
-def test_level_pressure_doubles_per_level_lost() -> None:
+def test_level_pressure_triples_per_level_lost() -> None:
     nodes = pool(*(node(f"level{lv}", budget_room=lv) for lv in (4, 3, 2, 1, -1)))
     pressure = {n.budget_room: level_pressure(n) for n in nodes}
-    assert pressure == {4: 1.0, 3: 2.0, 2: 4.0, 1: 8.0, -1: 1.0}
+    assert pressure == {4: 1.0, 3: 3.0, 2: 9.0, 1: 27.0, -1: 1.0}
 
 
 def test_privacy_aware_prefers_room_then_trades_it_against_speed() -> None:
     pa = PrivacyAware()
-    nodes = pool(node("full", budget_room=4), node("half", budget_room=2))
+    nodes = pool(node("full", budget_room=4), node("lower", budget_room=3))
     assert chosen(pa, CARDIO, nodes) == "full"
-    # half the room (pressure 4) wins only when four times faster... and then some
+    # a level less room (pressure 3) wins only when its wait is three times shorter
+    nodes = pool(node("full", budget_room=4, ewma_latency_ms=100, queue_depth=2),
+                 node("lower", budget_room=3, ewma_latency_ms=100))
+    assert chosen(pa, CARDIO, nodes) == "full"  # 300 × 1 vs 100 × 3: tie → more room
     nodes = pool(node("full", budget_room=4, ewma_latency_ms=100, queue_depth=3),
-                 node("half", budget_room=2, ewma_latency_ms=100))
-    assert chosen(pa, CARDIO, nodes) == "full"  # 400 × 1 vs 100 × 4: tie → more room
-    nodes = pool(node("full", budget_room=4, ewma_latency_ms=100, queue_depth=4),
-                 node("half", budget_room=2, ewma_latency_ms=100))
-    assert chosen(pa, CARDIO, nodes) == "half"  # 500 vs 400
+                 node("lower", budget_room=3, ewma_latency_ms=100))
+    assert chosen(pa, CARDIO, nodes) == "lower"  # 400 vs 300
 
 
 def test_privacy_aware_spreads_by_routed_share_within_a_level() -> None:
