@@ -9,31 +9,21 @@ shared one of :func:`services.router.strategy.candidates`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.router.registry import NodeInfo
-from services.router.strategy import Choice, candidates
+from services.router.strategy import Candidates, Choice, PoolStrategy
 
 
 def _rank(node: NodeInfo) -> tuple[int, float, str]:
     return (node.load, node.latency_ms, node.hospital_id)
 
 
-class DepartmentLeastLoad:
+class DepartmentLeastLoad(PoolStrategy):
     """Department match first, then least load; see the module docstring."""
 
     name = "least_load"
 
-    def choose(
-        self,
-        request: Mapping[str, Any],
-        nodes: Sequence[NodeInfo],
-        *,
-        exclude: Collection[str] = (),
-    ) -> Choice | None:
-        pool = candidates(request, nodes, exclude=exclude)
-        if pool is None:
-            return None
+    def pick(self, pool: Candidates, nodes: Sequence[NodeInfo]) -> Choice:
         node = min(pool.nodes, key=_rank)
         return pool.choice(node, f"least loaded (load {node.load})")

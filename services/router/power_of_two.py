@@ -11,14 +11,13 @@ so a run is reproducible.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.router.registry import NodeInfo
-from services.router.strategy import Choice, candidates
+from services.router.strategy import Candidates, Choice, PoolStrategy
 
 
-class PowerOfTwoChoices:
+class PowerOfTwoChoices(PoolStrategy):
     """The less loaded of two random candidates; see the module docstring."""
 
     name = "power_of_two"
@@ -26,16 +25,7 @@ class PowerOfTwoChoices:
     def __init__(self, *, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
-    def choose(
-        self,
-        request: Mapping[str, Any],
-        nodes: Sequence[NodeInfo],
-        *,
-        exclude: Collection[str] = (),
-    ) -> Choice | None:
-        pool = candidates(request, nodes, exclude=exclude)
-        if pool is None:
-            return None
+    def pick(self, pool: Candidates, nodes: Sequence[NodeInfo]) -> Choice:
         probes = self._rng.sample(pool.nodes, k=min(2, len(pool.nodes)))
         node = min(probes, key=lambda n: (n.load, n.latency_ms, n.hospital_id))
         probed = " vs ".join(f"{n.hospital_id} (load {n.load})" for n in probes)

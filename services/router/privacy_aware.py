@@ -21,12 +21,11 @@ exact figure stays at the hospital.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.router.registry import NodeInfo
-from services.router.response_time import latency_or_mean
-from services.router.strategy import Choice, candidates
+from services.router.response_time import expected_waits
+from services.router.strategy import Candidates, Choice, PoolStrategy
 
 ROOM_LEVELS = 4
 LEVEL_FACTOR = 3.0  # chosen in bench/routing_sim.py: 2 drained the near-cap hospital, 4 cost p95
@@ -55,27 +54,18 @@ def budget_pressures(nodes: Sequence[NodeInfo]) -> dict[str, float]:
     }
 
 
-class PrivacyAware:
+class PrivacyAware(PoolStrategy):
     """Expected wait × budget pressure; see the module docstring."""
 
     name = "privacy_aware"
 
-    def choose(
-        self,
-        request: Mapping[str, Any],
-        nodes: Sequence[NodeInfo],
-        *,
-        exclude: Collection[str] = (),
-    ) -> Choice | None:
-        pool = candidates(request, nodes, exclude=exclude)
-        if pool is None:
-            return None
-        latency = latency_or_mean(pool.nodes)
+    def pick(self, pool: Candidates, nodes: Sequence[NodeInfo]) -> Choice:
+        wait = expected_waits(pool.nodes)
         pressure = budget_pressures([n for n in nodes if n.eligible])
 
         def cost(n: NodeInfo) -> tuple[float, int, int, str]:
-            wait = latency[n.hospital_id] * (n.load + 1)
-            return (wait * pressure[n.hospital_id], -n.budget_room, n.load, n.hospital_id)
+            h = n.hospital_id
+            return (wait[h] * pressure[h], -n.budget_room, n.load, h)
 
         node = min(pool.nodes, key=cost)
         return pool.choice(

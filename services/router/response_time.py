@@ -12,11 +12,10 @@ Ties go to the lower load, then to the hospital id.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.router.registry import NodeInfo
-from services.router.strategy import Choice, candidates
+from services.router.strategy import Candidates, Choice, PoolStrategy
 
 
 def latency_or_mean(nodes: Sequence[NodeInfo]) -> dict[str, float]:
@@ -26,25 +25,22 @@ def latency_or_mean(nodes: Sequence[NodeInfo]) -> dict[str, float]:
     return {n.hospital_id: n.latency_ms if n.latency_ms > 0 else fallback for n in nodes}
 
 
-class WeightedResponseTime:
+def expected_waits(nodes: Sequence[NodeInfo]) -> dict[str, float]:
+    """Each node's expected wait (ms): latency (unknown → the mean) × (load + 1)."""
+    latency = latency_or_mean(nodes)
+    return {n.hospital_id: latency[n.hospital_id] * (n.load + 1) for n in nodes}
+
+
+class WeightedResponseTime(PoolStrategy):
     """Least EWMA latency × (load + 1); see the module docstring."""
 
     name = "response_time"
 
-    def choose(
-        self,
-        request: Mapping[str, Any],
-        nodes: Sequence[NodeInfo],
-        *,
-        exclude: Collection[str] = (),
-    ) -> Choice | None:
-        pool = candidates(request, nodes, exclude=exclude)
-        if pool is None:
-            return None
-        latency = latency_or_mean(pool.nodes)
+    def pick(self, pool: Candidates, nodes: Sequence[NodeInfo]) -> Choice:
+        wait = expected_waits(pool.nodes)
 
         def cost(n: NodeInfo) -> tuple[float, int, str]:
-            return (latency[n.hospital_id] * (n.load + 1), n.load, n.hospital_id)
+            return (wait[n.hospital_id], n.load, n.hospital_id)
 
         node = min(pool.nodes, key=cost)
         return pool.choice(

@@ -8,14 +8,13 @@ a department hosted by three nodes rotate over those three.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.router.registry import NodeInfo
-from services.router.strategy import Choice, candidates
+from services.router.strategy import Candidates, Choice, PoolStrategy
 
 
-class RoundRobin:
+class RoundRobin(PoolStrategy):
     """Cycle over the candidate set; see the module docstring."""
 
     name = "round_robin"
@@ -23,16 +22,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn: dict[tuple[str, ...], int] = {}
 
-    def choose(
-        self,
-        request: Mapping[str, Any],
-        nodes: Sequence[NodeInfo],
-        *,
-        exclude: Collection[str] = (),
-    ) -> Choice | None:
-        pool = candidates(request, nodes, exclude=exclude)
-        if pool is None:
-            return None
+    def pick(self, pool: Candidates, nodes: Sequence[NodeInfo]) -> Choice:
         turn = self._turn.get(pool.ids, 0)
         self._turn[pool.ids] = turn + 1
         node = pool.nodes[turn % len(pool.nodes)]

@@ -74,6 +74,26 @@ def candidates(
     return Candidates(tuple(sorted(pool, key=lambda n: n.hospital_id)), department, bool(matching))
 
 
+class PoolStrategy:
+    """Base of the one-request strategies: draw the shared candidate set, then :meth:`pick`."""
+
+    name: str
+
+    def choose(
+        self,
+        request: Mapping[str, Any],
+        nodes: Sequence[NodeInfo],
+        *,
+        exclude: Collection[str] = (),
+    ) -> Choice | None:
+        pool = candidates(request, nodes, exclude=exclude)
+        return None if pool is None else self.pick(pool, nodes)
+
+    def pick(self, pool: Candidates, nodes: Sequence[NodeInfo]) -> Choice:
+        """Choose among `pool` (never empty); `nodes` is every node alive, for context."""
+        raise NotImplementedError
+
+
 class RoutingStrategy(Protocol):
     """Choose a node for `request` (an InferenceRequest record) among `nodes`."""
 
