@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     node_ttl_s: float = 5.0
     max_tokens_limit: int = 256
 
+    # Router: strategy by name (services/router/strategies.py; default = the winner of
+    # bench/routing_sim.py), the batching window a batch strategy places jointly, and hedging of
+    # high-priority requests (a hedge is a second charge: docs/routing.md).
+    router_strategy: str = "privacy_aware"
+    router_batch_window_ms: int = 50
+    router_hedge: bool = False
+
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
     dp_groups: int = 8

@@ -28,6 +28,7 @@ from fedllm.common import audit, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
+from services.node_worker.health import NodeHealth, budget_room_level
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class NodeState:
     latencies_ms: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=20)
     )
+    health: NodeHealth = field(default_factory=NodeHealth)
 
     @property
     def healthy(self) -> bool:
@@ -83,7 +85,25 @@ def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> 
         "device": getattr(engine, "device", "cpu") if engine is not None else "cpu",
         "healthy": state.healthy,
         "sent_at_ms": now_ms(),
+        "queue_by_priority": state.health.queue_by_priority(),
+        "ewma_latency_ms": state.health.ewma_latency_ms,
+        "error_rate": state.health.error_rate,
+        "budget_room": budget_room_level(_budget_room(engine)),
     }
+
+
+def _budget_room(engine: Any) -> float | None:
+    """The fraction of the hospital's data-set budget left, if its engine keeps a ledger
+    (an optional ``budget_room() -> float | None`` method); None otherwise or on error."""
+    room = getattr(engine, "budget_room", None)
+    if not callable(room):
+        return None
+    try:
+        value = room()
+    except Exception:
+        log.exception("budget room unavailable")
+        return None
+    return None if value is None else float(value)
 
 
 def result_record(
@@ -146,6 +166,8 @@ class NodeWorker:
         if routed is None:
             return
         started = now_ms()
+        priority = str((routed.get("request") or {}).get("priority", "normal"))
+        self.state.health.received(priority)
         key = (routed["request_id"], int(routed.get("attempt", 0)))
         fields = self._answered.get(key)
         if fields is not None:
@@ -172,6 +194,8 @@ class NodeWorker:
                 topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
             )
         self.state.latencies_ms.append(record["processing_time_ms"])
+        self.state.health.answered(priority, latency_ms=record["processing_time_ms"],
+                                   ok=record["status"] in ("ok", "partial"))
         await self._audit(routed, record)
 
     async def _answer(self, routed: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,17 @@ of the registry; then the request is retried once on a node not yet tried, else 
 InferenceResult on the node-results topic (the accountant refunds the reservation on it).
 Everything is idempotent by request id: replayed decisions and duplicate answers change nothing.
 
+Decisions may arrive in batches (:meth:`Dispatcher.on_decisions`, one batching window of the
+service): a strategy that places requests jointly (:class:`BatchRoutingStrategy`, the
+assignment optimiser) gets them all at once; any other routes them one by one.
+
+Hedging (off by default, ``hedge=True``): a high-priority request whose attempt has run longer
+than the p95 of recently observed answer times is sent to a second node as well (its second
+attempt, so no retry is left); the first answer closes it. Privacy: the hedge starts a second
+mechanism over another hospital's records, so it is a second charge — the router audits it
+(``request.hedged``, with the reserved ε it puts at stake) and the accountant must charge every
+attempt that a node started, the losing one included (docs/routing.md, "Hedging").
+
 Fan-out: an aggregate request naming two or more hospitals (or "*": every healthy node alive)
 goes to all of them at once, one RoutedRequest each with ``budget_share`` = 1/k of the reserved
 ρ and ``parts`` = k, so the sum of what the k hospitals spend stays within the reservation. Each
@@ -20,17 +31,19 @@ which the accountant charges.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
 from services.router.combine import combine_parts, parse_part, part_curve, total_curve
 from services.router.registry import NodeInfo, NodeRegistry
-from services.router.strategy import RoutingStrategy
+from services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy
 
 MAX_ATTEMPTS = 2
+HEDGE_MIN_SAMPLES = 20  # answer times observed before the p95 is trusted for hedging
+HEDGE_PERCENTILE = 0.95
 SERVICE = "router"
 
 
@@ -67,6 +80,10 @@ class InFlight:
     attempt: int
     attempt_deadline_ms: int
     tried: list[str] = field(default_factory=list)
+    attempt_started_ms: int = 0
+    hedge_hospital_id: str = ""  # a hedge attempt running beside the current one
+    hedge_attempt: int = 0
+    hedge_deadline_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -96,6 +113,7 @@ class Dispatcher:
         strategy: RoutingStrategy,
         node_timeout_s: float,
         finished_memory: int = 100_000,
+        hedge: bool = False,
     ) -> None:
         if node_timeout_s <= 0:
             raise ValueError(f"node_timeout_s must be positive, got {node_timeout_s}")
@@ -108,11 +126,46 @@ class Dispatcher:
         self.in_flight: dict[str, InFlight] = {}
         self.fan_outs: dict[str, FanOut] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self.hedge = hedge
+        self._answer_ms: deque[int] = deque(maxlen=256)  # recent answer times, for the p95
 
     # -- inputs ---------------------------------------------------------------------------
 
     def on_decision(self, decision: Mapping[str, Any], *, now_ms: int) -> list[Action]:
         """Route an approved decision; rejected, replayed or finished ones are ignored."""
+        return self.on_decisions([decision], now_ms=now_ms)
+
+    def on_decisions(
+        self, decisions: Sequence[Mapping[str, Any]], *, now_ms: int
+    ) -> list[Action]:
+        """Route a batching window's decisions; a batch strategy places them jointly."""
+        actions: list[Action] = []
+        entries: list[InFlight] = []
+        seen: set[str] = set()
+        for decision in decisions:
+            rid = decision["request_id"]
+            if rid in seen:
+                continue
+            seen.add(rid)
+            admitted = self._admit(decision, now_ms=now_ms)
+            if isinstance(admitted, InFlight):
+                entries.append(admitted)
+            else:
+                actions += admitted
+        choices: Sequence[Choice | None] = [None] * len(entries)
+        routable = [e for e in entries if now_ms < int(e.request["deadline_ms"])]
+        if isinstance(self.strategy, BatchRoutingStrategy) and len(routable) > 1:
+            placed = self.strategy.choose_batch(
+                [e.request for e in routable], self.registry.alive(now_ms)
+            )
+            by_id = {e.request["request_id"]: c for e, c in zip(routable, placed, strict=True)}
+            choices = [by_id.get(e.request["request_id"]) for e in entries]
+        for entry, choice in zip(entries, choices, strict=True):
+            actions += self._attempt(entry, now_ms=now_ms, why="", choice=choice)
+        return actions
+
+    def _admit(self, decision: Mapping[str, Any], *, now_ms: int) -> InFlight | list[Action]:
+        """A new single-node entry to route, or the actions for a fan-out (or nothing)."""
         if not decision["approved"]:
             return []
         request = dict(decision["request"])
@@ -133,7 +186,7 @@ class Dispatcher:
             return self._fan_out(fan, now_ms=now_ms)
         if "*" in (request.get("hospitals") or ()):
             request["hospitals"] = []  # "*" with fewer than two nodes alive: router chooses
-        entry = InFlight(
+        return InFlight(
             request=request,
             reserved_epsilon=float(decision["reserved_epsilon"]),
             delta=float(decision["delta"]),
@@ -141,7 +194,6 @@ class Dispatcher:
             attempt=0,
             attempt_deadline_ms=0,
         )
-        return self._attempt(entry, now_ms=now_ms, why="")
 
     def on_node_result(self, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
         """An answer on node-results closes the request, unless it is a failure of the current
@@ -153,6 +205,14 @@ class Dispatcher:
         entry = self.in_flight.get(request_id)
         if entry is None:
             return []
+        node_id, attempt = result.get("node_id"), result.get("attempt", 0)
+        if result["status"] in ("failed", "timeout") and entry.hedge_hospital_id:
+            if node_id == entry.hedge_hospital_id and attempt in (0, entry.hedge_attempt):
+                self._drop_hedge(entry)  # the hedge failed; the first attempt still runs
+                return []
+            if node_id == entry.hospital_id and attempt in (0, entry.attempt):
+                self._promote_hedge(entry)  # the first attempt failed; the hedge still runs
+                return []
         if result["status"] in ("failed", "timeout"):
             stale = result.get("node_id") != entry.hospital_id or result.get("attempt", 0) not in (
                 0, entry.attempt)
@@ -160,6 +220,8 @@ class Dispatcher:
                 return []  # a failure of an attempt already abandoned
             why = f"node {entry.hospital_id} answered {result['status']}: {result.get('reason', '')}"
             return self._attempt(entry, now_ms=now_ms, why=why)
+        if node_id in (entry.hospital_id, entry.hedge_hospital_id):
+            self._answer_ms.append(now_ms - entry.attempt_started_ms)
         self._finish(request_id)
         return []
 
@@ -188,15 +250,25 @@ class Dispatcher:
         actions: list[Action] = []
         for node in self.registry.expire(now_ms=now_ms):
             actions.append(self._node_left(node, now_ms=now_ms))
+            for entry in [e for e in self.in_flight.values()
+                          if e.hedge_hospital_id == node.hospital_id]:
+                self._drop_hedge(entry)
             for entry in [e for e in self.in_flight.values() if e.hospital_id == node.hospital_id]:
+                if entry.hedge_hospital_id:
+                    self._promote_hedge(entry)
+                    continue
                 why = f"node {node.hospital_id} left the registry"
                 actions += self._attempt(entry, now_ms=now_ms, why=why)
             for fan in [f for f in self.fan_outs.values() if node.hospital_id in f.missing]:
                 why = f"node {node.hospital_id} left the registry"
                 actions += self._fail_fan_out(fan, why, now_ms=now_ms)
         for entry in [e for e in self.in_flight.values() if now_ms >= e.attempt_deadline_ms]:
+            if entry.hedge_hospital_id and now_ms < entry.hedge_deadline_ms:
+                self._promote_hedge(entry)
+                continue
             why = f"node {entry.hospital_id} did not answer attempt {entry.attempt} in time"
             actions += self._attempt(entry, now_ms=now_ms, why=why)
+        actions += self._hedge_overdue(now_ms=now_ms)
         for fan in [f for f in self.fan_outs.values() if now_ms >= f.deadline_ms]:
             why = f"{','.join(fan.missing)} did not answer in time"
             actions += self._fail_fan_out(fan, why, now_ms=now_ms)
@@ -217,8 +289,11 @@ class Dispatcher:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _attempt(self, entry: InFlight, *, now_ms: int, why: str) -> list[Action]:
-        """Start the next attempt of `entry`, or fail it. `why` explains a retry."""
+    def _attempt(
+        self, entry: InFlight, *, now_ms: int, why: str, choice: Choice | None = None
+    ) -> list[Action]:
+        """Start the next attempt of `entry` (on `choice` when a batch already placed it), or
+        fail it. `why` explains a retry."""
         request = entry.request
         request_id = request["request_id"]
         if now_ms >= int(request["deadline_ms"]):
@@ -226,9 +301,10 @@ class Dispatcher:
                               now_ms=now_ms)
         if entry.attempt >= MAX_ATTEMPTS:
             return self._fail(entry, "failed", f"{why}; no attempts left", now_ms=now_ms)
-        choice = self.strategy.choose(
-            request, self.registry.alive(now_ms), exclude=entry.tried
-        )
+        if choice is None:
+            choice = self.strategy.choose(
+                request, self.registry.alive(now_ms), exclude=entry.tried
+            )
         if choice is None:
             reason = "no eligible node"
             if request.get("hospitals"):
@@ -244,8 +320,9 @@ class Dispatcher:
         entry.hospital_id = node.hospital_id
         entry.tried.append(node.hospital_id)
         entry.attempt_deadline_ms = min(now_ms + self.node_timeout_ms, int(request["deadline_ms"]))
+        entry.attempt_started_ms = now_ms
         self.in_flight[request_id] = entry
-        self.registry.note_routed(node.hospital_id)
+        self.registry.note_routed(node.hospital_id, epsilon=entry.reserved_epsilon)
 
         routed = {
             "request_id": request_id,
@@ -279,10 +356,84 @@ class Dispatcher:
                 "request.routed",
                 (request_id, entry.attempt),
                 {**common, "hospital_id": node.hospital_id, "reason": choice.reason,
-                 "attempt": entry.attempt, "attempt_deadline_ms": entry.attempt_deadline_ms},
+                 "attempt": entry.attempt, "attempt_deadline_ms": entry.attempt_deadline_ms,
+                 "strategy": self.strategy.name, "candidates": ",".join(choice.candidates)},
             )
         )
         return actions
+
+    # -- hedging ---------------------------------------------------------------------------
+
+    def hedge_after_ms(self) -> int | None:
+        """The p95 of recent answer times, once enough are observed (None before)."""
+        if len(self._answer_ms) < HEDGE_MIN_SAMPLES:
+            return None
+        ordered = sorted(self._answer_ms)
+        return ordered[min(len(ordered) - 1, int(HEDGE_PERCENTILE * len(ordered)))]
+
+    def _hedge_overdue(self, *, now_ms: int) -> list[Action]:
+        """Hedge the high-priority attempts running past the p95 (when hedging is on)."""
+        if not self.hedge:
+            return []
+        after = self.hedge_after_ms()
+        if after is None:
+            return []
+        actions: list[Action] = []
+        for entry in list(self.in_flight.values()):
+            if (entry.request.get("priority") == "high" and not entry.hedge_hospital_id
+                    and entry.attempt < MAX_ATTEMPTS
+                    and now_ms - entry.attempt_started_ms >= after
+                    and now_ms < int(entry.request["deadline_ms"])):
+                actions += self._send_hedge(entry, after_ms=after, now_ms=now_ms)
+        return actions
+
+    def _send_hedge(self, entry: InFlight, *, after_ms: int, now_ms: int) -> list[Action]:
+        request = entry.request
+        request_id = request["request_id"]
+        choice = self.strategy.choose(request, self.registry.alive(now_ms), exclude=entry.tried)
+        if choice is None:
+            return []
+        node = choice.node
+        entry.tried.append(node.hospital_id)
+        entry.hedge_hospital_id = node.hospital_id
+        entry.hedge_attempt = entry.attempt + 1
+        entry.hedge_deadline_ms = min(now_ms + self.node_timeout_ms, int(request["deadline_ms"]))
+        self.registry.note_routed(node.hospital_id, epsilon=entry.reserved_epsilon)
+        routed = {
+            "request_id": request_id,
+            "hospital_id": node.hospital_id,
+            "attempt": entry.hedge_attempt,
+            "reserved_epsilon": entry.reserved_epsilon,
+            "delta": entry.delta,
+            "deadline_ms": entry.hedge_deadline_ms,
+            "routed_at_ms": now_ms,
+            "request": request,
+        }
+        return [
+            Send(topics.hospital_requests(node.hospital_id), "RoutedRequest", routed, request_id),
+            Audit(
+                "request.hedged",
+                (request_id, entry.hedge_attempt),
+                {"request_id": request_id, "user_id": request["user_id"],
+                 "department": request["department"], "hospital_id": node.hospital_id,
+                 "attempt": entry.hedge_attempt, "previous_hospital_id": entry.hospital_id,
+                 "epsilon": entry.reserved_epsilon, "delta": entry.delta,
+                 "reason": (f"high priority, attempt {entry.attempt} running past the p95 "
+                            f"({after_ms} ms); a second mechanism, charged as a second "
+                            f"reservation"),
+                 "strategy": self.strategy.name, "candidates": ",".join(choice.candidates)},
+            ),
+        ]
+
+    @staticmethod
+    def _drop_hedge(entry: InFlight) -> None:
+        entry.hedge_hospital_id, entry.hedge_attempt, entry.hedge_deadline_ms = "", 0, 0
+
+    def _promote_hedge(self, entry: InFlight) -> None:
+        """The hedge becomes the attempt being supervised."""
+        entry.hospital_id, entry.attempt = entry.hedge_hospital_id, entry.hedge_attempt
+        entry.attempt_deadline_ms = entry.hedge_deadline_ms
+        self._drop_hedge(entry)
 
     def _fail(self, entry: InFlight, status: str, reason: str, *, now_ms: int) -> list[Action]:
         request = entry.request
@@ -341,7 +492,7 @@ class Dispatcher:
         sends: list[Action] = []
         audits: list[Action] = []
         for i, hospital_id in enumerate(fan.hospitals, start=1):
-            self.registry.note_routed(hospital_id)
+            self.registry.note_routed(hospital_id, epsilon=fan.reserved_epsilon / k)
             routed = {
                 "request_id": request_id,
                 "hospital_id": hospital_id,

@@ -11,6 +11,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+MAX_ERROR_RATE = 0.5
+"""A node whose reported error rate reaches this leaves the candidate set until it recovers."""
+
+PRIORITIES = ("high", "normal", "low")
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -26,11 +31,26 @@ class NodeInfo:
     healthy: bool
     last_seen_ms: int
     routed_since_heartbeat: int = 0
+    queue_by_priority: tuple[tuple[str, int], ...] = ()
+    ewma_latency_ms: float = 0.0
+    error_rate: float = 0.0
+    budget_room: int = -1  # 0 exhausted … 4 most room; -1 unknown (see node_heartbeat.avsc)
+    routed_epsilon: float = 0.0  # reserved ε this router has sent there (public: reservations)
 
     @property
     def load(self) -> int:
         """Reported queue + in-flight, plus what this router sent since that report."""
         return self.queue_depth + self.in_flight + self.routed_since_heartbeat
+
+    @property
+    def latency_ms(self) -> float:
+        """The node's EWMA latency when it reports one, else its recent mean latency."""
+        return self.ewma_latency_ms if self.ewma_latency_ms > 0 else self.recent_latency_ms
+
+    @property
+    def eligible(self) -> bool:
+        """Healthy, not failing, and with data-set budget left (or not saying)."""
+        return self.healthy and self.error_rate < MAX_ERROR_RATE and self.budget_room != 0
 
     @classmethod
     def from_heartbeat(cls, heartbeat: Mapping[str, Any], *, seen_ms: int) -> NodeInfo:
@@ -44,6 +64,12 @@ class NodeInfo:
             device=heartbeat.get("device", "cpu"),
             healthy=bool(heartbeat["healthy"]),
             last_seen_ms=seen_ms,
+            queue_by_priority=tuple(sorted(
+                (str(k), int(v)) for k, v in (heartbeat.get("queue_by_priority") or {}).items()
+            )),
+            ewma_latency_ms=float(heartbeat.get("ewma_latency_ms", 0.0)),
+            error_rate=float(heartbeat.get("error_rate", 0.0)),
+            budget_room=int(heartbeat.get("budget_room", -1)),
         )
 
 
@@ -60,6 +86,7 @@ class NodeRegistry:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.ttl_ms = int(ttl_s * 1000)
         self._nodes: dict[str, NodeInfo] = {}
+        self._routed: dict[str, float] = {}  # survives departures: the hospital's data stays
 
     def observe(self, heartbeat: Mapping[str, Any], *, now_ms: int) -> bool:
         """Record a heartbeat; True when the node has just joined (was not alive before)."""
@@ -67,7 +94,8 @@ class NodeRegistry:
             return False
         hospital_id = heartbeat["hospital_id"]
         joined = self.get(hospital_id, now_ms=now_ms) is None
-        self._nodes[hospital_id] = NodeInfo.from_heartbeat(heartbeat, seen_ms=now_ms)
+        node = NodeInfo.from_heartbeat(heartbeat, seen_ms=now_ms)
+        self._nodes[hospital_id] = replace(node, routed_epsilon=self._routed.get(hospital_id, 0.0))
         return joined
 
     def expire(self, *, now_ms: int) -> list[NodeInfo]:
@@ -89,12 +117,15 @@ class NodeRegistry:
         node = self._nodes.get(hospital_id)
         return node if node is not None and self._is_alive(node, now_ms) else None
 
-    def note_routed(self, hospital_id: str) -> None:
-        """Count a request sent to the node since its last heartbeat (until the next one)."""
+    def note_routed(self, hospital_id: str, *, epsilon: float = 0.0) -> None:
+        """Count a request sent to the node since its last heartbeat (until the next one), and
+        the ε reserved for it in the hospital's running total."""
+        self._routed[hospital_id] = self._routed.get(hospital_id, 0.0) + epsilon
         node = self._nodes.get(hospital_id)
         if node is not None:
             self._nodes[hospital_id] = replace(
-                node, routed_since_heartbeat=node.routed_since_heartbeat + 1
+                node, routed_since_heartbeat=node.routed_since_heartbeat + 1,
+                routed_epsilon=self._routed[hospital_id],
             )
 
     def ids(self) -> Iterable[str]:

@@ -2,6 +2,8 @@
 
 Consumers:
 - `fedllm.decisions` in group "router"; offsets are committed after the batch's actions are sent.
+  With a batch strategy (the assignment optimiser) a batch is what arrives within
+  `router_batch_window_ms` of its first decision, placed jointly.
 - `fedllm.heartbeats` and `fedllm.node-results`, all partitions by `assign()` without a group
   (every router instance needs every heartbeat and every answer). In-flight state lives in
   memory, so there is nothing to resume on these: heartbeats are read from `node_ttl_s` ago,
@@ -25,9 +27,10 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
-from services.router.least_load import DepartmentLeastLoad
+from services.router.metrics import RouterMetrics, process_metrics
 from services.router.registry import NodeRegistry
-from services.router.strategy import RoutingStrategy
+from services.router.strategies import build_strategy
+from services.router.strategy import BatchRoutingStrategy, RoutingStrategy
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,24 @@ async def _seek_to_time(consumer: AIOKafkaConsumer, tps: list[TopicPartition], t
 class RouterService:
     """Owns the clients and the dispatcher; `run()` is the service's lifetime."""
 
-    def __init__(self, settings: Settings, *, strategy: RoutingStrategy | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        strategy: RoutingStrategy | None = None,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.dispatcher = Dispatcher(
             registry=NodeRegistry(ttl_s=settings.node_ttl_s),
-            strategy=strategy or DepartmentLeastLoad(),
+            strategy=strategy or build_strategy(settings.router_strategy),
             node_timeout_s=settings.node_timeout_s,
+            hedge=settings.router_hedge,
+        )
+        self.metrics = metrics or process_metrics(hospitals=[h.id for h in settings.hospitals])
+        self.batch_window_ms = (
+            settings.router_batch_window_ms
+            if isinstance(self.dispatcher.strategy, BatchRoutingStrategy) else 0
         )
         self.producer = make_producer(settings)
         self.bus = Bus(self.producer)
@@ -101,6 +116,7 @@ class RouterService:
                     ))
         for action in actions:
             if isinstance(action, Audit):
+                self.metrics.observe(action, strategy=self.dispatcher.strategy.name)
                 await audit.emit(
                     self.bus, action=action.action, service=SERVICE,
                     id_parts=action.id_parts, **action.fields,
@@ -151,13 +167,20 @@ class RouterService:
     async def route_decisions(self) -> None:
         while True:
             batch = await self.decisions.getmany(timeout_ms=POLL_MS)
+            if batch and self.batch_window_ms > 0:  # let the window fill, then place jointly
+                await asyncio.sleep(self.batch_window_ms / 1000)
+                for tp, msgs in (await self.decisions.getmany(timeout_ms=0)).items():
+                    batch.setdefault(tp, []).extend(msgs)
+            decisions = []
             for msgs in batch.values():
                 for msg in msgs:
                     decision = await self.bus.decode_or_dead_letter(
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
-                        await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
+                        decisions.append(decision)
+            if decisions:
+                await self.execute(self.dispatcher.on_decisions(decisions, now_ms=now_ms()))
             if batch:
                 await self.decisions.commit()
 

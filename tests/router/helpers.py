@@ -14,6 +14,9 @@ def heartbeat(
     latency_ms: float = 10.0,
     healthy: bool = True,
     sent_at_ms: int,
+    ewma_latency_ms: float = 0.0,
+    error_rate: float = 0.0,
+    budget_room: int = -1,
 ) -> dict[str, Any]:
     return {
         "hospital_id": hospital_id,
@@ -25,6 +28,9 @@ def heartbeat(
         "device": "cpu",
         "healthy": healthy,
         "sent_at_ms": sent_at_ms,
+        "ewma_latency_ms": ewma_latency_ms,
+        "error_rate": error_rate,
+        "budget_room": budget_room,
     }
 
 
@@ -36,6 +42,7 @@ def request(
     created_ms: int,
     deadline_ms: int,
     user_id: str = "u1",
+    priority: str = "normal",
 ) -> dict[str, Any]:
     return {
         "request_id": request_id,
@@ -49,7 +56,7 @@ def request(
         "epsilon": 1.0,
         "delta": 1e-5,
         "require_consensus": False,
-        "priority": "normal",
+        "priority": priority,
         "hospitals": list(hospitals),
         "source_address": "",
         "created_at_ms": created_ms,
