@@ -2,8 +2,9 @@
 
 `ResultCorrelator` reads `fedllm.results` from its end (manual `assign`, no group: every
 gateway process sees every result) and completes the future registered for a request id.
-`BudgetView` reads `fedllm.budgets` from the beginning and keeps the latest BudgetStatus per
-user and the latest department remainder per department. `NodeView` reads `fedllm.heartbeats`
+`BudgetView` reads `fedllm.budgets` from the start of the current budget window (older
+snapshots belong to spent windows and are never served, so start-up does not grow with history)
+and keeps the latest BudgetStatus per user and the latest department remainder per department. `NodeView` reads `fedllm.heartbeats`
 from `node_ttl_s` ago and keeps the latest NodeHeartbeat per hospital (for the admin API).
 """
 
@@ -166,7 +167,8 @@ class ResultCorrelator(_AssignedReader):
 
 
 class BudgetView(_AssignedReader):
-    """Latest BudgetStatus per user (by updated_at_ms) and per department."""
+    """Latest BudgetStatus per user (by updated_at_ms) and per department, read from the start
+    of the current budget window (what `routes_budget` may serve)."""
 
     topic = topics.BUDGETS
     from_end = False
@@ -177,7 +179,18 @@ class BudgetView(_AssignedReader):
         self.user_to_status: dict[str, dict[str, Any]] = {}
         self.department_to_status: dict[str, dict[str, Any]] = {}
 
+    async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        window = self.settings.budget.window_seconds
+        since_ms = int(time.time() // window * window * 1000)
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            hit = found.get(tp)
+            consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+
     def on_record(self, record: dict[str, Any]) -> None:
+        if record["window_start"] + record["window_seconds"] <= time.time():
+            return  # a spent window's snapshot (record timestamps need not follow offsets)
         user, dept = record["user_id"], record["department"]
         old = self.user_to_status.get(user)
         if old is None or record["updated_at_ms"] >= old["updated_at_ms"]:
