@@ -32,6 +32,9 @@ class _AssignedReader:
     topic: str = ""
     from_end: bool = True
     schema: str = ""
+    #: None: the shared short fetch wait (request/reply latency). Readers whose records are not
+    #: on a request's path wait longer, so an idle gateway does not poll the broker 100×/s.
+    fetch_max_wait_ms: int | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -57,7 +60,9 @@ class _AssignedReader:
         return self._task is not None and not self._task.done()
 
     async def _assign(self) -> AIOKafkaConsumer:
-        consumer = make_consumer(self.settings, group_id=None)
+        overrides = ({} if self.fetch_max_wait_ms is None
+                     else {"fetch_max_wait_ms": self.fetch_max_wait_ms})
+        consumer = make_consumer(self.settings, group_id=None, **overrides)
         await consumer.start()
         try:
             while True:
@@ -173,6 +178,7 @@ class BudgetView(_AssignedReader):
     topic = topics.BUDGETS
     from_end = False
     schema = "BudgetStatus"
+    fetch_max_wait_ms = 250
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -207,6 +213,7 @@ class NodeView(_AssignedReader):
 
     topic = topics.HEARTBEATS
     schema = "NodeHeartbeat"
+    fetch_max_wait_ms = 500
 
     def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
         super().__init__(settings)
