@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from fedllm.common.config import BudgetConfig
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, window_start
 from services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
+from services.accountant.upgrade import upgrade
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +89,7 @@ class Ledger:
         self.accountant = accountant
         self.filter = ZcdpFilter(delta=budget.delta, orders=accountant.orders)
         Base.metadata.create_all(engine)
+        upgrade(engine, self.filter)  # a ledger from before the running sums: once
 
     # -- queries -------------------------------------------------------------------------
 

@@ -208,3 +208,32 @@ def test_new_window_starts_at_zero_without_reading_the_old_one(url: str) -> None
     ledger.reserve(inference_request(user_id="w", epsilon=9.0), now_s=yesterday)
     assert ledger.charged(user_scope("w"), window=ledger._window(yesterday)) > 0
     assert ledger.charged(user_scope("w"), window=ledger._window()) == 0
+
+
+def test_a_ledger_from_before_the_running_sums_is_upgraded(url: str) -> None:
+    ledger = new_ledger(url)
+    kept = inference_request(user_id="u1", department="research", epsilon=1.0)
+    ledger.reserve(kept)
+    ledger.settle(kept["request_id"], spent=PrivacyCurve.from_rho(0.003), outcome="ok")
+    forgiven = inference_request(user_id="u2", department="research", epsilon=0.5)
+    ledger.reserve(forgiven)
+    time.sleep(0.002)
+    ledger.reset({"adjustment_id": "old-reset", "action": "reset", "scope": "user",
+                  "subject": "u2", "reason": "", "actor_user_id": "admin"})
+    open_one = inference_request(user_id="u1", department="research", epsilon=0.2)
+    ledger.reserve(open_one)
+    window = ledger._window()
+    expected = {s: ledger.charged(s, window=window)
+                for s in (user_scope("u1"), user_scope("u2"), dept_scope("research"))}
+    with ledger.engine.begin() as conn:  # back to the old schema
+        for table, cols in (("budget_accounts", ["charged_units", "epoch"]),
+                            ("budget_entries", ["reserved_units", "charged_units",
+                                                "user_epoch", "dept_epoch"])):
+            for col in cols:
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {col}"))
+    ledger.engine.dispose()
+    upgraded = new_ledger(url)
+    for scope, units in expected.items():
+        assert upgraded.charged(scope, window=window) == units
+        assert upgraded.recompute(scope, window=window) == units
+    assert expected[user_scope("u2")] == 0
