@@ -190,7 +190,7 @@ def test_two_accountants_racing_on_one_request_id(isolation: str,
         spent = PrivacyCurve.from_rho(0.001)
         barrier2 = threading.Barrier(2)
 
-        def settle(ledger: Ledger, rid: str = req["request_id"], b2=barrier2):
+        def settle(ledger: Ledger, rid: str = req["request_id"], b2=barrier2, spent=spent):
             b2.wait()
             return ledger.settle(rid, spent=spent, outcome="ok")
 
