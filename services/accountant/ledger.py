@@ -343,6 +343,8 @@ class Ledger:
         """Move a reserved entry to committed/refunded; returns the units charged above the
         reservation (0 when the reservation dominated the report)."""
         charge = self.filter.charge_units(x.spent) if x.spent is not None else 0
+        if row.reserved_units < charge <= row.reserved_units + row.reserved_units // 10**9 + 1:
+            charge = row.reserved_units  # the full reservation, up to the node's float rounding
         excess = max(charge - row.reserved_units, 0)
         user = accounts[(user_scope(row.user_id), row.window_start)]
         dept = accounts[(dept_scope(row.department), row.window_start)]

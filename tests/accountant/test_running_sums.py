@@ -237,3 +237,15 @@ def test_a_ledger_from_before_the_running_sums_is_upgraded(url: str) -> None:
         assert upgraded.charged(scope, window=window) == units
         assert upgraded.recompute(scope, window=window) == units
     assert expected[user_scope("u2")] == 0
+
+
+def test_a_report_of_the_full_reservation_in_floats_is_not_an_overspend(url: str) -> None:
+    ledger = new_ledger(url)
+    for eps in (0.3, 1.0, 2.7, 4.4):
+        req = inference_request(user_id="full", department="emergency", epsilon=eps)
+        res = ledger.reserve(req)
+        rho = ledger.accountant.query_curve(epsilon=eps, delta=1e-5).rho_upper()
+        full = PrivacyCurve.from_rho(rho * (1 + 4e-16))  # a node's own float arithmetic
+        out = ledger.settle(req["request_id"], spent=full, outcome="ok")
+        assert out is not None and out.excess_rho == 0.0
+        assert out.entry["charged_units"] == res.entry["reserved_units"]
