@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "SubsampledGaussianEvent",
     "UnsupportedEventError",
     "ZcdpEvent",
+    "ZcdpFilter",
     "window_start",
 ]
 
@@ -376,6 +378,94 @@ class RdpAccountant:
             inner = self._rdp(event.event)
             return np.zeros_like(inner) if event.count == 0 else event.count * inner
         raise UnsupportedEventError(f"no RDP analysis for {event!r}")  # pragma: no cover
+
+
+#: ρ is stored and summed as an integer number of these units (femto-ρ): exact, no float drift.
+RHO_UNITS_PER_RHO = 10**15
+_MAX_UNITS = 2**63 - 1  # a BIGINT column
+
+
+@functools.lru_cache(maxsize=4096)
+def _eps_of_rho(rho: float, delta: float, orders: tuple[float, ...]) -> float:
+    return eps_from_rdp(orders=orders, rdp=zcdp_rdp(orders=orders, rho=rho), delta=delta)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ZcdpFilter:
+    """Admission by a zCDP privacy filter over integer ρ units (proof: privacy_accounting.md).
+
+    Every release is charged a ρ: a zCDP/Gaussian-type curve ρ·α exactly, any other curve by the
+    tightest ρ that dominates it on the order grid (:meth:`PrivacyCurve.rho_upper`). An account
+    with limit ε at δ admits a new charge iff Σρ_i + ρ_new ≤ ρ(limit), where ρ(limit) is the
+    largest ρ whose curve ρ·α converts to ≤ ε at δ (:func:`rho_for_epsilon`). Charges round up
+    and limits round down to whole units (1e-15 ρ), so integer sums are exact and conservative.
+    """
+
+    delta: float
+    orders: tuple[float, ...] = field(default=DEFAULT_ORDERS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "orders", PrivacyCurve.zero(self.orders).orders)
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1); got {self.delta}")
+
+    @staticmethod
+    def units_up(rho: float) -> int:
+        """ρ as whole units, rounded up (a charge never shrinks)."""
+        if not (rho >= 0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be finite and >= 0; got {rho}")
+        units = math.ceil(Fraction(rho) * RHO_UNITS_PER_RHO)
+        if units > _MAX_UNITS:
+            raise ValueError(f"rho {rho} is too large to account")
+        return units
+
+    @staticmethod
+    def units_down(rho: float) -> int:
+        """ρ as whole units, rounded down (a limit never grows)."""
+        if not (rho >= 0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be finite and >= 0; got {rho}")
+        return min(math.floor(Fraction(rho) * RHO_UNITS_PER_RHO), _MAX_UNITS)
+
+    @staticmethod
+    def rho(units: int) -> float:
+        return units / RHO_UNITS_PER_RHO
+
+    def limit_units(self, limit_epsilon: float) -> int:
+        """ρ(limit) in units: the largest ρ·α curve that converts to ≤ ``limit_epsilon``."""
+        if limit_epsilon <= 0:
+            return 0
+        return self.units_down(_cached_rho(float(limit_epsilon), self.delta, self.orders))
+
+    def query_units(self, epsilon: float) -> int:
+        """The reservation of a query with budget ε: ρ(ε) in units, rounded up. A query at
+        ε = 0 reserves nothing."""
+        if epsilon <= 0:
+            return 0
+        return self.units_up(_cached_rho(float(epsilon), self.delta, self.orders))
+
+    def charge_units(self, curve: PrivacyCurve) -> int:
+        """The ρ charged for a realised curve: the tightest ρ with ρ·α ≥ curve on the grid."""
+        if curve.orders != self.orders:
+            raise OrdersMismatchError("curve is over different orders than this filter")
+        return self.units_up(curve.rho_upper())
+
+    def admits(self, *, charged: int, extra: int, limit_epsilon: float) -> bool:
+        """The filter's rule: Σρ_i + ρ_new ≤ ρ(limit), in exact integers."""
+        return charged + extra <= self.limit_units(limit_epsilon)
+
+    def epsilon(self, units: int) -> float:
+        """ε at δ of the composed charges Σρ_i (curve Σρ_i·α)."""
+        return _eps_of_rho(self.rho(units), self.delta, self.orders) if units > 0 else 0.0
+
+    def remaining_epsilon(self, *, charged: int, limit_epsilon: float) -> float:
+        """The largest ε' a query may still ask for, to ~1e-10 relative: closed form
+        ε(ρ(limit) − Σρ_i), taken a hair (1e-10 relative + 2 units) below the free ρ so that
+        the query's own rounded-up reservation still fits. O(1): one conversion."""
+        free = self.limit_units(limit_epsilon) - charged
+        safe = free - 2 - free // 10**10
+        if safe <= 0:
+            return 0.0
+        return min(self.epsilon(safe), float(limit_epsilon))
 
 
 def window_start(*, now_s: float, window_seconds: int) -> int:

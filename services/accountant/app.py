@@ -1,7 +1,9 @@
-"""The accountant as a faust-streaming app: two agents and a timer.
+"""The accountant as a faust-streaming app: three agents and a timer.
 
 - `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
 - `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
+  both take events in batches (`stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)`), one
+  ledger transaction per batch;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
   ledger's row transition lets exactly one of them act).
@@ -31,6 +33,11 @@ from services.accountant.handlers import SERVICE, Accountant
 from services.accountant.ledger import Ledger
 
 log = logging.getLogger(__name__)
+
+#: Events per ledger transaction, and how long a partial batch waits for more (also the
+#: latency a lone request pays, on average half of it).
+BATCH_MAX = 256
+BATCH_WITHIN_S = 0.01
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -74,37 +81,46 @@ def create_app(settings: Settings) -> faust.App:
             state["accountant"] = Accountant(settings, ledger, Bus(producer))
         return state["accountant"]
 
-    async def handle(event: faust.types.EventT, schema: str) -> None:
+    async def decode(events: list[faust.types.EventT], schema: str) -> list[dict[str, Any]]:
+        """The batch's records; undecodable messages go to the DLQ."""
         acct = await accountant()
-        msg = event.message
-        try:
-            record = codec.decode_expect(schema, msg.value, msg.headers)
-        except codec.DecodeError as exc:
-            await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
-            MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
-            return
+        records = []
+        for event in events:
+            msg = event.message
+            try:
+                records.append(codec.decode_expect(schema, msg.value, msg.headers))
+            except codec.DecodeError as exc:
+                await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
+                MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
+        return records
+
+    async def handle(events: list[faust.types.EventT], schema: str) -> None:
+        acct = await accountant()
+        records = await decode(events, schema)
         if schema == "InferenceRequest":
-            await acct.on_request(record)
+            await acct.on_requests(records)
         elif schema == "BudgetAdjustment":
-            await acct.on_adjustment(record)
+            for record in records:
+                await acct.on_adjustment(record)
         else:
-            await acct.on_node_result(record)
-        MESSAGES.labels(SERVICE, msg.topic, "handled").inc()
+            await acct.on_node_results(records)
+        if records:
+            MESSAGES.labels(SERVICE, events[0].message.topic, "handled").inc(len(records))
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await handle(event, "InferenceRequest")
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await handle(list(events), "InferenceRequest")
 
     @app.agent(node_results_topic, name="settle_budget")
     async def settle_budget(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await handle(event, "InferenceResult")
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await handle(list(events), "InferenceResult")
 
     @app.agent(admin_topic, name="apply_adjustment")
     async def apply_adjustment(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await handle(event, "BudgetAdjustment")
+            await handle([event], "BudgetAdjustment")
 
     @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:

@@ -1,26 +1,40 @@
 """Ledger operations: reserve, settle (commit actual, refund the rest), refund, expire.
 
-Each operation is one database transaction that locks the user's and the department's account
-rows, so concurrent accountant instances cannot overspend a shared department budget. Every
-operation is idempotent by request id: replaying an event after a crash changes nothing.
+Admission is a zCDP filter (`fedllm.privacy.accountant.ZcdpFilter`; proof in
+docs/privacy_accounting.md): every account keeps its running Σρ as an exact integer, changed in
+the same transaction as the entry that changes it, so a decision costs O(1) whatever the
+history. Each operation takes a batch of events in one transaction that locks the accounts it
+touches (in a fixed order), so concurrent accountants cannot overspend a shared budget at any
+isolation level: serialization failures, deadlocks and a concurrent insert of the same request
+id roll the batch back and retry it. Every operation is idempotent by request id.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from fedllm.common.config import BudgetConfig
-from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, window_start
+from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, window_start
 from services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
+from services.accountant.upgrade import upgrade
 
-LIVE_STATES = ("reserved", "committed")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Postgres: serialization_failure, deadlock_detected. Both mean "run the transaction again".
+_RETRY_SQLSTATES = {"40001", "40P01"}
+_MAX_ATTEMPTS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +48,8 @@ class Balance:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What an operation did. `changed` is False for a replay or an out-of-order event."""
+    """What an operation did. `changed` is False for a replay or an out-of-order event.
+    `excess_rho` > 0 when a node reported more than its reservation (charged, and alerted)."""
 
     request_id: str
     changed: bool
@@ -43,6 +58,26 @@ class Outcome:
     user: Balance
     department: Balance
     entry: dict[str, Any]
+    excess_rho: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One settle instruction: commit `spent` (refund the rest), or refund all when None."""
+
+    request_id: str
+    spent: PrivacyCurve | None
+    outcome: str
+    reason: str = ""
+    node_id: str = ""
+
+
+def user_scope(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+def dept_scope(department: str) -> str:
+    return f"dept:{department}"
 
 
 class Ledger:
@@ -52,7 +87,9 @@ class Ledger:
         self.engine = engine
         self.budget = budget
         self.accountant = accountant
+        self.filter = ZcdpFilter(delta=budget.delta, orders=accountant.orders)
         Base.metadata.create_all(engine)
+        upgrade(engine, self.filter)  # a ledger from before the running sums: once
 
     # -- queries -------------------------------------------------------------------------
 
@@ -65,30 +102,16 @@ class Ledger:
             raise KeyError(department)
         return self.budget.department_epsilon[department]
 
-    def _spent_curve(self, s: Session, *, column: Any, value: str, window: int) -> PrivacyCurve:
-        scope = ("user:" if column is BudgetEntry.user_id else "dept:") + value
-        reset_at = s.scalar(select(func.max(BudgetReset.reset_at_ms)).where(
-            BudgetReset.scope == scope, BudgetReset.window_start == window,
-        )) or 0
-        rows = s.execute(
-            select(BudgetEntry.state, BudgetEntry.reserved_rdp, BudgetEntry.spent_rdp).where(
-                column == value,
-                BudgetEntry.window_start == window,
-                BudgetEntry.state.in_(LIVE_STATES),
-                BudgetEntry.created_at_ms > reset_at,
-            )
-        ).all()
-        curves = [
-            PrivacyCurve.from_dict(spent if state == "committed" else reserved)
-            for state, reserved, spent in rows
-        ]
-        return self.accountant.compose(PrivacyCurve.zero(self.accountant.orders), *curves)
+    def _limit(self, scope: str) -> float:
+        if scope.startswith("user:"):
+            return self.budget.user_epsilon
+        return self._dept_limit(scope.removeprefix("dept:"))
 
-    def _balance(self, curve: PrivacyCurve, limit: float) -> Balance:
-        delta = self.budget.delta
-        spent = self.accountant.epsilon(curve, delta=delta)
-        remaining = self.accountant.remaining(spent=curve, limit_epsilon=limit, delta=delta)
-        return Balance(limit=limit, spent=spent, remaining=remaining)
+    def _balance(self, charged: int, limit: float) -> Balance:
+        """Closed form, O(1): ε of Σρ, and the largest ε a query may still reserve."""
+        return Balance(limit=limit, spent=self.filter.epsilon(charged),
+                       remaining=self.filter.remaining_epsilon(charged=charged,
+                                                               limit_epsilon=limit))
 
     def balances(self, user_id: str, department: str, *, window: int | None = None
                  ) -> tuple[Balance, Balance]:
@@ -99,11 +122,33 @@ class Ledger:
 
     def _balances(self, s: Session, user_id: str, department: str, window: int
                   ) -> tuple[Balance, Balance]:
-        user = self._spent_curve(s, column=BudgetEntry.user_id, value=user_id, window=window)
-        dept = self._spent_curve(s, column=BudgetEntry.department, value=department,
-                                 window=window)
-        return (self._balance(user, self.budget.user_epsilon),
-                self._balance(dept, self._dept_limit(department)))
+        scopes = [user_scope(user_id), dept_scope(department)]
+        charged = dict(s.execute(select(BudgetAccount.scope, BudgetAccount.charged_units).where(
+            BudgetAccount.scope.in_(scopes), BudgetAccount.window_start == window)).all())
+        return (self._balance(charged.get(scopes[0], 0), self.budget.user_epsilon),
+                self._balance(charged.get(scopes[1], 0), self._dept_limit(department)))
+
+    def recompute(self, scope: str, *, window: int) -> int:
+        """Σρ units of the entries that count against `scope` in `window`, recomputed from the
+        entries (a full scan: for checks and tests; decisions use the running sum)."""
+        with Session(self.engine) as s:
+            acct = s.get(BudgetAccount, (scope, window))
+            epoch = acct.epoch if acct is not None else 0
+            if scope.startswith("user:"):
+                where = (BudgetEntry.user_id == scope.removeprefix("user:"),
+                         BudgetEntry.user_epoch == epoch)
+            else:
+                where = (BudgetEntry.department == scope.removeprefix("dept:"),
+                         BudgetEntry.dept_epoch == epoch)
+            total = s.scalar(select(func.coalesce(func.sum(BudgetEntry.charged_units), 0))
+                             .where(BudgetEntry.window_start == window, *where))
+            return int(total or 0)
+
+    def charged(self, scope: str, *, window: int) -> int:
+        """The running Σρ units of `scope` in `window` (0 for an untouched account)."""
+        with Session(self.engine) as s:
+            acct = s.get(BudgetAccount, (scope, window))
+            return acct.charged_units if acct is not None else 0
 
     def last_department(self, user_id: str) -> str | None:
         """The department of the user's latest request, if any."""
@@ -117,92 +162,139 @@ class Ledger:
             row = s.get(BudgetEntry, request_id)
             return _as_dict(row) if row else None
 
-    # -- locking -------------------------------------------------------------------------
+    # -- transactions and locking ----------------------------------------------------------
 
-    def _lock_accounts(self, s: Session, user_id: str, department: str, window: int) -> None:
-        """Create (if needed) and lock both account rows, in a fixed order."""
-        accounts = sorted([
-            (f"user:{user_id}", self.budget.user_epsilon),
-            (f"dept:{department}", self._dept_limit(department)),
-        ])
+    def _run(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in one transaction, retrying it from scratch on a serialization failure,
+        a deadlock, SQLite's busy error or a concurrent insert of the same key."""
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                with Session(self.engine, autobegin=False, expire_on_commit=False) as s:
+                    with s.begin():
+                        if self.engine.dialect.name == "sqlite":
+                            s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # one writer
+                        return work(s)
+            except DBAPIError as exc:
+                if attempt == _MAX_ATTEMPTS - 1 or not _retryable(exc):
+                    raise
+                log.debug("ledger transaction retried (%s)", type(exc.orig).__name__)
+                time.sleep(random.uniform(0, min(0.002 * 2**attempt, 0.1)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lock_accounts(self, s: Session, scopes: Iterable[tuple[str, int]]
+                       ) -> dict[tuple[str, int], BudgetAccount]:
+        """Create (if needed) and lock the (scope, window) account rows, in sorted order."""
+        keys = sorted(set(scopes))
+        if not keys:
+            return {}
         insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        for scope, limit in accounts:
-            s.execute(insert(BudgetAccount).values(
-                scope=scope, window_start=window, limit_epsilon=limit,
-            ).on_conflict_do_nothing())
-        for scope, _ in accounts:
-            s.execute(select(BudgetAccount).where(
-                BudgetAccount.scope == scope, BudgetAccount.window_start == window,
-            ).with_for_update())
+        s.execute(insert(BudgetAccount).values([
+            {"scope": scope, "window_start": window, "limit_epsilon": self._limit(scope),
+             "charged_units": 0, "epoch": 0} for scope, window in keys
+        ]).on_conflict_do_nothing())
+        rows = s.scalars(
+            select(BudgetAccount)
+            .where(tuple_(BudgetAccount.scope, BudgetAccount.window_start).in_(keys))
+            .order_by(BudgetAccount.scope, BudgetAccount.window_start)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+        return {(a.scope, a.window_start): a for a in rows}
 
-    def _begin(self, s: Session) -> None:
-        if self.engine.dialect.name == "sqlite":
-            s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # serialise writers
+    def _entries(self, s: Session, ids: Sequence[str], *, lock: bool = False
+                 ) -> dict[str, BudgetEntry]:
+        query = select(BudgetEntry).where(BudgetEntry.request_id.in_(ids))
+        if lock:
+            query = query.order_by(BudgetEntry.request_id).with_for_update()
+        rows = s.scalars(query.execution_options(populate_existing=True)).all()
+        return {r.request_id: r for r in rows}
 
     # -- operations ------------------------------------------------------------------------
 
     def reserve(self, request: dict[str, Any], *, now_s: float | None = None) -> Outcome:
         """Reserve the request's (ε, δ) against its user's and department's budgets."""
-        rid, user_id, dept = request["request_id"], request["user_id"], request["department"]
-        window = self._window(now_s)
-        with Session(self.engine, autobegin=False) as s, s.begin():
-            self._begin(s)
-            existing = s.get(BudgetEntry, rid)
-            if existing is not None:
-                user, department = self._balances(s, user_id, existing.department,
-                                                   existing.window_start)
-                return Outcome(rid, False, existing.state, existing.reason, user, department,
-                               _as_dict(existing))
-            if dept not in self.budget.department_epsilon:
-                return self._reject(s, request, window, f"unknown department {dept!r}")
-            self._lock_accounts(s, user_id, dept, window)
-            cost = self.accountant.query_curve(epsilon=request["epsilon"], delta=self.budget.delta)
-            user_curve = self._spent_curve(s, column=BudgetEntry.user_id, value=user_id,
-                                           window=window)
-            dept_curve = self._spent_curve(s, column=BudgetEntry.department, value=dept,
-                                           window=window)
-            for curve, limit, who in (
-                (user_curve, self.budget.user_epsilon, "user"),
-                (dept_curve, self._dept_limit(dept), "department"),
-            ):
-                if self.accountant.would_exceed(spent=curve, extra=cost, limit_epsilon=limit,
-                                                delta=self.budget.delta):
-                    left = self.accountant.remaining(spent=curve, limit_epsilon=limit,
-                                                     delta=self.budget.delta)
-                    return self._reject(
-                        s, request, window,
-                        f"{who} privacy budget exhausted: requested epsilon "
-                        f"{request['epsilon']:g}, remaining {left:.4f} of {limit:g} "
-                        f"this window",
-                    )
-            row = BudgetEntry(
-                request_id=rid, user_id=user_id, department=dept, window_start=window,
-                state="reserved", epsilon=request["epsilon"], delta=self.budget.delta,
-                reserved_rdp=cost.to_dict(), spent_rdp=None, spent_epsilon=0.0,
-                deadline_ms=request["deadline_ms"], created_at_ms=_now_ms(),
-            )
-            s.add(row)
-            s.flush()
-            user, department = self._balances(s, user_id, dept, window)
-            return Outcome(rid, True, "reserved", "", user, department, _as_dict(row))
+        return self.reserve_many([request], now_s=now_s)[0]
 
-    def _reject(self, s: Session, request: dict[str, Any], window: int, reason: str) -> Outcome:
-        row = BudgetEntry(
-            request_id=request["request_id"], user_id=request["user_id"],
-            department=request["department"], window_start=window, state="rejected",
-            epsilon=request["epsilon"], delta=self.budget.delta, reserved_rdp={},
-            spent_rdp=None, spent_epsilon=0.0, deadline_ms=request["deadline_ms"],
-            created_at_ms=_now_ms(), settled_at_ms=_now_ms(), outcome="rejected",
-            reason=reason,
-        )
-        s.add(row)
+    def reserve_many(self, requests: Sequence[dict[str, Any]], *, now_s: float | None = None
+                     ) -> list[Outcome]:
+        """Reserve a batch in one transaction, in order; one Outcome per request (a request id
+        seen before, in the ledger or earlier in the batch, is a replay)."""
+        window = self._window(now_s)
+        return self._run(lambda s: self._reserve_batch(s, requests, window))
+
+    def _reserve_batch(self, s: Session, requests: Sequence[dict[str, Any]], window: int
+                       ) -> list[Outcome]:
+        known = self.budget.department_epsilon
+        accounts = self._lock_accounts(s, (
+            key for r in requests if r["department"] in known
+            for key in ((user_scope(r["user_id"]), window),
+                        (dept_scope(r["department"]), window))))
+        # Read after the locks: a concurrent accountant's insert of the same id is visible.
+        existing = self._entries(s, [r["request_id"] for r in requests])
+        outcomes: list[Outcome] = []
+        for request in requests:
+            rid = request["request_id"]
+            if rid in existing:
+                row = existing[rid]
+                outcomes.append(Outcome(rid, False, row.state, row.reason,
+                                        *self._entry_balances(s, row, accounts),
+                                        _as_dict(row)))
+                continue
+            row = self._reserve_one(request, window, accounts)
+            s.add(row)
+            existing[rid] = row
+            outcomes.append(Outcome(rid, True, row.state, row.reason,
+                                    *self._entry_balances(s, row, accounts), _as_dict(row)))
         s.flush()
-        if request["department"] in self.budget.department_epsilon:
-            user, dept = self._balances(s, request["user_id"], request["department"], window)
-        else:
+        return outcomes
+
+    def _reserve_one(self, request: dict[str, Any], window: int,
+                     accounts: dict[tuple[str, int], BudgetAccount]) -> BudgetEntry:
+        user_id, dept = request["user_id"], request["department"]
+        row = BudgetEntry(
+            request_id=request["request_id"], user_id=user_id, department=dept,
+            window_start=window, state="reserved", epsilon=request["epsilon"],
+            delta=self.budget.delta, reserved_rdp={}, spent_rdp=None, spent_epsilon=0.0,
+            deadline_ms=request["deadline_ms"], created_at_ms=_now_ms(), outcome="",
+            reason="", node_id="", reserved_units=0, charged_units=0, user_epoch=0,
+            dept_epoch=0,
+        )
+        if dept not in self.budget.department_epsilon:
+            return _rejected(row, f"unknown department {dept!r}")
+        user = accounts[(user_scope(user_id), window)]
+        department = accounts[(dept_scope(dept), window)]
+        cost = self.filter.query_units(request["epsilon"])
+        for acct, limit, who in ((user, self.budget.user_epsilon, "user"),
+                                 (department, self._dept_limit(dept), "department")):
+            if not self.filter.admits(charged=acct.charged_units, extra=cost,
+                                      limit_epsilon=limit):
+                left = self.filter.remaining_epsilon(charged=acct.charged_units,
+                                                     limit_epsilon=limit)
+                return _rejected(row, f"{who} privacy budget exhausted: requested epsilon "
+                                      f"{request['epsilon']:g}, remaining {left:.4f} of "
+                                      f"{limit:g} this window")
+        row.reserved_rdp = self.accountant.query_curve(
+            epsilon=request["epsilon"], delta=self.budget.delta).to_dict()
+        row.reserved_units = row.charged_units = cost
+        row.user_epoch, row.dept_epoch = user.epoch, department.epoch
+        user.charged_units += cost
+        department.charged_units += cost
+        return row
+
+    def _entry_balances(self, s: Session, row: BudgetEntry,
+                        accounts: dict[tuple[str, int], BudgetAccount]
+                        ) -> tuple[Balance, Balance]:
+        """Balances of the entry's two accounts: from the locked rows when this transaction
+        holds them, else read."""
+        if row.department not in self.budget.department_epsilon:
             zero = Balance(limit=0.0, spent=0.0, remaining=0.0)
-            user, dept = zero, zero
-        return Outcome(row.request_id, True, "rejected", reason, user, dept, _as_dict(row))
+            return zero, zero
+        user = accounts.get((user_scope(row.user_id), row.window_start))
+        dept = accounts.get((dept_scope(row.department), row.window_start))
+        if user is None or dept is None:
+            return self._balances(s, row.user_id, row.department, row.window_start)
+        return (self._balance(user.charged_units, self.budget.user_epsilon),
+                self._balance(dept.charged_units, self._dept_limit(row.department)))
 
     def settle(self, request_id: str, *, spent: PrivacyCurve | None, outcome: str,
                reason: str = "", node_id: str = "") -> Outcome | None:
@@ -211,27 +303,64 @@ class Ledger:
         Only a `reserved` entry changes; anything else (replay, late answer) is a no-op.
         Returns None for an unknown request id.
         """
-        with Session(self.engine, autobegin=False) as s, s.begin():
-            self._begin(s)
-            row = s.get(BudgetEntry, request_id)
+        return self.settle_many([Settlement(request_id, spent, outcome, reason, node_id)])[0]
+
+    def settle_many(self, settlements: Sequence[Settlement]) -> list[Outcome | None]:
+        """Settle a batch in one transaction, in order (see :meth:`settle`).
+
+        A reported spend is charged as ρ = its curve's tightest dominating ρ. If it is not
+        dominated by the reservation, the larger (the report) is charged and the Outcome's
+        `excess_rho` says by how much it exceeded the reservation.
+        """
+        return self._run(lambda s: self._settle_batch(s, settlements))
+
+    def _settle_batch(self, s: Session, settlements: Sequence[Settlement]
+                      ) -> list[Outcome | None]:
+        ids = [x.request_id for x in settlements]
+        pending = [r for r in self._entries(s, ids).values() if r.state == "reserved"]
+        accounts = self._lock_accounts(s, (
+            key for r in pending for key in ((user_scope(r.user_id), r.window_start),
+                                             (dept_scope(r.department), r.window_start))))
+        entries = self._entries(s, ids, lock=True)  # again, under the locks: settled meanwhile?
+        outcomes: list[Outcome | None] = []
+        for x in settlements:
+            row = entries.get(x.request_id)
             if row is None:
-                return None
-            if row.state == "reserved":
-                self._lock_accounts(s, row.user_id, row.department, row.window_start)
-                s.refresh(row)
+                outcomes.append(None)
+                continue
             changed = row.state == "reserved"
+            excess = 0
             if changed:
-                row.state = "committed" if spent is not None else "refunded"
-                row.spent_rdp = spent.to_dict() if spent is not None else None
-                row.spent_epsilon = (
-                    self.accountant.epsilon(spent, delta=row.delta) if spent is not None else 0.0
-                )
-                row.outcome, row.reason, row.node_id = outcome, reason, node_id
-                row.settled_at_ms = _now_ms()
-                s.flush()
-            user, dept = self._balances(s, row.user_id, row.department, row.window_start)
-            return Outcome(row.request_id, changed, row.state, row.reason, user, dept,
-                           _as_dict(row))
+                excess = self._settle_one(row, x, accounts)
+            outcomes.append(Outcome(row.request_id, changed, row.state, row.reason,
+                                    *self._entry_balances(s, row, accounts), _as_dict(row),
+                                    excess_rho=self.filter.rho(excess)))
+        s.flush()
+        return outcomes
+
+    def _settle_one(self, row: BudgetEntry, x: Settlement,
+                    accounts: dict[tuple[str, int], BudgetAccount]) -> int:
+        """Move a reserved entry to committed/refunded; returns the units charged above the
+        reservation (0 when the reservation dominated the report)."""
+        charge = self.filter.charge_units(x.spent) if x.spent is not None else 0
+        if row.reserved_units < charge <= row.reserved_units + row.reserved_units // 10**9 + 1:
+            charge = row.reserved_units  # the full reservation, up to the node's float rounding
+        excess = max(charge - row.reserved_units, 0)
+        user = accounts[(user_scope(row.user_id), row.window_start)]
+        dept = accounts[(dept_scope(row.department), row.window_start)]
+        delta = charge - row.charged_units
+        if row.user_epoch == user.epoch:
+            user.charged_units += delta
+        if row.dept_epoch == dept.epoch:
+            dept.charged_units += delta
+        row.state = "committed" if x.spent is not None else "refunded"
+        row.charged_units = charge
+        row.spent_rdp = x.spent.to_dict() if x.spent is not None else None
+        row.spent_epsilon = (self.accountant.epsilon(x.spent, delta=row.delta)
+                             if x.spent is not None else 0.0)
+        row.outcome, row.reason, row.node_id = x.outcome, x.reason, x.node_id
+        row.settled_at_ms = _now_ms()
+        return excess
 
     def reset(self, adjustment: dict[str, Any], *, now_s: float | None = None) -> bool:
         """Apply an admin's BudgetAdjustment (action "reset") to the current window, once.
@@ -245,17 +374,23 @@ class Ledger:
         subject = adjustment["subject"]
         if adjustment["scope"] == "department":
             self._dept_limit(subject)
-        prefix = "user:" if adjustment["scope"] == "user" else "dept:"
-        with Session(self.engine, autobegin=False) as s, s.begin():
-            self._begin(s)
+        scope = user_scope(subject) if adjustment["scope"] == "user" else dept_scope(subject)
+        window = self._window(now_s)
+
+        def work(s: Session) -> bool:
+            acct = self._lock_accounts(s, [(scope, window)])[(scope, window)]
             if s.get(BudgetReset, adjustment["adjustment_id"]) is not None:
                 return False
+            acct.epoch += 1
+            acct.charged_units = 0
             s.add(BudgetReset(
-                adjustment_id=adjustment["adjustment_id"], scope=prefix + subject,
-                window_start=self._window(now_s), reset_at_ms=_now_ms(),
-                actor_user_id=adjustment["actor_user_id"], reason=adjustment["reason"],
+                adjustment_id=adjustment["adjustment_id"], scope=scope, window_start=window,
+                reset_at_ms=_now_ms(), actor_user_id=adjustment["actor_user_id"],
+                reason=adjustment["reason"],
             ))
             return True
+
+        return self._run(work)
 
     def expired(self, *, now_ms: int, grace_ms: int) -> list[str]:
         """Ids of reservations whose deadline passed more than `grace_ms` ago."""
@@ -265,9 +400,26 @@ class Ledger:
             )))
 
 
+def _retryable(exc: DBAPIError) -> bool:
+    if isinstance(exc, IntegrityError):
+        return True  # a concurrent insert of the same key: the retry sees the row
+    if getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES:
+        return True
+    return "database is locked" in str(exc.orig)
+
+
+def _rejected(row: BudgetEntry, reason: str) -> BudgetEntry:
+    row.state, row.outcome, row.reason = "rejected", "rejected", reason
+    row.settled_at_ms = row.created_at_ms
+    return row
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
 def _as_dict(row: BudgetEntry) -> dict[str, Any]:
     return {c.name: getattr(row, c.name) for c in BudgetEntry.__table__.columns}
+
+
+__all__ = ["Balance", "Ledger", "Outcome", "Settlement", "dept_scope", "user_scope"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Float, String, Text
+from sqlalchemy import JSON, BigInteger, Float, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -11,14 +11,21 @@ class Base(DeclarativeBase):
 
 
 class BudgetAccount(Base):
-    """A user's or department's budget in one window. The row is the lock for its account;
-    what has been spent is derived from the entries (never a running float total)."""
+    """A user's or department's budget in one window; the row is also its account's lock.
+
+    `charged_units` is the zCDP filter's running Σρ (integer units of 1e-15 ρ, exact) over the
+    entries that count against it: outstanding reservations and committed charges of the current
+    `epoch`. It changes only in the transaction that changes one of those entries, so it always
+    equals the sum recomputed from them (`Ledger.recompute`). An admin reset starts a new epoch.
+    """
 
     __tablename__ = "budget_accounts"
 
     scope: Mapped[str] = mapped_column(String(200), primary_key=True)  # user:<id> | dept:<name>
     window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     limit_epsilon: Mapped[float] = mapped_column(Float)
+    charged_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class BudgetEntry(Base):
@@ -46,11 +53,19 @@ class BudgetEntry(Base):
     outcome: Mapped[str] = mapped_column(String(16), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     node_id: Mapped[str] = mapped_column(String(100), default="")
+    # The zCDP filter's view (units of 1e-15 ρ): what was reserved, and what counts now
+    # (the reservation while reserved, the charge once committed, 0 once refunded/rejected);
+    # the accounts' epochs it was reserved in (it counts only while they are current).
+    reserved_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    user_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    dept_epoch: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class BudgetReset(Base):
-    """An admin's reset of one account in one window: entries created before `reset_at_ms`
-    no longer count against that account (they still count against the other one)."""
+    """An admin's reset of one account in one window (its id makes the reset idempotent): the
+    account's epoch advances, so entries reserved before it no longer count against that account
+    (they still count against the other one)."""
 
     __tablename__ = "budget_resets"
 

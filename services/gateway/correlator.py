@@ -2,8 +2,9 @@
 
 `ResultCorrelator` reads `fedllm.results` from its end (manual `assign`, no group: every
 gateway process sees every result) and completes the future registered for a request id.
-`BudgetView` reads `fedllm.budgets` from the beginning and keeps the latest BudgetStatus per
-user and the latest department remainder per department. `NodeView` reads `fedllm.heartbeats`
+`BudgetView` reads `fedllm.budgets` from the start of the current budget window (older
+snapshots belong to spent windows and are never served, so start-up does not grow with history)
+and keeps the latest BudgetStatus per user and the latest department remainder per department. `NodeView` reads `fedllm.heartbeats`
 from `node_ttl_s` ago and keeps the latest NodeHeartbeat per hospital (for the admin API).
 """
 
@@ -31,6 +32,9 @@ class _AssignedReader:
     topic: str = ""
     from_end: bool = True
     schema: str = ""
+    #: None: the shared short fetch wait (request/reply latency). Readers whose records are not
+    #: on a request's path wait longer, so an idle gateway does not poll the broker 100×/s.
+    fetch_max_wait_ms: int | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -56,7 +60,9 @@ class _AssignedReader:
         return self._task is not None and not self._task.done()
 
     async def _assign(self) -> AIOKafkaConsumer:
-        consumer = make_consumer(self.settings, group_id=None)
+        overrides = ({} if self.fetch_max_wait_ms is None
+                     else {"fetch_max_wait_ms": self.fetch_max_wait_ms})
+        consumer = make_consumer(self.settings, group_id=None, **overrides)
         await consumer.start()
         try:
             while True:
@@ -166,18 +172,31 @@ class ResultCorrelator(_AssignedReader):
 
 
 class BudgetView(_AssignedReader):
-    """Latest BudgetStatus per user (by updated_at_ms) and per department."""
+    """Latest BudgetStatus per user (by updated_at_ms) and per department, read from the start
+    of the current budget window (what `routes_budget` may serve)."""
 
     topic = topics.BUDGETS
     from_end = False
     schema = "BudgetStatus"
+    fetch_max_wait_ms = 250
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.user_to_status: dict[str, dict[str, Any]] = {}
         self.department_to_status: dict[str, dict[str, Any]] = {}
 
+    async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        window = self.settings.budget.window_seconds
+        since_ms = int(time.time() // window * window * 1000)
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            hit = found.get(tp)
+            consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+
     def on_record(self, record: dict[str, Any]) -> None:
+        if record["window_start"] + record["window_seconds"] <= time.time():
+            return  # a spent window's snapshot (record timestamps need not follow offsets)
         user, dept = record["user_id"], record["department"]
         old = self.user_to_status.get(user)
         if old is None or record["updated_at_ms"] >= old["updated_at_ms"]:
@@ -194,6 +213,7 @@ class NodeView(_AssignedReader):
 
     topic = topics.HEARTBEATS
     schema = "NodeHeartbeat"
+    fetch_max_wait_ms = 500
 
     def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
         super().__init__(settings)

@@ -202,3 +202,36 @@ async def test_admin_reset_is_applied_and_audited(accountant: Pipeline) -> None:
         timeout_s=30)
     assert any(b["user_id"] == "reset-user" and b["user_spent_epsilon"] == 0.0
                for b in budgets)
+
+
+async def test_a_spend_above_the_reservation_is_charged_and_alerted(accountant: Pipeline) -> None:
+    s = accountant.settings
+    req = inference_request(user_id="overspend-user", department="emergency", epsilon=0.5)
+    await produce(s, topics.REQUESTS, "InferenceRequest", req, key=req["user_id"])
+    await collect(s, topics.DECISIONS, until=lambda r: any(
+        d["request_id"] == req["request_id"] for d in r), timeout_s=30)
+    too_much = PrivacyCurve.from_rho(0.5)  # ε(ρ=0.5) ≈ 5.3 ≫ the reserved 0.5
+    await produce(s, topics.NODE_RESULTS, "InferenceResult", node_result(req, curve=too_much),
+                  key=req["user_id"])
+    audit = await collect(s, topics.AUDIT, until=lambda r: any(
+        a["action"] == "budget.overspent" and a["request_id"] == req["request_id"]
+        for a in r), timeout_s=30)
+    alert = [a for a in audit if a["action"] == "budget.overspent"
+             and a["request_id"] == req["request_id"]][0]
+    assert alert["outcome"] == "alert" and alert["hospital_id"] == "h1"
+    assert "exceeds the reservation" in alert["reason"]
+    spent = too_much.epsilon(delta=1e-5)
+    assert ledger_rows(accountant, req["request_id"]) == [("committed", pytest.approx(spent))]
+
+
+async def test_a_burst_is_decided_in_batches(accountant: Pipeline) -> None:
+    s = accountant.settings
+    reqs = [inference_request(user_id=f"burst-{i}", department="emergency", epsilon=0.01)
+            for i in range(60)]
+    for req in reqs:
+        await produce(s, topics.REQUESTS, "InferenceRequest", req, key=req["user_id"])
+    ids = {r["request_id"] for r in reqs}
+    decisions = await collect(s, topics.DECISIONS, until=lambda r: ids <= {
+        d["request_id"] for d in r}, timeout_s=60)
+    mine = {d["request_id"]: d for d in decisions if d["request_id"] in ids}
+    assert len(mine) == 60 and all(d["approved"] for d in mine.values())

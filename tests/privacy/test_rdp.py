@@ -235,8 +235,9 @@ def test_rho_for_epsilon_never_overshoots_and_is_tight(epsilon: float, delta: fl
     bigger = rho * (1 + 1e-9)
     eps_bigger = eps_from_rdp(orders=orders, rdp=bigger * orders, delta=delta)[0]
     assert eps_bigger > epsilon or eps_bigger == 0.0
-    # and the same answer as dp-accounting's conversion
-    assert dp_rdp.compute_epsilon(DEFAULT_ORDERS, rho * orders, delta)[0] <= epsilon
+    # and the same answer as dp-accounting's conversion (up to its own float rounding: it
+    # sums the terms in another order, e.g. 0.06250000000000003 for ε = 0.0625, δ = 0.0645)
+    assert dp_rdp.compute_epsilon(DEFAULT_ORDERS, rho * orders, delta)[0] <= epsilon * (1 + 1e-12)
 
 
 def test_rho_for_epsilon_rejects_bad_input() -> None:
