@@ -3,6 +3,7 @@
 - `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
 - `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
+- `relay_replies` over fedllm.results copies each terminal result to its owner's reply topic;
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
   ledger's row transition lets exactly one of them act).
 
@@ -29,6 +30,7 @@ from fedllm.common.metrics import MESSAGES
 from fedllm.privacy.accountant import RdpAccountant
 from services.accountant.handlers import SERVICE, Accountant
 from services.accountant.ledger import Ledger
+from services.accountant.replies import ReplyRelay
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ def create_app(settings: Settings) -> faust.App:
                                partitions=topics.PARTITIONS[topics.REQUESTS])
     node_results_topic = app.topic(topics.NODE_RESULTS, key_type=bytes, value_type=bytes,
                                    partitions=topics.PARTITIONS[topics.NODE_RESULTS])
+    results_topic = app.topic(topics.RESULTS, key_type=bytes, value_type=bytes,
+                              partitions=topics.PARTITIONS[topics.RESULTS])
     admin_topic = app.topic(topics.ADMIN, key_type=bytes, value_type=bytes,
                             partitions=topics.PARTITIONS[topics.ADMIN])
     state: dict[str, Any] = {}
@@ -72,6 +76,7 @@ def create_app(settings: Settings) -> faust.App:
                             RdpAccountant())
             state["producer"] = producer
             state["accountant"] = Accountant(settings, ledger, Bus(producer))
+            state["replies"] = ReplyRelay(settings, Bus(producer))
         return state["accountant"]
 
     async def handle(event: faust.types.EventT, schema: str) -> None:
@@ -83,8 +88,11 @@ def create_app(settings: Settings) -> faust.App:
             await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
             MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
             return
-        if schema == "InferenceRequest":
-            await acct.on_request(record)
+        if msg.topic == topics.RESULTS:
+            await state["replies"].relay(record)
+        elif schema == "InferenceRequest":
+            hdrs = msg.headers or ()
+            await acct.on_request(record, list(hdrs.items() if isinstance(hdrs, dict) else hdrs))
         elif schema == "BudgetAdjustment":
             await acct.on_adjustment(record)
         else:
@@ -106,6 +114,11 @@ def create_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await handle(event, "BudgetAdjustment")
 
+    @app.agent(results_topic, name="relay_replies")
+    async def relay_replies(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await handle(event, "InferenceResult")
+
     @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:
         n = await (await accountant()).sweep_expired()
@@ -121,6 +134,8 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_before_shutdown.connect
     async def close_producer(app: faust.App, **_: Any) -> None:
+        if "replies" in state:
+            await state["replies"].close()
         if "producer" in state:
             await state["producer"].stop()
 

@@ -13,6 +13,7 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
 from fedllm.privacy.accountant import PrivacyCurve, window_start
 from services.accountant import messages
+from services.accountant.admission import Admission
 from services.accountant.ledger import Ledger, Outcome
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,12 @@ class Accountant:
         self.settings = settings
         self.ledger = ledger
         self.bus = bus
+        self.admission = Admission(settings, ledger, bus)
 
-    async def on_request(self, request: dict[str, Any]) -> None:
+    async def on_request(self, request: dict[str, Any],
+                         headers: list[tuple[str, bytes]] | None = None) -> None:
+        if not await self.admission.admit(request, headers):  # credential first: no spend
+            return
         outcome = await asyncio.to_thread(self.ledger.reserve, request)
         rid = request["request_id"]
         common = {
