@@ -60,13 +60,20 @@ class Admission:
             reason = self._normalise(request, principal)
         except AuthError as exc:
             reason = exc.reason
+        existing = await asyncio.to_thread(self.ledger.entry, request["request_id"])
+        if existing is not None and (reason or existing["user_id"] != request["user_id"]):
+            # A replay whose credential no longer holds, or someone else's request id: that
+            # request already has (or will have) its own terminal result; nothing happens here.
+            log.warning("request %s not admitted again: %s", request["request_id"],
+                        reason or "request id belongs to another user")
+            await audit.emit(self.bus, action="request.replay_refused", service=SERVICE,
+                             id_parts=(request["request_id"], request["user_id"], reason),
+                             request_id=request["request_id"], outcome="denied",
+                             reason=reason or "request id belongs to another user",
+                             claimed_user_id=request.get("user_id", ""), severity="security")
+            return False
         if not reason:
             return True
-        if await asyncio.to_thread(self.ledger.entry, request["request_id"]) is not None:
-            # A replay of a request already handled, whose credential no longer holds: it
-            # already has its terminal result; nothing more happens.
-            log.info("replayed request %s refused: %s", request["request_id"], reason)
-            return False
         await self._reject(request, reason, principal)
         return False
 
@@ -85,6 +92,8 @@ class Admission:
             return f"epsilon must be in (0, {budget.max_query_epsilon:g}]"
         if not 1 <= request["max_tokens"] <= self.settings.max_tokens_limit:
             return f"max_tokens must be in [1, {self.settings.max_tokens_limit}]"
+        if not (math.isfinite(request["temperature"]) and 0 <= request["temperature"] <= 2):
+            return "temperature must be in [0, 2]"
         if not request["prompt"] or len(request["prompt"]) > self.settings.max_prompt_chars:
             return f"prompt must be 1..{self.settings.max_prompt_chars} characters"
         reason = refusal_for(principal, kind=request["kind"], prompt=request["prompt"],

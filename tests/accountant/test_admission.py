@@ -135,6 +135,14 @@ async def test_replay_cannot_spend_twice_nor_outlive_its_token(accountant: Pipel
     await produce(s, topics.REQUESTS, "InferenceRequest", fresh, key=req["user_id"],
                   token=expired)
     assert (await final_for(s, fresh["request_id"]))["reason"] == "token expired"
+    # Another user's valid token on this request id: not admitted, no result for it.
+    await produce(s, topics.REQUESTS, "InferenceRequest", dict(req, user_id="kafka-other"),
+                  key="kafka-other")
+    refused = await collect(s, topics.AUDIT, until=lambda r: any(
+        a["action"] == "request.replay_refused" and a["request_id"] == req["request_id"]
+        for a in r), timeout_s=20)
+    assert any(a["action"] == "request.replay_refused" and a["request_id"] == req["request_id"]
+               for a in refused)
     await asyncio.sleep(1.0)
     assert ledger_rows(accountant, req["request_id"]) == [("reserved", 0.0)]
     assert ledger_rows(accountant, fresh["request_id"]) == []
