@@ -2,8 +2,7 @@
 the live audit store too (what a compliance officer runs; `fedllm audit replay` also compares
 the two row for row).
 
-    KAFKA_BOOTSTRAP=127.0.0.1:19092 DATABASE_URL=sqlite:///.fedllm/fedllm.db \
-        python examples/replay_audit.py
+    KAFKA_BOOTSTRAP=127.0.0.1:19092 python examples/replay_audit.py   # next to `fedllm up`
 """
 
 import asyncio

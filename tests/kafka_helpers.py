@@ -16,7 +16,6 @@ from fedllm.common.grants import new_keypair, sign_grants
 from fedllm.common.identity import CREDENTIAL_HEADER, mint_token
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
 
-
 _MINT = object()
 
 

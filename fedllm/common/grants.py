@@ -36,7 +36,7 @@ def signing_key(settings: Settings) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(configured))
     if settings.mode != "demo":
         raise ValueError("FEDLLM_RESERVATION_SIGNING_KEY is empty; generate one with "
-                         "`fedllm keys reservation`")
+                         "`fedllm reservation-keys`")
     return Ed25519PrivateKey.from_private_bytes(_demo_seed(settings))
 
 
