@@ -76,8 +76,13 @@ def test_bad_credentials_on_kafka_are_rejected_with_nothing_spent(pipeline: Pipe
     assert final["status"] == "rejected" and final["privacy_cost"] == 0.0
     time.sleep(1.0)
     assert entries(pipeline, user) == []  # the ledger never saw it
-    rows = sql(pipeline, "SELECT action, outcome FROM audit_log WHERE request_id = :r",
-               r=req["request_id"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the auditor stores the records asynchronously
+        rows = sql(pipeline, "SELECT action, outcome FROM audit_log WHERE request_id = :r",
+                   r=req["request_id"])
+        if len(rows) >= 2:
+            break
+        time.sleep(0.5)
     assert ("auth.failed", "denied") in rows and ("request.rejected", "rejected") in rows
     assert not any(a == "request.routed" for a, _ in rows)
 
