@@ -18,7 +18,7 @@ token = os.environ.get("FEDLLM_TOKEN") or local_token("alice", role="doctor",
 prompt = sys.argv[1] if len(sys.argv) > 1 else "What is the usual treatment for chest pain?"
 
 with HttpClient(url, token=token) as client:
-    answer = client.ask(prompt, epsilon=1.0, max_tokens=8, timeout_s=300)
+    answer = client.ask(prompt, epsilon=1.0, max_tokens=6, timeout_s=300)
 
 print(f"status:      {answer.status} {answer.reason}")
 print(f"answer:      {answer.text.strip()}")

@@ -38,7 +38,7 @@ async def main() -> dict:
         await consumer.position(TopicPartition(reply, 0))  # listen before asking
         rid, now = str(uuid.uuid4()), now_ms()
         request = {"request_id": rid, "user_id": USER, "role": "doctor", "department": DEPT,
-                   "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "epsilon": 1.0,
+                   "prompt": prompt, "max_tokens": 6, "temperature": 1.0, "epsilon": 1.0,
                    "delta": 0.0, "created_at_ms": now, "deadline_ms": now + 300_000}
         value, headers = codec.encode("InferenceRequest", request)
         credential = [("authorization", f"Bearer {token}".encode())]
