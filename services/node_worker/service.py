@@ -271,6 +271,7 @@ async def run(
 ) -> None:
     """Serve ``hospital_id`` until ``stop`` is set."""
     settings.hospital(hospital_id)  # unknown hospital: fail fast
+    grants.verify_key(settings)  # no key to check reservation grants with: fail fast
     ready_name = f"node-{hospital_id}"
     clear_ready(settings, ready_name)
     await wait_for_broker(settings)
