@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fedllm import launcher
+from fedllm.client import cli as client_cli
 from services.accountant import cli as accountant_cli
 from services.auditor import cli as auditor_cli
 from services.gateway import cli as gateway_cli
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     launcher.register(sub)
+    client_cli.register(sub)
     for module in (gateway_cli, accountant_cli, router_cli, node_cli, auditor_cli):
         module.register(sub)
     return parser

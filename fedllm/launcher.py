@@ -29,8 +29,10 @@ class Pipeline:
 
     def __init__(self, *, data_dir: Path, env: dict[str, str] | None = None,
                  database_url: str | None = None, gateway_port: int | None = None,
-                 hospitals: list[HospitalConfig] | None = None) -> None:
+                 hospitals: list[HospitalConfig] | None = None,
+                 kafka_port: int | None = None) -> None:
         self.data_dir = data_dir.resolve()
+        self.kafka_port = kafka_port
         self.extra_env = dict(env or {})
         self.hospitals = hospitals
         self.database_url = database_url or os.environ.get("DATABASE_URL", "")
@@ -76,7 +78,8 @@ class Pipeline:
     def start_broker(self) -> None:
         if not self.bootstrap:
             (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self.broker = EmbeddedBroker(log_path=self.data_dir / "logs" / "broker.log").start()
+            self.broker = EmbeddedBroker(port=self.kafka_port,
+                                         log_path=self.data_dir / "logs" / "broker.log").start()
             self.bootstrap = self.broker.bootstrap
         self.settings = Settings(kafka_bootstrap=self.bootstrap, **self._settings_overrides())
         asyncio.run(create_topics(self.settings))
@@ -173,7 +176,8 @@ def _topics(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    pipeline = Pipeline(data_dir=Path(args.data_dir), gateway_port=args.port)
+    pipeline = Pipeline(data_dir=Path(args.data_dir), gateway_port=args.port,
+                        kafka_port=args.kafka_port or None)
     with pipeline:
         print(f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
               f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True)
@@ -197,6 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run the whole pipeline locally until Ctrl-C")
     p.add_argument("--data-dir", default=".fedllm")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--kafka-port", type=int, default=19092,
+                   help="port of the embedded broker, for Kafka clients (0: any free port)")
     p.set_defaults(func=_up)
     p = sub.add_parser("demo", help="run the pipeline, send scripted requests, print a table")
     p.add_argument("--data-dir", default=".fedllm")

@@ -10,18 +10,35 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from fedllm.common import codec
+from fedllm.common import codec, topics
 from fedllm.common.config import Settings
+from fedllm.common.grants import new_keypair, sign_grants
+from fedllm.common.identity import CREDENTIAL_HEADER, mint_token
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
+
+_MINT = object()
+
+
+def credential_headers(token: str | None) -> list[tuple[str, bytes]]:
+    """The Kafka header carrying `token` as a bearer credential (none for None)."""
+    return [] if token is None else [(CREDENTIAL_HEADER, f"Bearer {token}".encode())]
 
 
 async def produce(settings: Settings, topic: str, schema: str, record: dict[str, Any], *,
-                  key: str | None = None, times: int = 1) -> None:
+                  key: str | None = None, times: int = 1, token: Any = _MINT) -> None:
+    """Send `record` `times` times. An InferenceRequest to the request topic carries a bearer
+    token minted for its user, role and department unless `token` is given (None: no
+    credential at all)."""
+    if token is _MINT:
+        token = (mint_token(settings, user_id=record["user_id"], role=record["role"],
+                            department=record["department"])
+                 if topic == topics.REQUESTS and schema == "InferenceRequest" else None)
     producer = make_producer(settings)
     await producer.start()
     try:
         for _ in range(times):
-            await Bus(producer).send(topic, schema, record, key=key)
+            await Bus(producer).send(topic, schema, record, key=key,
+                                     headers=credential_headers(token))
     finally:
         await producer.stop()
 
@@ -89,3 +106,20 @@ def inference_request(*, user_id: str = "u1", department: str = "cardiology",
     }
     rec.update(kw)
     return rec
+
+
+# A reservation-grant key pair for tests that play the accountant towards a node.
+GRANT_SEED, GRANT_PUBLIC = new_keypair()
+
+
+def with_grant(routed: dict[str, Any], *, hospital_id: str | None = None) -> dict[str, Any]:
+    """`routed` with the grant the accountant would have signed for `hospital_id` (default:
+    the hospital it is routed to)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(GRANT_SEED))
+    hid = hospital_id or routed["hospital_id"]
+    routed["request"]["grants"] = sign_grants(key, routed["request"], [hid])
+    return routed

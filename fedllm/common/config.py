@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         default=SecretStr(""), validation_alias=AliasChoices("JWT_SECRET", "FEDLLM_JWT_SECRET")
     )
     jwt_algorithm: str = "HS256"
+    # Ed25519 reservation grants (fedllm.common.grants): the accountant signs with the private
+    # seed (base64, 32 bytes); nodes verify with the public key (base64). Demo mode derives both
+    # from the JWT secret when they are empty.
+    reservation_signing_key: SecretStr = SecretStr("")
+    reservation_verify_key: str = ""
     jwt_audience: str = "fedllm"
     data_dir: Path = Path(".fedllm")
 

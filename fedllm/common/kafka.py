@@ -72,9 +72,14 @@ def make_consumer(
     return AIOKafkaConsumer(*topic_names, **kw)
 
 
+def admin_client(settings: Settings) -> AIOKafkaAdminClient:
+    """An admin client with the deployment's TLS settings (not started)."""
+    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **_security(settings))
+
+
 async def ensure_topics(settings: Settings, wanted: dict[str, int]) -> None:
     """Create every topic explicitly with its partition count (never rely on auto-create)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **_security(settings))
+    admin = admin_client(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -122,11 +127,14 @@ class Bus:
         self.producer = producer
 
     async def send(
-        self, topic: str, schema: str, record: dict[str, Any], *, key: str | None = None
+        self, topic: str, schema: str, record: dict[str, Any], *, key: str | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
-        value, headers = codec.encode(schema, record)
+        """Send one record; `headers` are added to the schema headers (e.g. a credential)."""
+        value, schema_headers = codec.encode(schema, record)
         await self.producer.send_and_wait(
-            topic, value=value, key=key.encode() if key else None, headers=headers
+            topic, value=value, key=key.encode() if key else None,
+            headers=schema_headers + list(headers or ()),
         )
 
     async def dead_letter(self, msg: ConsumerRecord, error: str, *, service: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 REQUESTS = "fedllm.requests"  # InferenceRequest, key user_id; gateway -> accountant
 DECISIONS = "fedllm.decisions"  # BudgetDecision, key request_id; accountant -> router
 NODE_RESULTS = "fedllm.node-results"  # InferenceResult, key user_id; node/router -> accountant
@@ -27,6 +30,19 @@ PARTITIONS: dict[str, int] = {
 def hospital_requests(hospital_id: str) -> str:
     """The topic a hospital's node worker consumes (RoutedRequest)."""
     return f"hospital.{hospital_id}.requests"
+
+
+REPLIES_PREFIX = "fedllm.replies."  # InferenceResult, key request_id; accountant -> one user
+_TOPIC_SAFE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def reply_topic(user_id: str) -> str:
+    """The topic a user's terminal results are copied to, when it exists (Kafka clients read
+    their answers there; an ACL lets only that user read it). User ids outside Kafka's topic
+    alphabet are hashed."""
+    if _TOPIC_SAFE.fullmatch(user_id) and not user_id.startswith("sha256-"):
+        return REPLIES_PREFIX + user_id
+    return REPLIES_PREFIX + "sha256-" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
 
 
 def dlq(topic: str) -> str:

@@ -5,6 +5,7 @@
   both take events in batches (`stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)`), one
   ledger transaction per batch;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
+- `relay_replies` over fedllm.results copies each terminal result to its owner's reply topic;
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
   ledger's row transition lets exactly one of them act).
 
@@ -31,6 +32,7 @@ from fedllm.common.metrics import MESSAGES
 from fedllm.privacy.accountant import RdpAccountant
 from services.accountant.handlers import SERVICE, Accountant
 from services.accountant.ledger import Ledger
+from services.accountant.replies import ReplyRelay
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ def create_app(settings: Settings) -> faust.App:
                                partitions=topics.PARTITIONS[topics.REQUESTS])
     node_results_topic = app.topic(topics.NODE_RESULTS, key_type=bytes, value_type=bytes,
                                    partitions=topics.PARTITIONS[topics.NODE_RESULTS])
+    results_topic = app.topic(topics.RESULTS, key_type=bytes, value_type=bytes,
+                              partitions=topics.PARTITIONS[topics.RESULTS])
     admin_topic = app.topic(topics.ADMIN, key_type=bytes, value_type=bytes,
                             partitions=topics.PARTITIONS[topics.ADMIN])
     state: dict[str, Any] = {}
@@ -79,26 +83,35 @@ def create_app(settings: Settings) -> faust.App:
                             RdpAccountant())
             state["producer"] = producer
             state["accountant"] = Accountant(settings, ledger, Bus(producer))
+            state["replies"] = ReplyRelay(settings, Bus(producer))
         return state["accountant"]
 
-    async def decode(events: list[faust.types.EventT], schema: str) -> list[dict[str, Any]]:
-        """The batch's records; undecodable messages go to the DLQ."""
+    async def decode(events: list[faust.types.EventT], schema: str
+                     ) -> list[tuple[dict[str, Any], list[tuple[str, bytes]]]]:
+        """The batch's records with their headers; undecodable messages go to the DLQ."""
         acct = await accountant()
-        records = []
+        decoded = []
         for event in events:
             msg = event.message
             try:
-                records.append(codec.decode_expect(schema, msg.value, msg.headers))
+                record = codec.decode_expect(schema, msg.value, msg.headers)
             except codec.DecodeError as exc:
                 await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
                 MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
-        return records
+                continue
+            hdrs = msg.headers or ()
+            decoded.append((record, list(hdrs.items() if isinstance(hdrs, dict) else hdrs)))
+        return decoded
 
     async def handle(events: list[faust.types.EventT], schema: str) -> None:
         acct = await accountant()
-        records = await decode(events, schema)
-        if schema == "InferenceRequest":
-            await acct.on_requests(records)
+        decoded = await decode(events, schema)
+        records = [record for record, _ in decoded]
+        if events and events[0].message.topic == topics.RESULTS:
+            for record in records:
+                await state["replies"].relay(record)
+        elif schema == "InferenceRequest":
+            await acct.on_requests(decoded)
         elif schema == "BudgetAdjustment":
             for record in records:
                 await acct.on_adjustment(record)
@@ -122,6 +135,11 @@ def create_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             await handle([event], "BudgetAdjustment")
 
+    @app.agent(results_topic, name="relay_replies")
+    async def relay_replies(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await handle([event], "InferenceResult")
+
     @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:
         n = await (await accountant()).sweep_expired()
@@ -137,6 +155,8 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_before_shutdown.connect
     async def close_producer(app: faust.App, **_: Any) -> None:
+        if "replies" in state:
+            await state["replies"].close()
         if "producer" in state:
             await state["producer"].stop()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from prometheus_client import Counter
@@ -16,9 +16,11 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
 from fedllm.privacy.accountant import PrivacyCurve, window_start
 from services.accountant import messages
+from services.accountant.admission import Admission
 from services.accountant.ledger import Ledger, Outcome, Settlement
 
 log = logging.getLogger(__name__)
+Headers = Sequence[tuple[str, bytes]]
 SERVICE = "accountant"
 OVERSPEND = Counter("fedllm_accountant_overspend_total",
                     "Node results that reported more privacy spend than was reserved", ["node"])
@@ -32,18 +34,22 @@ class Accountant:
         self.settings = settings
         self.ledger = ledger
         self.bus = bus
+        self.admission = Admission(settings, ledger, bus)
 
-    async def on_request(self, request: dict[str, Any]) -> None:
-        await self.on_requests([request])
+    async def on_request(self, request: dict[str, Any],
+                         headers: Headers | None = None) -> None:
+        await self.on_requests([(request, headers)])
 
-    async def on_requests(self, requests: list[dict[str, Any]]) -> None:
-        """Reserve a batch of requests (one transaction) and emit their decisions."""
-        if not requests:
+    async def on_requests(self, requests: list[tuple[dict[str, Any], Headers | None]]) -> None:
+        """Admit a batch by credential (a refusal spends nothing), reserve the admitted ones in
+        one transaction, and emit their decisions."""
+        admitted = [r for r, headers in requests if await self.admission.admit(r, headers)]
+        if not admitted:
             return
-        outcomes = await asyncio.to_thread(self.ledger.reserve_many, requests)
+        outcomes = await asyncio.to_thread(self.ledger.reserve_many, admitted)
         sends: list[Awaitable[None]] = []
         latest: dict[str, Outcome] = {}
-        for request, outcome in zip(requests, outcomes, strict=True):
+        for request, outcome in zip(admitted, outcomes, strict=True):
             if outcome.state in ("reserved", "rejected"):  # else a replay of a settled one
                 sends += self._request_outputs(request, outcome)
                 latest[request["user_id"]] = outcome

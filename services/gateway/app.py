@@ -16,7 +16,7 @@ from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
 from services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
-from services.gateway.auth import PasswordChecker, TokenVerifier
+from services.gateway.auth import PasswordChecker
 from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.deps import GatewayState, State
 from services.gateway.errors import invalid_request
@@ -67,14 +67,7 @@ def create_app(
     """Build the gateway. Refuses (ValueError) a placeholder JWT secret outside demo mode."""
     gw = gateway_settings if gateway_settings is not None else GatewaySettings()
     quiet_kafka_client_logs()
-    verifier = TokenVerifier(
-        keys=gw.verification_keys(settings),
-        current_kid=gw.jwt_kid,
-        algorithm=settings.jwt_algorithm,
-        audience=settings.jwt_audience,
-        roles=gw.roles,
-        leeway_s=gw.jwt_leeway_s,
-    )
+    verifier = gw.verifier(settings)
     own_limiter = limiter is None
     state = GatewayState(
         settings=settings,

@@ -4,7 +4,6 @@
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from typing import Any
@@ -14,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from fedllm.common import topics
 from fedllm.common.audit import prompt_hmac
+from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
 from services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
 from services.gateway.models import (
@@ -25,8 +25,6 @@ from services.gateway.models import (
 )
 from services.gateway.ratelimit import Window
 
-_WORD = re.compile(r"[A-Za-z0-9_]+")
-
 RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "body is not parseable"},
     401: {"model": ErrorBody, "description": "missing or invalid token"},
@@ -37,23 +35,6 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "broker or rate-limit store unavailable"},
     504: {"model": TimedOut, "description": "no result before the deadline"},
 }
-
-
-def _identifying_terms(value: Any, banned: set[str]) -> set[str]:
-    """Identifying field names mentioned anywhere (keys or string values) in a JSON value."""
-    found: set[str] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            for k, item in v.items():
-                found |= {w for w in _WORD.findall(str(k)) if w.lower() in banned}
-                stack.append(item)
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, str):
-            found |= {w for w in _WORD.findall(v) if w.lower() in banned}
-    return found
 
 
 async def authorise(
@@ -80,7 +61,7 @@ async def authorise(
             raise HTTPException(422, "an aggregate prompt must be a JSON object")
         if principal.can("deidentified_only"):
             banned = {f.lower() for f in state.gw.identifying_fields}
-            named = _identifying_terms(query, banned)
+            named = identifying_terms(query, banned)
             if named:
                 raise await deny(state, request, principal,
                                  "role may only use de-identified fields; query names "
@@ -154,8 +135,12 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
                     epsilon=body.privacy_budget, delta=settings.budget.delta,
                     prompt_hmac=prompt_hmac(state.hmac_key, body.prompt), kind=body.kind,
                 )
+                # The caller's own bearer token travels with the event: the accountant
+                # verifies it again before it reserves anything.
+                credential = request.headers.get("authorization", "").encode()
                 await state.bus.send(topics.REQUESTS, "InferenceRequest", record,
-                                     key=principal.user_id)
+                                     key=principal.user_id,
+                                     headers=[(CREDENTIAL_HEADER, credential)])
             except Exception:
                 raise HTTPException(503, "broker unavailable") from None
             remaining = state.request_timeout_s - (time.monotonic() - started)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -19,37 +18,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from fedllm.common.config import PLACEHOLDER_SECRETS, Settings, layered_sources
-
-Permission = Literal[
-    "query",  # kind=generate: free-text questions over patient records
-    "aggregate",  # kind=aggregate: DP aggregate statistics
-    "deidentified_only",  # aggregate queries may not name identifying fields
-    "budget.read.self",
-    "budget.read.department",
-    "budget.read.any",
-    "admin",
-]
-
-
-def default_roles() -> dict[str, list[Permission]]:
-    """The default RBAC matrix (least privilege; override with FEDLLM_GATEWAY_ROLES)."""
-    return {
-        "doctor": ["query", "aggregate", "budget.read.self"],
-        "nurse": ["query", "budget.read.self"],
-        "researcher": ["aggregate", "deidentified_only", "budget.read.self"],
-        "admin": ["admin", "budget.read.any", "budget.read.self"],
-        "dept_head": ["budget.read.self", "budget.read.department"],
-    }
-
-
-def default_identifying_fields() -> list[str]:
-    """Field names a de-identified-only role may not mention in an aggregate query."""
-    return [
-        "name", "given", "family", "patient_id", "mrn", "identifier", "ssn", "address",
-        "line", "postal_code", "zip", "phone", "telecom", "email", "birth_date", "birthdate",
-        "dob", "date_of_birth", "narrative", "note", "notes", "text",
-    ]
+from fedllm.common.config import Settings, layered_sources
+from fedllm.common.identity import (  # noqa: F401 - re-exported
+    IdentitySettings,
+    Permission,
+    default_identifying_fields,
+    default_roles,
+)
 
 
 class UserRecord(BaseModel):
@@ -69,24 +44,19 @@ class UserRecord(BaseModel):
         return v
 
 
-class GatewaySettings(BaseSettings):
-    """Everything the gateway needs beyond the shared Settings."""
+class GatewaySettings(IdentitySettings):
+    """Everything the gateway needs beyond the shared Settings and the key ring and roles it
+    shares with the accountant (`IdentitySettings`)."""
 
     model_config = SettingsConfigDict(
         env_prefix="FEDLLM_GATEWAY_", env_nested_delimiter="__", extra="ignore"
     )
 
-    # Identity and tokens.
+    # Identity and tokens (roles, key ring, identifying fields: IdentitySettings).
     users: list[UserRecord] = Field(default_factory=list)
-    roles: dict[str, list[Permission]] = Field(default_factory=default_roles)
     token_ttl_s: int = Field(default=1800, ge=30, le=86_400)
-    jwt_kid: str = Field(default="k1", min_length=1, max_length=64)
-    # Older keys still accepted for verification during a rotation: kid -> secret.
-    jwt_previous_keys: dict[str, SecretStr] = Field(default_factory=dict)
-    jwt_leeway_s: int = Field(default=10, ge=0, le=300)
     # Key for prompt HMACs in audit events; derived from the JWT secret when empty.
     audit_hmac_key: SecretStr = SecretStr("")
-    identifying_fields: list[str] = Field(default_factory=default_identifying_fields)
 
     # Rate limits (sliding windows; Redis when REDIS_URL is set, else in-process).
     rate_window_s: int = Field(default=3600, ge=1)
@@ -131,16 +101,6 @@ class GatewaySettings(BaseSettings):
         if self.mtls_required and not (self.tls_client_ca and self.tls_certfile):
             raise ValueError("mtls_required needs tls_certfile, tls_keyfile and tls_client_ca")
         return self
-
-    def verification_keys(self, settings: Settings) -> dict[str, str]:
-        """kid -> secret for every key a token may be signed with (current first)."""
-        keys = {self.jwt_kid: settings.require_jwt_secret()}
-        for kid, secret in self.jwt_previous_keys.items():
-            value = secret.get_secret_value()
-            if settings.mode != "demo" and value in PLACEHOLDER_SECRETS:
-                raise ValueError(f"previous JWT key {kid!r} is empty or a placeholder")
-            keys[kid] = value
-        return keys
 
     def prompt_hmac_key(self, settings: Settings) -> bytes:
         """The audit HMAC key: configured, or derived from the JWT secret (never the secret)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from fedllm.common import audit, topics
+from fedllm.common import audit, grants, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
@@ -156,6 +156,7 @@ class NodeWorker:
         self.hospital_id = hospital_id
         self.bus = bus
         self.state = state
+        self.grant_key = grants.verify_key(settings)  # fail fast on a missing key
         self._answered: collections.OrderedDict[tuple[str, int], dict[str, Any]] = (
             collections.OrderedDict()
         )
@@ -170,7 +171,12 @@ class NodeWorker:
         self.state.health.received(priority)
         key = (routed["request_id"], int(routed.get("attempt", 0)))
         fields = self._answered.get(key)
-        if fields is not None:
+        refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
+        if refusal:  # no reservation the accountant signed for this node: no release
+            log.warning("refused routed request %s: %s", routed["request_id"], refusal)
+            fields = failed_fields(f"refused: {refusal}")
+            await self._refused(routed, refusal)
+        elif fields is not None:
             log.info("replayed request %s attempt %d: re-sending its result", *key)
         elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
             fields = failed_fields("deadline passed before start")
@@ -210,6 +216,19 @@ class NodeWorker:
             return failed_fields(f"{type(exc).__name__}: {exc}")
         finally:
             self.state.in_flight -= 1
+
+    async def _refused(self, routed: dict[str, Any], reason: str) -> None:
+        inner = routed.get("request") or {}
+        try:
+            await audit.emit(
+                self.bus, action="node.grant_refused", service=SERVICE, severity="security",
+                id_parts=(routed["request_id"], routed.get("attempt", 0), self.hospital_id),
+                request_id=routed["request_id"], user_id=inner.get("user_id", ""),
+                department=inner.get("department", ""), hospital_id=self.hospital_id,
+                outcome="refused", reason=reason,
+            )
+        except Exception:
+            log.exception("audit event for %s not sent", routed["request_id"])
 
     async def _audit(self, routed: dict[str, Any], record: dict[str, Any]) -> None:
         inner = routed.get("request") or {}
@@ -276,6 +295,7 @@ async def run(
 ) -> None:
     """Serve ``hospital_id`` until ``stop`` is set."""
     settings.hospital(hospital_id)  # unknown hospital: fail fast
+    grants.verify_key(settings)  # no key to check reservation grants with: fail fast
     ready_name = f"node-{hospital_id}"
     clear_ready(settings, ready_name)
     await wait_for_broker(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,14 @@ from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics, now_ms
 from fedllm.common.lifecycle import ready_path
 from services.node_worker.service import run, wait_ready
-from tests.kafka_helpers import collect, inference_request, produce, produce_raw
+from tests.kafka_helpers import (
+    GRANT_PUBLIC,
+    collect,
+    inference_request,
+    produce,
+    produce_raw,
+    with_grant,
+)
 
 
 class StubEngine:
@@ -35,18 +43,21 @@ class StubEngine:
                 "records_used": 2, "model_time_ms": 1500.0}
 
 
-def routed(hid: str, *, prompt: str = "q", deadline_ms: int | None = None) -> dict[str, Any]:
-    req = inference_request(prompt=prompt)
-    return {"request_id": req["request_id"], "hospital_id": hid, "attempt": 1,
-            "reserved_epsilon": 1.0, "delta": 1e-5,
-            "deadline_ms": deadline_ms if deadline_ms is not None else now_ms() + 60_000,
-            "routed_at_ms": now_ms(), "request": req}
+def routed(hid: str, *, prompt: str = "q", deadline_ms: int | None = None,
+           granted: bool = True) -> dict[str, Any]:
+    req = inference_request(prompt=prompt, epsilon=1.0)
+    out = {"request_id": req["request_id"], "hospital_id": hid, "attempt": 1,
+           "reserved_epsilon": 1.0, "delta": 1e-5,
+           "deadline_ms": deadline_ms if deadline_ms is not None else now_ms() + 60_000,
+           "routed_at_ms": now_ms(), "request": req}
+    return with_grant(out) if granted else out
 
 
 @pytest.fixture
 def settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
     hid = f"h{uuid.uuid4().hex[:8]}"
     return Settings(kafka_bootstrap=kafka_bootstrap, data_dir=tmp_path, heartbeat_interval_s=0.3,
+                    reservation_verify_key=GRANT_PUBLIC,
                     hospitals=[HospitalConfig(id=hid, departments=["cardiology", "general"])])
 
 
@@ -111,3 +122,48 @@ async def test_node_loop_end_to_end(settings: Settings) -> None:
         stop.set()
         await asyncio.wait_for(task, timeout=30)
     assert not ready_path(settings, f"node-{hid}").exists()
+
+
+async def test_node_refuses_routed_requests_without_a_valid_grant(settings: Settings) -> None:
+    """Whoever writes hospital.<id>.requests without the accountant's signature gets no
+    release: no grant, a grant for another hospital, a forged signature, an inflated ε, a
+    tampered prompt."""
+    hid = settings.hospitals[0].id
+    topic = topics.hospital_requests(hid)
+    await ensure_topics(settings, {**topics.all_topics([hid])})
+    stub = StubEngine()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, hid, stop=stop, engine_factory=lambda s, h: stub))
+    try:
+        await wait_ready(settings, hid, timeout_s=60)
+        missing = routed(hid, granted=False)
+        elsewhere = with_grant(routed(hid, granted=False), hospital_id="another_hospital")
+        forged = routed(hid, granted=False)
+        forged["request"]["grants"] = {hid: base64.b64encode(b"x" * 64).decode()}
+        inflated = routed(hid)
+        inflated["reserved_epsilon"] = 5.0
+        tampered = routed(hid)
+        tampered["request"]["prompt"] = "another question"
+        good = routed(hid)
+        bad = [missing, elsewhere, forged, inflated, tampered]
+        for r in [*bad, good]:
+            await produce(settings, topic, "RoutedRequest", r, key=hid)
+        ids = {r["request_id"] for r in [*bad, good]}
+        results = {r["request_id"]: r for r in await collect(
+            settings, topics.NODE_RESULTS, until=lambda rs: len(
+                {x["request_id"] for x in rs} & ids) >= len(ids), timeout_s=60)
+            if r["request_id"] in ids}
+        assert results[good["request_id"]]["status"] == "ok"
+        for r in bad:
+            out = results[r["request_id"]]
+            assert out["status"] == "failed" and out["reason"].startswith("refused:"), out
+            assert not out["is_private"] and out["privacy_cost"] == 0.0
+        assert stub.calls == [good["request_id"]]  # the engine never saw a refused request
+        audits = await collect(settings, topics.AUDIT, until=lambda rs: sum(
+            a["action"] == "node.grant_refused" and a["request_id"] in ids for a in rs) >= 5,
+            timeout_s=20)
+        refused = {a["request_id"] for a in audits if a["action"] == "node.grant_refused"}
+        assert refused == {r["request_id"] for r in bad}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)

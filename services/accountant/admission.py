@@ -1,0 +1,131 @@
+"""Admission of a request event: who is asking is what its credential says, nothing else.
+
+A request may come from the gateway or straight from a Kafka client; either way it carries the
+caller's bearer JWT in its `authorization` header, and the accountant verifies it with the
+gateway's rules (`fedllm.common.identity`) BEFORE reserving anything. User, role and department
+are taken from the verified claims (an event body that names someone else is refused), the
+role's permissions and the department rule are applied as at the gateway, public parameters
+(δ, deadline cap, size limits) are the deployment's, and the admitted request is given the
+reservation grants nodes check (`fedllm.common.grants`). A refused request ends at once with a
+terminal `rejected` result and security audit records, and spends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from fedllm.common import audit, grants, topics
+from fedllm.common.config import Settings
+from fedllm.common.identity import (
+    AuthError,
+    IdentitySettings,
+    Principal,
+    bearer_from_headers,
+    refusal_for,
+)
+from fedllm.common.kafka import Bus, now_ms
+from services.accountant.ledger import Ledger
+
+log = logging.getLogger(__name__)
+SERVICE = "accountant"
+_MAX_ID = 64
+
+
+class Admission:
+    """Verifies a request event's credential and normalises the request, or rejects it."""
+
+    def __init__(self, settings: Settings, ledger: Ledger, bus: Bus,
+                 identity: IdentitySettings | None = None) -> None:
+        identity = identity if identity is not None else IdentitySettings()
+        self.settings = settings
+        self.ledger = ledger
+        self.bus = bus
+        self.verifier = identity.verifier(settings)
+        self.identifying_fields = list(identity.identifying_fields)
+        self.grant_key = grants.signing_key(settings)
+
+    async def admit(self, request: dict[str, Any],
+                    headers: Sequence[tuple[str, bytes]] | None) -> bool:
+        """True when `request` (normalised in place) may be reserved; else it was rejected."""
+        principal: Principal | None = None
+        try:
+            token = bearer_from_headers(headers)
+            if token is None:
+                raise AuthError("missing credential")
+            principal = self.verifier.verify(token)
+            reason = self._normalise(request, principal)
+        except AuthError as exc:
+            reason = exc.reason
+        existing = await asyncio.to_thread(self.ledger.entry, request["request_id"])
+        if existing is not None and (reason or existing["user_id"] != request["user_id"]):
+            # A replay whose credential no longer holds, or someone else's request id: that
+            # request already has (or will have) its own terminal result; nothing happens here.
+            log.warning("request %s not admitted again: %s", request["request_id"],
+                        reason or "request id belongs to another user")
+            await audit.emit(self.bus, action="request.replay_refused", service=SERVICE,
+                             id_parts=(request["request_id"], request["user_id"], reason),
+                             request_id=request["request_id"], outcome="denied",
+                             reason=reason or "request id belongs to another user",
+                             claimed_user_id=request.get("user_id", ""), severity="security")
+            return False
+        if not reason:
+            return True
+        await self._reject(request, reason, principal)
+        return False
+
+    def _normalise(self, request: dict[str, Any], principal: Principal) -> str:
+        """Identity from the claims, public parameters from settings; "" or why not."""
+        for field, claimed in (("user_id", principal.user_id), ("role", principal.role),
+                               ("department", principal.department)):
+            if request.get(field) and request[field] != claimed:
+                return f"credential does not match the request's {field}"
+            request[field] = claimed
+        rid = request["request_id"]
+        if not rid or len(rid) > _MAX_ID:
+            return f"request_id must be 1..{_MAX_ID} characters"
+        eps, budget = request["epsilon"], self.settings.budget
+        if not (math.isfinite(eps) and 0 < eps <= budget.max_query_epsilon):
+            return f"epsilon must be in (0, {budget.max_query_epsilon:g}]"
+        if not 1 <= request["max_tokens"] <= self.settings.max_tokens_limit:
+            return f"max_tokens must be in [1, {self.settings.max_tokens_limit}]"
+        if not (math.isfinite(request["temperature"]) and 0 <= request["temperature"] <= 2):
+            return "temperature must be in [0, 2]"
+        if not request["prompt"] or len(request["prompt"]) > self.settings.max_prompt_chars:
+            return f"prompt must be 1..{self.settings.max_prompt_chars} characters"
+        reason = refusal_for(principal, kind=request["kind"], prompt=request["prompt"],
+                             department=request["department"],
+                             identifying_fields=self.identifying_fields)
+        if reason:
+            return reason
+        request["delta"] = budget.delta
+        latest = now_ms() + int(self.settings.request_timeout_s * 1000)
+        request["deadline_ms"] = min(int(request["deadline_ms"]), latest)
+        named = [h for h in request.get("hospitals") or () if h != "*"]
+        eligible = named or [h.id for h in self.settings.hospitals]
+        request["grants"] = grants.sign_grants(self.grant_key, request, eligible)
+        return ""
+
+    async def _reject(self, request: dict[str, Any], reason: str,
+                      principal: Principal | None) -> None:
+        rid = request["request_id"]
+        user = principal.user_id if principal else ""
+        department = principal.department if principal else ""
+        result = {
+            "request_id": rid, "user_id": user, "department": department,
+            "status": "rejected", "reason": reason, "finished_at_ms": now_ms(),
+        }
+        await self.bus.send(topics.RESULTS, "InferenceResult", result, key=rid)
+        common = {"request_id": rid, "user_id": user, "department": department,
+                  "role": principal.role if principal else "",
+                  "source_address": request.get("source_address", ""),
+                  "claimed_user_id": request.get("user_id", ""), "channel": "kafka"}
+        action = "access.denied" if principal else "auth.failed"
+        await audit.emit(self.bus, action=action, service=SERVICE, id_parts=(rid,),
+                         outcome="denied", reason=reason, severity="security", **common)
+        await audit.emit(self.bus, action="request.rejected", service=SERVICE, id_parts=(rid,),
+                         outcome="rejected", reason=reason, **common)
+        log.warning("request %s rejected at admission: %s", rid, reason)
