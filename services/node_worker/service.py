@@ -83,6 +83,7 @@ def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> 
         "device": getattr(engine, "device", "cpu") if engine is not None else "cpu",
         "healthy": state.healthy,
         "sent_at_ms": now_ms(),
+        "data_version": settings.hospital(hospital_id).data_version,
     }
 
 
