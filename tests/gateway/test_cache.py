@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from services.gateway.answer_cache import (
 )
 from services.gateway.settings import CacheSettings, GatewaySettings
 from tests.gateway.peers import (
+    SECRET,
     AuditTap,
     FakeAccountant,
     make_settings,
@@ -272,8 +275,9 @@ async def test_new_data_version_and_erasure_retire_releases(settings):
     h0, h1 = (h.id for h in settings.hospitals)
     at_h0 = ask(hospitals=[h0])
     at_h1 = ask(hospitals=[h1])
+    g = gw()
     async with FakeAccountant(settings, fresh_release) as acct, Heartbeats(settings) as hbs, \
-            running_gateway(settings, gateway_settings=gw()) as (app, c):
+            running_gateway(settings, gateway_settings=g) as (app, c):
         cache = app.state.gateway.cache
 
         async def post(body: dict[str, Any]) -> dict[str, Any]:
@@ -297,8 +301,14 @@ async def test_new_data_version_and_erasure_retire_releases(settings):
         assert await cache.size() == 2  # h0's old release deleted, its new one stored
         assert (await post(at_h1))["cached"] is True
 
-        # An erasure at h1: the operator retires its releases at once (`fedllm cache retire`).
-        assert await cache.retire(h1) == 1
+        # An erasure at h1: the operator retires its releases at once.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fedllm", "cache", "retire", "--hospital", h1,
+            env={**os.environ, "REDIS_URL": settings.redis_url, "JWT_SECRET": SECRET,
+                 "FEDLLM_MODE": "prod", "FEDLLM_GATEWAY_REDIS_PREFIX": g.redis_prefix},
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0 and out.decode() == f"{h1}: 1 cached releases retired\n"
         assert (await post(at_h1))["cached"] is False
         assert (await post(at_h0))["cached"] is True
     assert len(sent_by(acct, user)) == 4
