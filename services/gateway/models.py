@@ -194,7 +194,6 @@ class NodeInfo(BaseModel):
     healthy: bool
     last_seen_ms: int = Field(description="sent_at_ms of the node's latest heartbeat")
     alive: bool = Field(description="heard from within node_ttl_s")
-    data_version: str = Field("", description="public label of the node's data set")
 
 
 class HospitalView(BaseModel):
