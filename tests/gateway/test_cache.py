@@ -436,3 +436,13 @@ async def test_redis_stopping_mid_run_falls_back_to_fresh_releases(settings):
     assert [r.status_code for r in after] == [200, 200]
     assert [r.json()["cached"] for r in after] == [False, False]
     assert len(sent_by(acct, user)) == 3
+
+
+async def test_nodes_announce_the_configured_data_version(settings):
+    from fedllm.common import codec
+    from services.node_worker.service import NodeState, heartbeat_record
+
+    h = settings.hospitals[0]
+    s = settings.model_copy(update={"hospitals": [h.model_copy(update={"data_version": "v7"})]})
+    value, headers = codec.encode("NodeHeartbeat", heartbeat_record(s, h.id, NodeState()))
+    assert codec.decode_expect("NodeHeartbeat", value, headers)["data_version"] == "v7"
