@@ -282,6 +282,8 @@ class AnswerCache:
                      epsilon: float) -> None:
         """After a fresh attempt: store an ok DP release, and free the lease either way."""
         token = self._leases.pop(key.digest, None)
+        if not self._available():
+            return
         try:
             if (result is not None and result.get("status") == "ok"
                     and result.get("is_private")):
