@@ -127,7 +127,8 @@ def report(rows: list[dict[str, Any]], raw: list[float], args: argparse.Namespac
     print(f"stream: {len(rows)} requests over {args.questions} distinct questions "
           f"(Zipf s={args.zipf}; {len({r['q'] for r in rows})} distinct asked; "
           f"{sum(r['kind'] == 'generate' for r in rows)} text requests), 1 in flight; "
-          f"failures {len(rows) - len(ok)}")
+          f"failures {len(rows) - len(ok)} "
+          f"{dict(collections.Counter(r['status'] for r in rows if r['status'] != 200))}")
     print(f"hit ratio: {len(hits) / max(1, len(ok)):.3f} ({len(hits)} hits, "
           f"{len(misses)} fresh releases)")
     print("epsilon per department (at delta 1e-5):")
