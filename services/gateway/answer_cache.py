@@ -179,6 +179,10 @@ class CacheMetrics:
         self.hit_ratio.set(self._hits / self._total)
 
 
+def _holder(key: CacheKey) -> tuple[str, int]:
+    return key.digest, id(asyncio.current_task())
+
+
 # -- the store ----------------------------------------------------------------------------------
 
 
@@ -203,7 +207,9 @@ class AnswerCache:
         self.outage_backoff_s = outage_backoff_s
         self.poll_s = poll_s
         self._down_until = 0.0
-        self._leases: dict[str, str] = {}  # digest -> lease token held by this process
+        # (digest, request task) -> the fill-lease token that request holds; lookup and settle
+        # run in the same request task, so a waiter that gave up never frees another's lease.
+        self._leases: dict[tuple[str, int], str] = {}
 
     # Redis key names
     def _entry(self, digest: str) -> str:
@@ -260,7 +266,7 @@ class AnswerCache:
                 return unseal(self.aead, key, blob)
             lease_ms = max(1000, int(wait_s * 2000) + 5000)
             if await self.client.set(self._lease(key.digest), token, nx=True, px=lease_ms):
-                self._leases[key.digest] = token
+                self._leases[_holder(key)] = token
                 return None
             if time.monotonic() >= deadline:
                 return None  # the other request is slow: go fresh without the lease
@@ -281,7 +287,7 @@ class AnswerCache:
     async def settle(self, key: CacheKey, result: Mapping[str, Any] | None, *,
                      epsilon: float) -> None:
         """After a fresh attempt: store an ok DP release, and free the lease either way."""
-        token = self._leases.pop(key.digest, None)
+        token = self._leases.pop(_holder(key), None)
         if not self._available():
             return
         try:

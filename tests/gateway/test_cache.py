@@ -446,3 +446,42 @@ async def test_nodes_announce_the_configured_data_version(settings):
     s = settings.model_copy(update={"hospitals": [h.model_copy(update={"data_version": "v7"})]})
     value, headers = codec.encode("NodeHeartbeat", heartbeat_record(s, h.id, NodeState()))
     assert codec.decode_expect("NodeHeartbeat", value, headers)["data_version"] == "v7"
+
+
+async def test_a_waiter_that_gives_up_leaves_the_fill_lease_to_its_holder(redis_url):
+    from prometheus_client import CollectorRegistry
+
+    from services.gateway.answer_cache import AnswerCache
+
+    prefix = f"fedllm:test:{uuid.uuid4().hex[:8]}"
+    cache = AnswerCache(redis_url, secret=b"s" * 32, prefix=prefix, ttl_s=60, max_entries=10,
+                        epsilon_step=0.1, registry=CollectorRegistry())
+    key = cache.key({"v": 1, "q": "x", "data": [["h", "v1"]]})
+    lease = f"{prefix}:cache:l:{key.digest}"
+    leader_has_lease = asyncio.Event()
+    follower_done = asyncio.Event()
+
+    async def leader() -> None:
+        assert await cache.lookup(key, wait_s=5) is None  # miss: holds the lease
+        leader_has_lease.set()
+        await follower_done.wait()
+        assert await cache.client.exists(lease) == 1  # the follower did not free it
+        req = {"request_id": "r1", "epsilon": 1.0}
+        await cache.settle(key, ok_result({**req, "user_id": "u", "department": "d",
+                                           "kind": "generate", "delta": 1e-5}), epsilon=1.0)
+
+    async def follower() -> None:
+        await leader_has_lease.wait()
+        assert await cache.lookup(key, wait_s=0.2) is None  # gave up waiting
+        await cache.settle(key, None, epsilon=1.0)
+        follower_done.set()
+
+    try:
+        await asyncio.gather(leader(), follower())
+        assert await cache.client.exists(lease) == 0
+        hit = await cache.lookup(key, wait_s=1)
+        assert hit is not None and hit.release_id == "r1"
+    finally:
+        await cache.client.delete(lease, f"{prefix}:cache:e:{key.digest}", f"{prefix}:cache:lru",
+                                  f"{prefix}:cache:h:h", f"{prefix}:cache:v:h")
+        await cache.close()
