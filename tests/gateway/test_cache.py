@@ -75,12 +75,15 @@ def hospitals() -> list[HospitalConfig]:
 
 @pytest.fixture(scope="module")
 async def settings(kafka_bootstrap, redis_url, hospitals):
-    s = make_settings(kafka_bootstrap, redis_url=redis_url, hospitals=hospitals)
+    s = make_settings(kafka_bootstrap, redis_url=redis_url, hospitals=hospitals,
+                      request_timeout_s=30.0)
     await prepare_topics(s)
     return s
 
 
 def gw(**cache: Any) -> GatewaySettings:
+    """A fresh key space; Redis calls may take 2 s here (a loaded test machine is no outage)."""
+    cache = {"timeout_s": 2.0, **cache}
     return GatewaySettings(redis_prefix=f"fedllm:test:{uuid.uuid4().hex[:8]}",
                            cache=CacheSettings(**cache))
 
@@ -361,21 +364,29 @@ async def test_concurrent_identical_requests_share_one_release(settings):
 
 async def test_size_bound_evicts_least_recently_used_and_ttl_expires(settings):
     user = uid()
-    async with FakeAccountant(settings, fresh_release), \
-            running_gateway(settings, gateway_settings=gw(max_entries=2, ttl_s=1)) as (app, c):
-        async def cached(prompt: str) -> bool:
-            r = await c.post("/v1/inference", json=ask(prompt), headers=token(settings, user))
-            assert r.status_code == 200, r.text
-            return r.json()["cached"]
 
-        assert [await cached(p) for p in ("a", "b", "a", "c")] == [False, False, True, False]
-        assert await app.state.gateway.cache.size() == 2
-        assert await cached("a") is True  # used recently: kept
-        assert await cached("b") is False  # least recently used: evicted
-        await asyncio.sleep(1.2)
-        assert await cached("b") is False  # expired
-        metrics = (await c.get("/metrics")).text
-        assert 'fedllm_gateway_cache_retired_total{why="size_bound"}' in metrics
+    async def cached(c: Any, prompt: str) -> bool:
+        r = await c.post("/v1/inference", json=ask(prompt), headers=token(settings, user))
+        assert r.status_code == 200, r.text
+        return r.json()["cached"]
+
+    async with FakeAccountant(settings, fresh_release):
+        async with running_gateway(settings, gateway_settings=gw(max_entries=2)) as (app, c):
+            assert [await cached(c, p) for p in ("a", "b", "a", "c")] == \
+                [False, False, True, False]
+            assert await app.state.gateway.cache.size() == 2
+            assert await cached(c, "a") is True  # used recently: kept
+            assert await cached(c, "b") is False  # least recently used: evicted
+            metrics = (await c.get("/metrics")).text
+            assert 'fedllm_gateway_cache_retired_total{why="size_bound"}' in metrics
+
+        async with running_gateway(settings, gateway_settings=gw(ttl_s=1)) as (app, c):
+            cache = app.state.gateway.cache
+            assert await cached(c, "short-lived") is False
+            [entry] = [k async for k in cache.client.scan_iter(f"{cache.prefix}:e:*")]
+            assert 0 < await cache.client.pttl(entry) <= 1000
+            await asyncio.sleep(1.2)
+            assert await cached(c, "short-lived") is False  # expired
 
 
 async def test_redis_that_is_down_means_fresh_releases_not_errors(settings):
