@@ -81,7 +81,7 @@ class CacheSettings(BaseModel):
     epsilon_step: float = Field(default=0.1, gt=0.0, le=10.0)
     # Key for cache-key HMACs and value encryption; derived from the JWT secret when empty.
     secret: SecretStr = SecretStr("")
-    timeout_s: float = Field(default=0.25, gt=0.0, le=5.0)  # per Redis call
+    timeout_s: float = Field(default=0.5, gt=0.0, le=5.0)  # per Redis call
     outage_backoff_s: float = Field(default=2.0, ge=0.0)  # fresh releases only, after a failure
 
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from fedllm.launcher import Pipeline
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import CacheSettings, GatewaySettings
 from tests.e2e.conftest import ask_body, bearer
 from tests.e2e.test_pipeline import sql
 from tests.gateway.peers import running_gateway
@@ -26,7 +26,8 @@ async def test_repeats_are_served_from_the_cache_and_charge_no_ledger(pipeline: 
                                                                       redis_url: str) -> None:
     user = f"e2e-cache-{uuid.uuid4().hex[:8]}"
     settings = pipeline.settings.model_copy(update={"redis_url": redis_url})
-    gw = GatewaySettings(redis_prefix=f"fedllm:e2e:{uuid.uuid4().hex[:8]}")
+    gw = GatewaySettings(redis_prefix=f"fedllm:e2e:{uuid.uuid4().hex[:8]}",
+                         cache=CacheSettings(timeout_s=2.0))  # a loaded machine is no outage
     headers = bearer(pipeline, user, "cardiology")
     aggregate = ask_body(json.dumps(COUNT), epsilon=1.0, department="cardiology",
                          kind="aggregate", hospitals=["st_mary"])
