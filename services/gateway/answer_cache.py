@@ -191,7 +191,7 @@ class AnswerCache:
 
     def __init__(self, url: str, *, secret: bytes, prefix: str, ttl_s: int, max_entries: int,
                  epsilon_step: float, registry: CollectorRegistry,
-                 timeout_s: float = 0.25, outage_backoff_s: float = 2.0,
+                 timeout_s: float = 0.5, outage_backoff_s: float = 2.0,
                  poll_s: float = 0.05) -> None:
         import redis.asyncio as redis
 
