@@ -15,7 +15,13 @@ from fastapi import HTTPException
 
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.config import Settings
-from services.gateway.answer_cache import AnswerCache, CachedRelease, CacheKey, cache_content
+from services.gateway.answer_cache import (
+    UNKNOWN_VERSION,
+    AnswerCache,
+    CachedRelease,
+    CacheKey,
+    cache_content,
+)
 from services.gateway.deps import GatewayState
 from services.gateway.models import CachedReleaseInfo, InferenceBodyBase, InferenceResponse
 from services.gateway.routes_budget import budget_of
@@ -38,7 +44,7 @@ def data_versions(state: GatewayState) -> dict[str, str]:
     out = {}
     for h in state.settings.hospitals:
         beat = state.nodes.nodes.get(h.id)
-        out[h.id] = beat.get("data_version", "") if beat is not None else "?"
+        out[h.id] = beat.get("data_version", "") if beat is not None else UNKNOWN_VERSION
     return out
 
 
@@ -57,9 +63,9 @@ def request_key(state: GatewayState, body: InferenceBodyBase, department: str) -
     return cache.key(content)
 
 
-async def serve_hit(*, state: GatewayState, principal: Any, department: str, address: str,
-                    body: InferenceBodyBase, hit: CachedRelease, started: float
-                    ) -> InferenceResponse:
+async def serve_hit(*, state: GatewayState, cache: AnswerCache, principal: Any,
+                    department: str, address: str, body: InferenceBodyBase, hit: CachedRelease,
+                    started: float) -> InferenceResponse:
     """Answer with a cached release, audited like an answer: who received which release."""
     request_id = str(uuid.uuid4())
     who = {"request_id": request_id, "user_id": principal.user_id, "role": principal.role,
@@ -77,7 +83,7 @@ async def serve_hit(*, state: GatewayState, principal: Any, department: str, add
     except Exception:
         raise HTTPException(503, "broker unavailable") from None
     state.metrics.inference.labels("ok").inc()
-    state.cache.metrics.epsilon_saved.labels(department).inc(hit.privacy_cost)  # type: ignore[union-attr]
+    cache.metrics.epsilon_saved.labels(department).inc(hit.privacy_cost)
     remaining = budget_of(state=state, user_id=principal.user_id, department=department,
                           now_s=time.time()).remaining
     return InferenceResponse(

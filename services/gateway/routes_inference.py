@@ -124,8 +124,9 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         if cache_key is not None and state.cache is not None:
             hit = await state.cache.lookup(cache_key, wait_s=state.request_timeout_s / 2)
             if hit is not None:
-                return await serve_hit(state=state, principal=principal, department=department,
-                                       address=address, body=body, hit=hit, started=started)
+                return await serve_hit(state=state, cache=state.cache, principal=principal,
+                                       department=department, address=address, body=body,
+                                       hit=hit, started=started)
 
         settings = state.settings
         request_id = str(uuid.uuid4())

@@ -161,22 +161,22 @@ class GatewaySettings(BaseSettings):
 
     def prompt_hmac_key(self, settings: Settings) -> bytes:
         """The audit HMAC key: configured, or derived from the JWT secret (never the secret)."""
-        configured = self.audit_hmac_key.get_secret_value()
-        if configured:
-            return configured.encode()
-        secret = settings.require_jwt_secret().encode()
-        return hmac.new(secret, b"fedllm-audit-prompt-hmac-v1", hashlib.sha256).digest()
+        return _configured_or_derived(self.audit_hmac_key, settings, b"fedllm-audit-prompt-hmac-v1")
 
     def cache_secret(self, settings: Settings) -> bytes:
         """The answer-cache key: configured, or derived from the JWT secret (never the secret)."""
-        configured = self.cache.secret.get_secret_value()
-        if configured:
-            return configured.encode()
-        secret = settings.require_jwt_secret().encode()
-        return hmac.new(secret, b"fedllm-answer-cache-v1", hashlib.sha256).digest()
+        return _configured_or_derived(self.cache.secret, settings, b"fedllm-answer-cache-v1")
 
     def user(self, username: str) -> UserRecord | None:
         for u in self.users:
             if u.username == username:
                 return u
         return None
+
+
+def _configured_or_derived(configured: SecretStr, settings: Settings, label: bytes) -> bytes:
+    """A configured key, or one derived from the JWT secret under `label`."""
+    value = configured.get_secret_value()
+    if value:
+        return value.encode()
+    return hmac.new(settings.require_jwt_secret().encode(), label, hashlib.sha256).digest()
