@@ -30,6 +30,8 @@ class HospitalConfig(BaseModel):
     departments: list[str]
     seed: int = 0
     population: int = 20
+    # Public label of the data set (e.g. its load date); bump it on new data or an erasure.
+    data_version: str = ""
 
 
 class BudgetConfig(BaseModel):

@@ -17,6 +17,7 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
 from services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
 from services.gateway.auth import PasswordChecker
+from services.gateway.cached_answers import make_answer_cache
 from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.deps import GatewayState, State
 from services.gateway.errors import invalid_request
@@ -83,6 +84,7 @@ def create_app(
                            else settings.request_timeout_s),
         hmac_key=gw.prompt_hmac_key(settings),
     )
+    state.cache = make_answer_cache(settings, gw, state.metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,6 +115,8 @@ def create_app(
             await producer.stop()
             if own_limiter:
                 await state.limiter.close()
+            if state.cache is not None:
+                await state.cache.close()
 
     app = FastAPI(
         title="fedllm gateway",

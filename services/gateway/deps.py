@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fedllm.common import audit
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus
+from services.gateway.answer_cache import AnswerCache
 from services.gateway.auth import AuthError, PasswordChecker, Principal, TokenVerifier
 from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.metrics import GatewayMetrics
@@ -40,6 +41,7 @@ class GatewayState:
     hmac_key: bytes
     producer: AIOKafkaProducer | None = None
     bus: Bus | None = None
+    cache: AnswerCache | None = None  # the answer cache; None without Redis or when disabled
     extra: dict[str, Any] = field(default_factory=dict)
 
     async def audit(self, *, action: str, id_parts: tuple[object, ...] = (),

@@ -71,6 +71,15 @@ def inference_body_model(settings: Settings) -> type[InferenceBodyBase]:
     )
 
 
+class CachedReleaseInfo(BaseModel):
+    """The earlier release a cache hit re-serves (post-processing: it charged nothing now)."""
+
+    release_id: str = Field(description="request id of the fresh release")
+    released_at_ms: int = Field(description="when the release was made (epoch ms)")
+    privacy_cost: float = Field(description="epsilon the release spent when it was made")
+    epsilon: float = Field(description="epsilon its requester asked for")
+
+
 class InferenceResponse(BaseModel):
     request_id: str
     response: str
@@ -81,6 +90,8 @@ class InferenceResponse(BaseModel):
     model_time: float = Field(0.0, description="milliseconds the node spent in the model")
     is_private: bool
     tokens: int
+    cached: bool = Field(False, description="true: an earlier release served from the cache")
+    cached_release: CachedReleaseInfo | None = None
 
 
 class ErrorBody(BaseModel):

@@ -15,6 +15,7 @@ from fedllm.common import topics
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
+from services.gateway.cached_answers import request_key, serve_hit
 from services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
 from services.gateway.models import (
     BudgetRefused,
@@ -100,6 +101,13 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         department = await authorise(state=state, request=request, principal=principal,
                                      body=body)
         await rate_limit(state=state, user_id=principal.user_id, address=address)
+        cache_key = request_key(state, body, department)  # None: no answer cache
+        if cache_key is not None and state.cache is not None:
+            hit = await state.cache.lookup(cache_key, wait_s=state.request_timeout_s / 2)
+            if hit is not None:
+                return await serve_hit(state=state, cache=state.cache, principal=principal,
+                                       department=department, address=address, body=body,
+                                       hit=hit, started=started)
 
         settings = state.settings
         request_id = str(uuid.uuid4())
@@ -122,6 +130,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             "created_at_ms": created,
             "deadline_ms": created + int(settings.request_timeout_s * 1000),
         }
+        result: dict[str, Any] | None = None
         if state.bus is None:
             raise HTTPException(503, "broker unavailable")
         future = state.correlator.register(request_id)  # before producing: no lost results
@@ -156,6 +165,8 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         finally:
             state.correlator.discard(request_id)
             state.metrics.in_flight.dec()
+            if cache_key is not None and state.cache is not None:  # store an ok release
+                await state.cache.settle(cache_key, result, epsilon=body.privacy_budget)
         return _respond(state, request_id, result, started)
 
     return router

@@ -44,6 +44,22 @@ class UserRecord(BaseModel):
         return v
 
 
+class CacheSettings(BaseModel):
+    """The DP-aware answer cache (services/gateway/answer_cache.py); active when a Redis URL
+    is known (``redis_url`` here, else REDIS_URL) and ``enabled``."""
+
+    enabled: bool = True
+    redis_url: str = ""  # empty: the shared REDIS_URL
+    ttl_s: int = Field(default=86_400, ge=1)
+    max_entries: int = Field(default=100_000, ge=1)
+    # The published ε grid: a request's ε is rounded to the nearest multiple of this.
+    epsilon_step: float = Field(default=0.1, gt=0.0, le=10.0)
+    # Key for cache-key HMACs and value encryption; derived from the JWT secret when empty.
+    secret: SecretStr = SecretStr("")
+    timeout_s: float = Field(default=0.5, gt=0.0, le=5.0)  # per Redis call
+    outage_backoff_s: float = Field(default=2.0, ge=0.0)  # fresh releases only, after a failure
+
+
 class GatewaySettings(IdentitySettings):
     """Everything the gateway needs beyond the shared Settings and the key ring and roles it
     shares with the accountant (`IdentitySettings`)."""
@@ -63,6 +79,7 @@ class GatewaySettings(IdentitySettings):
     rate_limit_user: int = Field(default=30, ge=1)
     rate_limit_address: int = Field(default=300, ge=1)
     redis_prefix: str = "fedllm:gw"
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     # Brute-force lockout on /v1/auth/token.
     lockout_window_s: int = Field(default=900, ge=1)
@@ -104,14 +121,22 @@ class GatewaySettings(IdentitySettings):
 
     def prompt_hmac_key(self, settings: Settings) -> bytes:
         """The audit HMAC key: configured, or derived from the JWT secret (never the secret)."""
-        configured = self.audit_hmac_key.get_secret_value()
-        if configured:
-            return configured.encode()
-        secret = settings.require_jwt_secret().encode()
-        return hmac.new(secret, b"fedllm-audit-prompt-hmac-v1", hashlib.sha256).digest()
+        return _configured_or_derived(self.audit_hmac_key, settings, b"fedllm-audit-prompt-hmac-v1")
+
+    def cache_secret(self, settings: Settings) -> bytes:
+        """The answer-cache key: configured, or derived from the JWT secret (never the secret)."""
+        return _configured_or_derived(self.cache.secret, settings, b"fedllm-answer-cache-v1")
 
     def user(self, username: str) -> UserRecord | None:
         for u in self.users:
             if u.username == username:
                 return u
         return None
+
+
+def _configured_or_derived(configured: SecretStr, settings: Settings, label: bytes) -> bytes:
+    """A configured key, or one derived from the JWT secret under `label`."""
+    value = configured.get_secret_value()
+    if value:
+        return value.encode()
+    return hmac.new(settings.require_jwt_secret().encode(), label, hashlib.sha256).digest()

@@ -89,6 +89,7 @@ def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> 
         "ewma_latency_ms": state.health.ewma_latency_ms,
         "error_rate": state.health.error_rate,
         "budget_room": budget_room_level(_budget_room(engine)),
+        "data_version": settings.hospital(hospital_id).data_version,
     }
 
 

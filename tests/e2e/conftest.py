@@ -33,6 +33,9 @@ def pipeline(postgres_admin_url: str) -> Iterator[Pipeline]:
                 "FEDLLM_REQUEST_TIMEOUT_S": "120",
                 "FEDLLM_NODE_TTL_S": "4",
                 "FEDLLM_DP_GROUPS": "4",
+                # These tests count fresh releases; tests/e2e/test_cache.py runs its own gateway
+                # with the answer cache (which would be on here if REDIS_URL were exported).
+                "FEDLLM_GATEWAY_CACHE__ENABLED": "false",
             },
         )
         with pipe:
