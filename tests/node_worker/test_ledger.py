@@ -19,7 +19,7 @@ from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.engine import Engine, open_ledger
+from services.node_worker.engine import Engine
 from services.node_worker.ledger import NodeLedger
 from services.node_worker.model import LoadedModel
 from services.node_worker.records import person_of

@@ -234,3 +234,19 @@ def test_svt_noise_scales_match_lyu_su_li(tiny: LoadedModel, monkeypatch: pytest
     assert scales[0] == pytest.approx(2 * g / eps)
     assert set(np.round(scales[1:], 9)) <= {round(4 * g / eps, 9), round(2 * g / eps, 9)}
     assert round(4 * g / eps, 9) in set(np.round(scales, 9))
+
+
+def test_public_prompt_used_by_the_engine_is_record_free(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prompt the engine runs as "public" is the one built with no record at all."""
+    seen: list[list[int]] = []
+    real = SplitDecoder.prefill
+
+    def spy(self: SplitDecoder, public_prompt, group_prompts):  # noqa: ANN001
+        seen.append(list(public_prompt))
+        return real(self, public_prompt, group_prompts)
+
+    monkeypatch.setattr(SplitDecoder, "prefill", spy)
+    assert engine.answer(routed(prompt=QUESTION, epsilon=1.0, max_tokens=1))["status"] == "ok"
+    assert seen == [engine.encode(QUESTION, None)]
