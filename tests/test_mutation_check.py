@@ -4,6 +4,7 @@ the privacy mechanism must make a test fail (issue #11, item 7a)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ def _load():  # noqa: ANN202
     spec = importlib.util.spec_from_file_location("mutation_check", SCRIPT)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
