@@ -92,7 +92,7 @@ def _copy_tree(dst: Path) -> None:
 
 
 def _run_tests(root: Path, tests: tuple[str, ...]) -> bool:
-    env = {**os.environ, "PYTHONPATH": str(root),
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1",
            "FEDLLM_TEST_CACHE": os.environ.get("FEDLLM_TEST_CACHE", str(REPO / ".fedllm"))}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *tests],
@@ -101,33 +101,33 @@ def _run_tests(root: Path, tests: tuple[str, ...]) -> bool:
     return proc.returncode == 0
 
 
-def check(mutation: Mutation) -> tuple[bool, bool]:
-    """(the tests pass unmutated, the mutation makes them fail)."""
-    with tempfile.TemporaryDirectory(prefix=f"mut-{mutation.name}-") as tmp:
-        root = Path(tmp)
-        _copy_tree(root)
-        clean = _run_tests(root, mutation.tests)
-        target = root / mutation.path
-        text = target.read_text()
-        if text.count(mutation.old) != 1:
-            raise SystemExit(f"{mutation.name}: source text not found exactly once in "
-                             f"{mutation.path}; update the mutation")
-        target.write_text(text.replace(mutation.old, mutation.new))
-        return clean, not _run_tests(root, mutation.tests)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="names of mutations to run")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
-    ok = True
-    for m in chosen:
-        clean, caught = check(m)
-        verdict = "caught" if clean and caught else ("TESTS FAIL UNMUTATED" if not clean
-                                                      else "SURVIVED")
-        print(f"{m.name:28s} {verdict}", flush=True)
-        ok &= clean and caught
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as tmp:
+        root = Path(tmp)
+        _copy_tree(root)
+        guards = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        if not _run_tests(root, guards):
+            print("the guarding tests fail on the unmutated tree: nothing to check")
+            return 1
+        ok = True
+        for m in chosen:
+            target = root / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                print(f"{m.name:28s} source text not found exactly once in {m.path}")
+                ok = False
+                continue
+            target.write_text(text.replace(m.old, m.new))
+            try:
+                caught = not _run_tests(root, m.tests)
+            finally:
+                target.write_text(text)
+            print(f"{m.name:28s} {'caught' if caught else 'SURVIVED'}", flush=True)
+            ok &= caught
     print("all mutations caught" if ok else "mutation check FAILED")
     return 0 if ok else 1
 
