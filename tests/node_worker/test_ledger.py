@@ -186,3 +186,26 @@ async def test_restarted_node_resends_the_same_release(
     a, b = both[0], both[1]
     for k in ("status", "response", "rdp_epsilons", "privacy_cost", "tokens"):
         assert a[k] == b[k]
+
+
+def test_delta_policy_and_defaults() -> None:
+    node = NodeSettings()
+    assert node.node_delta(persons=20) == 1e-5  # 1/(10·20) is larger: the default holds
+    assert node.node_delta(persons=100_000) == pytest.approx(1e-6)
+    assert node.max_query_epsilon == 1.0 and node.person_epsilon == 10.0
+
+
+def test_patient_loss_script_bounds_the_default_policy() -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "patient_loss.py"
+    spec = importlib.util.spec_from_file_location("patient_loss", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["patient_loss"] = mod
+    spec.loader.exec_module(mod)
+    rho, eps, delta, k = mod.worst_case(Settings(), NodeSettings())
+    assert k == 3 and delta == 1e-5
+    assert rho == pytest.approx(3 * rho_for_epsilon(epsilon=10.0, delta=1e-5))
+    assert 19.0 < eps < 21.0  # docs/privacy.md states ≈ 19.9

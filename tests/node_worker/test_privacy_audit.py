@@ -77,13 +77,13 @@ def _aggregate_audit(clinosim_source: Path, *, under_noised: bool, seed: int) ->
     if under_noised:
         agg.noisy_count = lambda *, value, sigma, rng: real(value=value, sigma=sigma / 10, rng=rng)
     try:
-        sel_in, sel_out = runs(world_in, 2000), runs(cohort, 2000)
+        sel_in, sel_out = runs(world_in, 1000), runs(cohort, 1000)
         best = max(range(int(sel_out.min()), int(sel_in.max()) + 2), key=lambda t: eps_lb(
-            int((sel_in >= t).sum()), 2000, int((sel_out >= t).sum()), 2000))
-        ev_in, ev_out = runs(world_in, 8000), runs(cohort, 8000)
+            int((sel_in >= t).sum()), 1000, int((sel_out >= t).sum()), 1000))
+        ev_in, ev_out = runs(world_in, 4000), runs(cohort, 4000)
     finally:
         agg.noisy_count = real
-    return eps_lb(int((ev_in >= best).sum()), 8000, int((ev_out >= best).sum()), 8000)
+    return eps_lb(int((ev_in >= best).sum()), 4000, int((ev_out >= best).sum()), 4000)
 
 
 def test_aggregate_audit_stays_under_claimed_epsilon(clinosim_source: Path) -> None:
