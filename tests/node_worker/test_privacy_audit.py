@@ -11,7 +11,7 @@ A deliberately under-noised variant (σ/10) must be caught (ε_lb > claimed ε).
 * text path: the engine's own retrieval and fixed-length prompts with a canary note, then
   :func:`services.node_worker.dp_decode.dp_decode` releasing one paid token (the model's
   forward passes are deterministic, so they are memoised; the vote and the noise run each time);
-  E = "the released token is the canary group's choice".
+  E = "token t is released" for the token t and direction chosen on a separate selection split.
 """
 
 from __future__ import annotations
@@ -115,19 +115,20 @@ def _text_audit(engine: Engine, *, under_noised: bool, seed: int) -> float:
     notes = [n for g in engine.records.partition for n in g]
     key = b"a" * 32
     canary_text = None
-    out_recs = HospitalRecords(notes, key=key, groups=4)
-    for i in range(40):  # a canary note that moves its group's greedy token
-        text = f"Xylophagia syndrome case {i}: " + " ".join(["xylophagia"] * (i % 7 + 1)) + (
-            f" treated with protocol {i * 37}.")
+    m = engine.groups
+    out_recs = HospitalRecords(notes, key=key, groups=m)
+    fillers = ["zz ", "!!!! ", "1 2 3 ", "qq ", "assistant: Yes. ", "xylophagia ", "% "]
+    for i in range(len(fillers) * 2):  # a long canary note that moves its group's greedy token
+        text = f"Xylophagia syndrome case {i}. " + fillers[i % len(fillers)] * (100 + 50 * (i // 7))
         canary = Note("canary-note", "CANARY", text)
-        in_recs = HospitalRecords([*notes, canary], key=key, groups=4)
+        in_recs = HospitalRecords([*notes, canary], key=key, groups=m)
         prompts_in = [engine.encode(QUESTION, c) for c in in_recs.retrieve(QUESTION, per_group=1)]
         prompts_out = [engine.encode(QUESTION, c) for c in out_recs.retrieve(QUESTION,
                                                                              per_group=1)]
         dec = Memo(BatchedDecoder(engine.lm.model, device=engine.lm.device, pad_id=0))
         pub, gin = dec.prefill(engine.encode(QUESTION, None), prompts_in)
         _, gout = dec.prefill(engine.encode(QUESTION, None), prompts_out)
-        changed = [g for g in range(4) if not torch.equal(gin[g], gout[g])]
+        changed = [g for g in range(m) if not torch.equal(gin[g], gout[g])]
         assert len(changed) <= 1
         cand = torch.topk(pub, k=32).indices
         if changed and int(gin[changed[0]][cand].argmax()) != int(gout[changed[0]][cand].argmax()):
@@ -139,35 +140,46 @@ def _text_audit(engine: Engine, *, under_noised: bool, seed: int) -> float:
     cfg = DPDecodeConfig(use_svt=False, target_paid_tokens=1, vote_temperature=0.0,
                          public_confidence=0.0)
     rng = random.Random(seed)
-    real = dpd.calibrate
+    real = dpd.sample_discrete_gaussian
 
-    def weak(*, rho, groups, config):  # noqa: ANN001
-        import dataclasses
+    def weak(*, sigma, size, rng):  # noqa: ANN001  (the accounting still claims σ)
+        return real(sigma=sigma / 10, size=size, rng=rng)
 
-        cal = real(rho=rho, groups=groups, config=config)
-        return dataclasses.replace(cal, sigma=cal.sigma / 10)
-
-    def hits(prompts: list[list[int]], n: int) -> int:
-        k = 0
+    def released(prompts: list[list[int]], n: int) -> np.ndarray:
+        out = []
         for _ in range(n):
             res = dpd.dp_decode(dec, public_prompt=engine.encode(QUESTION, None),
                                 group_prompts=prompts, rho=rho, delta=DELTA, max_tokens=1,
                                 stop_ids=[], config=cfg, rng=rng)
-            k += res.token_ids == [target]
-        return k
+            out.append(res.token_ids[0])
+        return np.array(out)
+
+    def bound(a: np.ndarray, b: np.ndarray, t: int) -> float:
+        """ε lower bound from the event "token t released", world a against world b."""
+        return eps_lb(int((a == t).sum()), len(a), int((b == t).sum()), len(b))
 
     if under_noised:
-        dpd.calibrate = weak
+        dpd.sample_discrete_gaussian = weak
     try:
-        n = 1500
-        return eps_lb(hits(prompts_in, n), n, hits(prompts_out, n), n)
+        # Choose the event (a token, and which world it points to) on a selection split, then
+        # bound it on fresh runs.
+        sel_in, sel_out = released(prompts_in, 400), released(prompts_out, 400)
+        events = [(t, d) for t in {target, *sel_in.tolist(), *sel_out.tolist()} for d in (0, 1)]
+
+        def sel_bound(e: tuple[int, int]) -> float:
+            return bound(sel_in, sel_out, e[0]) if e[1] == 0 else bound(sel_out, sel_in, e[0])
+
+        t, d = max(events, key=sel_bound)
+        ev_in, ev_out = released(prompts_in, 1500), released(prompts_out, 1500)
+        return bound(ev_in, ev_out, t) if d == 0 else bound(ev_out, ev_in, t)
     finally:
-        dpd.calibrate = real
+        dpd.sample_discrete_gaussian = real
 
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
-    return Engine(Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4,
+    # Two groups: the canary's group is pivotal, the strongest case for the auditor.
+    return Engine(Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=2,
                   rng=random.Random(0))
 
 
