@@ -11,8 +11,9 @@ Query (the request's prompt when ``kind == "aggregate"``; a dict or its JSON tex
      "top": 5,                  # optional, histogram: how many candidates the text names
      "max_per_patient": 8}      # optional, histogram: contribution cap K
 
-Neighbouring relation: one patient (all of their records) added or removed. Each patient is one
-row (:mod:`services.node_worker.cohort`), so every release below has a stated sensitivity:
+Neighbouring relation: one person (all of their records) added or removed. Each patient is one
+row (:mod:`services.node_worker.cohort`) and a person (a mother and her newborn are one) counts
+through one matching row only, so every release below has a stated sensitivity:
 
 * ``count``: number of matching patients, Δ = 1.
 * ``sum``: Σ clip(x, lo, hi) over matching patients on the grid (1/g)ℤ, Δ = max(|lo|, |hi|)
@@ -397,7 +398,7 @@ def answer_on_cohort(
         raise ValueError(f"no zCDP budget for epsilon={epsilon} at delta={delta}")
     if rho < full:  # report the ε this release is calibrated to, not the reservation's
         epsilon = min(epsilon, PrivacyCurve.from_rho(rho).epsilon(delta=delta))
-    matched = [p for p in cohort.patients if q.matches(p)]
+    matched = _one_row_per_person(q, cohort)
     common = dict(
         op=q.op,
         field=q.field,
@@ -481,6 +482,32 @@ def answer_on_cohort(
             **common,
         )
     return _with_text(a, q)
+
+
+def _one_row_per_person(q: AggregateQuery, cohort: Cohort) -> list[PatientRecord]:
+    """The matching rows, at most one per person (the first by patient id): the unit of privacy
+    is a person, so linked rows (a mother and her newborn) contribute as one."""
+    seen: set[str] = set()
+    out = []
+    for p in sorted(cohort.patients, key=lambda r: r.patient_id):
+        if p.person not in seen and q.matches(p):
+            seen.add(p.person)
+            out.append(p)
+    return out
+
+
+def affected_persons(query: AggregateQuery, cohort: Cohort) -> set[str]:
+    """Persons whose records can change this query's release: those with a matching row.
+    Removing a person with no matching row leaves every count, sum and histogram unchanged,
+    so their individual loss is 0 (docs/privacy.md)."""
+    return {p.person for p in cohort.patients if query.matches(p)}
+
+
+def without_persons(cohort: Cohort, exclude: frozenset[str]) -> Cohort:
+    """The cohort minus the persons at their cap (as if their records were absent)."""
+    if not exclude:
+        return cohort
+    return replace(cohort, patients=tuple(p for p in cohort.patients if p.person not in exclude))
 
 
 def _clamp(x: float, bounds: tuple[float, float]) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ __all__ = [
     "medication_vocabulary",
 ]
 
+_SLUG_SYSTEM = "urn:clinosim:identifier:population-slug"
+_LINKED_SUFFIX = re.compile(r"-BABY\d*$")  # a newborn's records belong to the mother's person
 _MEDICATION_RESOURCES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")
 _SEX = {"female": "F", "male": "M", "other": "O", "unknown": "U"}
 _EXCLUDED_STATUS = {"entered-in-error", "refuted"}
@@ -70,6 +73,13 @@ class PatientRecord:
     diagnoses: tuple[Diagnosis, ...]
     medications: tuple[Medication, ...]
     encounters: int
+    person_id: str = ""
+    """The person the row belongs to (a newborn's row is the mother's person); the unit of
+    privacy. Empty: the row is its own person (``patient_id``)."""
+
+    @property
+    def person(self) -> str:
+        return self.person_id or self.patient_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +201,10 @@ def _load_cached(fhir: Path, cohort_dir: Path, mtime_ns: int) -> Cohort:
     patients: dict[str, PatientRecord] = {}
     for r in _read_ndjson(fhir / "Patient.ndjson"):
         pid = str(r["id"])
+        slug = next((str(i.get("value", "")) for i in r.get("identifier") or []
+                     if i.get("system") == _SLUG_SYSTEM), "")
         patients[pid] = PatientRecord(
+            person_id=_LINKED_SUFFIX.sub("", slug) if slug else "",
             patient_id=pid,
             age=_age(r.get("birthDate"), at),
             sex=_SEX.get(str(r.get("gender", "unknown")), "U"),

@@ -5,14 +5,19 @@ disjoint groups by a keyed hash of the patient id and each group retrieves from 
 (:mod:`services.node_worker.records`), so a neighbouring dataset changes **at most one** of the
 ``m`` group-conditioned prompts. A further "public" prompt carries no records at all.
 
-Each decoding step runs **one batched forward pass** (with KV cache) over the ``m + 1`` prompts,
-all continued with the same already-released tokens:
+Each decoding step runs **two forward passes** (with KV cache), all rows continued with the same
+already-released tokens: one over the ``m`` group prompts, which all have the same public token
+length (so the batch has a data-independent shape and no padding), and one over the public
+prompt **alone**, so its logits cannot depend on any record (:class:`SplitDecoder`).
 
 1. Candidates ``C``: the public pass's top-k tokens plus the stop tokens. They depend only on
    the question and on released tokens, so restricting to them is data-independent.
 2. Votes: group i's distribution over ``C`` (softmax of its logits at ``vote_temperature``, or a
    one-hot vote when it is 0), put on the integer grid ``v_i = ⌊g·p_i⌋`` (``g`` =
-   ``granularity``). ``v_i ≥ 0`` and ``‖v_i‖₁ ≤ g``, so replacing one group's vote moves the
+   ``granularity``). The softmax is computed in log space in float64; any non-finite value
+   fails closed (:class:`NonFiniteVotes`); each row is clipped to ``v_i ≥ 0``, ``‖v_i‖₁ ≤ g``
+   (:func:`clip_votes`), whatever the logits. The temperature must be 0 or in the public
+   range [``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``] (:func:`check_temperature`). Then replacing one group's vote moves the
    histogram ``H = Σ v_i`` by at most ``√(‖v_i‖₂² + ‖v_i'‖₂²) ≤ √2·g`` in L2 (Δ₂ = √2·g) and
    changes any single coordinate by at most ``g`` (Δ₁ of the SVT query below = g).
 3. Sparse vector test (Lyu, Su & Li 2017, "Understanding the Sparse Vector Technique", Alg. 1
@@ -55,6 +60,7 @@ import torch
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.mechanisms import sample_discrete_gaussian, sample_discrete_laplace
 from fedllm.privacy.rdp import DEFAULT_ORDERS, gaussian_rdp, pure_dp_rdp
+from services.node_worker.settings import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 Rng = random.Random | np.random.Generator
 
@@ -63,6 +69,25 @@ _SAFETY = 1.0 - 1e-9
 
 
 # --------------------------------------------------------------------------- configuration
+
+
+class NonFiniteVotes(RuntimeError):
+    """A logit or vote probability was not finite: the mechanism fails closed (and is charged)."""
+
+
+class InvalidTemperature(ValueError):
+    """A vote temperature outside the public range."""
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if it is 0 or within [MIN_TEMPERATURE, MAX_TEMPERATURE]; else raises."""
+    t = float(temperature)
+    if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+        raise InvalidTemperature(
+            f"temperature must be 0 or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]; got {t!r}"
+        )
+    return t
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +125,7 @@ class DPDecodeConfig:
             raise ValueError("svt_threshold must be in [0, 1]")
         if self.candidate_k < 1:
             raise ValueError("candidate_k must be >= 1")
-        if self.vote_temperature < 0:
-            raise ValueError("vote_temperature must be >= 0")
+        check_temperature(self.vote_temperature)
         if self.granularity < 1:
             raise ValueError("granularity must be >= 1")
 
@@ -213,6 +237,28 @@ class BatchedDecoder:
         return out.logits[:, -1, :].float()
 
 
+class SplitDecoder:
+    """The record-free public row in its own forward pass; the m group rows in another.
+
+    The group prompts must all have one length (the engine makes it a public constant), so
+    the group batch has a data-independent shape; the public row never shares a batch with a
+    record, so its logits are bit-identical on neighbouring data sets.
+    """
+
+    def __init__(self, groups: BatchedDecoder) -> None:
+        self.groups = groups
+        self.public = BatchedDecoder(groups.model, device=groups.device, pad_id=groups.pad_id)
+
+    def prefill(
+        self, public_prompt: Sequence[int], group_prompts: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pub = self.public.prefill([list(public_prompt)])[0]
+        return pub, self.groups.prefill([list(p) for p in group_prompts])
+
+    def step(self, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.public.step(token_id)[0], self.groups.step(token_id)
+
+
 # --------------------------------------------------------------------------- the decoder
 
 
@@ -250,18 +296,36 @@ class DPDecodeResult:
     calibration: Calibration | None = None
 
 
+def clip_votes(votes: np.ndarray, granularity: int) -> np.ndarray:
+    """Each row clipped to entries in [0, g] and L1 norm ≤ g (rows over g scaled down, floored).
+
+    The sensitivity analysis assumes exactly this, so it is enforced rather than trusted.
+    """
+    v = np.clip(np.asarray(votes, dtype=np.int64), 0, granularity)
+    l1 = v.sum(axis=1, keepdims=True)
+    over = (l1 > granularity).ravel()
+    if over.any():
+        v[over] = (v[over] * granularity) // l1[over]
+    return v
+
+
 def _votes(
     logits: torch.Tensor, cand: torch.Tensor, *, temperature: float, granularity: int
 ) -> np.ndarray:
-    """Integer votes ⌊g·p_i⌋ of each row over the candidates, shape (rows, |C|)."""
+    """Integer votes ⌊g·p_i⌋ of each row over the candidates, shape (rows, |C|), clipped."""
     sub = logits[:, cand].double()
+    if not bool(torch.isfinite(sub).all()):
+        raise NonFiniteVotes("non-finite logits")
     if temperature <= 0:
         p = torch.zeros_like(sub)
         p[torch.arange(sub.shape[0]), sub.argmax(dim=-1)] = 1.0
     else:
-        p = torch.softmax(sub / temperature, dim=-1)
+        z = sub / check_temperature(temperature)
+        p = torch.exp(z - torch.logsumexp(z, dim=-1, keepdim=True))  # log space: no overflow
+    if not bool(torch.isfinite(p).all()):
+        raise NonFiniteVotes("non-finite vote probabilities")
     v = torch.floor(p * granularity).to(torch.int64).cpu().numpy()
-    return v
+    return clip_votes(v, granularity)
 
 
 def _candidates(public_logits: torch.Tensor, *, k: int, stop_ids: Sequence[int]) -> torch.Tensor:
@@ -274,7 +338,7 @@ def _candidates(public_logits: torch.Tensor, *, k: int, stop_ids: Sequence[int])
 
 
 def dp_decode(
-    decoder: BatchedDecoder,
+    decoder: BatchedDecoder | SplitDecoder,
     *,
     public_prompt: Sequence[int],
     group_prompts: Sequence[Sequence[int]],
@@ -289,13 +353,18 @@ def dp_decode(
 ) -> DPDecodeResult:
     """Release up to ``max_tokens`` tokens privately; spends at most the curve ρ·α.
 
-    ``group_prompts[i]`` is group i's prompt (its records + the question) and
-    ``public_prompt`` the record-free one. Returns the tokens and the RDP curve actually spent
-    (the composition of the mechanism runs in ``runs``).
+    ``group_prompts[i]`` is group i's prompt (its records + the question), all of one length,
+    and ``public_prompt`` the record-free one, run in its own forward pass. Returns the tokens
+    and the RDP curve actually spent (the composition of the mechanism runs in ``runs``).
+    Raises :class:`NonFiniteVotes` (fail closed) if a vote cannot be computed.
     """
     m = len(group_prompts)
     if m < 1:
         raise ValueError("need at least one group")
+    if len({len(p) for p in group_prompts}) != 1:
+        raise ValueError("group prompts must all have the same (public) length")
+    check_temperature(config.vote_temperature)
+    split = decoder if isinstance(decoder, SplitDecoder) else SplitDecoder(decoder)
     orders = tuple(float(a) for a in orders)
     a = np.asarray(orders)
     budget = rho * a
@@ -314,14 +383,16 @@ def dp_decode(
     else:
         token_cost = cal.token_rdp(orders)
         round_cost = cal.svt_rdp(orders) if config.use_svt else None
-        logits = decoder.prefill([list(public_prompt), *map(list, group_prompts)])
+        public_logits, logits = split.prefill(public_prompt, group_prompts)
         round_open = False
         noisy_threshold = 0
         while len(released) < max_tokens:
-            cand = _candidates(logits[0], k=config.candidate_k, stop_ids=stop_ids)
+            if not bool(torch.isfinite(public_logits).all()):
+                raise NonFiniteVotes("non-finite public logits")
+            cand = _candidates(public_logits, k=config.candidate_k, stop_ids=stop_ids)
             token: int | None = None
             if config.public_confidence > 0:
-                p_top = float(torch.softmax(logits[0].double(), dim=-1)[cand[0]])
+                p_top = float(torch.softmax(public_logits.double(), dim=-1)[cand[0]])
                 if p_top >= config.public_confidence:
                     token = int(cand[0])
                     free += 1
@@ -341,7 +412,7 @@ def dp_decode(
                         )[0]
                     )
                 # Disagreement with the public token: groups whose argmax differs (one-hot votes).
-                agree = _votes(logits[1:], cand, temperature=0.0, granularity=cal.granularity)
+                agree = _votes(logits, cand, temperature=0.0, granularity=cal.granularity)
                 q = m * cal.granularity - int(agree[:, 0].sum())
                 nu = int(
                     sample_discrete_laplace(scale=4 * cal.granularity / cal.eps_svt, size=1, rng=rng)[0]
@@ -360,7 +431,7 @@ def dp_decode(
                     MechanismRun("gaussian", sigma=cal.sigma, sensitivity=cal.sensitivity)
                 )
                 hist = _votes(
-                    logits[1:], cand, temperature=config.vote_temperature,
+                    logits, cand, temperature=config.vote_temperature,
                     granularity=cal.granularity,
                 ).sum(axis=0)
                 noise = sample_discrete_gaussian(sigma=cal.sigma, size=len(hist), rng=rng)
@@ -372,7 +443,7 @@ def dp_decode(
                 break
             if len(released) >= max_tokens:
                 break
-            logits = decoder.step(token)
+            public_logits, logits = split.step(token)
     curve = PrivacyCurve.from_array(orders=orders, values=spent)
     eps = curve.epsilon(delta=delta) if paid + rounds else 0.0
     body = [t for t in released if t not in stop_ids]

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,10 +18,26 @@ from typing import Any
 from fedllm.common.config import Settings
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
+from services.node_worker.aggregate import (
+    AggregateQuery,
+    affected_persons,
+    answer_on_cohort,
+    parse_query,
+    without_persons,
+)
 from services.node_worker.clinosim_data import ensure_clinosim
-from services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, dp_decode
+from services.node_worker.cohort import load_cohort
+from services.node_worker.dp_decode import (
+    BatchedDecoder,
+    DPDecodeConfig,
+    NonFiniteVotes,
+    check_temperature,
+    dp_decode,
+)
+from services.node_worker.ledger import NodeLedger
 from services.node_worker.model import LoadedModel, load_model
-from services.node_worker.records import HospitalRecords, Note, hospital_key
+from services.node_worker.records import HospitalRecords, Note, hospital_key, person_of
+from services.node_worker.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +45,24 @@ SYSTEM_PROMPT = (
     "You are a clinical assistant at a hospital. Answer the clinician's question briefly and "
     "factually in English. Use the patient notes when they are relevant."
 )
+
+
+#: Where the notes go in a group prompt (a marker no note or question contains).
+_SLOT = "\x00NOTES\x00"
+#: Public text of a group prompt when nothing matched, and the filler that pads every context.
+NO_MATCH_TEXT = "No patient note matched this question."
+FILLER_TEXT = " ."
+
+
+def open_ledger(
+    settings: Settings, hospital_id: str, node: NodeSettings, *, delta: float
+) -> NodeLedger:
+    """The hospital's own store, with its caps as zCDP ρ at the node's δ."""
+    return NodeLedger(
+        node.store_url(settings, hospital_id), hospital_id=hospital_id,
+        rho_cap=rho_for_epsilon(epsilon=node.lifetime_epsilon, delta=delta),
+        person_rho_cap=rho_for_epsilon(epsilon=node.person_epsilon, delta=delta),
+    )
 
 
 def hospital_dir(settings: Settings, hospital_id: str) -> Path:
@@ -52,8 +85,23 @@ def failed(reason: str, **extra: Any) -> dict[str, Any]:
     return {"status": "failed", "reason": reason, "is_private": False, **extra}
 
 
+def failed_charged(reason: str, *, rho: float, delta: float, orders: Sequence[float]) -> dict[str, Any]:
+    """A failure after a mechanism started: nothing released, the full reservation charged."""
+    curve = PrivacyCurve.from_rho(rho, orders)
+    return {
+        **failed(reason), "privacy_cost": curve.epsilon(delta=delta) if rho > 0 else 0.0,
+        "delta": delta, "rdp_orders": list(curve.orders), "rdp_epsilons": list(curve.values),
+    }
+
+
 class Engine:
-    """Answers RoutedRequests for one hospital. Build once per process (loads the model)."""
+    """Answers RoutedRequests for one hospital. Build once per process (loads the model).
+
+    What leaves the node is a function of the DP release and public parameters only: no
+    timings, no count of matched records (``records_used`` is always 0 on the wire), group
+    prompts of one public token length, the public prompt in its own forward pass, and the
+    reported spend is the full reservation (capped per query) once the records are touched.
+    """
 
     def __init__(
         self,
@@ -64,15 +112,19 @@ class Engine:
         groups: int = 8,
         notes_per_group: int = 1,
         max_note_chars: int = 600,
+        note_tokens: int = 160,
         config: DPDecodeConfig | None = None,
         rng: random.Random | None = None,
         orders: Sequence[float] = DEFAULT_ORDERS,
+        node_settings: NodeSettings | None = None,
+        ledger: NodeLedger | None = None,
     ) -> None:
         self.settings = settings
         self.hospital_id = hospital_id
         self.groups = groups
         self.notes_per_group = notes_per_group
         self.max_note_chars = max_note_chars
+        self.context_tokens = notes_per_group * note_tokens
         # Confident public tokens are released for free (see docs/privacy.md): measured to give
         # far more coherent answers at the same ε with the 135M model.
         self.config = config or DPDecodeConfig(public_confidence=0.5)
@@ -81,11 +133,24 @@ class Engine:
         self.clinosim_dir = ensure_hospital_data(settings, hospital_id)
         key = hospital_key(hospital_dir(settings, hospital_id) / "partition.key")
         self.records = HospitalRecords.from_dir(self.clinosim_dir, key=key, groups=groups)
+        self.node = node_settings or NodeSettings()
+        persons = {person_of(n.patient_id) for g in self.records.partition for n in g}
+        # The size of the data set is public hospital metadata; δ ≤ 1/(10·persons).
+        self.delta = self.node.node_delta(persons=len(persons))
+        self.query_rho_cap = self._rho(self.node.max_query_epsilon)
+        self.ledger = ledger or open_ledger(settings, hospital_id, self.node, delta=self.delta)
         self.lm = model or load_model(data_dir=settings.data_dir)
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",
             hospital_id, self.records.n_notes, groups, self.lm.name, self.lm.device,
         )
+
+    def budget_room(self) -> float:
+        """Share of the hospital's lifetime budget left, for the heartbeat's coarse level."""
+        return self.ledger.lifetime_room()
+
+    def _rho(self, epsilon: float) -> float:
+        return rho_for_epsilon(epsilon=epsilon, delta=self.delta, orders=self.orders)
 
     @property
     def model_name(self) -> str:
@@ -97,23 +162,37 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
 
-    def _messages(self, question: str, notes: Sequence[Note] | None) -> list[dict[str, str]]:
+    def _template(self, question: str, *, with_notes: bool) -> str:
+        user = f"Patient notes:\n{_SLOT}\n\nQuestion: {question}" if with_notes else (
+            f"Question: {question}")
+        msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        return str(self.lm.tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=False))
+
+    def _ids(self, text: str) -> list[int]:
+        return [int(t) for t in self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def _context(self, notes: Sequence[Note]) -> list[int]:
+        """The notes as exactly ``context_tokens`` tokens: truncated, or padded with filler."""
         if notes:
             body = "\n\n".join(
                 f"[Note {i + 1}]\n{n.text[: self.max_note_chars]}" for i, n in enumerate(notes)
             )
-            user = f"Patient notes:\n{body}\n\nQuestion: {question}"
         else:
-            user = f"Question: {question}"
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+            body = NO_MATCH_TEXT
+        ids = self._ids(body)[: self.context_tokens]
+        filler = self._ids(FILLER_TEXT)
+        while len(ids) < self.context_tokens:
+            ids.extend(filler[: self.context_tokens - len(ids)])
+        return ids
 
     def encode(self, question: str, notes: Sequence[Note] | None) -> list[int]:
-        ids = self.lm.tokenizer.apply_chat_template(
-            self._messages(question, notes), add_generation_prompt=True, tokenize=True,
-        )
-        if hasattr(ids, "keys"):  # a BatchEncoding in some tokenizer versions
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        """The public prompt (``notes`` None: no record at all) or a group prompt (a list,
+        possibly empty) whose token length depends on the question only."""
+        if notes is None:
+            return self._ids(self._template(question, with_notes=False))
+        head, tail = self._template(question, with_notes=True).split(_SLOT)
+        return self._ids(head) + self._context(notes) + self._ids(tail)
 
     def stop_ids(self) -> list[int]:
         """Tokens that end the answer: EOS, end of turn, start of a new turn."""
@@ -129,7 +208,6 @@ class Engine:
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """InferenceResult fields for a RoutedRequest (status, response, privacy cost, ...)."""
-        started = time.perf_counter()
         try:
             inner = request["request"]
             kind = inner.get("kind", "generate") or "generate"
@@ -137,35 +215,69 @@ class Engine:
             delta = float(request["delta"])
             share = float(request.get("budget_share", 1.0))
             parts = int(request.get("parts", 1))
+            key = (str(request["request_id"]), int(request.get("attempt", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             return failed(f"malformed routed request: {exc!r}")
         if not (math.isfinite(epsilon) and epsilon >= 0 and 0 < delta < 1):
             return failed("invalid reserved epsilon or delta")
         if not (math.isfinite(share) and 0 < share <= 1) or parts < 1:
             return failed("invalid budget share or part count")
+        # This node's part of the reservation, capped per query (the accountant refunds the rest).
+        rho = share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders)
+        rho = min(rho, self.query_rho_cap)
         if parts > 1 and kind != "aggregate":
-            out = failed("only aggregate queries can be answered in parts")
+            return failed("only aggregate queries can be answered in parts")
+        temperature, query = 0.0, None
+        if kind == "generate":
+            try:
+                temperature = check_temperature(float(inner.get("temperature", 1.0)))
+            except (TypeError, ValueError) as exc:  # fail closed, and charged (issue #11)
+                return failed_charged(str(exc), rho=rho, delta=delta, orders=self.orders)
         elif kind == "aggregate":
-            out = self._aggregate(inner, epsilon=epsilon, delta=delta, share=share, parts=parts)
-        elif kind == "generate":
-            out = self._generate(inner, epsilon=epsilon, delta=delta, share=share)
+            try:  # the query is public: an invalid one is refused before anything is drawn
+                query = parse_query(inner.get("prompt", ""))
+            except ValueError as exc:
+                return failed(f"invalid aggregate query: {exc}")
         else:
-            out = failed(f"unknown request kind {kind!r}")
-        out["model_time_ms"] = (time.perf_counter() - started) * 1000.0
-        return out
+            return failed(f"unknown request kind {kind!r}")
+        if not rho > 0:
+            return self._ok(text="", curve=PrivacyCurve.zero(self.orders), delta=delta, tokens=0)
+        seen = self.ledger.begin(*key, rho=rho)  # before any record is read
+        if seen is not None:
+            if seen.state == "refused":
+                return failed("the hospital's lifetime privacy budget cannot cover this query")
+            if seen.state == "released" and seen.fields is not None:
+                return seen.fields
+            return failed_charged("the node restarted during the mechanism; nothing released",
+                                  rho=seen.rho, delta=delta, orders=self.orders)
+        capped = self.ledger.capped_persons(rho=rho)
+        try:
+            if query is not None:
+                return self._aggregate(query, key=key, rho=rho, epsilon=epsilon, delta=delta,
+                                       parts=parts, exclude=capped)
+            return self._generate(inner, key=key, rho=rho, delta=delta, temperature=temperature,
+                                  exclude=capped)
+        except NonFiniteVotes as exc:
+            log.error("mechanism failed closed: %s", exc)
+            return failed_charged(f"mechanism failed closed: {exc}", rho=rho, delta=delta,
+                                  orders=self.orders)
 
     def _generate(
-        self, inner: dict[str, Any], *, epsilon: float, delta: float, share: float = 1.0
+        self, inner: dict[str, Any], *, key: tuple[str, int], rho: float, delta: float,
+        temperature: float, exclude: frozenset[str],
     ) -> dict[str, Any]:
         question = str(inner.get("prompt", ""))[: self.settings.max_prompt_chars]
         max_tokens = max(0, min(int(inner.get("max_tokens", 64)), self.settings.max_tokens_limit))
-        temperature = float(inner.get("temperature", 1.0))
-        config = self.config
-        if math.isfinite(temperature) and 0 <= temperature <= 2:
-            config = replace(config, vote_temperature=temperature)
-        rho = rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders) if epsilon else 0.0
-        rho *= share  # this node's part of the reservation
-        contexts = self.records.retrieve(question, per_group=self.notes_per_group)
+        config = replace(self.config, vote_temperature=temperature)
+        contexts = self.records.retrieve(question, per_group=self.notes_per_group, exclude=exclude)
+        # Who can be affected: every person of a group that matched (BM25 statistics and ranks
+        # depend on all of them); a group with no match gives the filler prompt with or without
+        # any one of its persons, so they are not charged (docs/privacy.md).
+        affected: set[str] = set()
+        for g, notes in enumerate(contexts):
+            if notes:
+                affected |= self.records.persons(g, exclude=exclude)
+        self.ledger.charge_persons(*key, affected, rho=rho)
         group_prompts = [self.encode(question, notes) for notes in contexts]
         public_prompt = self.encode(question, None)
         tok = self.lm.tokenizer
@@ -176,60 +288,36 @@ class Engine:
             rng=self.rng, orders=self.orders,
             detokenize=lambda ids: tok.decode(ids, skip_special_tokens=True).strip(),
         )
-        log.info(
-            "dp answer: %d tokens (%d paid, %d free, %d svt rounds), stop=%s, eps=%.4f",
+        log.debug(
+            "dp answer: %d tokens (%d paid, %d free, %d svt rounds), stop=%s",
             len(res.token_ids), res.paid_tokens, res.free_tokens, res.svt_rounds,
-            res.stop_reason, res.epsilon,
+            res.stop_reason,
         )
-        return self._ok(
-            text=res.text, curve=res.curve, delta=delta, tokens=len(res.token_ids),
-            records_used=sum(len(c) for c in contexts),
-        )
+        # The spend reported is the whole reservation: what the mechanism used depends on data.
+        return self._ok(text=res.text, curve=PrivacyCurve.from_rho(rho, self.orders),
+                        delta=delta, tokens=len(res.token_ids))
 
     def _aggregate(
-        self, inner: dict[str, Any], *, epsilon: float, delta: float, share: float = 1.0,
-        parts: int = 1,
+        self, query: AggregateQuery, *, key: tuple[str, int], rho: float, epsilon: float,
+        delta: float, parts: int, exclude: frozenset[str],
     ) -> dict[str, Any]:
-        """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most
-        ``share``·ρ of the reservation and returns status "partial" with its noisy release in
+        """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most its
+        share of the reservation and returns status "partial" with its noisy release in
         ``aggregate_json``, for the router to combine with the other hospitals' parts."""
-        try:
-            from services.node_worker import aggregate
-        except ImportError:
-            return failed("aggregate queries are not available on this node")
-        try:
-            query = json.loads(inner.get("prompt", ""))
-        except ValueError:
-            return failed("aggregate prompt is not valid JSON")
-        extra: dict[str, Any] = {}
-        if share < 1:
-            extra["rho"] = share * rho_for_epsilon(epsilon=epsilon, delta=delta)
-        try:
-            res = aggregate.answer_aggregate(
-                query=query, cohort_dir=self.clinosim_dir, epsilon=epsilon, delta=delta,
-                rng=self.rng, **extra,
-            )
-        except ValueError as exc:  # an invalid query: nothing was released
-            return failed(f"invalid aggregate query: {exc}")
-        curve: PrivacyCurve = res.curve
-        reserved = PrivacyCurve.from_rho(
-            share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=curve.orders),
-            curve.orders,
+        cohort = without_persons(load_cohort(self.clinosim_dir), exclude)
+        self.ledger.charge_persons(*key, affected_persons(query, cohort), rho=rho)
+        res = answer_on_cohort(
+            query=query, cohort=cohort, epsilon=epsilon, delta=delta, rng=self.rng, rho=rho,
         )
-        if not reserved.dominates(curve):
-            log.error("aggregate spent more than reserved; reporting the true spend")
-        out = self._ok(
-            text=res.text, curve=curve, delta=delta, tokens=0, records_used=int(res.records_used)
-        )
+        # The calibrated curve depends on ρ and the query only (never on the data).
+        out = self._ok(text=res.text, curve=res.curve, delta=delta, tokens=0)
         if parts > 1:
             out["status"] = "partial"
             out["aggregate_json"] = json.dumps(_release(res), separators=(",", ":"))
         return out
 
     @staticmethod
-    def _ok(
-        *, text: str, curve: PrivacyCurve, delta: float, tokens: int, records_used: int
-    ) -> dict[str, Any]:
+    def _ok(*, text: str, curve: PrivacyCurve, delta: float, tokens: int) -> dict[str, Any]:
         return {
             "status": "ok",
             "reason": "",
@@ -240,7 +328,7 @@ class Engine:
             "rdp_orders": list(curve.orders),
             "rdp_epsilons": list(curve.values),
             "tokens": tokens,
-            "records_used": records_used,
+            "records_used": 0,  # never leaves the node
         }
 
 
@@ -258,7 +346,7 @@ def _release(res: Any) -> dict[str, Any]:
         "count_sd": res.count_sd,
         "sum_sd": res.sum_sd,
         "histogram": [list(kv) for kv in res.histogram] if res.histogram is not None else None,
-        "records_used": int(res.records_used),
+        "records_used": 0,  # never leaves the node
         "epsilon": res.epsilon,
         "delta": res.delta,
     }

@@ -8,6 +8,12 @@ records added or removed". For that to change **at most one** group's prompt:
   patients does not depend on whether this patient is present;
 * retrieval inside a group ranks that group's notes with BM25 statistics (IDF, average length)
   computed from **that group only**, so adding a patient to group j cannot re-rank group i.
+
+The unit is a **person**: linked records (a newborn ``POP-7-BABY`` and the mother ``POP-7``,
+whose notes state the delivery) belong to one person, :func:`person_of`, and share a group.
+
+Retrieval does the same work for every query: exactly :data:`QUERY_TERMS` term slots are scored
+against every note of every group, whatever the question and whether anything matches.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from pathlib import Path
 NOTES_GLOB = "cif/narratives/template/documents/*/*.json"
 PATIENTS_GLOB = "cif/structural/patients/*.json"
 _PATIENT_IN_ENCOUNTER = re.compile(r"(POP-\d+(?:-BABY)?)")
+_LINKED_SUFFIX = re.compile(r"-BABY\d*$")
+#: Term slots scored per query (longer questions are truncated, shorter ones padded).
+QUERY_TERMS = 32
 _WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
 _STOP = frozenset(
     "a an and are as at be by for from has have in is it of on or that the this to was were "
@@ -114,11 +123,16 @@ def hospital_key(key_file: Path) -> bytes:
     return key_file.read_bytes()
 
 
+def person_of(patient_id: str) -> str:
+    """The person a record belongs to: a newborn's records (``…-BABY``) are the mother's."""
+    return _LINKED_SUFFIX.sub("", patient_id)
+
+
 def group_of(patient_id: str, *, key: bytes, groups: int) -> int:
-    """The group (0..groups-1) of a patient: HMAC-SHA256(key, patient_id) mod groups."""
+    """The group (0..groups-1) of a patient's person: HMAC-SHA256(key, person) mod groups."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1; got {groups}")
-    digest = hmac.new(key, patient_id.encode(), hashlib.sha256).digest()
+    digest = hmac.new(key, person_of(patient_id).encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") % groups
 
 
@@ -137,6 +151,12 @@ def tokenize(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
 
 
+def query_terms(query: str) -> list[str]:
+    """Exactly :data:`QUERY_TERMS` slots: the question's terms, truncated or padded with ""."""
+    terms = tokenize(query)[:QUERY_TERMS]
+    return terms + [""] * (QUERY_TERMS - len(terms))
+
+
 class GroupIndex:
     """Okapi BM25 (k1=1.5, b=0.75) over one group's notes, with statistics from that group only."""
 
@@ -153,15 +173,15 @@ class GroupIndex:
         self._idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
 
     def scores(self, query: str) -> list[float]:
-        terms = [t for t in tokenize(query) if t in self._idf]
+        """BM25 of every note; the same :data:`QUERY_TERMS` slots are scored for any query."""
+        terms = query_terms(query)
         out = []
         for tf, length in zip(self._tf, self._len, strict=True):
             s = 0.0
             norm = self.k1 * (1 - self.b + self.b * length / (self._avg or 1.0))
             for t in terms:
                 f = tf.get(t, 0)
-                if f:
-                    s += self._idf[t] * f * (self.k1 + 1) / (f + norm)
+                s += self._idf.get(t, 0.0) * f * (self.k1 + 1) / (f + norm)
             out.append(s)
         return out
 
@@ -190,6 +210,22 @@ class HospitalRecords:
     def n_notes(self) -> int:
         return sum(len(g) for g in self.partition)
 
-    def retrieve(self, question: str, *, per_group: int) -> list[list[Note]]:
-        """For each group, its own ``per_group`` notes most relevant to ``question``."""
-        return [idx.search(question, k=per_group) for idx in self.indexes]
+    def retrieve(
+        self, question: str, *, per_group: int, exclude: frozenset[str] = frozenset()
+    ) -> list[list[Note]]:
+        """For each group, its own ``per_group`` notes most relevant to ``question``, leaving
+        out the persons in ``exclude`` (those at their cap) as if their records were absent."""
+        return [idx.search(question, k=per_group) for idx in self.indexes_without(exclude)]
+
+    def indexes_without(self, exclude: frozenset[str]) -> list[GroupIndex]:
+        if not exclude:
+            return self.indexes
+        out = []
+        for notes, idx in zip(self.partition, self.indexes, strict=True):
+            kept = [n for n in notes if person_of(n.patient_id) not in exclude]
+            out.append(idx if len(kept) == len(notes) else GroupIndex(kept))
+        return out
+
+    def persons(self, group: int, *, exclude: frozenset[str] = frozenset()) -> set[str]:
+        """The persons with records in ``group`` (minus ``exclude``)."""
+        return {person_of(n.patient_id) for n in self.partition[group]} - exclude

@@ -6,8 +6,12 @@ InferenceResult per request to ``fedllm.node-results`` (key user_id), audits it,
 commits the offset (at-least-once). Heartbeats flow on their own task throughout, including
 while the model loads and while a request is being decoded.
 
-Replays: a request met again (same request_id and attempt) within this process gets the result
-already computed, so a redelivered request never triggers a second DP release.
+Replays: every result is persisted per (request_id, attempt) in the hospital's own store
+(:mod:`services.node_worker.ledger`) **before** it is published, so a redelivered request — even
+after a restart — gets exactly the release already made and never triggers a second draw.
+
+Nothing timing-related or record-dependent leaves the node: ``model_time_ms`` and
+``processing_time_ms`` are 0, ``records_used`` is 0, heartbeats report no latency.
 """
 
 from __future__ import annotations
@@ -60,9 +64,6 @@ class NodeState:
     load_error: str = ""
     queue_depth: int = 0
     in_flight: int = 0
-    latencies_ms: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=20)
-    )
     health: NodeHealth = field(default_factory=NodeHealth)
 
     @property
@@ -70,7 +71,8 @@ class NodeState:
         return self.engine is not None and not self.load_error
 
     def recent_latency_ms(self) -> float:
-        return sum(self.latencies_ms) / len(self.latencies_ms) if self.latencies_ms else 0.0
+        """Always 0: a node's latency depends on its records (issue #11), so it is not sent."""
+        return 0.0
 
 
 def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> dict[str, Any]:
@@ -108,7 +110,7 @@ def _budget_room(engine: Any) -> float | None:
 
 
 def result_record(
-    routed: dict[str, Any], fields: dict[str, Any], *, hospital_id: str, started_ms: int
+    routed: dict[str, Any], fields: dict[str, Any], *, hospital_id: str, started_ms: int = 0
 ) -> dict[str, Any]:
     """An InferenceResult for ``routed`` from the engine's fields (unknown keys dropped)."""
     inner = routed.get("request") or {}
@@ -129,15 +131,15 @@ def result_record(
         "rdp_epsilons": [],
         "remaining_budget": -1.0,
         "tokens": 0,
-        "records_used": 0,
-        "model_time_ms": 0.0,
-        "processing_time_ms": float(finished - started_ms),
+        "records_used": 0,  # never leaves the node
+        "model_time_ms": 0.0,  # timings depend on the records: never sent
+        "processing_time_ms": 0.0,
         "finished_at_ms": finished,
         "aggregate_json": "",
     }
     for k in (
         "status", "reason", "response", "is_private", "privacy_cost", "delta", "rdp_orders",
-        "rdp_epsilons", "tokens", "records_used", "model_time_ms", "aggregate_json",
+        "rdp_epsilons", "tokens", "aggregate_json",
     ):
         if k in fields:
             rec[k] = fields[k]
@@ -171,18 +173,24 @@ class NodeWorker:
         priority = str((routed.get("request") or {}).get("priority", "normal"))
         self.state.health.received(priority)
         key = (routed["request_id"], int(routed.get("attempt", 0)))
-        fields = self._answered.get(key)
         refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
+        ledger = getattr(self.state.engine, "ledger", None)
+        stored = (await asyncio.to_thread(ledger.lookup, *key)
+                  if ledger is not None and not refusal else None)
+        fields = stored.fields if stored is not None and stored.state == "released" else None
+        fields = fields if fields is not None else self._answered.get(key)
         if refusal:  # no reservation the accountant signed for this node: no release
             log.warning("refused routed request %s: %s", routed["request_id"], refusal)
             fields = failed_fields(f"refused: {refusal}")
             await self._refused(routed, refusal)
         elif fields is not None:
-            log.info("replayed request %s attempt %d: re-sending its result", *key)
+            log.info("replayed request %s attempt %d: re-sending its release", *key)
         elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
             fields = failed_fields("deadline passed before start")
         else:
             fields = await self._answer(routed)
+            if ledger is not None:  # persist before publishing; the stored copy is what goes out
+                fields = await asyncio.to_thread(ledger.release, *key, fields)
             self._answered[key] = fields
             while len(self._answered) > _REPLAY_CACHE:
                 self._answered.popitem(last=False)
@@ -200,8 +208,8 @@ class NodeWorker:
             await self.bus.send(
                 topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
             )
-        self.state.latencies_ms.append(record["processing_time_ms"])
-        self.state.health.answered(priority, latency_ms=record["processing_time_ms"],
+        # Wall time as the router sees it anyway; results themselves carry no timings.
+        self.state.health.answered(priority, latency_ms=float(now_ms() - started),
                                    ok=record["status"] in ("ok", "partial"))
         await self._audit(routed, record)
 
@@ -249,7 +257,7 @@ class NodeWorker:
                 role=inner.get("role", ""),
                 department=inner.get("department", ""),
                 hospital_id=self.hospital_id,
-                records_used=int(record["records_used"]),
+                records_used=0,  # never leaves the node
                 epsilon=float(record["privacy_cost"]),
                 delta=float(record["delta"]),
                 rdp_summary=summary,

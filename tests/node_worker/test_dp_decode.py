@@ -21,12 +21,12 @@ ORDERS = np.asarray(DEFAULT_ORDERS)
 def _prompts(tiny: LoadedModel, m: int) -> tuple[list[int], list[list[int]]]:
     tok = tiny.tokenizer
     public = tok("Question: what is the usual dose?")["input_ids"]
-    groups = [
-        tok(f"Note {i}: patient on {'metformin ' * (i + 1)}. Question: what is the usual dose?")[
-            "input_ids"
-        ]
-        for i in range(m)
-    ]
+    filler = tok(" .")["input_ids"][-1]
+    question = tok(" Question: what is the usual dose?")["input_ids"]
+    groups = []
+    for i in range(m):  # notes padded to one public length, as the engine does
+        note = tok(f"Note {i}: patient on {'metformin ' * (i + 1)}.")["input_ids"][:40]
+        groups.append(note + [filler] * (40 - len(note)) + question)
     return public, groups
 
 

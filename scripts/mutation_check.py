@@ -1,0 +1,136 @@
+"""Mutation check for the privacy mechanism (issue #11, item 7a).
+
+Each named mutation breaks the mechanism the way a plausible bug would. For every one, the
+source tree is copied to a temporary folder, the mutation is applied there by replacing source
+text (which must occur exactly once), and the tests that guard it are run against the copy.
+The check passes only if the unmutated copy passes those tests and **every** mutation makes
+at least one of them fail.
+
+    python scripts/mutation_check.py            # all mutations
+    python scripts/mutation_check.py --only svt_noise_halved
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+T = "tests/node_worker/test_side_channels.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = (
+    Mutation(
+        "vote_sensitivity_g", "services/node_worker/dp_decode.py",
+        "sens = math.sqrt(2.0) * g", "sens = 1.0 * g",
+        (f"{T}::test_vote_sensitivity_covers_the_worst_neighbour",),
+    ),
+    Mutation(
+        "svt_noise_halved", "services/node_worker/dp_decode.py",
+        "sample_discrete_laplace(scale=4 * cal.granularity / cal.eps_svt",
+        "sample_discrete_laplace(scale=2 * cal.granularity / cal.eps_svt",
+        (f"{T}::test_svt_noise_scales_match_lyu_su_li",),
+    ),
+    Mutation(
+        "notes_in_public_prompt", "services/node_worker/engine.py",
+        "public_prompt = self.encode(question, None)",
+        "public_prompt = self.encode(question, [n for c in contexts for n in c][:1])",
+        (f"{T}::test_public_prompt_used_by_the_engine_is_record_free",),
+    ),
+    Mutation(
+        "unclipped_votes", "services/node_worker/dp_decode.py",
+        "    v = np.clip(np.asarray(votes, dtype=np.int64), 0, granularity)\n",
+        "    return np.asarray(votes, dtype=np.int64)\n",
+        (f"{T}::test_votes_are_clipped_to_l1_g",),
+    ),
+    Mutation(
+        "bm25_global_statistics", "services/node_worker/records.py",
+        "        self.indexes = [GroupIndex(g) for g in self.partition]\n",
+        "        self.indexes = [GroupIndex(g) for g in self.partition]\n"
+        "        _all = GroupIndex([n for g in self.partition for n in g])\n"
+        "        for _idx in self.indexes:\n"
+        "            _idx._idf, _idx._avg = _all._idf, _all._avg\n",
+        (f"{T}::test_retrieval_statistics_are_per_group",),
+    ),
+    Mutation(
+        "temperature_unchecked", "services/node_worker/dp_decode.py",
+        "    t = float(temperature)\n    if not (t == 0.0",
+        "    t = float(temperature)\n    if False and not (t == 0.0",
+        (f"{T}::test_temperature_outside_public_range_fails_closed_and_charged",),
+    ),
+    Mutation(
+        "public_row_in_shared_batch", "services/node_worker/dp_decode.py",
+        "        pub = self.public.prefill([list(public_prompt)])[0]\n"
+        "        return pub, self.groups.prefill([list(p) for p in group_prompts])\n",
+        "        out = self.groups.prefill([list(public_prompt), *map(list, group_prompts)])\n"
+        "        return out[0], out[1:]\n",
+        (f"{T}::test_public_row_runs_alone_and_groups_in_one_fixed_shape",),
+    ),
+)
+
+
+def _copy_tree(dst: Path) -> None:
+    for name in ("fedllm", "services", "tests", "schemas"):
+        shutil.copytree(REPO / name, dst / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(REPO / "pyproject.toml", dst / "pyproject.toml")
+
+
+def _run_tests(root: Path, tests: tuple[str, ...]) -> bool:
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1",
+           "FEDLLM_TEST_CACHE": os.environ.get("FEDLLM_TEST_CACHE", str(REPO / ".fedllm"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *tests],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    return proc.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="names of mutations to run")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as tmp:
+        root = Path(tmp)
+        _copy_tree(root)
+        guards = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        if not _run_tests(root, guards):
+            print("the guarding tests fail on the unmutated tree: nothing to check")
+            return 1
+        ok = True
+        for m in chosen:
+            target = root / m.path
+            text = target.read_text()
+            if text.count(m.old) != 1:
+                print(f"{m.name:28s} source text not found exactly once in {m.path}")
+                ok = False
+                continue
+            target.write_text(text.replace(m.old, m.new))
+            try:
+                caught = not _run_tests(root, m.tests)
+            finally:
+                target.write_text(text)
+            print(f"{m.name:28s} {'caught' if caught else 'SURVIVED'}", flush=True)
+            ok &= caught
+    print("all mutations caught" if ok else "mutation check FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The data's own ledger, kept by each hospital in its own durable store (SQLAlchemy).
+
+Three things live here, keyed by hospital:
+
+* **releases**, one row per (request_id, attempt): written as ``started`` (with the reserved ρ)
+  before any record is read, and as ``released`` (with the exact result fields) before the
+  result is published. A redelivered request is answered from this row, so a restarted node
+  re-sends the same release and never draws new noise; a request found ``started`` but never
+  released (the node died mid-mechanism) is failed closed and still charged.
+* the **lifetime budget** of the hospital's data set: a zCDP ρ sum that every query touching
+  the records draws from, whatever the user, department or window. A query that does not fit
+  is refused before any record is read. There is no reset: the stored cap can only be lowered
+  by configuration, never raised, and nothing subtracts from the spend.
+* the **individual filter**: ρ charged to each person whose records entered a mechanism
+  (Feldman & Zrnic 2021, individual Rényi filters; with curves ρ·α the filter at every order is
+  the one test Σρ ≤ cap). Persons whose spend plus the next query's ρ would pass the cap are
+  left out of retrieval and aggregates.
+
+Everything here is internal to the hospital; none of it is ever released to requesters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    select,
+)
+
+from fedllm.common.db import make_engine
+from fedllm.common.kafka import now_ms
+
+metadata = MetaData()
+
+releases = Table(
+    "node_releases", metadata,
+    Column("hospital_id", String(128), primary_key=True),
+    Column("request_id", String(128), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("state", String(16), nullable=False),  # "started" | "released"
+    Column("rho", Float, nullable=False),
+    Column("persons_charged", Boolean, nullable=False, default=False),
+    Column("fields_json", Text, nullable=False, default=""),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+budgets = Table(
+    "node_budget", metadata,
+    Column("hospital_id", String(128), primary_key=True),
+    Column("rho_spent", Float, nullable=False),
+    Column("rho_cap", Float, nullable=False),
+)
+
+person_spend = Table(
+    "node_person_spend", metadata,
+    Column("hospital_id", String(128), primary_key=True),
+    Column("person_id", String(128), primary_key=True),
+    Column("rho_spent", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRelease:
+    state: str
+    rho: float
+    fields: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSummary:
+    hospital_id: str
+    rho_spent: float
+    rho_cap: float
+    persons_charged: int
+    persons_at_cap: int
+    person_rho_cap: float
+
+
+class NodeLedger:
+    """One hospital's store. ``rho_cap`` and ``person_rho_cap`` are the configured caps (zCDP)."""
+
+    def __init__(
+        self, url_or_engine: str | Engine, *, hospital_id: str, rho_cap: float,
+        person_rho_cap: float,
+    ) -> None:
+        self.engine = (
+            make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+        )
+        self.hospital_id = hospital_id
+        self.person_rho_cap = person_rho_cap
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(budgets.c.rho_cap).where(budgets.c.hospital_id == hospital_id)
+            ).first()
+            if row is None:
+                conn.execute(budgets.insert().values(
+                    hospital_id=hospital_id, rho_spent=0.0, rho_cap=rho_cap))
+            elif rho_cap < row.rho_cap:  # configuration may lower the cap, never raise it
+                conn.execute(budgets.update().where(budgets.c.hospital_id == hospital_id)
+                             .values(rho_cap=rho_cap))
+
+    def _key(self, request_id: str, attempt: int) -> Any:
+        return and_(releases.c.hospital_id == self.hospital_id,
+                    releases.c.request_id == request_id, releases.c.attempt == attempt)
+
+    def lookup(self, request_id: str, attempt: int) -> StoredRelease | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
+        if row is None:
+            return None
+        return StoredRelease(state=row.state, rho=row.rho,
+                             fields=json.loads(row.fields_json) if row.fields_json else None)
+
+    def begin(self, request_id: str, attempt: int, *, rho: float) -> StoredRelease | None:
+        """Draw ``rho`` from the lifetime budget and mark the request started, atomically.
+
+        Returns None when it was drawn; the stored row when the request was seen before; a
+        ``refused`` pseudo-row (nothing written) when the lifetime budget cannot cover it.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
+            if row is not None:
+                return StoredRelease(state=row.state, rho=row.rho, fields=json.loads(
+                    row.fields_json) if row.fields_json else None)
+            b = conn.execute(select(budgets).where(budgets.c.hospital_id == self.hospital_id)
+                             .with_for_update()).one()
+            if b.rho_spent + rho > b.rho_cap:
+                return StoredRelease(state="refused", rho=0.0, fields=None)
+            conn.execute(budgets.update().where(budgets.c.hospital_id == self.hospital_id)
+                         .values(rho_spent=b.rho_spent + rho))
+            conn.execute(releases.insert().values(
+                hospital_id=self.hospital_id, request_id=request_id, attempt=attempt,
+                state="started", rho=rho, persons_charged=False, fields_json="",
+                created_at_ms=now_ms()))
+        return None
+
+    def capped_persons(self, *, rho: float) -> frozenset[str]:
+        """Persons whose filter cannot take another ``rho``: they leave retrieval and aggregates."""
+        limit = self.person_rho_cap - rho
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(person_spend.c.person_id).where(and_(
+                person_spend.c.hospital_id == self.hospital_id,
+                person_spend.c.rho_spent > limit))).all()
+        return frozenset(r.person_id for r in rows)
+
+    def charge_persons(self, request_id: str, attempt: int, persons: set[str] | frozenset[str],
+                       *, rho: float) -> None:
+        """Charge ``rho`` to each person once per (request, attempt), before the mechanism runs."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(releases).where(self._key(request_id, attempt))
+                               .with_for_update()).one()
+            if row.persons_charged:
+                return
+            have = {r.person_id: r.rho_spent for r in conn.execute(
+                select(person_spend).where(person_spend.c.hospital_id == self.hospital_id))}
+            for pid in sorted(persons):
+                if pid in have:
+                    conn.execute(person_spend.update().where(and_(
+                        person_spend.c.hospital_id == self.hospital_id,
+                        person_spend.c.person_id == pid)).values(rho_spent=have[pid] + rho))
+                else:
+                    conn.execute(person_spend.insert().values(
+                        hospital_id=self.hospital_id, person_id=pid, rho_spent=rho))
+            conn.execute(releases.update().where(self._key(request_id, attempt))
+                         .values(persons_charged=True))
+
+    def release(self, request_id: str, attempt: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """Persist the result fields (before publishing); first write wins. Returns what is
+        stored, which is what must be published."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(releases).where(self._key(request_id, attempt))
+                               .with_for_update()).first()
+            if row is not None and row.state == "released":
+                return dict(json.loads(row.fields_json))
+            text = json.dumps(fields, sort_keys=True)
+            if row is None:  # refused or failed before any draw: nothing charged here
+                conn.execute(releases.insert().values(
+                    hospital_id=self.hospital_id, request_id=request_id, attempt=attempt,
+                    state="released", rho=0.0, persons_charged=False, fields_json=text,
+                    created_at_ms=now_ms()))
+            else:
+                conn.execute(releases.update().where(self._key(request_id, attempt))
+                             .values(state="released", fields_json=text))
+        return fields
+
+    def lifetime_room(self) -> float:
+        """Share of the data set's lifetime ρ budget left. Public: the spend is a function of
+        the admitted reservations alone, never of the records."""
+        with self.engine.connect() as conn:
+            b = conn.execute(select(budgets.c.rho_spent, budgets.c.rho_cap).where(
+                budgets.c.hospital_id == self.hospital_id)).one()
+        return max(0.0, 1.0 - b.rho_spent / b.rho_cap) if b.rho_cap > 0 else 0.0
+
+    def summary(self, *, query_rho: float) -> LedgerSummary:
+        """The privacy officer's view; "at cap" = cannot take one more query of ``query_rho``."""
+        with self.engine.connect() as conn:
+            b = conn.execute(select(budgets).where(budgets.c.hospital_id == self.hospital_id)).one()
+            spends = [r.rho_spent for r in conn.execute(select(person_spend.c.rho_spent).where(
+                person_spend.c.hospital_id == self.hospital_id))]
+        return LedgerSummary(
+            hospital_id=self.hospital_id, rho_spent=b.rho_spent, rho_cap=b.rho_cap,
+            persons_charged=len(spends),
+            persons_at_cap=sum(s + query_rho > self.person_rho_cap for s in spends),
+            person_rho_cap=self.person_rho_cap,
+        )
