@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
     dp_groups: int = 8
+    # Free-text questions that a public grammar reads as population or entity questions are
+    # answered by DP aggregates / answer-level DP (services/node_worker/text_routes.py).
+    answer_routes: bool = True
     torch_threads: int = 0
     max_prompt_chars: int = 4_000
 

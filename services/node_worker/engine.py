@@ -23,6 +23,7 @@ from services.node_worker.clinosim_data import ensure_clinosim
 from services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, dp_decode
 from services.node_worker.model import LoadedModel, load_model
 from services.node_worker.records import HospitalRecords, Note, hospital_key
+from services.node_worker.text_routes import TextRoutes
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Engine:
         self.clinosim_dir = ensure_hospital_data(settings, hospital_id)
         key = hospital_key(hospital_dir(settings, hospital_id) / "partition.key")
         self.records = HospitalRecords.from_dir(self.clinosim_dir, key=key, groups=groups)
+        # Population and entity questions: answer-level routes chosen from the question alone.
+        self.routes = TextRoutes(self.clinosim_dir, key=key) if settings.answer_routes else None
         self.lm = model or load_model(data_dir=settings.data_dir)
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",
@@ -148,7 +151,10 @@ class Engine:
         elif kind == "aggregate":
             out = self._aggregate(inner, epsilon=epsilon, delta=delta, share=share, parts=parts)
         elif kind == "generate":
-            out = self._generate(inner, epsilon=epsilon, delta=delta, share=share)
+            routed = self.routes and self.routes.fields(
+                inner, epsilon=epsilon, delta=delta, rng=self.rng, share=share, orders=self.orders
+            )
+            out = routed or self._generate(inner, epsilon=epsilon, delta=delta, share=share)
         else:
             out = failed(f"unknown request kind {kind!r}")
         out["model_time_ms"] = (time.perf_counter() - started) * 1000.0
