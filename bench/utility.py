@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for q in questions:
             if q.qid not in token_qs:
                 continue
-            def run_tok(q: Question = q) -> tuple[str, float]:
+            def run_tok(q: Question = q, eps: float = eps) -> tuple[str, float]:
                 out = engine._generate(
                     {"prompt": q.text, "max_tokens": args.max_tokens, "temperature": 1.0},
                     epsilon=eps, delta=DELTA,

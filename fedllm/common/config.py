@@ -23,6 +23,12 @@ PLACEHOLDER_SECRETS = {"", "changeme", "secret", "demo-secret-not-for-production
 DEMO_JWT_SECRET = "demo-secret-not-for-production-use-only"
 
 
+#: clinosim catchment populations of the hospital presets (patients ≈ half or more of it;
+#: measured in docs/utility.md). `fedllm up` and the benchmarks use "realistic"; the demo
+#: uses "demo" and says so; tests use the small default of HospitalConfig.
+POPULATION_PRESETS = {"realistic": 4000, "demo": 400, "test": 20}
+
+
 class HospitalConfig(BaseModel):
     """One simulated or real hospital node."""
 

@@ -25,7 +25,8 @@ def ensure_clinosim(
     out_dir: Path, *, seed: int, population: int, progress: bool = False,
     stream: TextIO | None = None,
 ) -> Path:
-    """Generate clinosim output into `out_dir` unless already there; returns `out_dir`.
+    """Generate clinosim output into `out_dir` unless it is there with the same seed and
+    population (a different population regenerates it); returns `out_dir`.
 
     Layout: `cif/narratives/template/documents/*/*.json` (notes, key `narrative`),
     `cif/structural/patients/...` and `fhir_r4/...` (structured records). With ``progress``,
@@ -33,8 +34,9 @@ def ensure_clinosim(
     (stderr by default) while it runs.
     """
     marker = out_dir / ".complete"
-    if marker.exists():
-        return out_dir
+    stamp = f"seed={seed} population={population}\n"
+    if marker.exists() and marker.read_text() == stamp:
+        return out_dir  # generated before with the same parameters
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,7 @@ def ensure_clinosim(
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    marker.write_text(f"seed={seed} population={population}\n")
+    marker.write_text(stamp)
     return out_dir
 
 
