@@ -262,7 +262,9 @@ def render(rows: list[Row], token_rows, questions, *, cohort_size: int, notes: i
         cells = [_pct(sum(v) / len(v)) if (v := r.by_template.get(t)) else "–"
                  for t in sorted(floor.by_template)]
         lines.append(f"| {r.name} | {eps} | " + " | ".join(cells) + " |")
-    lines += ["", "Gap closed = (DP − floor)/(ceiling − floor), best DP path per ε:", ""]
+    ref = rows[-1]
+    lines += ["", "Gap closed = (DP − floor)/(ceiling − floor), best DP path per ε (and, in "
+              "brackets, against the noise-free routes at ε=1000 as the ceiling):", ""]
     for i, eps in enumerate(eps_list):
         cands = [r for r in rows if r.eps == eps and not r.name.startswith("per-token")]
         best = max(cands, key=lambda r: r.accuracy)
@@ -271,7 +273,9 @@ def render(rows: list[Row], token_rows, questions, *, cohort_size: int, notes: i
         lines.append(
             f"- ε = {eps:g}: best path **{best.name}** {_pct(best.accuracy)}; gap closed "
             f"**{_pct(gap(best.accuracy, floor.accuracy, ceiling.accuracy))}** (floor "
-            f"{_pct(floor.accuracy)}, ceiling {_pct(ceiling.accuracy)}); per-token DP on its "
+            f"{_pct(floor.accuracy)}, ceiling {_pct(ceiling.accuracy)}) "
+            f"[{_pct(gap(best.accuracy, floor.accuracy, ref.accuracy))} of the gap to the "
+            f"noise-free routes' {_pct(ref.accuracy)}]; per-token DP on its "
             f"subset: {_pct(tok.accuracy)}, gap closed {_pct(tok_gap)}."
         )
     return "\n".join(lines)

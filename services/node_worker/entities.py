@@ -88,13 +88,24 @@ def lexicon() -> dict[str, tuple[str, EntityKind]]:
     return out
 
 
+@functools.cache
+def _first_words() -> dict[str, int]:
+    """First word of every lexicon name → the longest name (in words) starting with it."""
+    out: dict[str, int] = {}
+    for name in lexicon():
+        ws = name.split(" ")
+        out[ws[0]] = max(out.get(ws[0], 0), len(ws))
+    return out
+
+
 def find_entities(text: str, kind: EntityKind | None = None) -> Iterator[Entity]:
     """The public-vocabulary entities named in ``text`` (of one ``kind`` if given), in order."""
-    lex = lexicon()
+    lex, first = lexicon(), _first_words()
     words = _words(text)
     i = 0
     while i < len(words):
-        for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
+        longest = first.get(words[i][0], 0)
+        for n in range(min(longest, _MAX_WORDS, len(words) - i), 0, -1):
             hit = lex.get(" ".join(w for w, _, _ in words[i : i + n]))
             if hit is not None:
                 if kind is None or hit[1] == kind:
