@@ -114,8 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     ap.add_argument("--per-template", type=int, default=12)
+    ap.add_argument("--lm-questions", type=int, default=0,
+                    help="questions per template for the model rows (floor, ceiling); 0 = all")
     ap.add_argument("--token-questions", type=int, default=1,
                     help="questions per template for the (slow) per-token DP row")
+    ap.add_argument("--token-eps", type=float, nargs="*", default=None,
+                    help="ε values for the per-token DP row (default: every --eps)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--data-dir", type=Path, default=REPO / ".fedllm")
     ap.add_argument("--threads", type=int, default=0)
@@ -139,17 +143,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     cdir = ensure_clinosim(clinosim_dir(settings, hid), seed=args.seed,
                            population=args.population, progress=True)
     cohort = load_cohort(cdir)
-    notes = load_notes(cdir)
+    notes = cohort_notes(cdir, load_notes(cdir))
     print(f"hospital {hid}: {len(cohort)} patients, {len(notes)} notes "
           f"(ready in {time.perf_counter() - t:.1f} s)", flush=True)
     questions = build_questions(cohort, per_template=args.per_template)
     if args.quick:
         questions = subset(questions, per_template=2)
-    token_qs = {q.qid for q in subset(questions, per_template=args.token_questions)}
-    print(f"{len(questions)} questions; per-token DP on {len(token_qs)}", flush=True)
+    lm_questions = (subset(questions, per_template=args.lm_questions) if args.lm_questions
+                    else list(questions))
+    token_qs = {q.qid for q in subset(lm_questions, per_template=args.token_questions)}
+    token_eps = eps_list if args.token_eps is None else args.token_eps
+    print(f"{len(questions)} questions; model rows on {len(lm_questions)}, per-token DP on "
+          f"{len(token_qs)} at ε {token_eps}", flush=True)
 
     engine = Engine(settings, hid, rng=random.SystemRandom())
-    routes = TextRoutes(cdir, key=engine_key(settings, hid))
+    routes = TextRoutes(cdir, key=engine_key(settings, hid), notes=lambda: notes)
+    if engine.records.n_notes != len(notes):  # a snapshot: per-token DP sees the same notes
+        from services.node_worker.records import HospitalRecords
+
+        engine.records = HospitalRecords(notes, key=engine_key(settings, hid),
+                                         groups=engine.groups)
     t = time.perf_counter()
     _ = routes.entities  # extract the groups' entities once (a node does this lazily)
     print(f"answer-level DP: {routes.entities.groups} groups, entities extracted in "
@@ -159,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     floor, ceiling = Row("record-free model (floor)", None), Row("non-private RAG (ceiling)", None)
     floor_text: dict[str, str] = {}
-    for i, q in enumerate(questions):
+    for i, q in enumerate(lm_questions):
         text, spent, s = timed(lambda q=q: (greedy(engine, q.text, None, args.max_tokens), 0.0))
         floor.add(q, text, spent, s)
         floor_text[q.qid] = text
@@ -167,19 +180,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         text, spent, s = timed(lambda q=q, ctx=ctx: (greedy(engine, q.text, ctx, args.max_tokens),
                                                      0.0))
         ceiling.add(q, text, spent, s)
-        print(f"  [{i + 1}/{len(questions)}] floor {floor.correct[-1]:d} "
+        print(f"  [{i + 1}/{len(lm_questions)}] floor {floor.correct[-1]:d} "
               f"ceiling {ceiling.correct[-1]:d}  {q.qid}", flush=True)
 
+    lm_ids = {q.qid for q in lm_questions}
+
     def route_row(name: str, eps: float, which: tuple[str, ...]) -> Row:
-        row = Row(name, eps)
+        """Over the model-row questions (comparable with floor/ceiling); its accuracy over all
+        questions goes in ``full`` (a question no route answers counts as wrong there unless
+        the floor answered it)."""
+        row, full = Row(name, eps), Row(name, eps)
         for q in questions:
             def run(q: Question = q) -> tuple[str, float]:
                 res = routes.answer(q.text, epsilon=eps, delta=DELTA, rng=rng, routes=which)
                 if res is None:
-                    return floor_text[q.qid], 0.0
+                    return floor_text.get(q.qid, ""), 0.0
                 return res.text, res.curve.epsilon(delta=DELTA)
             text, spent, s = timed(run)
-            row.add(q, text, spent, s)
+            full.add(q, text, spent, s)
+            if q.qid in lm_ids:
+                row.add(q, text, spent, s)
+        row.full = full  # type: ignore[attr-defined]
         return row
 
     rows: list[Row] = [floor, ceiling]
@@ -187,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for eps in eps_list:
         tok = Row("per-token DP decoding", eps)
         tf, tc = Row("floor (same subset)", None), Row("ceiling (same subset)", None)
-        for q in questions:
-            if q.qid not in token_qs:
+        for q in lm_questions:
+            if q.qid not in token_qs or eps not in token_eps:
                 continue
             def run_tok(q: Question = q, eps: float = eps) -> tuple[str, float]:
                 out = engine._generate(
@@ -198,25 +219,44 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return out["response"], float(out["privacy_cost"])
             text, spent, s = timed(run_tok)
             tok.add(q, text, spent, s)
-            i = questions.index(q)
+            i = lm_questions.index(q)
             tf.add(q, floor_text[q.qid], 0.0, floor.seconds[i])
             tc.correct.append(ceiling.correct[i])
             print(f"  ε={eps:g} per-token {tok.correct[-1]:d} ({s:.0f} s) {q.qid}: "
                   f"{text[:80]!r}", flush=True)
         token_rows.append((tok, tf, tc))
-        rows.append(tok)
+        if tok.correct:
+            rows.append(tok)
         rows.append(route_row("answer-level DP (entities)", eps, ("entities",)))
         rows.append(route_row("aggregate route (translator)", eps, ("aggregate",)))
         rows.append(route_row("routed: aggregate → entities", eps, ("aggregate", "entities")))
     rows.append(route_row("routes at ε=1000 (reference)", 1000.0, ("aggregate", "entities")))
 
-    report = render(rows, token_rows, questions, cohort_size=len(cohort), notes=len(notes),
+    report = render(rows, token_rows, questions, lm_questions, cohort_size=len(cohort),
+                    notes=len(notes),
                     groups=routes.entities.groups, dp_groups=engine.groups, args=args,
                     eps_list=eps_list, elapsed=time.perf_counter() - started)
     print(report)
     if not args.no_write:
         write_doc(REPO / "docs" / "utility.md", report)
     return 0
+
+
+def cohort_notes(cdir: Path, notes: list) -> list:  # noqa: ANN001
+    """The notes of patients in the FHIR cohort (clinosim's population slug ``POP-…`` is the
+    notes' patient id and an identifier of the FHIR Patient). In a complete generation this
+    keeps every note; it matters only for a snapshot of an unfinished export."""
+    import json
+
+    fhir = cdir / "fhir_r4" / "Patient.ndjson"
+    slugs = set()
+    with fhir.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                for ident in json.loads(line).get("identifier") or []:
+                    if "population-slug" in ident.get("system", ""):
+                        slugs.add(ident.get("value"))
+    return [n for n in notes if n.patient_id in slugs]
 
 
 def engine_key(settings: Settings, hid: str) -> bytes:
@@ -230,37 +270,43 @@ def _pct(x: float) -> str:
     return "–" if x != x else f"{100 * x:.0f} %"
 
 
-def render(rows: list[Row], token_rows, questions, *, cohort_size: int, notes: int,  # noqa: ANN001
+def render(rows: list[Row], token_rows, questions, lm_questions, *,  # noqa: ANN001
+           cohort_size: int, notes: int,
            groups: int, dp_groups: int, args, eps_list, elapsed: float) -> str:  # noqa: ANN001
     floor, ceiling = rows[0], rows[1]
     lines = [
         f"Measured by `python bench/utility.py{' --quick' if args.quick else ''}` on "
         f"{time.strftime('%Y-%m-%d')}: {machine()}. Hospital: clinosim seed {args.seed}, "
         f"population {args.population} → {cohort_size} patients, {notes} notes. "
-        f"{len(questions)} questions; per-token DP with m = {dp_groups} groups on "
-        f"{len(token_rows[0][0].correct) if token_rows else 0} of them; answer-level DP with "
+        f"{len(questions)} questions; the model rows (floor, ceiling) and the table below on "
+        f"{len(lm_questions)} of them; per-token DP with m = {dp_groups} groups on "
+        f"{max((len(t[0].correct) for t in token_rows), default=0)} of those; answer-level DP with "
         f"m = {groups} groups, K = 1 entity per group; δ = {DELTA:g}. Run time "
         f"{elapsed / 60:.1f} min.",
         "",
-        "| path | ε requested | accuracy | ε spent (mean) | latency (mean) | n |",
-        "|---|---|---|---|---|---|",
+        "| path | ε requested | accuracy | ε spent (mean) | latency (mean) | n | accuracy on "
+        f"all {len(questions)} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         eps = "–" if r.eps is None else f"{r.eps:g}"
+        full = getattr(r, "full", None)
         lines.append(
             f"| {r.name} | {eps} | {_pct(r.accuracy)} | "
             f"{statistics.fmean(r.spent) if r.spent else 0:.3g} | "
-            f"{statistics.fmean(r.seconds) if r.seconds else 0:.2f} s | {len(r.correct)} |"
+            f"{statistics.fmean(r.seconds) if r.seconds else 0:.2f} s | {len(r.correct)} | "
+            f"{_pct(full.accuracy) if full is not None else '–'} |"
         )
-    lines += ["", "Accuracy by template:", "",
-              "| path | ε | " + " | ".join(sorted(floor.by_template)) + " |",
-              "|---|---|" + "---|" * len(floor.by_template)]
+    templates = list(dict.fromkeys(q.template for q in questions))
+    lines += ["", "Accuracy by template (DP routes: over all questions):", "",
+              "| path | ε | " + " | ".join(templates) + " |",
+              "|---|---|" + "---|" * len(templates)]
     for r in rows:
         if r.name.startswith("per-token"):
             continue
         eps = "–" if r.eps is None else f"{r.eps:g}"
-        cells = [_pct(sum(v) / len(v)) if (v := r.by_template.get(t)) else "–"
-                 for t in sorted(floor.by_template)]
+        by = getattr(r, "full", r).by_template
+        cells = [_pct(sum(v) / len(v)) if (v := by.get(t)) else "–" for t in templates]
         lines.append(f"| {r.name} | {eps} | " + " | ".join(cells) + " |")
     ref = rows[-1]
     lines += ["", "Gap closed = (DP − floor)/(ceiling − floor), best DP path per ε (and, in "
@@ -269,7 +315,8 @@ def render(rows: list[Row], token_rows, questions, *, cohort_size: int, notes: i
         cands = [r for r in rows if r.eps == eps and not r.name.startswith("per-token")]
         best = max(cands, key=lambda r: r.accuracy)
         tok, tf, tc = token_rows[i]
-        tok_gap = gap(tok.accuracy, tf.accuracy, sum(tc.correct) / max(1, len(tc.correct)))
+        tok_gap = (gap(tok.accuracy, tf.accuracy, sum(tc.correct) / len(tc.correct))
+                   if tc.correct else float("nan"))
         lines.append(
             f"- ε = {eps:g}: best path **{best.name}** {_pct(best.accuracy)}; gap closed "
             f"**{_pct(gap(best.accuracy, floor.accuracy, ceiling.accuracy))}** (floor "
