@@ -130,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eps_list = [1.0] if args.quick else args.eps
     started = time.perf_counter()
 
+    from services.node_worker.answer_dp import groups_for_population
     from services.node_worker.engine import Engine, clinosim_dir
     from services.node_worker.text_routes import TextRoutes
 
@@ -157,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(token_qs)} at ε {token_eps}", flush=True)
 
     engine = Engine(settings, hid, rng=random.SystemRandom())
-    routes = TextRoutes(cdir, key=engine_key(settings, hid), notes=lambda: notes)
+    routes = TextRoutes(cdir, key=engine_key(settings, hid), notes=lambda: notes,
+                        groups=groups_for_population(args.population))
     if engine.records.n_notes != len(notes):  # a snapshot: per-token DP sees the same notes
         from services.node_worker.records import HospitalRecords
 

@@ -40,7 +40,10 @@ from services.node_worker.cohort import diagnosis_vocabulary, medication_vocabul
 from services.node_worker.entities import EntityKind, display_name, find_entities
 from services.node_worker.records import Note, partition
 
-__all__ = ["AnswerPlan", "EntityAnswerer", "EntityAnswer", "groups_for", "plan_question"]
+__all__ = [
+    "AnswerPlan", "EntityAnswer", "EntityAnswerer", "groups_for", "groups_for_population",
+    "plan_question",
+]
 
 #: Groups per patient the partition aims for, and the public range of m.
 PATIENTS_PER_GROUP = 32
@@ -84,8 +87,19 @@ def plan_question(question: str) -> AnswerPlan | None:
 
 
 def groups_for(n_patients: int) -> int:
-    """m for a hospital of ``n_patients`` (public metadata): ~32 patients a group, in [32, 128]."""
+    """m for a hospital of about ``n_patients``: ~32 patients a group, in [32, 128].
+
+    ``n_patients`` must be a **public** figure fixed in advance (the configured size), never a
+    count of the records: m changes the whole partition, so if it moved with one patient the
+    "one patient changes one group" argument would fail.
+    """
     return max(MIN_GROUPS, min(MAX_GROUPS, n_patients // PATIENTS_PER_GROUP))
+
+
+def groups_for_population(population: int) -> int:
+    """m from a hospital's configured clinosim catchment population (public; about half of it
+    become patients with records)."""
+    return groups_for(population // 2)
 
 
 @functools.cache
@@ -110,9 +124,10 @@ class EntityAnswerer:
     """The hospital's notes in m groups, with each note's public-vocabulary entities extracted
     once (per group, from that group's notes only)."""
 
-    def __init__(self, notes: Sequence[Note], *, key: bytes, groups: int | None = None) -> None:
-        n_patients = len({n.patient_id for n in notes})
-        self.groups = groups or groups_for(n_patients)
+    def __init__(self, notes: Sequence[Note], *, key: bytes, groups: int) -> None:
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1; got {groups}")
+        self.groups = groups  # public: never derived from the notes
         # per group: patient → (diagnosis keys, medication keys) named in their notes
         self._patients: list[dict[str, tuple[set[str], set[str]]]] = []
         for g in partition(notes, key=key, groups=self.groups):

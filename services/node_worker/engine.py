@@ -19,6 +19,7 @@ from typing import Any
 from fedllm.common.config import Settings
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
+from services.node_worker.answer_dp import groups_for_population
 from services.node_worker.clinosim_data import ensure_clinosim
 from services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, dp_decode
 from services.node_worker.model import LoadedModel, load_model
@@ -83,7 +84,10 @@ class Engine:
         key = hospital_key(hospital_dir(settings, hospital_id) / "partition.key")
         self.records = HospitalRecords.from_dir(self.clinosim_dir, key=key, groups=groups)
         # Population and entity questions: answer-level routes chosen from the question alone.
-        self.routes = TextRoutes(self.clinosim_dir, key=key) if settings.answer_routes else None
+        self.routes = TextRoutes(
+            self.clinosim_dir, key=key,
+            groups=groups_for_population(settings.hospital(hospital_id).population),
+        ) if settings.answer_routes else None
         self.lm = model or load_model(data_dir=settings.data_dir)
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",

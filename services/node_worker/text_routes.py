@@ -53,9 +53,11 @@ class TextRoutes:
         clinosim_dir: Path,
         *,
         key: bytes,
+        groups: int,
         notes: Callable[[], list[Note]] | None = None,
-        groups: int | None = None,
     ) -> None:
+        """``groups``: m for answer-level DP, from public configuration
+        (:func:`~services.node_worker.answer_dp.groups_for_population`)."""
         self.clinosim_dir = Path(clinosim_dir)
         self._key = key
         self._notes = notes or (lambda: load_notes(self.clinosim_dir))

@@ -17,6 +17,7 @@ from services.node_worker.answer_dp import (
     AnswerPlan,
     EntityAnswerer,
     groups_for,
+    groups_for_population,
     plan_question,
 )
 from services.node_worker.engine import Engine
@@ -54,6 +55,7 @@ def test_plan_reads_the_question_only() -> None:
 
 def test_group_count_scales_with_the_hospital_within_public_bounds() -> None:
     assert groups_for(100) == 32 and groups_for(2_000) == 62 and groups_for(100_000) == 128
+    assert groups_for_population(4_000) == 62 and groups_for_population(400) == 32
 
 
 def test_one_patient_changes_at_most_one_groups_vote() -> None:
@@ -96,7 +98,7 @@ def test_noise_matches_sensitivity_sqrt_2k_against_dp_accounting(k: int, epsilon
 
 
 def test_release_carries_the_majority_entity_at_moderate_epsilon() -> None:
-    a = EntityAnswerer(hospital(2_000), key=KEY)
+    a = EntityAnswerer(hospital(2_000), key=KEY, groups=groups_for_population(4_000))
     assert a.groups == 62
     plan = plan_question("Which medication is most often given for hypertension?")
     assert plan is not None

@@ -57,7 +57,7 @@ def test_translation_is_deterministic_and_reads_the_question_only() -> None:
 
 @pytest.fixture
 def routes(clinosim_source: Path) -> TextRoutes:
-    return TextRoutes(clinosim_source, key=b"k" * 32)
+    return TextRoutes(clinosim_source, key=b"k" * 32, groups=32)
 
 
 def test_count_question_is_answered_by_a_dp_aggregate_with_its_noise(routes: TextRoutes) -> None:
