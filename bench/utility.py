@@ -103,7 +103,8 @@ def timed(fn: Callable[[], tuple[str, float]]) -> tuple[str, float, float]:
 
 
 def gap(dp: float, floor: float, ceiling: float) -> float:
-    return (dp - floor) / (ceiling - floor) if ceiling != floor else float("nan")
+    """(dp − floor)/(ceiling − floor); undefined (NaN, printed "–") unless ceiling > floor."""
+    return (dp - floor) / (ceiling - floor) if ceiling > floor else float("nan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
