@@ -15,6 +15,12 @@ import httpx
 
 from fedllm.launcher import Pipeline
 
+#: Answered by the answer-level routes (services/node_worker/text_routes.py): a population
+#: question goes to DP aggregates, an entity question to answer-level DP over the notes.
+ROUTED_QUESTIONS = (
+    "How many of our patients are over 65?",
+    "What medications do our patients with hypertension receive?",
+)
 QUESTIONS = (
     "What medications are commonly given to patients admitted with chest pain?",
     "Which conditions are most often recorded in the discharge summaries?",
@@ -34,6 +40,7 @@ class Step:
 def script() -> list[Step]:
     """The scripted requests: cardiology within budget, research until refused."""
     steps = [Step("dr_alice", "cardiology", "doctor", q, 2.0) for q in QUESTIONS]
+    steps += [Step("dr_alice", "cardiology", "doctor", q, 1.0) for q in ROUTED_QUESTIONS]
     steps += [Step("dr_raj", "research", "doctor", QUESTIONS[i % 3], 1.5) for i in range(6)]
     return steps
 
@@ -71,7 +78,7 @@ def print_table(rows: list[tuple[Step, dict[str, Any]]]) -> None:
             f"{d.get('privacy_cost', 0.0):.3f}" if ok else "0",
             f"{d.get('remaining_budget', float('nan')):.3f}"
             if d.get("remaining_budget") is not None else "?",
-            excerpt(d.get("response", "") if ok else d.get("detail", ""), 60),
+            excerpt(d.get("response", "") if ok else d.get("detail", ""), 110),
         ))
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
     for i, r in enumerate(lines):
@@ -82,10 +89,20 @@ def print_table(rows: list[tuple[Step, dict[str, Any]]]) -> None:
 
 def run_demo(*, data_dir: Path, max_tokens: int = 24) -> int:
     """Start everything, run the script, print the table; exit code 0 when every step ended."""
+    from fedllm.common.config import POPULATION_PRESETS
+    from fedllm.launcher import generate_hospitals, preset_hospitals
+
     run_db = f"sqlite:///{(data_dir / f'demo-{int(time.time())}.db').resolve()}"
+    hospitals = preset_hospitals("demo")
+    if hospitals is not None:
+        print(f"hospitals: the small demo preset (clinosim population "
+              f"{POPULATION_PRESETS['demo']} each, a few hundred patients); `fedllm up` uses "
+              f"{POPULATION_PRESETS['realistic']} (over 2,000 patients each)", flush=True)
+    pipeline = Pipeline(data_dir=data_dir, database_url=run_db, hospitals=hospitals)
+    generate_hospitals(pipeline.settings)
     print("starting the pipeline (embedded broker, 3 hospitals, SQLite ledger)…", flush=True)
     t0 = time.monotonic()
-    with Pipeline(data_dir=data_dir, database_url=run_db) as pipeline:
+    with pipeline:
         print(f"ready in {time.monotonic() - t0:.1f}s; broker {pipeline.bootstrap}", flush=True)
         rows = []
         refused = False
@@ -102,6 +119,10 @@ def run_demo(*, data_dir: Path, max_tokens: int = 24) -> int:
         print()
         print_table(rows)
         done = all(d["http_status"] in (200, 403) for _, d in rows)
+        for step, d in rows:
+            if step.prompt in ROUTED_QUESTIONS and d["http_status"] == 200:
+                print(f"\nQ: {step.prompt}\nA (ε spent {d.get('privacy_cost', 0.0):.3f} of "
+                      f"{step.epsilon:g} asked): {d.get('response', '')}")
         print("\nε composes under RDP (δ = 1e-5): a budget holds more than the plain sum of the"
               " ε spent per query suggests; a refusal reports the binding (department) limit.")
         print(f"research budget refused: {refused}; all requests ended: {done}")

@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 
 from fedllm.common import topics
-from fedllm.common.config import DEMO_JWT_SECRET, HospitalConfig, Settings
+from fedllm.common.config import (
+    DEMO_JWT_SECRET,
+    POPULATION_PRESETS,
+    HospitalConfig,
+    Settings,
+    default_hospitals,
+)
 from fedllm.common.kafka import ensure_topics, wait_for_broker
 from fedllm.common.lifecycle import ready_path
 from fedllm.embedded import EmbeddedBroker, free_port
@@ -175,9 +181,31 @@ def _topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_hospitals(preset: str) -> list[HospitalConfig] | None:
+    """The default hospitals at a population preset, or ``None`` when hospitals are configured
+    explicitly (FEDLLM_HOSPITALS or a FEDLLM_CONFIG file), which then win."""
+    if os.environ.get("FEDLLM_HOSPITALS") or os.environ.get("FEDLLM_CONFIG"):
+        return None
+    pop = POPULATION_PRESETS[preset]
+    return [h.model_copy(update={"population": pop}) for h in default_hospitals()]
+
+
+def generate_hospitals(settings: Settings) -> None:
+    """Generate every configured hospital's records before the nodes start (once; cached),
+    with a progress bar and a time estimate, so no node waits on clinosim."""
+    from services.node_worker.clinosim_data import ensure_clinosim
+    from services.node_worker.engine import clinosim_dir
+
+    for h in settings.hospitals:
+        ensure_clinosim(clinosim_dir(settings, h.id), seed=h.seed, population=h.population,
+                        progress=True)
+
+
 def _up(args: argparse.Namespace) -> int:
+    hospitals = preset_hospitals(args.preset)
     pipeline = Pipeline(data_dir=Path(args.data_dir), gateway_port=args.port,
-                        kafka_port=args.kafka_port or None)
+                        kafka_port=args.kafka_port or None, hospitals=hospitals)
+    generate_hospitals(pipeline.settings)
     with pipeline:
         print(f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
               f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True)
@@ -203,6 +231,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--kafka-port", type=int, default=19092,
                    help="port of the embedded broker, for Kafka clients (0: any free port)")
+    p.add_argument("--preset", choices=sorted(POPULATION_PRESETS), default="demo",
+                   help="hospital size: clinosim population "
+                        + ", ".join(f"{k}={v}" for k, v in POPULATION_PRESETS.items()))
     p.set_defaults(func=_up)
     p = sub.add_parser("demo", help="run the pipeline, send scripted requests, print a table")
     p.add_argument("--data-dir", default=".fedllm")

@@ -23,6 +23,12 @@ PLACEHOLDER_SECRETS = {"", "changeme", "secret", "demo-secret-not-for-production
 DEMO_JWT_SECRET = "demo-secret-not-for-production-use-only"
 
 
+#: clinosim catchment populations of the hospital presets (patients ≈ half or more of it;
+#: measured in docs/utility.md). `fedllm up` and the benchmarks use "realistic"; the demo
+#: uses "demo" and says so; tests use the small default of HospitalConfig.
+POPULATION_PRESETS = {"realistic": 4000, "demo": 400, "test": 20}
+
+
 class HospitalConfig(BaseModel):
     """One simulated or real hospital node."""
 
@@ -134,6 +140,9 @@ class Settings(BaseSettings):
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
     dp_groups: int = 8
+    # Free-text questions that a public grammar reads as population or entity questions are
+    # answered by DP aggregates / answer-level DP (services/node_worker/text_routes.py).
+    answer_routes: bool = True
     torch_threads: int = 0
     max_prompt_chars: int = 4_000
 

@@ -25,6 +25,7 @@ from services.node_worker.aggregate import (
     parse_query,
     without_persons,
 )
+from services.node_worker.answer_dp import groups_for_population
 from services.node_worker.clinosim_data import ensure_clinosim
 from services.node_worker.cohort import load_cohort
 from services.node_worker.dp_decode import (
@@ -38,6 +39,7 @@ from services.node_worker.ledger import NodeLedger
 from services.node_worker.model import LoadedModel, load_model
 from services.node_worker.records import HospitalRecords, Note, hospital_key, person_of
 from services.node_worker.settings import NodeSettings
+from services.node_worker.text_routes import TextRoutes
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,11 @@ class Engine:
         self.delta = self.node.node_delta(persons=len(persons))
         self.query_rho_cap = self._rho(self.node.max_query_epsilon)
         self.ledger = ledger or open_ledger(settings, hospital_id, self.node, delta=self.delta)
+        # Population and entity questions: answer-level routes chosen from the question alone.
+        self.routes = TextRoutes(
+            self.clinosim_dir, key=key,
+            groups=groups_for_population(settings.hospital(hospital_id).population),
+        ) if settings.answer_routes else None
         self.lm = model or load_model(data_dir=settings.data_dir)
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",
@@ -252,6 +259,11 @@ class Engine:
                                   rho=seen.rho, delta=delta, orders=self.orders)
         capped = self.ledger.capped_persons(rho=rho)
         try:
+            if query is None and self.routes is not None and not capped:
+                routed = self._route(inner, key=key, rho=rho, epsilon=epsilon, delta=delta,
+                                     share=share)
+                if routed is not None:
+                    return routed
             if query is not None:
                 return self._aggregate(query, key=key, rho=rho, epsilon=epsilon, delta=delta,
                                        parts=parts, exclude=capped)
@@ -296,6 +308,28 @@ class Engine:
         # The spend reported is the whole reservation: what the mechanism used depends on data.
         return self._ok(text=res.text, curve=PrivacyCurve.from_rho(rho, self.orders),
                         delta=delta, tokens=len(res.token_ids))
+
+    def _route(
+        self, inner: dict[str, Any], *, key: tuple[str, int], rho: float, epsilon: float,
+        delta: float, share: float,
+    ) -> dict[str, Any] | None:
+        """A population or entity question answered by an answer-level route (text_routes), or
+        None when no route reads the question. The routes read every person's records, so
+        every person is charged, and they run only while nobody is at their cap (a capped
+        person must leave the data, which these routes cannot do yet)."""
+        assert self.routes is not None
+        uncapped = share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders)
+        route_eps, route_share = ((epsilon, share) if rho >= uncapped
+                                  else (self.node.max_query_epsilon, 1.0))
+        if not self.routes.applies(str(inner.get("prompt", ""))):
+            return None
+        self.ledger.charge_persons(*key, self.records.all_persons(), rho=rho)
+        out = self.routes.fields(inner, epsilon=route_eps, delta=delta, rng=self.rng,
+                                 share=route_share, orders=self.orders)
+        if out is None:  # a route that read the question but released nothing: still charged
+            return failed_charged("no answer-level release", rho=rho, delta=delta,
+                                  orders=self.orders)
+        return {**out, "records_used": 0}
 
     def _aggregate(
         self, query: AggregateQuery, *, key: tuple[str, int], rho: float, epsilon: float,

@@ -226,6 +226,10 @@ class HospitalRecords:
             out.append(idx if len(kept) == len(notes) else GroupIndex(kept))
         return out
 
+    def all_persons(self) -> set[str]:
+        """Every person with records at this hospital."""
+        return {person_of(n.patient_id) for notes in self.partition for n in notes}
+
     def persons(self, group: int, *, exclude: frozenset[str] = frozenset()) -> set[str]:
         """The persons with records in ``group`` (minus ``exclude``)."""
         return {person_of(n.patient_id) for n in self.partition[group]} - exclude
