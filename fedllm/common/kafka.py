@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from fedllm.common import codec, topics
+from fedllm.common import codec, metrics, topics
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class Bus:
         await self.producer.send_and_wait(
             topics.dlq(msg.topic), value=msg.value, key=msg.key, headers=headers
         )
+        metrics.DLQ.labels(service, msg.topic).inc()
         log.warning(
             "dead-lettered %s[%d]@%d from %s: %s",
             msg.topic, msg.partition, msg.offset, service, error,

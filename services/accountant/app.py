@@ -19,7 +19,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 
-from fedllm.common import codec, topics
+from fedllm.common import codec, metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.faust_transport import broker_urls
@@ -83,12 +83,13 @@ def create_app(settings: Settings) -> faust.App:
             await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
             MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
             return
-        if schema == "InferenceRequest":
-            await acct.on_request(record)
-        elif schema == "BudgetAdjustment":
-            await acct.on_adjustment(record)
-        else:
-            await acct.on_node_result(record)
+        with metrics.stage(SERVICE, schema):
+            if schema == "InferenceRequest":
+                await acct.on_request(record)
+            elif schema == "BudgetAdjustment":
+                await acct.on_adjustment(record)
+            else:
+                await acct.on_node_result(record)
         MESSAGES.labels(SERVICE, msg.topic, "handled").inc()
 
     @app.agent(requests_topic, name="reserve_budget")

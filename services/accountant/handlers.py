@@ -11,6 +11,7 @@ from typing import Any
 from fedllm.common import audit, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
+from fedllm.common.metrics import record_hospital_spend
 from fedllm.privacy.accountant import PrivacyCurve, window_start
 from services.accountant import messages
 from services.accountant.ledger import Ledger, Outcome
@@ -81,6 +82,8 @@ class Accountant:
         replay = (not outcome.changed and outcome.entry["outcome"] == status
                   and outcome.entry["node_id"] == result.get("node_id", ""))
         if outcome.changed or replay:
+            if outcome.changed:
+                record_hospital_spend(outcome.entry["node_id"], outcome.entry["spent_epsilon"])
             await self._finish(outcome, result if status == "ok" else None, status=status)
 
     async def on_adjustment(self, adjustment: dict[str, Any]) -> None:

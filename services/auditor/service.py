@@ -16,7 +16,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from fedllm.common import topics
+from fedllm.common import metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, make_consumer, make_producer
@@ -101,12 +101,14 @@ async def consume(consumer: AIOKafkaConsumer, bus: Bus, engine: Engine, *,
         batches = await consumer.getmany(timeout_ms=cfg.batch_wait_ms, max_records=cfg.batch_max)
         if not batches:
             continue
+        metrics.record_lag(SERVICE, consumer, batches)
         messages = [m for tp in sorted(batches, key=lambda t: t.partition) for m in batches[tp]]
         rows = await decode_batch(bus, messages, protection)
         if rows:
             try:
-                result = await with_db_retry(store.append, engine, rows, cfg=cfg, stop=stop,
-                                             what="storing audit batch")
+                with metrics.stage(SERVICE, "AuditEvent batch"):
+                    result = await with_db_retry(store.append, engine, rows, cfg=cfg, stop=stop,
+                                                 what="storing audit batch")
             except Stopped:
                 log.warning("stopped with %d audit events unstored; they will be re-read",
                             len(rows))

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fedllm.common import audit, topics
+from fedllm.common import audit, metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
@@ -151,13 +151,16 @@ class RouterService:
     async def route_decisions(self) -> None:
         while True:
             batch = await self.decisions.getmany(timeout_ms=POLL_MS)
+            metrics.record_lag(SERVICE, self.decisions, batch)
             for msgs in batch.values():
                 for msg in msgs:
                     decision = await self.bus.decode_or_dead_letter(
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
-                        await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
+                        with metrics.stage(SERVICE, "BudgetDecision"):
+                            await self.execute(
+                                self.dispatcher.on_decision(decision, now_ms=now_ms()))
             if batch:
                 await self.decisions.commit()
 
@@ -174,9 +177,10 @@ class RouterService:
                         msg, "InferenceResult", service=SERVICE
                     )
                     if result is not None:
-                        await self.execute(
-                            self.dispatcher.on_node_result(result, now_ms=now_ms())
-                        )
+                        with metrics.stage(SERVICE, "InferenceResult"):
+                            await self.execute(
+                                self.dispatcher.on_node_result(result, now_ms=now_ms())
+                            )
 
     async def supervise(self) -> None:
         while True:
