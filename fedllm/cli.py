@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedllm import launcher
+from fedllm import backup, launcher
 from services.accountant import cli as accountant_cli
 from services.auditor import cli as auditor_cli
 from services.gateway import cli as gateway_cli
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.register(sub)
     for module in (gateway_cli, accountant_cli, router_cli, node_cli, auditor_cli):
         module.register(sub)
+    backup.register(sub)
     return parser
 
 
