@@ -27,6 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from fedllm.common import logs
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -110,12 +111,14 @@ def bounded(kind: str, value: str) -> str:
 
 
 @contextmanager
-def stage(service: str, name: str) -> Iterator[None]:
-    """Count and time one message through a stage; an exception counts as an error."""
+def stage(service: str, name: str, *, request_id: str = "") -> Iterator[None]:
+    """Count and time one message through a stage (an exception counts as an error); log lines
+    inside carry `request_id`."""
     started = time.perf_counter()
     outcome = "error"
     try:
-        yield
+        with logs.bound(request_id=request_id):
+            yield
         outcome = "ok"
     finally:
         STAGE_REQUESTS.labels(service, name, outcome).inc()

@@ -4,6 +4,7 @@
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from fedllm.common import topics
+from fedllm.common import logs, topics
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.kafka import now_ms
 from services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
@@ -24,6 +25,8 @@ from services.gateway.models import (
     TimedOut,
 )
 from services.gateway.ratelimit import Window
+
+log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[A-Za-z0-9_]+")
 
@@ -122,6 +125,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
 
         settings = state.settings
         request_id = str(uuid.uuid4())
+        logs.request_id_var.set(request_id)  # this request's task only: its log lines carry it
         created = now_ms()
         record = {
             "request_id": request_id,
@@ -180,6 +184,7 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
     status = result["status"]
     state.metrics.inference.labels(status if status in {"ok", "rejected", "failed", "timeout"}
                                    else "unknown").inc()
+    log.info("inference finished: %s after %.0f ms", status, (time.monotonic() - started) * 1000)
     remaining = result["remaining_budget"]
     if status == "ok":
         processing = result["processing_time_ms"] / 1000 or (time.monotonic() - started)

@@ -158,7 +158,8 @@ class RouterService:
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
-                        with metrics.stage(SERVICE, "BudgetDecision"):
+                        with metrics.stage(SERVICE, "BudgetDecision",
+                                           request_id=decision["request_id"]):
                             await self.execute(
                                 self.dispatcher.on_decision(decision, now_ms=now_ms()))
             if batch:
@@ -177,7 +178,8 @@ class RouterService:
                         msg, "InferenceResult", service=SERVICE
                     )
                     if result is not None:
-                        with metrics.stage(SERVICE, "InferenceResult"):
+                        with metrics.stage(SERVICE, "InferenceResult",
+                                           request_id=result["request_id"]):
                             await self.execute(
                                 self.dispatcher.on_node_result(result, now_ms=now_ms())
                             )
