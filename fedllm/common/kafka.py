@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from fedllm.common import codec, metrics, topics
+from fedllm.common import codec, metrics, topics, tracing
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class Bus:
     ) -> None:
         value, headers = codec.encode(schema, record)
         await self.producer.send_and_wait(
-            topic, value=value, key=key.encode() if key else None, headers=headers
+            topic, value=value, key=key.encode() if key else None,
+            headers=list(headers) + tracing.inject_headers(),  # W3C traceparent of the hop
         )
 
     async def dead_letter(self, msg: ConsumerRecord, error: str, *, service: str) -> None:

@@ -24,6 +24,9 @@ def setup_logging(service: str) -> None:
     else:
         handler.setFormatter(JsonFormatter(service))
     logging.basicConfig(level=os.environ.get("FEDLLM_LOG_LEVEL", "INFO"), handlers=[handler])
+    from fedllm.common import tracing
+
+    tracing.setup(service)  # trace context across the hops; OTLP export only when configured
     # aiokafka logs whole message values (prompts, answers) at DEBUG: never let it.
     logging.getLogger("aiokafka").setLevel(max(logging.INFO, logging.root.level))
 

@@ -27,7 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from fedllm.common import logs
+from fedllm.common import logs, tracing
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,14 @@ def bounded(kind: str, value: str) -> str:
 
 
 @contextmanager
-def stage(service: str, name: str, *, request_id: str = "") -> Iterator[None]:
-    """Count and time one message through a stage (an exception counts as an error); log lines
-    inside carry `request_id`."""
+def stage(service: str, name: str, *, request_id: str = "", headers: Any = None) -> Iterator[None]:
+    """Count and time one message through a stage (an exception counts as an error); the block
+    runs in a trace span continuing the context in the message `headers`, and its log lines
+    carry `request_id`."""
     started = time.perf_counter()
     outcome = "error"
     try:
-        with logs.bound(request_id=request_id):
+        with tracing.span(f"{service} {name}", headers), logs.bound(request_id=request_id):
             yield
         outcome = "ok"
     finally:

@@ -83,7 +83,8 @@ def create_app(settings: Settings) -> faust.App:
             await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
             MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
             return
-        with metrics.stage(SERVICE, schema, request_id=record.get("request_id", "")):
+        with metrics.stage(SERVICE, schema, request_id=record.get("request_id", ""),
+                           headers=msg.headers):
             if schema == "InferenceRequest":
                 await acct.on_request(record)
             elif schema == "BudgetAdjustment":

@@ -16,7 +16,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from fedllm.common import metrics, topics
+from fedllm.common import metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, make_consumer, make_producer
@@ -66,7 +66,8 @@ async def decode_batch(bus: Bus, messages: list[ConsumerRecord],
     """Rows for the decodable, storable messages; the others go to the DLQ."""
     rows: list[dict[str, Any]] = []
     for msg in messages:
-        event = await bus.decode_or_dead_letter(msg, "AuditEvent", service=SERVICE)
+        with tracing.span("auditor AuditEvent", msg.headers):  # joins the request's trace
+            event = await bus.decode_or_dead_letter(msg, "AuditEvent", service=SERVICE)
         if event is None:
             continue
         try:

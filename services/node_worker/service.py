@@ -288,7 +288,7 @@ async def run(
                     pending -= 1
                     state.queue_depth = pending  # fetched and waiting behind this one
                     metrics.record_node_queue(hospital_id, pending)
-                    with metrics.stage("node_worker", "RoutedRequest",  # keyed by request id
+                    with metrics.stage("node_worker", "RoutedRequest", headers=msg.headers,
                                        request_id=(msg.key or b"").decode(errors="replace")):
                         await worker.handle(msg)
                     await consumer.commit({TopicPartition(tp.topic, tp.partition): msg.offset + 1})

@@ -158,7 +158,7 @@ class RouterService:
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
-                        with metrics.stage(SERVICE, "BudgetDecision",
+                        with metrics.stage(SERVICE, "BudgetDecision", headers=msg.headers,
                                            request_id=decision["request_id"]):
                             await self.execute(
                                 self.dispatcher.on_decision(decision, now_ms=now_ms()))
@@ -178,7 +178,7 @@ class RouterService:
                         msg, "InferenceResult", service=SERVICE
                     )
                     if result is not None:
-                        with metrics.stage(SERVICE, "InferenceResult",
+                        with metrics.stage(SERVICE, "InferenceResult", headers=msg.headers,
                                            request_id=result["request_id"]):
                             await self.execute(
                                 self.dispatcher.on_node_result(result, now_ms=now_ms())
