@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -112,13 +112,14 @@ def bounded(kind: str, value: str) -> str:
 
 @contextmanager
 def stage(service: str, name: str, *, request_id: str = "", headers: Any = None) -> Iterator[None]:
-    """Count and time one message through a stage (an exception counts as an error); the block
-    runs in a trace span continuing the context in the message `headers`, and its log lines
-    carry `request_id`."""
+    """Count and time one message through a stage (an exception counts as an error); given the
+    message's `headers`, the block runs in a trace span continuing the context they carry; its
+    log lines carry `request_id`."""
     started = time.perf_counter()
     outcome = "error"
+    traced = tracing.span(f"{service} {name}", headers) if headers is not None else nullcontext()
     try:
-        with tracing.span(f"{service} {name}", headers), logs.bound(request_id=request_id):
+        with traced, logs.bound(request_id=request_id):
             yield
         outcome = "ok"
     finally:
