@@ -79,11 +79,22 @@ def extract(headers: Any) -> context.Context:
 @contextmanager
 def span(name: str, headers: Any = None, *, kind: SpanKind = SpanKind.CONSUMER,
          **attributes: str) -> Iterator[None]:
-    """Run the block in a span whose parent is the context carried by `headers`."""
+    """Run the block in a span whose parent is the context carried by `headers` (or the current
+    span when `headers` is None)."""
     tracer = trace.get_tracer(TRACER)
-    with tracer.start_as_current_span(name, context=extract(headers), kind=kind,
+    parent = extract(headers) if headers is not None else None
+    with tracer.start_as_current_span(name, context=parent, kind=kind,
                                       attributes=attributes or None):
         yield
+
+
+def server_span(name: str, headers: Any) -> Any:
+    """The gateway's span for an HTTP request: FastAPI's own telemetry may already have opened
+    the server span (continuing the client's traceparent); then nest in it, else start from
+    the request headers."""
+    if trace.get_current_span().get_span_context().is_valid:
+        return span(name, None, kind=SpanKind.INTERNAL)
+    return span(name, headers, kind=SpanKind.SERVER)
 
 
 def trace_id_of(headers: Iterable[tuple[str, bytes]] | None) -> str:

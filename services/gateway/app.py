@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from opentelemetry.trace import SpanKind
 
 from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
@@ -133,7 +132,7 @@ def create_app(
         started = time.perf_counter()
         status = 500
         try:  # a server span: the root of the request's trace (or a child of its traceparent)
-            with tracing.span(f"gateway {request.method}", request.headers, kind=SpanKind.SERVER):
+            with tracing.server_span(f"gateway {request.method}", request.headers):
                 response = await call_next(request)
             status = response.status_code
             return response

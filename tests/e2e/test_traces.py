@@ -56,9 +56,8 @@ def ask(pipeline: Pipeline, client: httpx.Client, user: str, **headers: str) -> 
 
 def test_one_trace_id_spans_every_hop(pipeline: Pipeline, client: httpx.Client,
                                       otlp_collector: Collector) -> None:
-    trace_id = secrets.token_hex(16)
-    body = ask(pipeline, client, "e2e-trace",
-               traceparent=f"00-{trace_id}-{secrets.token_hex(8)}-01")
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    body = ask(pipeline, client, "e2e-trace", traceparent=f"00-{trace_id}-{client_span}-01")
     rid, node = body["request_id"], body["node_id"]
     hops = [topics.REQUESTS, topics.DECISIONS, topics.hospital_requests(node),
             topics.NODE_RESULTS, topics.RESULTS]
@@ -80,9 +79,14 @@ def test_one_trace_id_spans_every_hop(pipeline: Pipeline, client: httpx.Client,
             break
         time.sleep(0.5)
     assert seen == EXPECTED_SPANS, EXPECTED_SPANS - seen
+    time.sleep(2)  # stragglers: spans that end after the ones above
+    spans = [s for s in otlp_collector.spans() if s.trace_id == trace_id]
     ids = {s.span_id for s in spans}
-    roots = [s for s in spans if s.parent_id not in ids]
-    assert len(roots) == 1 and roots[0].name == "gateway POST", "one tree under the gateway"
+    orphans = [(s.service, s.name, s.parent_id) for s in spans
+               if s.parent_id not in ids and s.parent_id != client_span]
+    assert not orphans, f"spans outside the request's tree: {orphans}"
+    roots = [(s.service, s.name) for s in spans if s.parent_id == client_span]
+    assert len(roots) == 1 and roots[0][0] == "fedllm-gateway", roots  # one tree
 
 
 def test_the_gateway_starts_a_trace_when_the_client_sends_none(pipeline: Pipeline,
