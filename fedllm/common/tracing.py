@@ -101,3 +101,29 @@ def trace_id_of(headers: Iterable[tuple[str, bytes]] | None) -> str:
     """The trace id (32 hex digits) a message's headers carry, or ""."""
     ctx = trace.get_current_span(extract(headers)).get_span_context()
     return f"{ctx.trace_id:032x}" if ctx.is_valid else ""
+
+
+class TraceMemory:
+    """The trace context of recent requests, for work a service does later outside the message
+    that started it (the router's retries and queued dispatches run from its timer)."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._headers: dict[str, list[tuple[str, bytes]]] = {}
+
+    def remember(self, request_id: str) -> None:
+        headers = inject_headers()
+        if request_id and headers:
+            self._headers.pop(request_id, None)
+            self._headers[request_id] = headers
+            while len(self._headers) > self.capacity:  # oldest first (insertion order)
+                self._headers.pop(next(iter(self._headers)))
+
+    def resume(self, request_id: str | None, name: str) -> Any:
+        """A span continuing `request_id`'s trace when no span is current, else a no-op."""
+        from contextlib import nullcontext
+
+        stored = self._headers.get(request_id or "")
+        if stored is None or trace.get_current_span().get_span_context().is_valid:
+            return nullcontext()
+        return span(name, stored, kind=SpanKind.INTERNAL)

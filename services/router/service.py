@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fedllm.common import audit, metrics, topics
+from fedllm.common import audit, metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
@@ -83,6 +83,7 @@ class RouterService:
         self.heartbeats = make_consumer(settings, group_id=None)
         self.node_results = make_consumer(settings, group_id=None)
         self._assigned = asyncio.Event()
+        self.traces = tracing.TraceMemory()
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
     async def execute(self, actions: list[Action]) -> None:
@@ -90,7 +91,9 @@ class RouterService:
         for action in actions:
             if isinstance(action, Send):
                 try:
-                    await self.bus.send(action.topic, action.schema, action.record, key=action.key)
+                    with self.traces.resume(action.record.get("request_id"), "router dispatch"):
+                        await self.bus.send(action.topic, action.schema, action.record,
+                                            key=action.key)
                 except KafkaError as exc:
                     if action.schema != "RoutedRequest":
                         raise  # a failure result must not be lost: crash, replay on restart
@@ -101,10 +104,11 @@ class RouterService:
                     ))
         for action in actions:
             if isinstance(action, Audit):
-                await audit.emit(
-                    self.bus, action=action.action, service=SERVICE,
-                    id_parts=action.id_parts, **action.fields,
-                )
+                with self.traces.resume(action.fields.get("request_id"), "router audit"):
+                    await audit.emit(
+                        self.bus, action=action.action, service=SERVICE,
+                        id_parts=action.id_parts, **action.fields,
+                    )
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class RouterService:
                     if decision is not None:
                         with metrics.stage(SERVICE, "BudgetDecision", headers=msg.headers,
                                            request_id=decision["request_id"]):
+                            self.traces.remember(decision["request_id"])  # for timer sends
                             await self.execute(
                                 self.dispatcher.on_decision(decision, now_ms=now_ms()))
             if batch:

@@ -52,3 +52,25 @@ def test_no_context_no_headers() -> None:
     assert tracing.inject_headers() == [] or trace.get_current_span().get_span_context().is_valid
     assert tracing.trace_id_of([]) == ""
     assert tracing.trace_id_of([("traceparent", b"garbage")]) == ""
+
+
+def test_trace_memory_resumes_a_request_trace_outside_its_message() -> None:
+    exporter()
+    memory = tracing.TraceMemory(capacity=2)
+    with tracing.span("decision", None):
+        original = trace.get_current_span().get_span_context().trace_id
+        memory.remember("r1")
+    for rid in ("r2", "r3"):
+        with tracing.span(rid, None):
+            memory.remember(rid)
+    with memory.resume("r3", "timer dispatch"):
+        assert trace.get_current_span().get_span_context().trace_id != original
+    memory.remember("none-outside-a-span")  # nothing to remember: no-op
+    with memory.resume("r1", "timer dispatch"):  # evicted (capacity 2): no span
+        assert not trace.get_current_span().get_span_context().is_valid
+    memory = tracing.TraceMemory()
+    with tracing.span("decision", None):
+        kept = trace.get_current_span().get_span_context().trace_id
+        memory.remember("r1")
+    with memory.resume("r1", "timer dispatch"):
+        assert trace.get_current_span().get_span_context().trace_id == kept
