@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedllm import launcher
+from fedllm import backup, launcher
 from fedllm.client import cli as client_cli
 from services.accountant import cli as accountant_cli
 from services.auditor import cli as auditor_cli
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     for module in (gateway_cli, accountant_cli, router_cli, node_cli, auditor_cli):
         module.register(sub)
+    backup.register(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from fedllm.common import codec, topics
+from fedllm.common import codec, metrics, topics, tracing
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Bus:
         value, schema_headers = codec.encode(schema, record)
         await self.producer.send_and_wait(
             topic, value=value, key=key.encode() if key else None,
-            headers=schema_headers + list(headers or ()),
+            headers=schema_headers + list(headers or ()) + tracing.inject_headers(),
         )
 
     async def dead_letter(self, msg: ConsumerRecord, error: str, *, service: str) -> None:
@@ -149,6 +149,7 @@ class Bus:
         await self.producer.send_and_wait(
             topics.dlq(msg.topic), value=msg.value, key=msg.key, headers=headers
         )
+        metrics.DLQ.labels(service, msg.topic).inc()
         log.warning(
             "dead-lettered %s[%d]@%d from %s: %s",
             msg.topic, msg.partition, msg.offset, service, error,

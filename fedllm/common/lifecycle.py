@@ -13,11 +13,20 @@ from fedllm.common.config import Settings
 
 
 def setup_logging(service: str) -> None:
-    """Structured-ish single-line logs; never log prompts, answers or tokens."""
-    logging.basicConfig(
-        level=os.environ.get("FEDLLM_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-    )
+    """JSON log lines (fedllm.common.logs; FEDLLM_LOG_FORMAT=text for plain lines); never log
+    prompts, answers or tokens."""
+    from fedllm.common.logs import JsonFormatter
+
+    handler = logging.StreamHandler()
+    if os.environ.get("FEDLLM_LOG_FORMAT", "json") == "text":
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(JsonFormatter(service))
+    logging.basicConfig(level=os.environ.get("FEDLLM_LOG_LEVEL", "INFO"), handlers=[handler])
+    from fedllm.common import tracing
+
+    tracing.setup(service)  # trace context across the hops; OTLP export only when configured
     # aiokafka logs whole message values (prompts, answers) at DEBUG: never let it.
     logging.getLogger("aiokafka").setLevel(max(logging.INFO, logging.root.level))
 

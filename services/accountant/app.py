@@ -22,7 +22,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 
-from fedllm.common import codec, topics
+from fedllm.common import codec, metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.faust_transport import broker_urls
@@ -104,10 +104,22 @@ def create_app(settings: Settings) -> faust.App:
         return decoded
 
     async def handle(events: list[faust.types.EventT], schema: str) -> None:
-        acct = await accountant()
         decoded = await decode(events, schema)
+        if not decoded:
+            return
+        topic = events[0].message.topic
+        # One span per batch, continuing its first event's trace (a batched hop links the
+        # other requests' traces only through their audit records).
+        with metrics.stage(SERVICE, schema, request_id=decoded[0][0].get("request_id", ""),
+                           headers=events[0].message.headers):
+            await dispatch(topic, schema, decoded)
+        MESSAGES.labels(SERVICE, topic, "handled").inc(len(decoded))
+
+    async def dispatch(topic: str, schema: str,
+                       decoded: list[tuple[dict[str, Any], list[tuple[str, bytes]]]]) -> None:
+        acct = await accountant()
         records = [record for record, _ in decoded]
-        if events and events[0].message.topic == topics.RESULTS:
+        if topic == topics.RESULTS:
             for record in records:
                 await state["replies"].relay(record)
         elif schema == "InferenceRequest":
@@ -117,8 +129,6 @@ def create_app(settings: Settings) -> faust.App:
                 await acct.on_adjustment(record)
         else:
             await acct.on_node_results(records)
-        if records:
-            MESSAGES.labels(SERVICE, events[0].message.topic, "handled").inc(len(records))
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from fedllm.common import audit, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
+from fedllm.common.metrics import record_hospital_spend
 from fedllm.privacy.accountant import PrivacyCurve, window_start
 from services.accountant import messages
 from services.accountant.admission import Admission
@@ -121,6 +122,8 @@ class Accountant:
                 sends.append(self._overspend_alert(outcome))
             replay = (not outcome.changed and outcome.entry["outcome"] == x.outcome
                       and outcome.entry["node_id"] == x.node_id)
+            if outcome.changed:
+                record_hospital_spend(outcome.entry["node_id"], outcome.entry["spent_epsilon"])
             if outcome.changed or replay:
                 sends += self._finish(outcome, result if x.outcome == "ok" else None,
                                       status=x.outcome)

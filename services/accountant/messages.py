@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from fedllm.common.kafka import now_ms
+from fedllm.common.metrics import record_budget
 from fedllm.privacy.accountant import PrivacyCurve
 from services.accountant.ledger import Balance, Outcome
 
@@ -65,6 +66,7 @@ def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
 def budget_status(*, user_id: str, department: str, window_start: int, window_seconds: int,
                   delta: float, user: Balance, dept: Balance) -> dict[str, Any]:
     """BudgetStatus snapshot of a user's (and their department's) balances."""
+    record_budget("department", department, limit=dept.limit, remaining=dept.remaining)
     return {
         "user_id": user_id,
         "department": department,

@@ -31,12 +31,21 @@ def _iso(value: str) -> datetime:
 
 
 def cmd_auditor(args: argparse.Namespace) -> int:
-    from services.auditor import service
+    from services.auditor import anchor, service
 
     settings = Settings()
     setup_logging("auditor")
     serve_metrics(settings, "auditor")
-    run_until_signalled(lambda stop: service.run(settings, stop=stop))
+
+    async def main(stop: asyncio.Event) -> None:
+        engine = make_engine(settings.resolved_database_url())
+        try:  # the signed chain-head checkpoints run beside the consumer (off unless configured)
+            await asyncio.gather(service.run(settings, stop=stop),
+                                 anchor.run_periodically(engine, stop))
+        finally:
+            engine.dispose()
+
+    run_until_signalled(main)
     return 0
 
 
@@ -50,12 +59,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from services.auditor.anchor import AnchorSettings, check_anchors
     from services.auditor.verify import verify
 
-    report = verify(make_engine(args.database_url or Settings().resolved_database_url()),
-                    chain=args.chain)
+    engine = make_engine(args.database_url or Settings().resolved_database_url())
+    report = verify(engine, chain=args.chain)
     print("\n".join(report.lines()))
-    return 0 if report.ok else 1
+    anchors = AnchorSettings(**({"dir": args.anchor_dir} if args.anchor_dir else {}))
+    problems: list[str] = []
+    if anchors.enabled:
+        problems = check_anchors(engine, anchors)
+        print("\n".join(f"FAIL anchor: {p}" for p in problems)
+              or f"OK anchors: database matches the signed checkpoints in {anchors.path()}")
+    return 0 if report.ok and not problems else 1
+
+
+def cmd_anchor(args: argparse.Namespace) -> int:
+    from services.auditor.anchor import AnchorSettings, verify_and_anchor
+
+    anchors = AnchorSettings(**({"dir": args.anchor_dir} if args.anchor_dir else {}))
+    if not anchors.enabled:
+        print("error: set FEDLLM_AUDIT_ANCHOR_KEY and FEDLLM_AUDIT_ANCHOR_DIR (or --anchor-dir)",
+              file=sys.stderr)
+        return 2
+    ok = verify_and_anchor(make_engine(args.database_url or Settings().resolved_database_url()),
+                           anchors)
+    print(f"anchored the chain heads in {anchors.path()}" if ok
+          else "verification failed: nothing anchored (see the log)")
+    return 0 if ok else 1
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -165,7 +196,14 @@ def register(sub: Any) -> None:
     p = audit.add_parser("verify", help="walk the hash chains; exit 1 on the first bad row")
     p.add_argument("--chain", help="verify this chain only")
     p.add_argument("--database-url", help="default: the configured database")
+    p.add_argument("--anchor-dir", help="signed checkpoints to check against "
+                   "(default FEDLLM_AUDIT_ANCHOR_DIR; needs FEDLLM_AUDIT_ANCHOR_KEY)")
     p.set_defaults(func=cmd_verify)
+
+    p = audit.add_parser("anchor", help="verify, then append signed chain-head checkpoints")
+    p.add_argument("--database-url", help="default: the configured database")
+    p.add_argument("--anchor-dir", help="default: FEDLLM_AUDIT_ANCHOR_DIR")
+    p.set_defaults(func=cmd_anchor)
 
     p = audit.add_parser("replay", help="rebuild from the topic into an empty DB and compare")
     start = p.add_mutually_exclusive_group(required=True)

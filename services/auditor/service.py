@@ -16,7 +16,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from fedllm.common import topics
+from fedllm.common import metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, make_consumer, make_producer
@@ -66,7 +66,8 @@ async def decode_batch(bus: Bus, messages: list[ConsumerRecord],
     """Rows for the decodable, storable messages; the others go to the DLQ."""
     rows: list[dict[str, Any]] = []
     for msg in messages:
-        event = await bus.decode_or_dead_letter(msg, "AuditEvent", service=SERVICE)
+        with tracing.span("auditor AuditEvent", msg.headers):  # joins the request's trace
+            event = await bus.decode_or_dead_letter(msg, "AuditEvent", service=SERVICE)
         if event is None:
             continue
         try:
@@ -101,12 +102,14 @@ async def consume(consumer: AIOKafkaConsumer, bus: Bus, engine: Engine, *,
         batches = await consumer.getmany(timeout_ms=cfg.batch_wait_ms, max_records=cfg.batch_max)
         if not batches:
             continue
+        metrics.record_lag(SERVICE, consumer, batches)
         messages = [m for tp in sorted(batches, key=lambda t: t.partition) for m in batches[tp]]
         rows = await decode_batch(bus, messages, protection)
         if rows:
             try:
-                result = await with_db_retry(store.append, engine, rows, cfg=cfg, stop=stop,
-                                             what="storing audit batch")
+                with metrics.stage(SERVICE, "AuditEvent batch"):
+                    result = await with_db_retry(store.append, engine, rows, cfg=cfg, stop=stop,
+                                                 what="storing audit batch")
             except Stopped:
                 log.warning("stopped with %d audit events unstored; they will be re-read",
                             len(rows))

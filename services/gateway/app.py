@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fedllm.common import topics
+from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
 from services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
@@ -131,8 +131,9 @@ def create_app(
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         status = 500
-        try:
-            response = await call_next(request)
+        try:  # a server span: the root of the request's trace (or a child of its traceparent)
+            with tracing.server_span(f"gateway {request.method}", request.headers):
+                response = await call_next(request)
             status = response.status_code
             return response
         finally:

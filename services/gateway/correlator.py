@@ -19,7 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from fedllm.common import codec, topics
+from fedllm.common import codec, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_consumer
 
@@ -116,7 +116,13 @@ class _AssignedReader:
             log.warning("skipping undecodable %s[%d]@%d: %s", msg.topic, msg.partition,
                         msg.offset, exc)
             return
-        self.on_record(record)
+        if self.traced:  # the last hop of the request's trace
+            with tracing.span(f"gateway {self.topic}", msg.headers):
+                self.on_record(record)
+        else:
+            self.on_record(record)
+
+    traced = False
 
     def on_record(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -129,6 +135,7 @@ class ResultCorrelator(_AssignedReader):
 
     topic = topics.RESULTS
     from_end = True
+    traced = True
     schema = "InferenceResult"
 
     def __init__(self, settings: Settings, *, orphan_capacity: int = 4096,

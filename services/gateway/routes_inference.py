@@ -4,6 +4,7 @@
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from fedllm.common import topics
+from fedllm.common import logs, topics
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
@@ -25,6 +26,8 @@ from services.gateway.models import (
     TimedOut,
 )
 from services.gateway.ratelimit import Window
+
+log = logging.getLogger(__name__)
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "body is not parseable"},
@@ -111,6 +114,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
 
         settings = state.settings
         request_id = str(uuid.uuid4())
+        logs.request_id_var.set(request_id)  # this request's task only: its log lines carry it
         created = now_ms()
         record = {
             "request_id": request_id,
@@ -176,6 +180,7 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
     status = result["status"]
     state.metrics.inference.labels(status if status in {"ok", "rejected", "failed", "timeout"}
                                    else "unknown").inc()
+    log.info("inference finished: %s after %.0f ms", status, (time.monotonic() - started) * 1000)
     remaining = result["remaining_budget"]
     if status == "ok":
         processing = result["processing_time_ms"] / 1000 or (time.monotonic() - started)

@@ -28,7 +28,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from fedllm.common import audit, grants, topics
+from fedllm.common import audit, grants, metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
@@ -219,7 +219,8 @@ class NodeWorker:
             return failed_fields(f"node not ready: {self.state.load_error or 'model loading'}")
         self.state.in_flight += 1
         try:
-            return await asyncio.to_thread(engine.answer, routed)
+            with metrics.model_time(self.hospital_id):
+                return await asyncio.to_thread(engine.answer, routed)
         except Exception as exc:  # one bad request must not kill the node
             log.exception("request %s failed", routed.get("request_id"))
             return failed_fields(f"{type(exc).__name__}: {exc}")
@@ -329,6 +330,7 @@ async def run(
         ready = False
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)
+            metrics.record_lag(ready_name, consumer, batches)
             if not ready and consumer.assignment() and state.healthy:
                 mark_ready(settings, ready_name)
                 ready = True
@@ -338,9 +340,13 @@ async def run(
                 for msg in msgs:
                     pending -= 1
                     state.queue_depth = pending  # fetched and waiting behind this one
-                    await worker.handle(msg)
+                    metrics.record_node_queue(hospital_id, pending)
+                    with metrics.stage("node_worker", "RoutedRequest", headers=msg.headers,
+                                       request_id=(msg.key or b"").decode(errors="replace")):
+                        await worker.handle(msg)
                     await consumer.commit({TopicPartition(tp.topic, tp.partition): msg.offset + 1})
             state.queue_depth = 0
+            metrics.record_node_queue(hospital_id, 0)
     finally:
         clear_ready(settings, ready_name)
         stop.set()

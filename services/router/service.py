@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fedllm.common import audit, topics
+from fedllm.common import audit, metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
@@ -98,6 +98,7 @@ class RouterService:
         self.heartbeats = make_consumer(settings, group_id=None)
         self.node_results = make_consumer(settings, group_id=None)
         self._assigned = asyncio.Event()
+        self.traces = tracing.TraceMemory()
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
     async def execute(self, actions: list[Action]) -> None:
@@ -105,7 +106,9 @@ class RouterService:
         for action in actions:
             if isinstance(action, Send):
                 try:
-                    await self.bus.send(action.topic, action.schema, action.record, key=action.key)
+                    with self.traces.resume(action.record.get("request_id"), "router dispatch"):
+                        await self.bus.send(action.topic, action.schema, action.record,
+                                            key=action.key)
                 except KafkaError as exc:
                     if action.schema != "RoutedRequest":
                         raise  # a failure result must not be lost: crash, replay on restart
@@ -117,10 +120,11 @@ class RouterService:
         for action in actions:
             if isinstance(action, Audit):
                 self.metrics.observe(action, strategy=self.dispatcher.strategy.name)
-                await audit.emit(
-                    self.bus, action=action.action, service=SERVICE,
-                    id_parts=action.id_parts, **action.fields,
-                )
+                with self.traces.resume(action.fields.get("request_id"), "router audit"):
+                    await audit.emit(
+                        self.bus, action=action.action, service=SERVICE,
+                        id_parts=action.id_parts, **action.fields,
+                    )
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -167,6 +171,7 @@ class RouterService:
     async def route_decisions(self) -> None:
         while True:
             batch = await self.decisions.getmany(timeout_ms=POLL_MS)
+            metrics.record_lag(SERVICE, self.decisions, batch)
             if batch and self.batch_window_ms > 0:  # let the window fill, then place jointly
                 await asyncio.sleep(self.batch_window_ms / 1000)
                 for tp, msgs in (await self.decisions.getmany(timeout_ms=0)).items():
@@ -178,6 +183,9 @@ class RouterService:
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
+                        with metrics.stage(SERVICE, "BudgetDecision", headers=msg.headers,
+                                           request_id=decision["request_id"]):
+                            self.traces.remember(decision["request_id"])  # for batched sends
                         decisions.append(decision)
             if decisions:
                 await self.execute(self.dispatcher.on_decisions(decisions, now_ms=now_ms()))
@@ -197,9 +205,11 @@ class RouterService:
                         msg, "InferenceResult", service=SERVICE
                     )
                     if result is not None:
-                        await self.execute(
-                            self.dispatcher.on_node_result(result, now_ms=now_ms())
-                        )
+                        with metrics.stage(SERVICE, "InferenceResult", headers=msg.headers,
+                                           request_id=result["request_id"]):
+                            await self.execute(
+                                self.dispatcher.on_node_result(result, now_ms=now_ms())
+                            )
 
     async def supervise(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import pytest
 
 from fedllm.common.config import HospitalConfig
 from fedllm.launcher import Pipeline
+from tests.ops.otlp import Collector
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSPITALS = [
@@ -20,7 +21,14 @@ HOSPITALS = [
 
 
 @pytest.fixture(scope="session")
-def pipeline(postgres_admin_url: str) -> Iterator[Pipeline]:
+def otlp_collector() -> Iterator[Collector]:
+    """Receives the spans every pipeline process exports (tests/e2e/test_traces.py)."""
+    with Collector() as collector:
+        yield collector
+
+
+@pytest.fixture(scope="session")
+def pipeline(postgres_admin_url: str, otlp_collector: Collector) -> Iterator[Pipeline]:
     from tests.conftest import scratch_database
 
     with scratch_database(postgres_admin_url) as db:
@@ -36,6 +44,8 @@ def pipeline(postgres_admin_url: str) -> Iterator[Pipeline]:
                 # These tests count fresh releases; tests/e2e/test_cache.py runs its own gateway
                 # with the answer cache (which would be on here if REDIS_URL were exported).
                 "FEDLLM_GATEWAY_CACHE__ENABLED": "false",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.url,
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
             },
         )
         with pipe:
