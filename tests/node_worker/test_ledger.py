@@ -25,7 +25,7 @@ from services.node_worker.model import LoadedModel
 from services.node_worker.records import person_of
 from services.node_worker.service import run, wait_ready
 from services.node_worker.settings import NodeSettings
-from tests.kafka_helpers import collect, produce
+from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, with_grant
 from tests.node_worker.test_engine import routed
 
 QUESTION = "Which patients had chest pain or hypertension?"
@@ -149,7 +149,8 @@ async def test_restarted_node_resends_the_same_release(
     hid = f"h{uuid.uuid4().hex[:8]}"
     shutil.copytree(clinosim_source, tmp_path / "hospitals" / hid / "clinosim")
     settings = Settings(kafka_bootstrap=kafka_bootstrap, data_dir=tmp_path,
-                        heartbeat_interval_s=0.3,
+                        heartbeat_interval_s=0.3, reservation_verify_key=GRANT_PUBLIC,
+                        answer_routes=False,
                         hospitals=[HospitalConfig(id=hid, departments=["cardiology"])])
     await ensure_topics(settings, {**topics.all_topics([hid])})
     runs: list[int] = []
@@ -162,6 +163,7 @@ async def test_restarted_node_resends_the_same_release(
 
     req = routed(prompt=QUESTION, epsilon=1.0, max_tokens=4)
     req["hospital_id"] = hid
+    req = with_grant(req)
 
     async def serve_once(expected: int) -> list[dict]:
         stop = asyncio.Event()
