@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     node_ttl_s: float = 5.0
     max_tokens_limit: int = 256
 
+    # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
+    # with a terminal outcome, and the exponential backoff between attempts.
+    delivery_attempts: int = 5
+    delivery_backoff_s: float = 0.2
+    delivery_backoff_max_s: float = 5.0
+
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
     dp_groups: int = 8

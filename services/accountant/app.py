@@ -6,8 +6,9 @@
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
   ledger's row transition lets exactly one of them act).
 
-Offsets are acked only after an event is fully handled (faust at-least-once); the ledger makes
-every replay a no-op. Messages are raw bytes here and decoded with the shared Avro codec, so an
+Every event goes through `fedllm.common.delivery.deliver` (retry with backoff, then a terminal
+failed outcome and the DLQ) and is acked only after it returns; the ledger makes every replay a
+no-op, and the messages a transition implies leave through the outbox relay. Messages are raw bytes here and decoded with the shared Avro codec, so an
 undecodable one is dead-lettered instead of crashing the agent.
 """
 
@@ -22,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
+from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.faust_transport import broker_urls
 from fedllm.common.kafka import Bus, make_producer, ssl_context
 from fedllm.common.lifecycle import mark_ready
@@ -74,7 +76,10 @@ def create_app(settings: Settings) -> faust.App:
             state["accountant"] = Accountant(settings, ledger, Bus(producer))
         return state["accountant"]
 
+    policy = RetryPolicy.from_settings(settings)
+
     async def handle(event: faust.types.EventT, schema: str) -> None:
+        """Decode and deliver one event; it is acked only after `deliver` returns."""
         acct = await accountant()
         msg = event.message
         try:
@@ -83,34 +88,42 @@ def create_app(settings: Settings) -> faust.App:
             await acct.bus.dead_letter(msg, str(exc), service=SERVICE)  # type: ignore[arg-type]
             MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
             return
-        if schema == "InferenceRequest":
-            await acct.on_request(record)
-        elif schema == "BudgetAdjustment":
-            await acct.on_adjustment(record)
-        else:
-            await acct.on_node_result(record)
-        MESSAGES.labels(SERVICE, msg.topic, "handled").inc()
+        handler, on_dead = {
+            "InferenceRequest": (acct.on_request, acct.fail_request),
+            "BudgetAdjustment": (acct.on_adjustment, acct.fail_adjustment),
+            "InferenceResult": (acct.on_node_result, acct.fail_node_result),
+        }[schema]
+        await deliver(msg, lambda: handler(record), bus=acct.bus, service=SERVICE,
+                      policy=policy, on_dead=lambda reason: on_dead(record, reason))
+
+    async def consume(stream: faust.StreamT, schema: str) -> None:
+        # faust acks an event in a `finally` (even when the handler raised); a noack stream
+        # and an explicit ack after delivery keep an unfinished event unacknowledged.
+        async for event in stream.noack().events():
+            await handle(event, schema)
+            event.ack()
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await handle(event, "InferenceRequest")
+        await consume(stream, "InferenceRequest")
 
     @app.agent(node_results_topic, name="settle_budget")
     async def settle_budget(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await handle(event, "InferenceResult")
+        await consume(stream, "InferenceResult")
 
     @app.agent(admin_topic, name="apply_adjustment")
     async def apply_adjustment(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await handle(event, "BudgetAdjustment")
+        await consume(stream, "BudgetAdjustment")
 
     @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:
-        n = await (await accountant()).sweep_expired()
+        n = await (await accountant()).sweep_expired()  # logs and survives its own errors
         if n:
             log.info("timed out %d reservation(s)", n)
+
+    @app.timer(interval=0.5)
+    async def relay_outbox() -> None:
+        await (await accountant()).relay_outbox()  # what a crash or a broker error left unsent
 
     @app.timer(interval=0.5)
     async def report_ready() -> None:

@@ -1,64 +1,124 @@
 """The accountant's reactions to events: reserve on a request, settle on a node result,
-time out stale reservations. Database work runs in a thread; outputs go out after the
-database commit, so a crash in between only causes a replay, which the ledger absorbs."""
+time out stale reservations. Database work runs in a thread; the messages a ledger transition
+implies are written to the outbox in the same transaction and sent by its relay, so a crash
+after the commit loses nothing and a replayed event (a no-op on the ledger) sends nothing new."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from fedllm.common import audit, topics
+from sqlalchemy.orm import Session
+
+from fedllm.common import audit, outbox, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
+from fedllm.common.outbox import Message
 from fedllm.privacy.accountant import PrivacyCurve, window_start
 from services.accountant import messages
-from services.accountant.ledger import Ledger, Outcome
+from services.accountant.ledger import Balance, Ledger, Outcome, Then
+from services.accountant.models import BudgetEntry
 
 log = logging.getLogger(__name__)
 SERVICE = "accountant"
 
 
 class Accountant:
-    """Budget reservation and settlement over a durable ledger."""
+    """Budget reservation and settlement over a durable ledger.
+
+    Every ledger transition writes the messages it implies (decision, terminal result, audit
+    events, budget status) into the outbox in the same transaction; the relay sends them."""
 
     def __init__(self, settings: Settings, ledger: Ledger, bus: Bus) -> None:
         self.settings = settings
         self.ledger = ledger
         self.bus = bus
+        outbox.create_table(ledger.engine)
+        self.relay = outbox.Relay(ledger.engine, bus.producer)
+
+    async def relay_outbox(self) -> int:
+        """Send what the outbox holds; a broker error is logged and retried by the next call."""
+        try:
+            return await self.relay.flush()
+        except Exception as exc:
+            log.warning("outbox relay: %s (will retry)", exc)
+            return 0
+
+    def _recorder(self, build: Callable[[Outcome], list[Message]]) -> Then:
+        def record(s: Session, outcome: Outcome) -> None:
+            if outcome.changed:
+                outbox.add(s, build(outcome))
+        return record
 
     async def on_request(self, request: dict[str, Any]) -> None:
-        outcome = await asyncio.to_thread(self.ledger.reserve, request)
+        await asyncio.to_thread(self.ledger.reserve, request, then=self._recorder(
+            lambda outcome: self._reserve_messages(request, outcome)))
+        await self.relay_outbox()
+
+    def _reserve_messages(self, request: dict[str, Any], outcome: Outcome) -> list[Message]:
         rid = request["request_id"]
         common = {
             "request_id": rid, "user_id": request["user_id"], "role": request["role"],
             "department": request["department"], "source_address": request["source_address"],
             "delta": outcome.entry["delta"],
         }
+        out = [Message.encode(topics.DECISIONS, "BudgetDecision",
+                              messages.decision(request, outcome), key=rid)]
         if outcome.state == "reserved":
-            await self.bus.send(topics.DECISIONS, "BudgetDecision",
-                                messages.decision(request, outcome), key=rid)
-            await audit.emit(
-                self.bus, action="budget.reserved", service=SERVICE, id_parts=(rid,),
-                outcome="approved", epsilon=request["epsilon"],
+            out.append(_audit(
+                action="budget.reserved", id_parts=(rid,), outcome="approved",
+                epsilon=request["epsilon"],
                 rdp_summary=messages.rdp_summary(outcome.entry["reserved_rdp"],
                                                  request["epsilon"]),
                 **common,
-            )
-        elif outcome.state == "rejected":
-            await self.bus.send(topics.DECISIONS, "BudgetDecision",
-                                messages.decision(request, outcome), key=rid)
-            await self.bus.send(topics.RESULTS, "InferenceResult",
-                                messages.final_result(outcome, status="rejected"), key=rid)
-            await audit.emit(self.bus, action="budget.refused", service=SERVICE, id_parts=(rid,),
-                             outcome="rejected", reason=outcome.reason,
-                             epsilon=request["epsilon"], **common)
-            await audit.emit(self.bus, action="request.rejected", service=SERVICE,
-                             id_parts=(rid,), outcome="rejected", reason=outcome.reason,
-                             **common)
+            ))
         else:
-            return  # already settled: a replay of an old request event
-        await self._publish_budget(outcome)
+            out.append(Message.encode(topics.RESULTS, "InferenceResult",
+                                      messages.final_result(outcome, status="rejected"), key=rid))
+            out.append(_audit(action="budget.refused", id_parts=(rid,), outcome="rejected",
+                              reason=outcome.reason, epsilon=request["epsilon"], **common))
+            out.append(_audit(action="request.rejected", id_parts=(rid,), outcome="rejected",
+                              reason=outcome.reason, **common))
+        return out + self._budget_messages(outcome)
+
+    async def fail_request(self, request: dict[str, Any], reason: str) -> None:
+        """Terminal outcome of a request event that could not be handled (dead-lettered):
+        nothing reserved, a failed result and its audit records — unless it was settled."""
+        def tx() -> None:
+            with Session(self.ledger.engine, autobegin=False) as s, s.begin():
+                if s.get(BudgetEntry, request["request_id"]) is not None:
+                    return  # the ledger already has its outcome (and outbox messages)
+                row = BudgetEntry(
+                    request_id=request["request_id"], user_id=request["user_id"],
+                    department=request["department"], window_start=0, state="rejected",
+                    epsilon=request["epsilon"], delta=self.settings.budget.delta,
+                    reserved_rdp={}, spent_rdp=None, spent_epsilon=0.0,
+                    deadline_ms=request["deadline_ms"], created_at_ms=now_ms(),
+                    settled_at_ms=now_ms(), outcome="failed", reason=reason[:1000],
+                )
+                s.add(row)
+                s.flush()
+                zero = Balance(limit=0.0, spent=0.0, remaining=0.0)
+                outcome = Outcome(row.request_id, True, "rejected", row.reason, zero, zero,
+                                  {c.name: getattr(row, c.name)
+                                   for c in BudgetEntry.__table__.columns})
+                rid = row.request_id
+                common = {"request_id": rid, "user_id": request["user_id"],
+                          "role": request["role"], "department": request["department"],
+                          "source_address": request["source_address"], "delta": row.delta}
+                outbox.add(s, [
+                    Message.encode(topics.DECISIONS, "BudgetDecision",
+                                   dict(messages.decision(request, outcome), approved=False,
+                                        reserved_epsilon=0.0), key=rid),
+                    Message.encode(topics.RESULTS, "InferenceResult",
+                                   messages.final_result(outcome, status="failed"), key=rid),
+                    _audit(action="request.failed", id_parts=(rid,), outcome="failed",
+                           reason=row.reason, epsilon=0.0, **common),
+                ])
+        await asyncio.to_thread(tx)
+        await self.relay_outbox()
 
     async def on_node_result(self, result: dict[str, Any]) -> None:
         rid = result["request_id"]
@@ -71,17 +131,42 @@ class Accountant:
                      result["node_id"], result.get("attempt"), rid)
             return
         spent, status, reason = self._charge_for(result)
+        await self._settle(result, spent=spent, status=status, reason=reason)
+
+    async def _settle(self, result: dict[str, Any], *, spent: PrivacyCurve | None, status: str,
+                      reason: str) -> None:
+        rid = result["request_id"]
         outcome = await asyncio.to_thread(
             self.ledger.settle, rid, spent=spent, outcome=status, reason=reason,
-            node_id=result.get("node_id", ""),
+            node_id=result.get("node_id", ""), then=self._recorder(
+                lambda o: self._finish_messages(o, result if status == "ok" else None,
+                                                status=status)),
         )
         if outcome is None:
             log.warning("node result for unknown request %s ignored", rid)
             return
-        replay = (not outcome.changed and outcome.entry["outcome"] == status
-                  and outcome.entry["node_id"] == result.get("node_id", ""))
-        if outcome.changed or replay:
-            await self._finish(outcome, result if status == "ok" else None, status=status)
+        if (not outcome.changed and outcome.entry["outcome"] == "timeout"
+                and result["status"] == "ok"):
+            # The deadline rule (docs/reliability.md): the sweep ended this request first
+            # (refunded, "timeout"); a later answer is refused — neither charged nor delivered.
+            await audit.emit(self.bus, action="result.refused_late", service=SERVICE,
+                             id_parts=(rid, result.get("node_id", "")), request_id=rid,
+                             user_id=result["user_id"], department=result["department"],
+                             hospital_id=result.get("node_id", ""), outcome="refused",
+                             reason="answer arrived after the request timed out",
+                             epsilon=0.0)
+        await self.relay_outbox()
+
+    async def fail_node_result(self, result: dict[str, Any], reason: str) -> None:
+        """Terminal outcome of a node result that could not be handled (dead-lettered): the
+        request fails; a release the node reports is still charged, anything else refunded."""
+        try:
+            spent, _, _ = self._charge_for(result)
+        except Exception:
+            spent = None
+        if result["status"] == "partial" or (result["status"] != "ok" and result.get("node_id")):
+            return  # not a final verdict: the router or the sweep ends the request
+        await self._settle(result, spent=spent, status="failed", reason=reason)
 
     async def on_adjustment(self, adjustment: dict[str, Any]) -> None:
         """Apply an admin's budget reset; audited with the admin as the actor."""
@@ -90,6 +175,16 @@ class Accountant:
             outcome, reason = ("applied" if changed else "replayed"), ""
         except (KeyError, ValueError) as exc:
             outcome, reason = "rejected", f"invalid adjustment: {exc}"
+        await self._audit_adjustment(adjustment, outcome=outcome, reason=reason)
+        if outcome == "applied" and adjustment["scope"] == "user":
+            await self._publish_user_budget(adjustment["subject"])
+
+    async def fail_adjustment(self, adjustment: dict[str, Any], reason: str) -> None:
+        """Terminal outcome of an admin reset that could not be applied (dead-lettered)."""
+        await self._audit_adjustment(adjustment, outcome="failed", reason=reason)
+
+    async def _audit_adjustment(self, adjustment: dict[str, Any], *, outcome: str,
+                                reason: str) -> None:
         await audit.emit(
             self.bus, action="budget.reset", service=SERVICE,
             id_parts=(adjustment["adjustment_id"],), user_id=adjustment["actor_user_id"],
@@ -98,8 +193,6 @@ class Accountant:
             outcome=outcome, reason=reason or adjustment["reason"],
             scope=adjustment["scope"], subject=adjustment["subject"],
         )
-        if outcome == "applied" and adjustment["scope"] == "user":
-            await self._publish_user_budget(adjustment["subject"])
 
     async def _publish_user_budget(self, user_id: str) -> None:
         department = await asyncio.to_thread(self.ledger.last_department, user_id)
@@ -114,15 +207,24 @@ class Accountant:
         ), key=user_id)
 
     async def sweep_expired(self, *, grace_ms: int = 2_000) -> int:
-        """Refund and time out reservations whose request deadline has passed."""
-        ids = await asyncio.to_thread(self.ledger.expired, now_ms=now_ms(), grace_ms=grace_ms)
-        for rid in ids:
-            outcome = await asyncio.to_thread(
-                self.ledger.settle, rid, spent=None, outcome="timeout",
-                reason="request deadline passed without an answer",
-            )
-            if outcome is not None and outcome.changed:
-                await self._finish(outcome, None, status="timeout")
+        """Refund and time out reservations whose request deadline has passed.
+
+        The refund and its messages are one transaction (outbox); an error is logged and the
+        next sweep tries again, so it never stops the accountant."""
+        try:
+            ids = await asyncio.to_thread(self.ledger.expired, now_ms=now_ms(),
+                                          grace_ms=grace_ms)
+            for rid in ids:
+                await asyncio.to_thread(
+                    self.ledger.settle, rid, spent=None, outcome="timeout",
+                    reason="request deadline passed without an answer",
+                    then=self._recorder(lambda o: self._finish_messages(o, None,
+                                                                        status="timeout")),
+                )
+        except Exception as exc:
+            log.warning("expiry sweep failed (next sweep retries): %s", exc)
+            return 0
+        await self.relay_outbox()
         return len(ids)
 
     def _charge_for(self, result: dict[str, Any]) -> tuple[PrivacyCurve | None, str, str]:
@@ -151,41 +253,48 @@ class Accountant:
             return None
         return PrivacyCurve(orders=orders, values=tuple(result["rdp_epsilons"]))
 
-    async def _finish(self, outcome: Outcome, node_result: dict[str, Any] | None, *,
-                      status: str) -> None:
+    def _finish_messages(self, outcome: Outcome, node_result: dict[str, Any] | None, *,
+                         status: str) -> list[Message]:
         entry = outcome.entry
         rid = entry["request_id"]
-        await self.bus.send(topics.RESULTS, "InferenceResult",
-                            messages.final_result(outcome, node_result, status=status), key=rid)
+        out = [Message.encode(topics.RESULTS, "InferenceResult",
+                              messages.final_result(outcome, node_result, status=status),
+                              key=rid)]
         common = {"request_id": rid, "user_id": entry["user_id"],
                   "department": entry["department"], "hospital_id": entry["node_id"],
                   "delta": entry["delta"]}
         if entry["state"] == "committed":
             reserved = self.ledger.accountant.epsilon(
                 PrivacyCurve.from_dict(entry["reserved_rdp"]), delta=entry["delta"])
-            await audit.emit(
-                self.bus, action="budget.committed", service=SERVICE, id_parts=(rid,),
+            out.append(_audit(
+                action="budget.committed", id_parts=(rid,),
                 outcome="committed", epsilon=entry["spent_epsilon"],
                 rdp_summary=messages.rdp_summary(entry["spent_rdp"], entry["spent_epsilon"]),
                 refunded_epsilon=round(max(reserved - entry["spent_epsilon"], 0.0), 6),
                 records_used=int((node_result or {}).get("records_used", 0)), **common,
-            )
+            ))
         else:
-            await audit.emit(self.bus, action="budget.refunded", service=SERVICE,
-                             id_parts=(rid,), outcome="refunded", reason=outcome.reason,
-                             epsilon=0.0, **common)
-        await audit.emit(self.bus, action=messages.TERMINAL_ACTION[status], service=SERVICE,
-                         id_parts=(rid,), outcome=status, reason=outcome.reason,
-                         epsilon=entry["spent_epsilon"], **common)
-        await self._publish_budget(outcome)
+            out.append(_audit(action="budget.refunded", id_parts=(rid,), outcome="refunded",
+                              reason=outcome.reason, epsilon=0.0, **common))
+        out.append(_audit(action=messages.TERMINAL_ACTION[status], id_parts=(rid,),
+                          outcome=status, reason=outcome.reason,
+                          epsilon=entry["spent_epsilon"], **common))
+        return out + self._budget_messages(outcome)
 
-    async def _publish_budget(self, outcome: Outcome) -> None:
+    def _budget_messages(self, outcome: Outcome) -> list[Message]:
         if outcome.user.limit <= 0:
-            return
+            return []
         entry = outcome.entry
-        await self.bus.send(topics.BUDGETS, "BudgetStatus", messages.budget_status(
+        return [Message.encode(topics.BUDGETS, "BudgetStatus", messages.budget_status(
             user_id=entry["user_id"], department=entry["department"],
             window_start=entry["window_start"],
             window_seconds=self.settings.budget.window_seconds, delta=entry["delta"],
             user=outcome.user, dept=outcome.department,
-        ), key=entry["user_id"])
+        ), key=entry["user_id"])]
+
+
+def _audit(**kw: Any) -> Message:
+    """An accountant AuditEvent as an outbox message."""
+    record = audit.audit_event(service=SERVICE, **kw)
+    return Message.encode(topics.AUDIT, "AuditEvent", record,
+                          key=record.get("request_id") or SERVICE)

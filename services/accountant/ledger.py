@@ -8,6 +8,7 @@ operation is idempotent by request id: replaying an event after a crash changes 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,16 @@ class Outcome:
     user: Balance
     department: Balance
     entry: dict[str, Any]
+
+
+# Called inside an operation's transaction, just before it commits (the outbox writes there).
+Then = Callable[[Session, "Outcome"], None]
+
+
+def _then(then: Then | None, s: Session, outcome: Outcome) -> Outcome:
+    if then is not None:
+        then(s, outcome)
+    return outcome
 
 
 class Ledger:
@@ -141,8 +152,11 @@ class Ledger:
 
     # -- operations ------------------------------------------------------------------------
 
-    def reserve(self, request: dict[str, Any], *, now_s: float | None = None) -> Outcome:
-        """Reserve the request's (ε, δ) against its user's and department's budgets."""
+    def reserve(self, request: dict[str, Any], *, now_s: float | None = None,
+                then: Then | None = None) -> Outcome:
+        """Reserve the request's (ε, δ) against its user's and department's budgets.
+
+        `then(session, outcome)` runs inside the transaction, before it commits."""
         rid, user_id, dept = request["request_id"], request["user_id"], request["department"]
         window = self._window(now_s)
         with Session(self.engine, autobegin=False) as s, s.begin():
@@ -151,10 +165,11 @@ class Ledger:
             if existing is not None:
                 user, department = self._balances(s, user_id, existing.department,
                                                    existing.window_start)
-                return Outcome(rid, False, existing.state, existing.reason, user, department,
-                               _as_dict(existing))
+                return _then(then, s, Outcome(rid, False, existing.state, existing.reason, user,
+                                              department, _as_dict(existing)))
             if dept not in self.budget.department_epsilon:
-                return self._reject(s, request, window, f"unknown department {dept!r}")
+                return _then(then, s, self._reject(s, request, window,
+                                                   f"unknown department {dept!r}"))
             self._lock_accounts(s, user_id, dept, window)
             cost = self.accountant.query_curve(epsilon=request["epsilon"], delta=self.budget.delta)
             user_curve = self._spent_curve(s, column=BudgetEntry.user_id, value=user_id,
@@ -169,12 +184,12 @@ class Ledger:
                                                 delta=self.budget.delta):
                     left = self.accountant.remaining(spent=curve, limit_epsilon=limit,
                                                      delta=self.budget.delta)
-                    return self._reject(
+                    return _then(then, s, self._reject(
                         s, request, window,
                         f"{who} privacy budget exhausted: requested epsilon "
                         f"{request['epsilon']:g}, remaining {left:.4f} of {limit:g} "
                         f"this window",
-                    )
+                    ))
             row = BudgetEntry(
                 request_id=rid, user_id=user_id, department=dept, window_start=window,
                 state="reserved", epsilon=request["epsilon"], delta=self.budget.delta,
@@ -184,7 +199,8 @@ class Ledger:
             s.add(row)
             s.flush()
             user, department = self._balances(s, user_id, dept, window)
-            return Outcome(rid, True, "reserved", "", user, department, _as_dict(row))
+            return _then(then, s, Outcome(rid, True, "reserved", "", user, department,
+                                          _as_dict(row)))
 
     def _reject(self, s: Session, request: dict[str, Any], window: int, reason: str) -> Outcome:
         row = BudgetEntry(
@@ -205,11 +221,11 @@ class Ledger:
         return Outcome(row.request_id, True, "rejected", reason, user, dept, _as_dict(row))
 
     def settle(self, request_id: str, *, spent: PrivacyCurve | None, outcome: str,
-               reason: str = "", node_id: str = "") -> Outcome | None:
+               reason: str = "", node_id: str = "", then: Then | None = None) -> Outcome | None:
         """Commit what was really spent (refunding the rest), or refund all when `spent` is None.
 
         Only a `reserved` entry changes; anything else (replay, late answer) is a no-op.
-        Returns None for an unknown request id.
+        Returns None for an unknown request id. `then` as for `reserve`.
         """
         with Session(self.engine, autobegin=False) as s, s.begin():
             self._begin(s)
@@ -230,8 +246,8 @@ class Ledger:
                 row.settled_at_ms = _now_ms()
                 s.flush()
             user, dept = self._balances(s, row.user_id, row.department, row.window_start)
-            return Outcome(row.request_id, changed, row.state, row.reason, user, dept,
-                           _as_dict(row))
+            return _then(then, s, Outcome(row.request_id, changed, row.state, row.reason, user,
+                                          dept, _as_dict(row)))
 
     def reset(self, adjustment: dict[str, Any], *, now_s: float | None = None) -> bool:
         """Apply an admin's BudgetAdjustment (action "reset") to the current window, once.
