@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from fedllm.common import audit, topics
 from fedllm.common.config import Settings
+from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
@@ -83,6 +85,7 @@ class RouterService:
         self.heartbeats = make_consumer(settings, group_id=None)
         self.node_results = make_consumer(settings, group_id=None)
         self._assigned = asyncio.Event()
+        self.policy = RetryPolicy.from_settings(settings)
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
     async def execute(self, actions: list[Action]) -> None:
@@ -157,9 +160,26 @@ class RouterService:
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
-                        await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
+                        await deliver(
+                            msg, lambda d=decision: self.execute(
+                                self.dispatcher.on_decision(d, now_ms=now_ms())),
+                            bus=self.bus, service=SERVICE, policy=self.policy,
+                            on_dead=lambda reason, d=decision: self.fail_decision(d, reason),
+                        )
             if batch:
                 await self.decisions.commit()
+
+    async def fail_decision(self, decision: dict[str, Any], reason: str) -> None:
+        """Terminal verdict for a decision that could not be routed (dead-lettered): a failure
+        result on node-results, on which the accountant refunds the reservation."""
+        if not decision["approved"]:
+            return
+        request = decision["request"]
+        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
+            "request_id": request["request_id"], "user_id": request["user_id"],
+            "department": request["department"], "status": "failed", "reason": reason,
+            "node_id": "", "attempt": 0, "delta": decision["delta"], "finished_at_ms": now_ms(),
+        }, key=request["user_id"])
 
     async def track_nodes(self) -> None:
         while True:
