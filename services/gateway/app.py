@@ -21,6 +21,7 @@ from services.gateway.deps import GatewayState, State
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import Health, Readiness, inference_body_model
 from services.gateway.ratelimit import RateLimiter, make_limiter
+from services.gateway.results import ResultArchiver, make_result_store
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def create_app(
         leeway_s=gw.jwt_leeway_s,
     )
     own_limiter = limiter is None
+    results = make_result_store(settings.redis_url, retention_s=gw.result_retention_s,
+                                prefix=gw.redis_prefix)
     state = GatewayState(
         settings=settings,
         gw=gw,
@@ -87,6 +90,8 @@ def create_app(
         request_timeout_s=(request_timeout_s if request_timeout_s is not None
                            else settings.request_timeout_s),
         hmac_key=gw.prompt_hmac_key(settings),
+        results=results,
+        archiver=ResultArchiver(settings, results, group_id=f"{gw.redis_prefix}-results"),
     )
 
     @contextlib.asynccontextmanager
@@ -99,6 +104,7 @@ def create_app(
         await state.correlator.start()
         await state.budgets.start()
         await state.nodes.start()
+        await state.archiver.start()
         try:
             await asyncio.wait_for(
                 asyncio.gather(state.correlator.assigned.wait(), state.budgets.assigned.wait(),
@@ -114,6 +120,8 @@ def create_app(
             await state.correlator.stop()
             await state.budgets.stop()
             await state.nodes.stop()
+            await state.archiver.stop()
+            await state.results.close()
             state.bus = None
             await producer.stop()
             if own_limiter:

@@ -155,11 +155,10 @@ class ResultCorrelator(_AssignedReader):
     def on_record(self, record: dict[str, Any]) -> None:
         rid = record["request_id"]
         fut = self._waiters.pop(rid, None)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(record)
-            return
-        self._orphans[rid] = (time.monotonic(), record)
+        if fut is not None and not fut.done():
+            fut.set_result(record)
+        # Kept briefly either way: a retry with the same Idempotency-Key registers again.
+        self._orphans.setdefault(rid, (time.monotonic(), record))
         self._orphans.move_to_end(rid)
         while len(self._orphans) > self._orphan_capacity:
             self._orphans.popitem(last=False)

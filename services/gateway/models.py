@@ -97,6 +97,13 @@ class TimedOut(BaseModel):
     request_id: str
 
 
+class Pending(BaseModel):
+    """GET /v1/inference/{request_id} before the request has finished."""
+
+    request_id: str
+    status: str
+
+
 class BudgetResponse(BaseModel):
     user_id: str
     department: str
