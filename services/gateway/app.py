@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -151,7 +152,12 @@ def create_app(
 
     @app.get("/v1/health", response_model=Health, tags=["ops"])
     async def health() -> Health:
-        return Health(status="alive")
+        status = settings.data_dir / "run" / "services.json"  # written by `fedllm up`
+        try:
+            services = json.loads(status.read_text())
+        except (OSError, ValueError):
+            services = None
+        return Health(status="alive", services=services)
 
     @app.get("/v1/ready", response_model=Readiness, tags=["ops"],
              responses={503: {"model": Readiness}})

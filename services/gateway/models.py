@@ -3,7 +3,7 @@ document states the same bounds the gateway enforces."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
@@ -131,6 +131,8 @@ class TokenResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    # Under `fedllm up`: each service's pid, state (running | restarting), restarts, last exit.
+    services: dict[str, dict[str, Any]] | None = None
 
 
 class Readiness(BaseModel):
