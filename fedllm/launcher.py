@@ -109,13 +109,18 @@ class Pipeline:
         )
         log.close()
 
-    def start(self, timeout_s: float = 300.0) -> Pipeline:
-        """Start the broker, create topics, start every service and wait until all are ready."""
+    def launch(self) -> Pipeline:
+        """Start the broker, create topics and start every service (without waiting)."""
         if self.database_url == "" and "DATABASE_URL" not in self.extra_env:
             self.database_url = f"sqlite:///{self.data_dir / 'fedllm.db'}"
         self.start_broker()
         for name, args in self.service_commands().items():
             self.start_service(name, args)
+        return self
+
+    def start(self, timeout_s: float = 300.0) -> Pipeline:
+        """`launch`, then wait until every service is ready."""
+        self.launch()
         self.wait_ready(list(self.procs), timeout_s=timeout_s)
         return self
 
@@ -176,10 +181,11 @@ class Pipeline:
                               stable_for_s=1.0)
         return done
 
-    def supervise(self, stop: threading.Event, *, max_backoff_s: float = 30.0) -> None:
+    def supervise(self, stop: threading.Event, *, max_backoff_s: float = 30.0,
+                  on_ready: Callable[[], None] | None = None) -> None:
         """Until `stop` is set: restart a service that exited, with exponential backoff per
         service (1 s, 2 s, … max_backoff_s), and keep `<data_dir>/run/services.json` current
-        (the gateway's /v1/health reports it)."""
+        (the gateway's /v1/health reports it); `on_ready()` once every service is first ready."""
         commands = self.service_commands()
         restarts = dict.fromkeys(self.procs, 0)
         due: dict[str, float] = {}
@@ -195,13 +201,18 @@ class Pipeline:
                 elif proc.poll() is not None:
                     last_exit[name] = proc.returncode
                     due[name] = now + min(2.0 ** restarts.get(name, 0), max_backoff_s)
-            write_status(self.settings, {
+            status = {
                 name: {"pid": proc.pid,
                        "state": "restarting" if name in due else "running",
+                       "ready": name not in due and ready_path(self.settings, name).exists(),
                        "restarts": restarts.get(name, 0),
                        "last_exit": last_exit.get(name)}
                 for name, proc in self.procs.items()
-            })
+            }
+            write_status(self.settings, status)
+            if on_ready is not None and all(v["ready"] for v in status.values()):
+                on_ready()
+                on_ready = None
             stop.wait(0.2)
 
     def __enter__(self) -> Pipeline:
@@ -309,10 +320,10 @@ def _up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        pipeline.start()
-        print(f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
-              f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True)
-        pipeline.supervise(stop)
+        pipeline.launch()
+        pipeline.supervise(stop, on_ready=lambda: print(
+            f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
+            f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True))
         print("draining…", flush=True)
         done = pipeline.drain(timeout_s=pipeline.settings.request_timeout_s + 30)
         print(f"drained: {done}", flush=True)

@@ -1,5 +1,5 @@
 """`fedllm up` as a supervisor, run as a real process tree (embedded broker, SQLite ledger, one
-hospital with the real model): a killed service is restarted and reported in /v1/health; a
+hospital whose model need not finish loading): a killed service is restarted and reported in /v1/health; a
 signal drains and stops every child — no orphans."""
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def test_up_restarts_a_crashed_service_and_a_signal_stops_every_child(tmp_path: 
                 s = json.loads(status.read_text())
             except (OSError, ValueError):
                 return None
-            ok = s and all(v["state"] == "running" for v in s.values())
+            # The node's model may take minutes to load on a busy machine: not waited for.
+            ok = s and all(v["ready"] for k, v in s.items() if not k.startswith("node-"))
             return s if ok and len(s) == 5 else None
 
         before = _wait_for(running, 240, "every service running")
@@ -84,7 +85,7 @@ def test_up_restarts_a_crashed_service_and_a_signal_stops_every_child(tmp_path: 
             h = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=5).json()
             r = (h.get("services") or {}).get("router", {})
             return h if r.get("restarts", 0) >= 1 and r.get("pid") != router_pid \
-                and r.get("state") == "running" else None
+                and r.get("ready") else None
 
         health = _wait_for(restarted, 60, "the router restarted and reported in /v1/health")
         assert health["services"]["router"]["last_exit"] == -signal.SIGKILL
