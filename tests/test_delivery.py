@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -159,6 +160,8 @@ async def test_relay_sends_committed_messages_and_a_replay_sends_identical_bytes
         with Session(engine) as s, s.begin():
             s.execute(update(OutboxRow).values(sent_at_ms=None))
         assert await relay.flush() == 3
+        assert outbox.purge_sent(engine, before_ms=time.time_ns() // 1_000_000 + 1000) == 3
+        assert outbox.pending(engine) == []
     finally:
         await producer.stop()
         engine.dispose()

@@ -16,7 +16,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Engine, Integer, LargeBinary, String, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Engine,
+    Integer,
+    LargeBinary,
+    String,
+    delete,
+    select,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.common import codec
@@ -87,6 +97,12 @@ def mark_sent(engine: Engine, ids: list[int]) -> None:
         return
     with Session(engine) as s, s.begin():
         s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids)).values(sent_at_ms=_now_ms()))
+
+
+def purge_sent(engine: Engine, *, before_ms: int) -> int:
+    """Delete messages acknowledged before `before_ms` (retention); returns how many."""
+    with Session(engine) as s, s.begin():
+        return s.execute(delete(OutboxRow).where(OutboxRow.sent_at_ms < before_ms)).rowcount
 
 
 class Relay:

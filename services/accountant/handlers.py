@@ -17,7 +17,7 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.outbox import Message
 from fedllm.privacy.accountant import PrivacyCurve, window_start
-from services.accountant import messages
+from services.accountant import messages, partials
 from services.accountant.ledger import Balance, Ledger, Outcome, Then
 from services.accountant.models import BudgetEntry
 
@@ -36,7 +36,9 @@ class Accountant:
         self.ledger = ledger
         self.bus = bus
         outbox.create_table(ledger.engine)
+        partials.create_table(ledger.engine)
         self.relay = outbox.Relay(ledger.engine, bus.producer)
+        self._sweeps = 0
 
     async def relay_outbox(self) -> int:
         """Send what the outbox holds; a broker error is logged and retried by the next call."""
@@ -123,7 +125,12 @@ class Accountant:
     async def on_node_result(self, result: dict[str, Any]) -> None:
         rid = result["request_id"]
         if result["status"] == "partial":
-            return  # one hospital's part of a fan-out: the router combines the parts
+            # One hospital's part of a fan-out: the router combines the parts. Kept so that,
+            # should the router die first, the sweep still charges what was released.
+            curve = self._reported_curve(result) if result.get("node_id") else None
+            if curve is not None:
+                await asyncio.to_thread(partials.record, self.ledger.engine, result, curve)
+            return
         if result["status"] != "ok" and result.get("node_id"):
             # A node's own failure does not end the request: the router retries it elsewhere
             # and reports the final failure itself (node_id ""); the deadline sweep backs it up.
@@ -211,13 +218,20 @@ class Accountant:
 
         The refund and its messages are one transaction (outbox); an error is logged and the
         next sweep tries again, so it never stops the accountant."""
+        self._sweeps += 1
         try:
+            if self._sweeps % 600 == 1:  # now and then: forget messages acked a day ago
+                await asyncio.to_thread(outbox.purge_sent, self.ledger.engine,
+                                        before_ms=now_ms() - 86_400_000)
             ids = await asyncio.to_thread(self.ledger.expired, now_ms=now_ms(),
                                           grace_ms=grace_ms)
             for rid in ids:
+                released = await asyncio.to_thread(partials.spent, self.ledger.engine, rid,
+                                                   self.ledger.accountant)
                 await asyncio.to_thread(
-                    self.ledger.settle, rid, spent=None, outcome="timeout",
-                    reason="request deadline passed without an answer",
+                    self.ledger.settle, rid, spent=released, outcome="timeout",
+                    reason="request deadline passed without an answer" + (
+                        "; the released fan-out parts are charged" if released else ""),
                     then=self._recorder(lambda o: self._finish_messages(o, None,
                                                                         status="timeout")),
                 )

@@ -86,3 +86,36 @@ async def test_late_answer_before_the_sweep_is_charged_and_after_it_is_refused(
     refused = [a for a in events if a["action"] == "result.refused_late"
                and a["request_id"] == swept["request_id"]]
     assert refused and refused[0]["epsilon"] == 0.0
+
+
+async def test_parts_released_before_a_router_crash_are_charged_when_the_sweep_ends_it(
+    kafka_bootstrap: str, fresh_database_url: str,
+) -> None:
+    """The router died holding two answered fan-out parts: the sweep charges them (composed)
+    instead of refunding, and a replayed part is counted once."""
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=fresh_database_url,
+                        hospitals=[HospitalConfig(id="h1", departments=["cardiology"])])
+    await ensure_topics(settings, topics.all_topics(["h1"]))
+    engine = make_engine(fresh_database_url)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()),
+                          Bus(producer))
+        req = inference_request(user_id=f"fan-{uuid.uuid4().hex[:6]}", epsilon=2.0,
+                                deadline_ms=now_ms() - 10_000)
+        await acct.on_request(req)
+        part = PrivacyCurve.from_rho(0.002)
+        for node in ("h1", "h2", "h1"):  # h1's part delivered twice
+            await acct.on_node_result(dict(ok_answer(req), status="partial", node_id=node,
+                                           rdp_orders=list(part.orders),
+                                           rdp_epsilons=list(part.values)))
+        assert acct.ledger.entry(req["request_id"])["state"] == "reserved"
+        assert await acct.sweep_expired(grace_ms=0) == 1
+        entry = acct.ledger.entry(req["request_id"])
+        both = acct.ledger.accountant.compose(part, part)
+        assert (entry["state"], entry["outcome"]) == ("committed", "timeout")
+        assert entry["spent_epsilon"] == pytest.approx(both.epsilon(delta=1e-5))
+    finally:
+        await producer.stop()
+        engine.dispose()
