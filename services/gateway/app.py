@@ -150,7 +150,8 @@ def create_app(
             state.metrics.requests.labels(name, str(status)).inc()
             state.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
-    @app.get("/v1/health", response_model=Health, tags=["ops"])
+    @app.get("/v1/health", response_model=Health, response_model_exclude_none=True,
+             tags=["ops"])
     async def health() -> Health:
         status = settings.data_dir / "run" / "services.json"  # written by `fedllm up`
         try:

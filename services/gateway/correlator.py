@@ -143,6 +143,13 @@ class ResultCorrelator(_AssignedReader):
             self._waiters[request_id] = fut
         return fut
 
+    def recent(self, request_id: str) -> dict[str, Any] | None:
+        """A result this gateway read in the last `orphan_ttl_s`, if any (not consumed)."""
+        hit = self._orphans.get(request_id)
+        if hit is None or time.monotonic() - hit[0] > self._orphan_ttl_s:
+            return None
+        return hit[1]
+
     def discard(self, request_id: str) -> None:
         fut = self._waiters.pop(request_id, None)
         if fut is not None and not fut.done():

@@ -194,7 +194,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
     async def get_inference(request_id: str, state: State, principal: CurrentPrincipal) -> Any:
         """The terminal result of one of the caller's requests (kept `result_retention_s`)."""
         try:
-            record = await state.results.get(request_id)
+            record = await state.results.get(request_id) or state.correlator.recent(request_id)
             owner = await state.results.owner(request_id)
         except Exception:
             raise HTTPException(503, "result store unavailable") from None

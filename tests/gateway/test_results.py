@@ -69,7 +69,7 @@ async def test_a_result_after_the_504_is_collected_by_its_owner_only(store_setti
             await Bus(producer).send(topics.RESULTS, "InferenceResult", late, key=rid)
         finally:
             await producer.stop()
-        for _ in range(100):
+        for _ in range(300):
             got = await c.get(f"/v1/inference/{rid}", headers=token(store_settings, user))
             if got.status_code != 202:
                 break
