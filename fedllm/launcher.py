@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedllm.common import topics
@@ -110,16 +114,22 @@ class Pipeline:
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "fedllm.cli", *args],
             env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
+        log.close()
 
-    def start(self, timeout_s: float = 300.0) -> Pipeline:
-        """Start the broker, create topics, start every service and wait until all are ready."""
+    def launch(self) -> Pipeline:
+        """Start the broker, create topics and start every service (without waiting)."""
         if self.database_url == "" and "DATABASE_URL" not in self.extra_env:
             self.database_url = f"sqlite:///{self.data_dir / 'fedllm.db'}"
         self.start_broker()
         for name, args in self.service_commands().items():
             self.start_service(name, args)
+        return self
+
+    def start(self, timeout_s: float = 300.0) -> Pipeline:
+        """`launch`, then wait until every service is ready."""
+        self.launch()
         self.wait_ready(list(self.procs), timeout_s=timeout_s)
         return self
 
@@ -148,19 +158,71 @@ class Pipeline:
             proc.wait(timeout=30)
         ready_path(self.settings, name).unlink(missing_ok=True)
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
+    def stop_services(self, names: list[str], *, timeout_s: float = 15.0) -> None:
+        """SIGTERM each named service's process group, SIGKILL what is left after timeout_s."""
+        procs = [self.procs[n] for n in names if n in self.procs]
+        for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.procs.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+    def stop(self) -> None:
+        self.stop_services(list(self.procs))
         if self.broker:
             self.broker.stop()
+
+    def drain(self, *, timeout_s: float) -> dict[str, bool]:
+        """Stop taking work and let what is in flight finish: the gateway stops (uvicorn lets
+        open requests complete), the ledger's reservations reach a terminal state and the
+        outbox empties, and the auditor stores every audit event. Returns what completed."""
+        deadline = time.monotonic() + timeout_s
+        self.stop_services(["gateway"], timeout_s=timeout_s)
+        done = {"ledger": _wait(lambda: _ledger_settled(self.settings), deadline)}
+        done["audit"] = _wait(lambda: asyncio.run(_audit_caught_up(self.settings)), deadline,
+                              stable_for_s=1.0)
+        return done
+
+    def supervise(self, stop: threading.Event, *, max_backoff_s: float = 30.0,
+                  on_ready: Callable[[], None] | None = None) -> None:
+        """Until `stop` is set: restart a service that exited, with exponential backoff per
+        service (1 s, 2 s, … max_backoff_s), and keep `<data_dir>/run/services.json` current
+        (the gateway's /v1/health reports it); `on_ready()` once every service is first ready."""
+        commands = self.service_commands()
+        restarts = dict.fromkeys(self.procs, 0)
+        due: dict[str, float] = {}
+        last_exit: dict[str, int] = {}
+        while not stop.is_set():
+            now = time.monotonic()
+            for name, proc in list(self.procs.items()):
+                if name in due:
+                    if now >= due[name] and name in commands:
+                        del due[name]
+                        restarts[name] = restarts.get(name, 0) + 1
+                        self.start_service(name, commands[name])
+                elif proc.poll() is not None:
+                    last_exit[name] = proc.returncode
+                    due[name] = now + min(2.0 ** restarts.get(name, 0), max_backoff_s)
+            status = {
+                name: {"pid": proc.pid,
+                       "state": "restarting" if name in due else "running",
+                       "ready": name not in due and ready_path(self.settings, name).exists(),
+                       "restarts": restarts.get(name, 0),
+                       "last_exit": last_exit.get(name)}
+                for name, proc in self.procs.items()
+            }
+            write_status(self.settings, status)
+            if on_ready is not None and all(v["ready"] for v in status.values()):
+                on_ready()
+                on_ready = None
+            stop.wait(0.2)
 
     def __enter__(self) -> Pipeline:
         return self.start()
@@ -201,19 +263,105 @@ def generate_hospitals(settings: Settings) -> None:
                         progress=True)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the supervisor dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def status_path(settings: Settings) -> Path:
+    return settings.data_dir / "run" / "services.json"
+
+
+def write_status(settings: Settings, status: dict[str, dict[str, object]]) -> None:
+    path = status_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status, sort_keys=True))
+    tmp.replace(path)
+
+
+def _wait(check: Callable[[], bool], deadline: float, *, stable_for_s: float = 0.0) -> bool:
+    """Poll `check` until it has held for `stable_for_s` or `deadline` passes."""
+    held_since: float | None = None
+    while time.monotonic() < deadline:
+        try:
+            ok = check()
+        except Exception:
+            ok = False
+        if ok:
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= stable_for_s:
+                return True
+        else:
+            held_since = None
+        time.sleep(0.2)
+    return False
+
+
+def _ledger_settled(settings: Settings) -> bool:
+    """No reservation still open and no outbox message unsent."""
+    from sqlalchemy import inspect, text
+
+    from fedllm.common.db import make_engine
+
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            open_ = conn.execute(text(
+                "SELECT count(*) FROM budget_entries WHERE state = 'reserved'")).scalar() \
+                if "budget_entries" in tables else 0
+            unsent = conn.execute(text(
+                "SELECT count(*) FROM outbox_messages WHERE sent_at_ms IS NULL")).scalar() \
+                if "outbox_messages" in tables else 0
+        return open_ == 0 and unsent == 0
+    finally:
+        engine.dispose()
+
+
+async def _audit_caught_up(settings: Settings) -> bool:
+    """The auditor's committed offsets have reached the end of the audit topic."""
+    from aiokafka import TopicPartition
+
+    from fedllm.common.kafka import make_consumer
+    from services.auditor.settings import AuditorSettings
+
+    consumer = make_consumer(settings, group_id=AuditorSettings().group_id)
+    await consumer.start()
+    try:
+        await consumer.topics()  # refresh metadata
+        tps = [TopicPartition(topics.AUDIT, p)
+               for p in sorted(consumer.partitions_for_topic(topics.AUDIT) or [])]
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            if (await consumer.committed(tp) or 0) < ends[tp]:
+                return False
+        return True
+    finally:
+        await consumer.stop()
+
+
 def _up(args: argparse.Namespace) -> int:
+    """Supervise the pipeline until SIGTERM, SIGINT or SIGHUP; then drain and stop it all."""
     hospitals = preset_hospitals(args.preset)
     pipeline = Pipeline(data_dir=Path(args.data_dir), gateway_port=args.port,
                         kafka_port=args.kafka_port or None, hospitals=hospitals)
     generate_hospitals(pipeline.settings)
-    with pipeline:
-        print(f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
-              f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True)
-        try:
-            while all(p.poll() is None for p in pipeline.procs.values()):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        pipeline.launch()
+        pipeline.supervise(stop, on_ready=lambda: print(
+            f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
+            f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True))
+        print("draining…", flush=True)
+        done = pipeline.drain(timeout_s=pipeline.settings.request_timeout_s + 30)
+        print(f"drained: {done}", flush=True)
+    finally:
+        pipeline.stop()
+        status_path(pipeline.settings).unlink(missing_ok=True)
     return 0
 
 

@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     router_strategy: str = "privacy_aware"
     router_batch_window_ms: int = 50
     router_hedge: bool = False
+    # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
+    # with a terminal outcome, and the exponential backoff between attempts.
+    delivery_attempts: int = 5
+    delivery_backoff_s: float = 0.2
+    delivery_backoff_max_s: float = 5.0
+    # Longest model work a node worker may do between two polls before its group evicts it.
+    node_max_poll_interval_s: float = 1800.0
 
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).

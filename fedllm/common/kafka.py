@@ -137,9 +137,12 @@ class Bus:
             headers=schema_headers + list(headers or ()) + tracing.inject_headers(),
         )
 
-    async def dead_letter(self, msg: ConsumerRecord, error: str, *, service: str) -> None:
-        """Send the raw message to `<topic>.dlq` with its error and origin in headers."""
+    async def dead_letter(self, msg: ConsumerRecord, error: str, *, service: str,
+                          attempts: int = 0) -> None:
+        """Send the raw message to `<topic>.dlq` with its error and origin in headers
+        (`dlq-attempts`: how often a handler failed on it; 0 for an undecodable message)."""
         headers = list(msg.headers or []) + [
+            ("dlq-attempts", str(attempts).encode()),
             ("dlq-error", error[:1000].encode()),
             ("dlq-origin-topic", msg.topic.encode()),
             ("dlq-origin-partition", str(msg.partition).encode()),

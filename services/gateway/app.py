@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from services.gateway.errors import invalid_request
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import Health, Readiness, inference_body_model
 from services.gateway.ratelimit import RateLimiter, make_limiter
+from services.gateway.results import ResultArchiver, make_result_store
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ def create_app(
     quiet_kafka_client_logs()
     verifier = gw.verifier(settings)
     own_limiter = limiter is None
+    results = make_result_store(settings.redis_url, retention_s=gw.result_retention_s,
+                                prefix=gw.redis_prefix)
     state = GatewayState(
         settings=settings,
         gw=gw,
@@ -83,6 +87,8 @@ def create_app(
         request_timeout_s=(request_timeout_s if request_timeout_s is not None
                            else settings.request_timeout_s),
         hmac_key=gw.prompt_hmac_key(settings),
+        results=results,
+        archiver=ResultArchiver(settings, results, group_id=f"{gw.redis_prefix}-results"),
     )
     state.cache = make_answer_cache(settings, gw, state.metrics.registry)
 
@@ -96,6 +102,7 @@ def create_app(
         await state.correlator.start()
         await state.budgets.start()
         await state.nodes.start()
+        await state.archiver.start()
         try:
             await asyncio.wait_for(
                 asyncio.gather(state.correlator.assigned.wait(), state.budgets.assigned.wait(),
@@ -111,6 +118,8 @@ def create_app(
             await state.correlator.stop()
             await state.budgets.stop()
             await state.nodes.stop()
+            await state.archiver.stop()
+            await state.results.close()
             state.bus = None
             await producer.stop()
             if own_limiter:
@@ -142,9 +151,15 @@ def create_app(
             state.metrics.requests.labels(name, str(status)).inc()
             state.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
-    @app.get("/v1/health", response_model=Health, tags=["ops"])
+    @app.get("/v1/health", response_model=Health, response_model_exclude_none=True,
+             tags=["ops"])
     async def health() -> Health:
-        return Health(status="alive")
+        status = settings.data_dir / "run" / "services.json"  # written by `fedllm up`
+        try:
+            services = json.loads(status.read_text())
+        except (OSError, ValueError):
+            services = None
+        return Health(status="alive", services=services)
 
     @app.get("/v1/ready", response_model=Readiness, tags=["ops"],
              responses={503: {"model": Readiness}})

@@ -156,6 +156,13 @@ class ResultCorrelator(_AssignedReader):
             self._waiters[request_id] = fut
         return fut
 
+    def recent(self, request_id: str) -> dict[str, Any] | None:
+        """A result this gateway read in the last `orphan_ttl_s`, if any (not consumed)."""
+        hit = self._orphans.get(request_id)
+        if hit is None or time.monotonic() - hit[0] > self._orphan_ttl_s:
+            return None
+        return hit[1]
+
     def discard(self, request_id: str) -> None:
         fut = self._waiters.pop(request_id, None)
         if fut is not None and not fut.done():
@@ -168,11 +175,10 @@ class ResultCorrelator(_AssignedReader):
     def on_record(self, record: dict[str, Any]) -> None:
         rid = record["request_id"]
         fut = self._waiters.pop(rid, None)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(record)
-            return
-        self._orphans[rid] = (time.monotonic(), record)
+        if fut is not None and not fut.done():
+            fut.set_result(record)
+        # Kept briefly either way: a retry with the same Idempotency-Key registers again.
+        self._orphans.setdefault(rid, (time.monotonic(), record))
         self._orphans.move_to_end(rid)
         while len(self._orphans) > self._orphan_capacity:
             self._orphans.popitem(last=False)

@@ -19,6 +19,7 @@ from services.gateway.auth import AuthError, PasswordChecker, Principal, TokenVe
 from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.ratelimit import RateLimiter
+from services.gateway.results import ResultArchiver, ResultStore
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class GatewayState:
     nodes: NodeView
     request_timeout_s: float
     hmac_key: bytes
+    results: ResultStore
+    archiver: ResultArchiver
     producer: AIOKafkaProducer | None = None
     bus: Bus | None = None
     cache: AnswerCache | None = None  # the answer cache; None without Redis or when disabled

@@ -3,7 +3,7 @@ document states the same bounds the gateway enforces."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
@@ -108,6 +108,13 @@ class TimedOut(BaseModel):
     request_id: str
 
 
+class Pending(BaseModel):
+    """GET /v1/inference/{request_id} before the request has finished."""
+
+    request_id: str
+    status: str
+
+
 class BudgetResponse(BaseModel):
     user_id: str
     department: str
@@ -135,6 +142,8 @@ class TokenResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    # Under `fedllm up`: each service's pid, state (running | restarting), restarts, last exit.
+    services: dict[str, dict[str, Any]] | None = None
 
 
 class Readiness(BaseModel):

@@ -3,13 +3,14 @@
 # No `from __future__ import annotations`: FastAPI must see the dynamic body model itself.
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from fedllm.common import logs, topics
@@ -23,6 +24,7 @@ from services.gateway.models import (
     ErrorBody,
     InferenceBodyBase,
     InferenceResponse,
+    Pending,
     TimedOut,
 )
 from services.gateway.ratelimit import Window
@@ -97,7 +99,11 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
 
     @router.post("/v1/inference", response_model=InferenceResponse, responses=RESPONSES)
     async def create_inference(
-        request: Request, state: State, principal: CurrentPrincipal, body: body_model  # type: ignore[valid-type]
+        request: Request, state: State, principal: CurrentPrincipal, body: body_model,  # type: ignore[valid-type]
+        idempotency_key: Annotated[str | None, Header(
+            min_length=1, max_length=200,
+            description="same key and caller → the same request, charged once; its result "
+                        "is returned again (or awaited) instead of running a new request")] = None,
     ) -> Any:
         started = time.monotonic()
         address = client_address(request)
@@ -137,17 +143,19 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         result: dict[str, Any] | None = None
         if state.bus is None:
             raise HTTPException(503, "broker unavailable")
+        try:
+            if idempotency_key is not None:
+                bound = await state.results.claim(user_id=principal.user_id,
+                                                  key=idempotency_key, request_id=request_id)
+                if bound != request_id:  # a retry: the same request, never a second charge
+                    return await _collect(state, bound, started)
+            await state.results.set_owner(request_id, principal.user_id)
+        except Exception:
+            raise HTTPException(503, "result store unavailable") from None
         future = state.correlator.register(request_id)  # before producing: no lost results
         state.metrics.in_flight.inc()
         try:
             try:
-                await state.audit(
-                    action="request.received", id_parts=(request_id,), required=True,
-                    request_id=request_id, user_id=principal.user_id, role=principal.role,
-                    department=department, source_address=address, outcome="accepted",
-                    epsilon=body.privacy_budget, delta=settings.budget.delta,
-                    prompt_hmac=prompt_hmac(state.hmac_key, body.prompt), kind=body.kind,
-                )
                 # The caller's own bearer token travels with the event: the accountant
                 # verifies it again before it reserves anything.
                 credential = request.headers.get("authorization", "").encode()
@@ -155,25 +163,82 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
                                      key=principal.user_id,
                                      headers=[(CREDENTIAL_HEADER, credential)])
             except Exception:
+                if idempotency_key is not None:  # nothing was sent: the key may be reused
+                    await state.results.release(user_id=principal.user_id, key=idempotency_key)
                 raise HTTPException(503, "broker unavailable") from None
-            remaining = state.request_timeout_s - (time.monotonic() - started)
-            try:
-                result = await asyncio.wait_for(future, timeout=max(0.0, remaining))
-            except TimeoutError:
-                state.metrics.inference.labels("gateway_timeout").inc()
-                return JSONResponse(
-                    status_code=504,
-                    content={"detail": "no result before the gateway deadline",
-                             "request_id": request_id},
-                )
+            # Audited only once the request is on its way, so every received request reaches
+            # a terminal audit record (the accountant's).
+            await state.audit(
+                action="request.received", id_parts=(request_id,),
+                request_id=request_id, user_id=principal.user_id, role=principal.role,
+                department=department, source_address=address, outcome="accepted",
+                epsilon=body.privacy_budget, delta=settings.budget.delta,
+                prompt_hmac=prompt_hmac(state.hmac_key, body.prompt), kind=body.kind,
+            )
+            result = await _await_result(state, request_id, future, started)
         finally:
             state.correlator.discard(request_id)
             state.metrics.in_flight.dec()
             if cache_key is not None and state.cache is not None:  # store an ok release
-                await state.cache.settle(cache_key, result, epsilon=body.privacy_budget)
+                await state.cache.settle(cache_key, result if isinstance(result, dict) else None,
+                                         epsilon=body.privacy_budget)
+        if isinstance(result, JSONResponse):
+            return result
+        with contextlib.suppress(Exception):  # the archiver stores it too
+            await state.results.put(result)
         return _respond(state, request_id, result, started)
 
+    @router.get("/v1/inference/{request_id}", response_model=InferenceResponse,
+                responses={**RESPONSES, 202: {"model": Pending,
+                                              "description": "accepted, not finished yet"},
+                           404: {"model": ErrorBody, "description": "no such request of yours"}})
+    async def get_inference(request_id: str, state: State, principal: CurrentPrincipal) -> Any:
+        """The terminal result of one of the caller's requests (kept `result_retention_s`)."""
+        try:
+            record = await state.results.get(request_id) or state.correlator.recent(request_id)
+            owner = await state.results.owner(request_id)
+        except Exception:
+            raise HTTPException(503, "result store unavailable") from None
+        if record is not None and record["user_id"] == principal.user_id:
+            return _respond(state, request_id, record, time.monotonic())
+        if owner == principal.user_id:
+            return JSONResponse(status_code=202, content={"request_id": request_id,
+                                                          "status": "pending"})
+        raise HTTPException(404, "no such request")
+
     return router
+
+
+async def _await_result(state: GatewayState, request_id: str, future: Any,
+                        started: float) -> Any:
+    """The terminal result, or a 504 carrying the request id (collect it later by GET)."""
+    remaining = state.request_timeout_s - (time.monotonic() - started)
+    try:
+        return await asyncio.wait_for(future, timeout=max(0.0, remaining))
+    except TimeoutError:
+        state.metrics.inference.labels("gateway_timeout").inc()
+        return JSONResponse(
+            status_code=504,
+            content={"detail": "no result before the gateway deadline; collect it with "
+                               f"GET /v1/inference/{request_id}", "request_id": request_id},
+        )
+
+
+async def _collect(state: GatewayState, request_id: str, started: float) -> Any:
+    """The response for an existing request: its stored result, or wait for it."""
+    stored = await state.results.get(request_id)
+    if stored is not None:
+        return _respond(state, request_id, stored, started)
+    future = state.correlator.register(request_id)
+    try:
+        stored = await state.results.get(request_id)  # archived while we registered
+        result = stored if stored is not None else await _await_result(
+            state, request_id, future, started)
+    finally:
+        state.correlator.discard(request_id)
+    if isinstance(result, JSONResponse):
+        return result
+    return _respond(state, request_id, result, started)
 
 
 def _respond(state: GatewayState, request_id: str, result: dict[str, Any], started: float) -> Any:

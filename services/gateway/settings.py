@@ -80,6 +80,8 @@ class GatewaySettings(IdentitySettings):
     rate_limit_address: int = Field(default=300, ge=1)
     redis_prefix: str = "fedllm:gw"
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    # Terminal results (GET /v1/inference/{id}) and Idempotency-Key bindings are kept this long.
+    result_retention_s: int = Field(default=86_400, ge=60)
 
     # Brute-force lockout on /v1/auth/token.
     lockout_window_s: int = Field(default=900, ge=1)

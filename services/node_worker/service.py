@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from fedllm.common import audit, grants, metrics, topics
+from fedllm.common import audit, codec, grants, metrics, topics
 from fedllm.common.config import Settings
+from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from services.node_worker.health import NodeHealth, budget_room_level
@@ -213,6 +215,15 @@ class NodeWorker:
                                    ok=record["status"] in ("ok", "partial"))
         await self._audit(routed, record)
 
+    async def fail(self, msg: ConsumerRecord, reason: str) -> None:
+        """Terminal outcome of a request that could not be handled (dead-lettered): a failed
+        result for the router to retry elsewhere or fail (nothing was released)."""
+        routed = codec.decode_expect("RoutedRequest", msg.value, msg.headers)
+        record = result_record(routed, failed_fields(reason), hospital_id=self.hospital_id,
+                               started_ms=now_ms())
+        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", record,
+                            key=record["user_id"] or None)
+
     async def _answer(self, routed: dict[str, Any]) -> dict[str, Any]:
         engine = self.state.engine
         if engine is None:
@@ -316,12 +327,16 @@ async def run(
     consumer = make_consumer(
         settings, topics.hospital_requests(hospital_id), group_id=f"node-{hospital_id}",
         max_poll_records=8,
+        # Model work between polls may be long: stay in the group (aiokafka's default, 5 min,
+        # evicted a node with a few long generations queued).
+        max_poll_interval_ms=int(settings.node_max_poll_interval_s * 1000),
     )
     heartbeat_task = asyncio.create_task(_heartbeats(settings, hospital_id, bus, state, stop))
     load_task = asyncio.create_task(
         _load_engine(engine_factory or default_engine_factory, settings, hospital_id, state)
     )
     worker = NodeWorker(settings, hospital_id, bus, state)
+    policy = RetryPolicy.from_settings(settings)
     try:
         await consumer.start()
         # Join the group only after the engine is up, so no request waits on a loading model.
@@ -343,8 +358,10 @@ async def run(
                     metrics.record_node_queue(hospital_id, pending)
                     with metrics.stage("node_worker", "RoutedRequest", headers=msg.headers,
                                        request_id=(msg.key or b"").decode(errors="replace")):
-                        await worker.handle(msg)
-                    await consumer.commit({TopicPartition(tp.topic, tp.partition): msg.offset + 1})
+                        await deliver(msg, lambda m=msg: worker.handle(m), bus=bus,
+                                      service=SERVICE, policy=policy,
+                                      on_dead=lambda r, m=msg: worker.fail(m, r), stop=stop)
+                    await _commit(consumer, tp, msg.offset + 1)
             state.queue_depth = 0
             metrics.record_node_queue(hospital_id, 0)
     finally:
@@ -357,6 +374,16 @@ async def run(
         with contextlib.suppress(Exception):
             await producer.stop()
         log.info("node %s stopped", hospital_id)
+
+
+async def _commit(consumer: Any, tp: TopicPartition, offset: int) -> None:
+    """Commit after the result is sent. A failed commit (the group rebalanced while the model
+    worked) is not fatal: the request is re-delivered and answered from the replay cache."""
+    try:
+        await consumer.commit({TopicPartition(tp.topic, tp.partition): offset})
+    except (CommitFailedError, KafkaError, IllegalStateError) as exc:
+        log.warning("offset commit failed (the result was sent; a replay is idempotent): %r",
+                    exc)
 
 
 async def wait_ready(settings: Settings, hospital_id: str, *, timeout_s: float = 60.0) -> None:

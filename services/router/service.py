@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from fedllm.common import audit, metrics, topics, tracing
 from fedllm.common.config import Settings
+from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
@@ -99,6 +101,7 @@ class RouterService:
         self.node_results = make_consumer(settings, group_id=None)
         self._assigned = asyncio.Event()
         self.traces = tracing.TraceMemory()
+        self.policy = RetryPolicy.from_settings(settings)
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
     async def execute(self, actions: list[Action]) -> None:
@@ -186,11 +189,40 @@ class RouterService:
                         with metrics.stage(SERVICE, "BudgetDecision", headers=msg.headers,
                                            request_id=decision["request_id"]):
                             self.traces.remember(decision["request_id"])  # for batched sends
-                        decisions.append(decision)
+                        decisions.append((msg, decision))
             if decisions:
-                await self.execute(self.dispatcher.on_decisions(decisions, now_ms=now_ms()))
+                await self.route_batch(decisions)
             if batch:
                 await self.decisions.commit()
+
+    async def fail_decision(self, decision: dict[str, Any], reason: str) -> None:
+        """Terminal verdict for a decision that could not be routed (dead-lettered): a failure
+        result on node-results, on which the accountant refunds the reservation."""
+        if not decision["approved"]:
+            return
+        request = decision["request"]
+        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
+            "request_id": request["request_id"], "user_id": request["user_id"],
+            "department": request["department"], "status": "failed", "reason": reason,
+            "node_id": "", "attempt": 0, "delta": decision["delta"], "finished_at_ms": now_ms(),
+        }, key=request["user_id"])
+
+    async def route_batch(self, decisions: list[tuple[ConsumerRecord, dict[str, Any]]]) -> None:
+        """Place a batch jointly; if that fails, deliver each decision on its own (retries,
+        then a failure verdict and the DLQ)."""
+        try:
+            await self.execute(self.dispatcher.on_decisions([d for _, d in decisions],
+                                                            now_ms=now_ms()))
+            return
+        except Exception:
+            log.exception("routing a batch of %d decisions failed; one by one", len(decisions))
+        for msg, decision in decisions:
+            await deliver(
+                msg, lambda d=decision: self.execute(
+                    self.dispatcher.on_decision(d, now_ms=now_ms())),
+                bus=self.bus, service=SERVICE, policy=self.policy,
+                on_dead=lambda reason, d=decision: self.fail_decision(d, reason),
+            )
 
     async def track_nodes(self) -> None:
         while True:
