@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--department", default=None, help="default: the token's department")
     p.add_argument("--hospital", action="append", default=[], help="repeatable")
     p.add_argument("--timeout", type=float, default=180.0)
-    p.add_argument("--idempotency-key", default=None, help="Kafka only: retry safely")
+    p.add_argument("--idempotency-key", default=None, help="retry safely: the same key is the same request, charged once")
     p.add_argument("--url", default=os.environ.get("FEDLLM_URL", "http://127.0.0.1:8080"))
     p.add_argument("--cacert", default="", help="CA bundle for an HTTPS gateway")
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="BOOTSTRAP",

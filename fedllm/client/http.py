@@ -35,19 +35,17 @@ class HttpClient:
             timeout_s: float = 180.0, idempotency_key: str | None = None) -> Answer:
         """Ask one question; blocks until its terminal answer or `timeout_s`.
 
-        The gateway assigns request ids, so `idempotency_key` is refused here: a POST is never
-        retried by this client (it cannot spend twice on its own); use KafkaClient to retry
-        safely under a key."""
-        if idempotency_key is not None:
-            raise AskError(0, "idempotency keys need the Kafka transport (the gateway assigns "
-                              "request ids); HttpClient never retries a question")
+        `idempotency_key` goes in the `Idempotency-Key` header: asking again under the same key
+        (after a timeout or a lost connection) is the same request, charged once, and returns
+        its answer."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         body: dict[str, Any] = {"prompt": prompt, "privacy_budget": epsilon,
                                 "max_tokens": max_tokens, "temperature": temperature,
                                 "kind": kind, "hospitals": list(hospitals)}
         if department is not None:
             body["department"] = department
         try:
-            r = self._http.post("/v1/inference", json=body, timeout=timeout_s)
+            r = self._http.post("/v1/inference", json=body, timeout=timeout_s, headers=headers)
         except httpx.TimeoutException:
             raise AskTimeout("(unknown: the gateway had not answered)", timeout_s) from None
         except httpx.TransportError as exc:

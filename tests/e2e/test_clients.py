@@ -138,11 +138,16 @@ def test_fedllm_ask_prints_answer_epsilon_and_budget(pipeline: Pipeline) -> None
 
 def test_http_client_gives_typed_answers_and_refusals(pipeline: Pipeline) -> None:
     url = pipeline.gateway_url
+    key = f"kc-http-{uuid.uuid4()}"
     with HttpClient(url, token=token(pipeline, "kc-http")) as client:
-        answer = client.ask(COUNT, kind="aggregate", epsilon=0.5, timeout_s=120)
+        answer = client.ask(COUNT, kind="aggregate", epsilon=0.5, timeout_s=120,
+                            idempotency_key=key)
+        again = client.ask(COUNT, kind="aggregate", epsilon=0.5, timeout_s=120,
+                           idempotency_key=key)  # a retry: the same request, charged once
     assert answer.ok and answer.is_private and answer.node_id
     assert 0 < answer.epsilon_spent <= 0.5
     assert answer.budget_left is not None and 0 < answer.budget_left < 10.0
+    assert again.request_id == answer.request_id and again.text == answer.text
     with HttpClient(url, token=token(pipeline, "kc-nurse", role="nurse")) as client:
         refused = client.ask(COUNT, kind="aggregate", epsilon=0.5)
     assert refused.status == "rejected" and "may not run aggregate" in refused.reason
