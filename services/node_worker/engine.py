@@ -156,6 +156,16 @@ class Engine:
         """Share of the hospital's lifetime budget left, for the heartbeat's coarse level."""
         return self.ledger.lifetime_room()
 
+    def budget_balance(self) -> tuple[float, float]:
+        """(limit, remaining) of the data set's lifetime budget as ε at the node's δ, for the
+        operators' gauges (never sent to requesters)."""
+        spent, cap = self.ledger.lifetime()
+
+        def eps(rho: float) -> float:
+            return PrivacyCurve.from_rho(rho, self.orders).epsilon(delta=self.delta) if rho > 0 else 0.0
+
+        return eps(cap), eps(max(0.0, cap - spent))
+
     def _rho(self, epsilon: float) -> float:
         return rho_for_epsilon(epsilon=epsilon, delta=self.delta, orders=self.orders)
 

@@ -197,13 +197,18 @@ class NodeLedger:
                              .values(state="released", fields_json=text))
         return fields
 
-    def lifetime_room(self) -> float:
-        """Share of the data set's lifetime ρ budget left. Public: the spend is a function of
-        the admitted reservations alone, never of the records."""
+    def lifetime(self) -> tuple[float, float]:
+        """(ρ spent, ρ cap) of the data set's lifetime budget. Public: the spend is a function
+        of the admitted reservations alone, never of the records."""
         with self.engine.connect() as conn:
             b = conn.execute(select(budgets.c.rho_spent, budgets.c.rho_cap).where(
                 budgets.c.hospital_id == self.hospital_id)).one()
-        return max(0.0, 1.0 - b.rho_spent / b.rho_cap) if b.rho_cap > 0 else 0.0
+        return float(b.rho_spent), float(b.rho_cap)
+
+    def lifetime_room(self) -> float:
+        """Share of the data set's lifetime ρ budget left."""
+        spent, cap = self.lifetime()
+        return max(0.0, 1.0 - spent / cap) if cap > 0 else 0.0
 
     def summary(self, *, query_rho: float) -> LedgerSummary:
         """The privacy officer's view; "at cap" = cannot take one more query of ``query_rho``."""

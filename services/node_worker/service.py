@@ -293,6 +293,11 @@ async def _heartbeats(
             )
         except Exception as exc:
             log.warning("heartbeat not sent: %r", exc)
+        balance = getattr(state.engine, "budget_balance", None)
+        if callable(balance):  # the hospital gauges behind the "hospital budget low" alert
+            with contextlib.suppress(Exception):
+                limit, remaining = balance()
+                metrics.record_budget("hospital", hospital_id, limit=limit, remaining=remaining)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=settings.heartbeat_interval_s)
 

@@ -211,3 +211,23 @@ def test_patient_loss_script_bounds_the_default_policy() -> None:
     assert k == 3 and delta == 1e-5
     assert rho == pytest.approx(3 * rho_for_epsilon(epsilon=10.0, delta=1e-5))
     assert 19.0 < eps < 21.0  # docs/privacy.md states ≈ 19.9
+
+
+def test_budget_balance_feeds_the_hospital_gauges_and_room_level(
+    hospital_data_dir: Path, tiny: LoadedModel
+) -> None:
+    """Operators see the lifetime budget as ε (limit, remaining); the heartbeat's coarse level
+    follows the same ρ share. Both move only with admitted reservations."""
+    from fedllm.privacy.accountant import PrivacyCurve
+    from services.node_worker.health import budget_room_level
+
+    eng = make_engine(hospital_data_dir, tiny, lifetime_epsilon=3.0, max_query_epsilon=1.0)
+    limit, remaining = eng.budget_balance()
+    rho_cap = eng.ledger.lifetime()[1]
+    assert limit == pytest.approx(PrivacyCurve.from_rho(rho_cap, eng.orders).epsilon(
+        delta=eng.delta))
+    assert remaining == pytest.approx(limit) and budget_room_level(eng.budget_room()) == 4
+    assert eng.answer(routed(prompt=QUESTION, epsilon=1.0, max_tokens=2))["status"] == "ok"
+    spent, _ = eng.ledger.lifetime()
+    assert spent > 0 and eng.budget_room() == pytest.approx(1 - spent / rho_cap)
+    assert eng.budget_balance()[1] < remaining
