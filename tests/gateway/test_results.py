@@ -9,12 +9,18 @@ import pytest
 
 from fedllm.common import topics
 from fedllm.common.kafka import Bus, make_producer
+from services.gateway.settings import CacheSettings, GatewaySettings
 from tests.gateway.peers import FakeAccountant, ok_result, running_gateway, token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 BODY = {"prompt": "Typical troponin trend after STEMI?", "max_tokens": 8, "temperature": 0.2,
         "privacy_budget": 0.5}
+
+
+def no_cache() -> GatewaySettings:
+    """These tests count fresh requests: the answer cache (on with Redis) would answer repeats."""
+    return GatewaySettings(cache=CacheSettings(enabled=False))
 
 
 def uid() -> str:
@@ -34,7 +40,7 @@ async def test_same_idempotency_key_and_caller_is_the_same_request_charged_once(
 ) -> None:
     user, key = uid(), f"key-{uuid.uuid4().hex}"
     async with FakeAccountant(store_settings, ok_result) as acct, \
-            running_gateway(store_settings) as (_, c):
+            running_gateway(store_settings, gateway_settings=no_cache()) as (_, c):
         first = await c.post("/v1/inference", json=BODY,
                              headers={**token(store_settings, user), "Idempotency-Key": key})
         again = await c.post("/v1/inference", json=BODY,
@@ -52,7 +58,8 @@ async def test_same_idempotency_key_and_caller_is_the_same_request_charged_once(
 
 async def test_a_result_after_the_504_is_collected_by_its_owner_only(store_settings) -> None:
     user = uid()
-    async with running_gateway(store_settings, request_timeout_s=0.5) as (_, c):
+    async with running_gateway(store_settings, gateway_settings=no_cache(),
+                               request_timeout_s=0.5) as (_, c):
         r = await c.post("/v1/inference", json=BODY, headers=token(store_settings, user))
         assert r.status_code == 504
         rid = r.json()["request_id"]
