@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session
 from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.db import make_engine
+from fedllm.common.identity import mint_token
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, now_ms
 from fedllm.common.outbox import OutboxRow
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
 from services.accountant.handlers import Accountant
 from services.accountant.ledger import Ledger
-from tests.kafka_helpers import collect, inference_request
+from tests.kafka_helpers import collect, credential_headers, inference_request
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -35,6 +36,14 @@ def ok_answer(req: dict) -> dict:
     }
 
 
+async def reserve(acct: Accountant, req: dict) -> None:
+    """Reserve `req` as its user would send it (with their credential)."""
+    token = mint_token(acct.settings, user_id=req["user_id"], role=req["role"],
+                       department=req["department"])
+    await acct.on_request(req, credential_headers(token))
+    assert acct.ledger.entry(req["request_id"])["state"] == "reserved"
+
+
 def terminal_rows(engine, rid: str) -> list[bytes]:  # type: ignore[no-untyped-def]
     """The outbox's terminal results for `rid` (fedllm.results is keyed by request id)."""
     with Session(engine) as s:
@@ -46,6 +55,7 @@ async def test_late_answer_before_the_sweep_is_charged_and_after_it_is_refused(
     kafka_bootstrap: str, fresh_database_url: str,
 ) -> None:
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=fresh_database_url,
+                        mode="demo",
                         hospitals=[HospitalConfig(id="h1", departments=["cardiology"])])
     await ensure_topics(settings, topics.all_topics(["h1"]))
     engine = make_engine(fresh_database_url)
@@ -58,13 +68,13 @@ async def test_late_answer_before_the_sweep_is_charged_and_after_it_is_refused(
         past = now_ms() - 10_000
         # 1. Past its deadline, the sweep has not run yet: the answer is charged and delivered.
         late = inference_request(user_id=user, epsilon=1.0, deadline_ms=past)
-        await acct.on_request(late)
+        await reserve(acct, late)
         await acct.on_node_result(ok_answer(late))
         assert acct.ledger.entry(late["request_id"])["state"] == "committed"
         assert await acct.sweep_expired(grace_ms=0) == 0  # nothing open to time out
         # 2. The sweep got there first: refunded; the answer that follows is refused.
         swept = inference_request(user_id=user, epsilon=1.0, deadline_ms=past)
-        await acct.on_request(swept)
+        await reserve(acct, swept)
         assert await acct.sweep_expired(grace_ms=0) == 1
         await acct.on_node_result(ok_answer(swept))
         entry = acct.ledger.entry(swept["request_id"])
@@ -94,6 +104,7 @@ async def test_parts_released_before_a_router_crash_are_charged_when_the_sweep_e
     """The router died holding two answered fan-out parts: the sweep charges them (composed)
     instead of refunding, and a replayed part is counted once."""
     settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=fresh_database_url,
+                        mode="demo",
                         hospitals=[HospitalConfig(id="h1", departments=["cardiology"])])
     await ensure_topics(settings, topics.all_topics(["h1"]))
     engine = make_engine(fresh_database_url)
@@ -104,7 +115,7 @@ async def test_parts_released_before_a_router_crash_are_charged_when_the_sweep_e
                           Bus(producer))
         req = inference_request(user_id=f"fan-{uuid.uuid4().hex[:6]}", epsilon=2.0,
                                 deadline_ms=now_ms() - 10_000)
-        await acct.on_request(req)
+        await reserve(acct, req)
         part = PrivacyCurve.from_rho(0.002)
         for node in ("h1", "h2", "h1"):  # h1's part delivered twice
             await acct.on_node_result(dict(ok_answer(req), status="partial", node_id=node,
