@@ -8,9 +8,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant as DpRdpAccountant
 from sqlalchemy.orm import Session
 
-from fedllm.common import topics
+from fedllm.common import codec, topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.db import make_engine
 from fedllm.common.identity import mint_token
@@ -127,6 +129,59 @@ async def test_parts_released_before_a_router_crash_are_charged_when_the_sweep_e
         both = acct.ledger.accountant.compose(part, part)
         assert (entry["state"], entry["outcome"]) == ("committed", "timeout")
         assert entry["spent_epsilon"] == pytest.approx(both.epsilon(delta=1e-5))
+    finally:
+        await producer.stop()
+        engine.dispose()
+
+
+def outbox_results(engine, rid: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The terminal results the outbox holds for `rid`, decoded."""
+    with Session(engine) as s:
+        rows = s.query(OutboxRow).filter(OutboxRow.topic == topics.RESULTS,
+                                         OutboxRow.key == rid.encode()).all()
+        return [codec.decode_expect("InferenceResult", r.value,
+                                    [(k, bytes.fromhex(v)) for k, v in r.headers])
+                for r in rows]
+
+
+async def test_a_node_failure_after_its_mechanism_started_is_charged_at_once(
+    kafka_bootstrap: str, fresh_database_url: str,
+) -> None:
+    """A node failure with no spend waits for the router's verdict; one that reports a spent
+    curve (a mechanism started, e.g. fail-closed mid-release) is settled failed and charged
+    that curve right away, once, whatever arrives after it."""
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, database_url=fresh_database_url,
+                        mode="demo",
+                        hospitals=[HospitalConfig(id="h1", departments=["cardiology"])])
+    await ensure_topics(settings, topics.all_topics(["h1"]))
+    engine = make_engine(fresh_database_url)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()),
+                          Bus(producer))
+        req = inference_request(user_id=f"fail-{uuid.uuid4().hex[:6]}", epsilon=1.0)
+        await reserve(acct, req)
+        failed = dict(ok_answer(req), status="failed", response="", is_private=False,
+                      reason="node unavailable", rdp_orders=[], rdp_epsilons=[])
+        await acct.on_node_result(failed)  # nothing was released: the router retries
+        assert acct.ledger.entry(req["request_id"])["state"] == "reserved"
+        spent = PrivacyCurve.from_rho(0.0005)
+        started = dict(failed, attempt=2, reason="fail-closed: temperature out of range",
+                       rdp_orders=list(spent.orders), rdp_epsilons=list(spent.values))
+        await acct.on_node_result(started)
+        await acct.on_node_result(started)  # a replay
+        await acct.on_node_result(dict(failed, node_id="", reason="router gave up"))
+        entry = acct.ledger.entry(req["request_id"])
+        expected = DpRdpAccountant(orders=list(spent.orders))
+        expected.compose(dp_event.ZCDpEvent(0.0005))
+        assert (entry["state"], entry["outcome"], entry["node_id"]) == ("committed", "failed",
+                                                                       "h1")
+        assert entry["spent_epsilon"] == pytest.approx(expected.get_epsilon(1e-5), rel=1e-9)
+        (final,) = outbox_results(engine, req["request_id"])
+        assert final["status"] == "failed" and final["response"] == ""
+        assert final["privacy_cost"] == pytest.approx(entry["spent_epsilon"])
+        assert "fail-closed" in final["reason"]
     finally:
         await producer.stop()
         engine.dispose()
