@@ -192,8 +192,8 @@ class Accountant:
 
         def build(o: Outcome) -> list[Message]:
             result, x = by_id[o.request_id]
-            return self._finish_messages(o, result if x.outcome == "ok" else None,
-                                         status=x.outcome)
+            return self._overspend_messages(o) + self._finish_messages(
+                o, result if x.outcome == "ok" else None, status=x.outcome)
 
         outcomes = await asyncio.to_thread(self.ledger.settle_many, [x for _, x in todo],
                                            then=_recorder(build))
@@ -204,7 +204,10 @@ class Accountant:
             if outcome.changed:
                 record_hospital_spend(outcome.entry["node_id"], outcome.entry["spent_epsilon"])
                 if outcome.excess_rho > 0:
-                    await self._overspend_alert(outcome)
+                    OVERSPEND.labels(x.node_id or "router").inc()
+                    log.warning("request %s: %s reported rho %.6g above its reservation; "
+                                "charged the report", x.request_id, x.node_id or "router",
+                                outcome.excess_rho)
             elif outcome.entry["outcome"] == "timeout" and result["status"] == "ok":
                 # The deadline rule (docs/reliability.md): the sweep ended this request first
                 # (refunded, "timeout"); a later answer is refused: not charged, not delivered.
@@ -216,23 +219,20 @@ class Accountant:
                                  epsilon=0.0)
         await self.relay_outbox()
 
-    async def _overspend_alert(self, outcome: Outcome) -> None:
+    def _overspend_messages(self, outcome: Outcome) -> list[Message]:
         """A node reported more than it reserved: it was charged, and this is the alert."""
+        if outcome.excess_rho <= 0:
+            return []
         entry = outcome.entry
         reserved_rho = self.ledger.filter.rho(entry["reserved_units"])
-        OVERSPEND.labels(entry["node_id"] or "router").inc()
-        log.warning("request %s: %s reported rho %.6g above its reservation rho %.6g; charged "
-                    "the report", entry["request_id"], entry["node_id"] or "router",
-                    outcome.excess_rho, reserved_rho)
-        await audit.emit(
-            self.bus, action="budget.overspent", service=SERVICE,
-            id_parts=(entry["request_id"],), request_id=entry["request_id"],
-            user_id=entry["user_id"], department=entry["department"],
-            hospital_id=entry["node_id"], outcome="alert", epsilon=entry["spent_epsilon"],
-            delta=entry["delta"],
+        return [_audit(
+            action="budget.overspent", id_parts=(entry["request_id"],),
+            request_id=entry["request_id"], user_id=entry["user_id"],
+            department=entry["department"], hospital_id=entry["node_id"], outcome="alert",
+            epsilon=entry["spent_epsilon"], delta=entry["delta"],
             reason=f"reported spend exceeds the reservation by rho {outcome.excess_rho:.6g} "
                    f"(reserved rho {reserved_rho:.6g}); the larger was charged",
-        )
+        )]
 
     async def on_adjustment(self, adjustment: dict[str, Any]) -> None:
         """Apply an admin's budget reset; audited with the admin as the actor."""
