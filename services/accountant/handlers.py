@@ -174,6 +174,14 @@ class Accountant:
                 await asyncio.to_thread(partials.record, self.ledger.engine, result, curve)
             return None
         spent, status, reason = self._charge_for(result)
+        if result["status"] != "ok" and result.get("rdp_orders") and spent is None:
+            # A spend on orders the ledger does not know: a mechanism started all the same,
+            # so the whole reservation is charged (the router does not retry it either).
+            entry = await asyncio.to_thread(self.ledger.entry, rid)
+            if entry is None:
+                return None
+            spent = PrivacyCurve.from_dict(entry["reserved_rdp"])
+            reason = f"{reason}; spend reported on unknown orders: the reservation is charged"
         if result["status"] != "ok" and result.get("node_id") and spent is None:
             # A node's own failure before any mechanism ran does not end the request: the
             # router retries it elsewhere and reports the final failure itself (node_id "");

@@ -182,6 +182,15 @@ async def test_a_node_failure_after_its_mechanism_started_is_charged_at_once(
         assert final["status"] == "failed" and final["response"] == ""
         assert final["privacy_cost"] == pytest.approx(entry["spent_epsilon"])
         assert "fail-closed" in final["reason"]
+        # A spend on orders the ledger does not know still means a mechanism ran: the whole
+        # reservation is charged at once.
+        odd = inference_request(user_id=req["user_id"], epsilon=1.0)
+        await reserve(acct, odd)
+        await acct.on_node_result(dict(started, request_id=odd["request_id"],
+                                       rdp_orders=[3.0], rdp_epsilons=[0.01]))
+        entry = acct.ledger.entry(odd["request_id"])
+        assert (entry["state"], entry["outcome"]) == ("committed", "failed")
+        assert entry["spent_rdp"] == entry["reserved_rdp"]
     finally:
         await producer.stop()
         engine.dispose()
