@@ -74,6 +74,30 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_its_terminal_o
     assert headers["dlq-origin-topic"] == topic.encode() and headers["h"] == b"1"
 
 
+async def test_a_failing_batch_is_retried_then_returned_for_one_by_one_delivery(
+    settings: Settings,
+) -> None:
+    """`batch`: after the attempts nothing is dead-lettered and no terminal outcome recorded;
+    the caller delivers the batch's events one by one."""
+    topic = f"t.delivery.{uuid.uuid4().hex[:8]}"
+    msg = await _one_message(settings, topic)
+    calls: list[str] = []
+
+    async def handler() -> None:
+        calls.append("h")
+        raise RuntimeError("one poison event")
+
+    async def on_dead(reason: str) -> None:  # pragma: no cover - must not be called
+        raise AssertionError(reason)
+
+    async with bus_for(settings) as bus:
+        got = await deliver(msg, handler, bus=bus, service="test", policy=FAST,
+                            on_dead=on_dead, batch=8)
+    assert got == "failed" and len(calls) == 3
+    assert await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True,
+                         timeout_s=2) == []
+
+
 async def test_transient_error_is_retried_and_not_dead_lettered(settings: Settings) -> None:
     topic = f"t.delivery.{uuid.uuid4().hex[:8]}"
     msg = await _one_message(settings, topic)

@@ -22,7 +22,7 @@ from fedllm.common.metrics import MESSAGES
 
 log = logging.getLogger(__name__)
 
-Delivered = Literal["handled", "dead_lettered"]
+Delivered = Literal["handled", "dead_lettered", "failed"]
 
 
 class Stopped(Exception):
@@ -78,17 +78,21 @@ async def deliver(
     policy: RetryPolicy,
     on_dead: Callable[[str], Awaitable[object]] | None = None,
     stop: asyncio.Event | None = None,
+    batch: int = 0,
 ) -> Delivered:
     """Run `handle()` for `msg` until it succeeds or is dead-lettered (see module docstring).
 
     `msg` is the consumed record (topic, partition, offset, key, value, headers); `bus` a
     `fedllm.common.kafka.Bus`; `on_dead(error)` records the event's terminal outcome.
+    `batch` > 0: `handle` handles a batch of that many events (`msg` its first); after the
+    last failed attempt nothing is dead-lettered and "failed" is returned, so that the caller
+    delivers the events one by one (which isolates a poison event).
     """
     error = ""
     for attempt in range(1, policy.attempts + 1):
         try:
             await handle()
-            MESSAGES.labels(service, msg.topic, "handled").inc()
+            MESSAGES.labels(service, msg.topic, "handled").inc(batch or 1)
             return "handled"
         except Exception as exc:  # every handler error is retried, then dead-lettered
             error = describe(exc)
@@ -96,6 +100,8 @@ async def deliver(
                         msg.topic, msg.partition, msg.offset, attempt, policy.attempts, error)
         if attempt < policy.attempts:
             await _pause(policy.delay(attempt), stop)
+    if batch:
+        return "failed"
     reason = f"not processed after {policy.attempts} attempts: {error}"
     wait = policy.initial_s
     while True:  # the dead-letter path must complete before the event is acknowledged

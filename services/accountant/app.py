@@ -9,14 +9,21 @@
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
   ledger's row transition lets exactly one of them act).
 
-Offsets are acked only after an event is fully handled (faust at-least-once); the ledger makes
-every replay a no-op. Messages are raw bytes here and decoded with the shared Avro codec, so an
-undecodable one is dead-lettered instead of crashing the agent.
+Each batch goes through `fedllm.common.delivery.deliver` (retry with backoff); if it still
+fails, its events are delivered one by one, each to its own terminal outcome (a failed result
+and a refund) and the DLQ, so a poison event cannot hold up the others. Events are acked only
+after that returns (`noack_take`: faust's `take_events` would ack them even when the handler
+was interrupted); the ledger makes every replay a no-op, and the messages a ledger transition
+implies leave through the outbox relay (after each batch and every 0.5 s). Messages are raw
+bytes here and decoded with the shared Avro codec, so an undecodable one is dead-lettered
+instead of crashing the agent.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -25,6 +32,7 @@ from aiokafka import AIOKafkaProducer
 from fedllm.common import codec, metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
+from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.faust_transport import broker_urls
 from fedllm.common.kafka import Bus, make_producer, ssl_context
 from fedllm.common.lifecycle import mark_ready
@@ -40,6 +48,15 @@ log = logging.getLogger(__name__)
 #: latency a lone request pays, on average half of it).
 BATCH_MAX = 256
 BATCH_WITHIN_S = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One decoded event of a batch."""
+
+    event: Any  # faust.types.EventT
+    record: dict[str, Any]
+    headers: list[tuple[str, bytes]]
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -86,8 +103,9 @@ def create_app(settings: Settings) -> faust.App:
             state["replies"] = ReplyRelay(settings, Bus(producer))
         return state["accountant"]
 
-    async def decode(events: list[faust.types.EventT], schema: str
-                     ) -> list[tuple[dict[str, Any], list[tuple[str, bytes]]]]:
+    policy = RetryPolicy.from_settings(settings)
+
+    async def decode(events: list[faust.types.EventT], schema: str) -> list[Decoded]:
         """The batch's records with their headers; undecodable messages go to the DLQ."""
         acct = await accountant()
         decoded = []
@@ -100,61 +118,87 @@ def create_app(settings: Settings) -> faust.App:
                 MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
                 continue
             hdrs = msg.headers or ()
-            decoded.append((record, list(hdrs.items() if isinstance(hdrs, dict) else hdrs)))
+            decoded.append(Decoded(event, record,
+                                   list(hdrs.items() if isinstance(hdrs, dict) else hdrs)))
         return decoded
 
     async def handle(events: list[faust.types.EventT], schema: str) -> None:
+        """Deliver a batch (see the module docstring), then ack its events."""
         decoded = await decode(events, schema)
-        if not decoded:
-            return
-        topic = events[0].message.topic
-        # One span per batch, continuing its first event's trace (a batched hop links the
-        # other requests' traces only through their audit records).
-        with metrics.stage(SERVICE, schema, request_id=decoded[0][0].get("request_id", ""),
-                           headers=events[0].message.headers):
-            await dispatch(topic, schema, decoded)
-        MESSAGES.labels(SERVICE, topic, "handled").inc(len(decoded))
+        if decoded:
+            acct = await accountant()
+            topic = events[0].message.topic
+            handler, on_dead = handlers(acct, topic, schema)
+            first = decoded[0].event.message
+            # One span per batch, continuing its first event's trace (a batched hop links the
+            # other requests' traces only through their audit records).
+            with metrics.stage(SERVICE, schema, request_id=decoded[0].record.get("request_id", ""),
+                               headers=first.headers):
+                done = await deliver(first, lambda: handler(decoded), bus=acct.bus,
+                                     service=SERVICE, policy=policy, batch=len(decoded))
+            if done == "failed":
+                log.warning("a batch of %d %s event(s) failed; delivering them one by one",
+                            len(decoded), schema)
+                for one in decoded:
+                    await deliver(one.event.message, lambda one=one: handler([one]),
+                                  bus=acct.bus, service=SERVICE, policy=policy,
+                                  on_dead=None if on_dead is None else (
+                                      lambda reason, one=one: on_dead(one.record, reason)))
+        for event in events:
+            event.ack()
 
-    async def dispatch(topic: str, schema: str,
-                       decoded: list[tuple[dict[str, Any], list[tuple[str, bytes]]]]) -> None:
-        acct = await accountant()
-        records = [record for record, _ in decoded]
+    def handlers(acct: Accountant, topic: str, schema: str) -> tuple[
+            Callable[[list[Decoded]], Awaitable[None]],
+            Callable[[dict[str, Any], str], Awaitable[None]] | None]:
+        """The batch handler for `topic`/`schema` and the terminal outcome of one event."""
         if topic == topics.RESULTS:
-            for record in records:
-                await state["replies"].relay(record)
-        elif schema == "InferenceRequest":
-            await acct.on_requests(decoded)
-        elif schema == "BudgetAdjustment":
-            for record in records:
-                await acct.on_adjustment(record)
-        else:
-            await acct.on_node_results(records)
+            async def relay(batch: list[Decoded]) -> None:
+                for one in batch:
+                    await state["replies"].relay(one.record)
+            return relay, None
+        if schema == "InferenceRequest":
+            async def reserve(batch: list[Decoded]) -> None:
+                await acct.on_requests([(one.record, one.headers) for one in batch])
+            return reserve, acct.fail_request
+        if schema == "BudgetAdjustment":
+            async def adjust(batch: list[Decoded]) -> None:
+                for one in batch:
+                    await acct.on_adjustment(one.record)
+            return adjust, acct.fail_adjustment
+
+        async def settle(batch: list[Decoded]) -> None:
+            await acct.on_node_results([one.record for one in batch])
+        return settle, acct.fail_node_result
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
             await handle(list(events), "InferenceRequest")
 
     @app.agent(node_results_topic, name="settle_budget")
     async def settle_budget(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
             await handle(list(events), "InferenceResult")
 
     @app.agent(admin_topic, name="apply_adjustment")
     async def apply_adjustment(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():
             await handle([event], "BudgetAdjustment")
 
     @app.agent(results_topic, name="relay_replies")
     async def relay_replies(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():
             await handle([event], "InferenceResult")
 
     @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:
-        n = await (await accountant()).sweep_expired()
+        n = await (await accountant()).sweep_expired()  # logs and survives its own errors
         if n:
             log.info("timed out %d reservation(s)", n)
+
+    @app.timer(interval=0.5)
+    async def relay_outbox() -> None:
+        await (await accountant()).relay_outbox()  # what a crash or a broker error left unsent
 
     @app.timer(interval=0.5)
     async def report_ready() -> None:

@@ -31,6 +31,7 @@ from services.accountant.upgrade import upgrade
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+OutcomeT = TypeVar("OutcomeT", "Outcome", "Outcome | None")
 
 #: Postgres: serialization_failure, deadlock_detected. Both mean "run the transaction again".
 _RETRY_SQLSTATES = {"40001", "40P01"}
@@ -70,6 +71,11 @@ class Settlement:
     outcome: str
     reason: str = ""
     node_id: str = ""
+
+
+#: Run for each changed Outcome inside the operation's transaction (e.g. to write the messages
+#: the transition implies into the outbox): it commits or rolls back with the transition.
+Then = Callable[[Session, "Outcome"], None]
 
 
 def user_scope(user_id: str) -> str:
@@ -211,16 +217,18 @@ class Ledger:
 
     # -- operations ------------------------------------------------------------------------
 
-    def reserve(self, request: dict[str, Any], *, now_s: float | None = None) -> Outcome:
+    def reserve(self, request: dict[str, Any], *, now_s: float | None = None,
+                then: Then | None = None) -> Outcome:
         """Reserve the request's (ε, δ) against its user's and department's budgets."""
-        return self.reserve_many([request], now_s=now_s)[0]
+        return self.reserve_many([request], now_s=now_s, then=then)[0]
 
-    def reserve_many(self, requests: Sequence[dict[str, Any]], *, now_s: float | None = None
-                     ) -> list[Outcome]:
+    def reserve_many(self, requests: Sequence[dict[str, Any]], *, now_s: float | None = None,
+                     then: Then | None = None) -> list[Outcome]:
         """Reserve a batch in one transaction, in order; one Outcome per request (a request id
-        seen before, in the ledger or earlier in the batch, is a replay)."""
+        seen before, in the ledger or earlier in the batch, is a replay). `then` runs for each
+        changed Outcome, in order, inside the transaction."""
         window = self._window(now_s)
-        return self._run(lambda s: self._reserve_batch(s, requests, window))
+        return self._run(lambda s: _then(then, s, self._reserve_batch(s, requests, window)))
 
     def _reserve_batch(self, s: Session, requests: Sequence[dict[str, Any]], window: int
                        ) -> list[Outcome]:
@@ -297,22 +305,26 @@ class Ledger:
                 self._balance(dept.charged_units, self._dept_limit(row.department)))
 
     def settle(self, request_id: str, *, spent: PrivacyCurve | None, outcome: str,
-               reason: str = "", node_id: str = "") -> Outcome | None:
+               reason: str = "", node_id: str = "", then: Then | None = None
+               ) -> Outcome | None:
         """Commit what was really spent (refunding the rest), or refund all when `spent` is None.
 
         Only a `reserved` entry changes; anything else (replay, late answer) is a no-op.
         Returns None for an unknown request id.
         """
-        return self.settle_many([Settlement(request_id, spent, outcome, reason, node_id)])[0]
+        return self.settle_many([Settlement(request_id, spent, outcome, reason, node_id)],
+                                then=then)[0]
 
-    def settle_many(self, settlements: Sequence[Settlement]) -> list[Outcome | None]:
+    def settle_many(self, settlements: Sequence[Settlement], *, then: Then | None = None
+                    ) -> list[Outcome | None]:
         """Settle a batch in one transaction, in order (see :meth:`settle`).
 
         A reported spend is charged as ρ = its curve's tightest dominating ρ. If it is not
         dominated by the reservation, the larger (the report) is charged and the Outcome's
-        `excess_rho` says by how much it exceeded the reservation.
+        `excess_rho` says by how much it exceeded the reservation. `then` as for
+        :meth:`reserve_many`.
         """
-        return self._run(lambda s: self._settle_batch(s, settlements))
+        return self._run(lambda s: _then(then, s, self._settle_batch(s, settlements)))
 
     def _settle_batch(self, s: Session, settlements: Sequence[Settlement]
                       ) -> list[Outcome | None]:
@@ -408,6 +420,16 @@ def _retryable(exc: DBAPIError) -> bool:
     return "database is locked" in str(exc.orig)
 
 
+def _then(then: Then | None, s: Session, outcomes: list[OutcomeT]) -> list[OutcomeT]:
+    """Run `then` for each changed outcome in `s` (before the commit)."""
+    if then is not None:
+        for outcome in outcomes:
+            if outcome is not None and outcome.changed:
+                then(s, outcome)
+        s.flush()
+    return outcomes
+
+
 def _rejected(row: BudgetEntry, reason: str) -> BudgetEntry:
     row.state, row.outcome, row.reason = "rejected", "rejected", reason
     row.settled_at_ms = row.created_at_ms
@@ -422,4 +444,4 @@ def _as_dict(row: BudgetEntry) -> dict[str, Any]:
     return {c.name: getattr(row, c.name) for c in BudgetEntry.__table__.columns}
 
 
-__all__ = ["Balance", "Ledger", "Outcome", "Settlement", "dept_scope", "user_scope"]
+__all__ = ["Balance", "Ledger", "Outcome", "Settlement", "Then", "dept_scope", "user_scope"]

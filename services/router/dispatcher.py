@@ -206,6 +206,12 @@ class Dispatcher:
         if entry is None:
             return []
         node_id, attempt = result.get("node_id"), result.get("attempt", 0)
+        if result["status"] in ("failed", "timeout") and result.get("rdp_orders"):
+            # A mechanism started at the node before it failed (e.g. fail-closed mid-release):
+            # that spend is charged and the accountant settles the request as failed with it,
+            # so it ends here, without a retry.
+            self._finish(request_id)
+            return []
         if result["status"] in ("failed", "timeout") and entry.hedge_hospital_id:
             if node_id == entry.hedge_hospital_id and attempt in (0, entry.hedge_attempt):
                 self._drop_hedge(entry)  # the hedge failed; the first attempt still runs

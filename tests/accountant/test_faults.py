@@ -86,13 +86,38 @@ async def audit_actions(pipe: Pipeline, rid: str) -> list[str]:
                   key=lambda x: x[1])
 
 
+def poison_user(db_url: str, user_id: str) -> None:
+    """Make every budget-account write of `user_id` fail in Postgres (an injected fault the
+    accountant cannot retry away; its failure path writes no account row)."""
+    _sql(db_url, f"""
+        CREATE OR REPLACE FUNCTION poison_account() RETURNS trigger AS $$
+        BEGIN
+            IF NEW.scope = 'user\\:{user_id}' THEN
+                RAISE EXCEPTION 'injected fault for %', NEW.scope;
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql""")
+    _sql(db_url, "DROP TRIGGER IF EXISTS poison ON budget_accounts")
+    _sql(db_url, "CREATE TRIGGER poison BEFORE INSERT OR UPDATE ON budget_accounts "
+                 "FOR EACH ROW EXECUTE FUNCTION poison_account()")
+
+
 async def test_a_handler_error_is_retried_then_failed_refunded_and_dead_lettered(
     accountant: Pipeline,
 ) -> None:
-    poison = inference_request(user_id="poison-user", epsilon=-1.0)  # the ledger refuses it
-    await produce(accountant.settings, topics.REQUESTS, "InferenceRequest", poison,
-                  key=poison["user_id"])
-    (final,) = await terminal(accountant, poison["request_id"])
+    """A poison request fails its batch: the batch's events are delivered one by one, the
+    poison one ends failed (refunded, dead-lettered) and the others are handled."""
+    poison_user(accountant.database_url, "poison-user")
+    try:
+        poison = inference_request(user_id="poison-user", epsilon=1.0)
+        await produce(accountant.settings, topics.REQUESTS, "InferenceRequest", poison,
+                      key=poison["user_id"])
+        ok = inference_request(user_id="after-poison", epsilon=1.0)  # in its batch, or after
+        await produce(accountant.settings, topics.REQUESTS, "InferenceRequest", ok,
+                      key=ok["user_id"])
+        (final,) = await terminal(accountant, poison["request_id"])
+    finally:
+        _sql(accountant.database_url, "DROP TRIGGER IF EXISTS poison ON budget_accounts")
     assert final["status"] == "failed" and "not processed after 3 attempts" in final["reason"]
     assert final["privacy_cost"] == 0.0
     dead = await collect(accountant.settings, topics.dlq(topics.REQUESTS), until=lambda r: any(
@@ -103,9 +128,6 @@ async def test_a_handler_error_is_retried_then_failed_refunded_and_dead_lettered
     rows = _sql(accountant.database_url, "SELECT state, outcome, spent_epsilon FROM "
                 "budget_entries WHERE request_id = :r", r=poison["request_id"])
     assert rows == [("rejected", "failed", 0.0)]
-    ok = inference_request(user_id="after-poison", epsilon=1.0)  # the agent keeps going
-    await produce(accountant.settings, topics.REQUESTS, "InferenceRequest", ok,
-                  key=ok["user_id"])
     decisions = await collect(accountant.settings, topics.DECISIONS, until=lambda r: any(
         d["request_id"] == ok["request_id"] for d in r), timeout_s=30)
     assert [d["approved"] for d in decisions if d["request_id"] == ok["request_id"]] == [True]

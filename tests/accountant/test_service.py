@@ -114,8 +114,9 @@ async def test_failed_node_result_refunds(accountant: Pipeline) -> None:
     await produce(s, topics.REQUESTS, "InferenceRequest", req, key=req["user_id"])
     await collect(s, topics.DECISIONS, until=lambda r: any(
         d["request_id"] == req["request_id"] for d in r), timeout_s=30)
-    await produce(s, topics.NODE_RESULTS, "InferenceResult",
-                  node_result(req, status="failed"), key=req["user_id"])  # a node's failure
+    nothing_spent = dict(node_result(req, status="failed"), rdp_orders=[], rdp_epsilons=[],
+                         privacy_cost=0.0)  # a node's failure before any mechanism ran
+    await produce(s, topics.NODE_RESULTS, "InferenceResult", nothing_spent, key=req["user_id"])
     await asyncio.sleep(1.5)
     assert ledger_rows(accountant, req["request_id"]) == [("reserved", 0.0)]
     router_verdict = dict(node_result(req, status="failed"), node_id="", reason="no node",

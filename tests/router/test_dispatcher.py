@@ -82,6 +82,18 @@ def test_failed_answer_triggers_retry_and_late_ok_still_closes() -> None:
     assert d.in_flight == {}
 
 
+def test_failure_after_a_mechanism_started_ends_the_request_without_retry() -> None:
+    """A failed result carrying a spent curve was charged by the accountant (settled failed):
+    retrying it would spend again, so the router just finishes it."""
+    d = make()
+    d.on_decision(decision(REQ, at_ms=0), now_ms=0)
+    spent = dict(node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=10),
+                 rdp_orders=[2.0, 4.0], rdp_epsilons=[0.002, 0.004])
+    assert d.on_node_result(spent, now_ms=10) == []
+    assert d.in_flight == {} and d.is_finished("r1")
+    assert sends(d.tick(now_ms=4_000)) == []  # no retry, no route failure later either
+
+
 def test_node_leaving_reroutes_what_it_held() -> None:
     d = make(node_timeout_s=60, ttl_s=5)
     d.on_decision(decision(REQ, at_ms=0), now_ms=0)
