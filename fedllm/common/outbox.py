@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.common import codec
+from fedllm.common import codec, tracing
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class Message:
     def encode(cls, topic: str, schema: str, record: dict[str, Any], *,
                key: str | None = None) -> Message:
         value, headers = codec.encode(schema, record)
+        # The trace context of the hop that wrote it travels with the stored bytes.
+        headers = [*headers, *tracing.inject_headers()]
         return cls(topic, key.encode() if key else None, value, tuple(headers))
 
 

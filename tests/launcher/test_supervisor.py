@@ -100,9 +100,12 @@ def test_up_restarts_a_crashed_service_and_a_signal_stops_every_child(tmp_path: 
         left = [p for p in children if _alive(p)]
         assert left == [], f"orphans left: {left}"
     finally:
+        # Only this test's `fedllm up` and its children: never the session's own broker or
+        # the other fixtures' processes (children of pytest too).
+        mine = _children(up.pid) if up.poll() is None else []
         if up.poll() is None:
             up.kill()
             up.wait()
-        for p in _children(os.getpid()):
-            if p != up.pid and _alive(p):
+        for p in mine:
+            if _alive(p):
                 os.kill(p, signal.SIGKILL)
