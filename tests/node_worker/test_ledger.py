@@ -231,3 +231,17 @@ def test_budget_balance_feeds_the_hospital_gauges_and_room_level(
     spent, _ = eng.ledger.lifetime()
     assert spent > 0 and eng.budget_room() == pytest.approx(1 - spent / rho_cap)
     assert eng.budget_balance()[1] < remaining
+
+
+def test_answer_level_routes_charge_every_person_and_stop_while_anyone_is_capped(
+    hospital_data_dir: Path, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The population/entity routes read every person's records, so every person is charged;
+    they cannot drop a capped person, so they do not run while anyone is at the cap."""
+    eng = make_engine(hospital_data_dir, tiny, person_epsilon=1.2, max_query_epsilon=1.0)
+    question = "How many of our patients are over 65?"
+    assert eng.routes is not None and eng.routes.applies(question)
+    assert eng.answer(routed(prompt=question, epsilon=1.0, max_tokens=2))["status"] == "ok"
+    assert set(spends(eng)) == eng.records.all_persons()
+    monkeypatch.setattr(eng.routes, "fields", lambda *a, **k: pytest.fail("route ran"))
+    assert eng.answer(routed(prompt=question, epsilon=1.0, max_tokens=2))["status"] == "ok"
