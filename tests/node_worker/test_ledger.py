@@ -32,9 +32,11 @@ QUESTION = "Which patients had chest pain or hypertension?"
 RHO1 = rho_for_epsilon(epsilon=1.0, delta=1e-5)
 
 
-def make_engine(data_dir: Path, tiny: LoadedModel, **node: Any) -> Engine:
-    return Engine(Settings(data_dir=data_dir), "st_mary", model=tiny, groups=4,
-                  rng=random.Random(2), node_settings=NodeSettings(**node))
+def make_engine(data_dir: Path, tiny: LoadedModel, *, routes: bool = False, **node: Any
+                ) -> Engine:
+    """An engine on the decoding path (`routes=True`: with the answer-level routes too)."""
+    return Engine(Settings(data_dir=data_dir, answer_routes=routes), "st_mary", model=tiny,
+                  groups=4, rng=random.Random(2), node_settings=NodeSettings(**node))
 
 
 def spends(engine: Engine) -> dict[str, float]:
@@ -238,7 +240,8 @@ def test_answer_level_routes_charge_every_person_and_stop_while_anyone_is_capped
 ) -> None:
     """The population/entity routes read every person's records, so every person is charged;
     they cannot drop a capped person, so they do not run while anyone is at the cap."""
-    eng = make_engine(hospital_data_dir, tiny, person_epsilon=1.2, max_query_epsilon=1.0)
+    eng = make_engine(hospital_data_dir, tiny, routes=True, person_epsilon=1.2,
+                      max_query_epsilon=1.0)
     question = "How many of our patients are over 65?"
     assert eng.routes is not None and eng.routes.applies(question)
     assert eng.answer(routed(prompt=question, epsilon=1.0, max_tokens=2))["status"] == "ok"
