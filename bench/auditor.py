@@ -24,10 +24,10 @@ from sqlalchemy.engine import make_url
 
 from fedllm.common.audit import audit_event
 from fedllm.common.db import make_engine, normalise_url
-from services.auditor.migrate import upgrade
-from services.auditor.models import audit_log
-from services.auditor.records import Protection, event_to_row
-from services.auditor.store import append
+from fedllm.services.auditor.migrate import upgrade
+from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.records import Protection, event_to_row
+from fedllm.services.auditor.store import append
 
 COLUMNS = [c.name for c in audit_log.columns if c.name not in ("id", "stored_at")]
 
@@ -35,14 +35,27 @@ COLUMNS = [c.name for c in audit_log.columns if c.name not in ("id", "stored_at"
 def events(n: int, tag: str) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
-        out.append(audit_event(
-            action=["request.received", "budget.committed", "request.completed"][i % 3],
-            service="accountant", id_parts=(tag, i), request_id=f"req-{i // 3}",
-            user_id=f"user-{i % 50}", role="clinician", department="cardiology",
-            source_address="10.1.2.3", hospital_id="st_mary", records_used=12,
-            outcome="ok", epsilon=0.25, delta=1e-5,
-            rdp_summary='{"orders":[2,4,8],"rdp":[0.1,0.2,0.4]}', prompt_hmac="ab" * 32,
-            strategy="least_load", latency_ms="41"))
+        out.append(
+            audit_event(
+                action=["request.received", "budget.committed", "request.completed"][i % 3],
+                service="accountant",
+                id_parts=(tag, i),
+                request_id=f"req-{i // 3}",
+                user_id=f"user-{i % 50}",
+                role="clinician",
+                department="cardiology",
+                source_address="10.1.2.3",
+                hospital_id="st_mary",
+                records_used=12,
+                outcome="ok",
+                epsilon=0.25,
+                delta=1e-5,
+                rdp_summary='{"orders":[2,4,8],"rdp":[0.1,0.2,0.4]}',
+                prompt_hmac="ab" * 32,
+                strategy="least_load",
+                latency_ms="41",
+            )
+        )
     return out
 
 
@@ -52,7 +65,7 @@ def bench_auditor(url: str, evs: list[dict[str, Any]], batch: int) -> float:
     prot = Protection(hmac_key=b"bench", sealer=None)
     t0 = time.perf_counter()
     for i in range(0, len(evs), batch):
-        append(engine, [event_to_row(e, prot) for e in evs[i:i + batch]])
+        append(engine, [event_to_row(e, prot) for e in evs[i : i + batch]])
     dt = time.perf_counter() - t0
     engine.dispose()
     return len(evs) / dt
@@ -61,19 +74,22 @@ def bench_auditor(url: str, evs: list[dict[str, Any]], batch: int) -> float:
 def bench_raw(url: str, batch: int) -> float:
     engine = make_engine(url)
     with engine.connect() as conn:
-        rows = [tuple(json.dumps(r[c]) if c == "details" else r[c] for c in COLUMNS)
-                for r in conn.execute(select(audit_log).order_by(audit_log.c.seq)).mappings()]
+        rows = [
+            tuple(json.dumps(r[c]) if c == "details" else r[c] for c in COLUMNS)
+            for r in conn.execute(select(audit_log).order_by(audit_log.c.seq)).mappings()
+        ]
     engine.dispose()
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    sql = (f"INSERT INTO audit_raw ({', '.join(COLUMNS)}) "
-           f"VALUES ({', '.join(['%s'] * len(COLUMNS))})")
+    sql = (
+        f"INSERT INTO audit_raw ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+    )
     with psycopg.connect(dsn) as conn:
         conn.execute("CREATE TABLE audit_raw (LIKE audit_log INCLUDING ALL)")
         conn.commit()
         t0 = time.perf_counter()
         for i in range(0, len(rows), batch):
             with conn.cursor() as cur:
-                cur.executemany(sql, rows[i:i + batch])
+                cur.executemany(sql, rows[i : i + batch])
             conn.commit()
         dt = time.perf_counter() - t0
     return len(rows) / dt
@@ -84,8 +100,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--admin-url", default=os.environ.get(
-        "DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument(
+        "--admin-url",
+        default=os.environ.get(
+            "DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
     args = ap.parse_args()
     admin = create_engine(normalise_url(args.admin_url), isolation_level="AUTOCOMMIT")
     ours, raws = [], []
@@ -93,8 +113,11 @@ def main() -> None:
         name = f"fedllm_bench_{uuid.uuid4().hex[:8]}"
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = make_url(normalise_url(args.admin_url)).set(database=name).render_as_string(
-            hide_password=False)
+        url = (
+            make_url(normalise_url(args.admin_url))
+            .set(database=name)
+            .render_as_string(hide_password=False)
+        )
         try:
             evs = events(args.events, name)
             ours.append(bench_auditor(url, evs, args.batch))

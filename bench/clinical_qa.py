@@ -26,16 +26,24 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Literal
 
-from services.node_worker.aggregate import histogram_keys
-from services.node_worker.cohort import Cohort, PatientRecord
-from services.node_worker.entities import EntityKind, display_name, find_entities
+from fedllm.services.node_worker.aggregate import histogram_keys
+from fedllm.services.node_worker.cohort import Cohort, PatientRecord
+from fedllm.services.node_worker.entities import EntityKind, display_name, find_entities
 
 Template = Literal[
-    "top_dx_on_drug", "top_med_for_dx", "count_dx", "count_drug_over_65", "mean_age_dx",
+    "top_dx_on_drug",
+    "top_med_for_dx",
+    "count_dx",
+    "count_drug_over_65",
+    "mean_age_dx",
     "compare_dx",
 ]
 TEMPLATES: tuple[Template, ...] = (
-    "top_dx_on_drug", "top_med_for_dx", "count_dx", "count_drug_over_65", "mean_age_dx",
+    "top_dx_on_drug",
+    "top_med_for_dx",
+    "count_dx",
+    "count_drug_over_65",
+    "mean_age_dx",
     "compare_dx",
 )
 NEAR_TIE = 0.05
@@ -89,8 +97,12 @@ def build_questions(
     for p in patients:
         dx_counts.update(histogram_keys(p, "diagnosis"))
         rx_counts.update(histogram_keys(p, "medication"))
-    dxs = [k for k, c in dx_counts.most_common() if c >= min_patients and _round_trips(k, "diagnosis")]
-    rxs = [k for k, c in rx_counts.most_common() if c >= min_patients and _round_trips(k, "medication")]
+    dxs = [
+        k for k, c in dx_counts.most_common() if c >= min_patients and _round_trips(k, "diagnosis")
+    ]
+    rxs = [
+        k for k, c in rx_counts.most_common() if c >= min_patients and _round_trips(k, "medication")
+    ]
     out: list[Question] = []
 
     for drug in rxs[:per_template]:
@@ -100,46 +112,87 @@ def build_questions(
             continue
         accept, top = _accept(counts)
         name = display_name(drug, "medication").lower()
-        out.append(Question(
-            f"top_dx_on_drug:{drug}", "top_dx_on_drug",
-            f"Which diagnosis is most common among our patients on {name}?", "entity",
-            "diagnosis", accept, frozenset({drug}), truth=top))
+        out.append(
+            Question(
+                f"top_dx_on_drug:{drug}",
+                "top_dx_on_drug",
+                f"Which diagnosis is most common among our patients on {name}?",
+                "entity",
+                "diagnosis",
+                accept,
+                frozenset({drug}),
+                truth=top,
+            )
+        )
         over = [p for p in group if p.age is not None and p.age > 65]
-        out.append(Question(
-            f"count_drug_over_65:{drug}", "count_drug_over_65",
-            f"How many of our patients on {name} are over 65?", "count", truth=float(len(over))))
+        out.append(
+            Question(
+                f"count_drug_over_65:{drug}",
+                "count_drug_over_65",
+                f"How many of our patients on {name} are over 65?",
+                "count",
+                truth=float(len(over)),
+            )
+        )
     for dx in dxs[:per_template]:
         group = [p for p in patients if _has_dx(p, dx)]
         name = display_name(dx, "diagnosis")
         counts = Counter(k for p in group for k in histogram_keys(p, "medication"))
         if counts:
             accept, top = _accept(counts)
-            out.append(Question(
-                f"top_med_for_dx:{dx}", "top_med_for_dx",
-                f"Which medication is most often prescribed for {name} in our patients?",
-                "entity", "medication", accept, frozenset({dx}), truth=top))
-        out.append(Question(
-            f"count_dx:{dx}", "count_dx", f"How many of our patients have {name}?", "count",
-            truth=float(len(group))))
+            out.append(
+                Question(
+                    f"top_med_for_dx:{dx}",
+                    "top_med_for_dx",
+                    f"Which medication is most often prescribed for {name} in our patients?",
+                    "entity",
+                    "medication",
+                    accept,
+                    frozenset({dx}),
+                    truth=top,
+                )
+            )
+        out.append(
+            Question(
+                f"count_dx:{dx}",
+                "count_dx",
+                f"How many of our patients have {name}?",
+                "count",
+                truth=float(len(group)),
+            )
+        )
         ages = [p.age for p in group if p.age is not None]
         if ages:
-            out.append(Question(
-                f"mean_age_dx:{dx}", "mean_age_dx",
-                f"What is the mean age of our patients with {name}?", "age",
-                truth=float(mean(ages))))
+            out.append(
+                Question(
+                    f"mean_age_dx:{dx}",
+                    "mean_age_dx",
+                    f"What is the mean age of our patients with {name}?",
+                    "age",
+                    truth=float(mean(ages)),
+                )
+            )
     pairs = 0
     for i, a in enumerate(dxs):
-        for b in dxs[i + 1:]:
+        for b in dxs[i + 1 :]:
             ca, cb = sum(_has_dx(p, a) for p in patients), sum(_has_dx(p, b) for p in patients)
             if pairs >= per_template or abs(ca - cb) < COMPARE_MARGIN * max(ca, cb):
                 continue
             first, second = (a, b) if (i + pairs) % 2 == 0 else (b, a)  # winner not always first
             win = a if ca > cb else b
-            out.append(Question(
-                f"compare_dx:{first}:{second}", "compare_dx",
-                f"Which is more common among our patients: {display_name(first, 'diagnosis')} "
-                f"or {display_name(second, 'diagnosis')}?", "compare", "diagnosis",
-                frozenset({win}), candidates=(first, second), truth=win))
+            out.append(
+                Question(
+                    f"compare_dx:{first}:{second}",
+                    "compare_dx",
+                    f"Which is more common among our patients: {display_name(first, 'diagnosis')} "
+                    f"or {display_name(second, 'diagnosis')}?",
+                    "compare",
+                    "diagnosis",
+                    frozenset({win}),
+                    candidates=(first, second),
+                    truth=win,
+                )
+            )
             pairs += 1
     order = {t: i for i, t in enumerate(TEMPLATES)}
     return sorted(out, key=lambda q: (order[q.template], q.qid))

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedllm.common.config import Settings  # noqa: E402
 from fedllm.privacy.rdp import rho_for_epsilon  # noqa: E402
-from services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, dp_decode  # noqa: E402
-from services.node_worker.engine import Engine  # noqa: E402
-from services.node_worker.model import load_model  # noqa: E402
+from fedllm.services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, dp_decode  # noqa: E402
+from fedllm.services.node_worker.engine import Engine  # noqa: E402
+from fedllm.services.node_worker.model import load_model  # noqa: E402
 
 QUESTION = "Which medications are our diabetic patients taking, and how well controlled are they?"
 
@@ -45,8 +45,12 @@ def time_greedy(lm, prompt: list[int], n: int) -> float:  # noqa: ANN001
     t = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-            min_new_tokens=n, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
         )
     _sync()
     assert out.shape[1] - ids.shape[1] == n
@@ -75,8 +79,15 @@ def time_dp(lm, public: list[int], groups: list[list[int]], n: int, *, svt: bool
     _sync()
     t = time.perf_counter()
     res = dp_decode(
-        dec, public_prompt=public, group_prompts=groups, rho=rho, delta=1e-5, max_tokens=n,
-        stop_ids=[], config=cfg, rng=random.Random(0),
+        dec,
+        public_prompt=public,
+        group_prompts=groups,
+        rho=rho,
+        delta=1e-5,
+        max_tokens=n,
+        stop_ids=[],
+        config=cfg,
+        rng=random.Random(0),
     )
     _sync()
     total = time.perf_counter() - t
@@ -107,8 +118,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(data_dir=args.data_dir)
-    print(f"device={lm.device} torch_threads={torch.get_num_threads()} "
-          f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} tokens={args.tokens}")
+    print(
+        f"device={lm.device} torch_threads={torch.get_num_threads()} "
+        f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} tokens={args.tokens}"
+    )
     settings = Settings(data_dir=args.data_dir)
     public = None
     rows = []
@@ -123,19 +136,22 @@ def main() -> None:
         greedy_pt, greedy_first = per_token(
             lambda n, p=public: time_greedy(lm, p, n), args.tokens, args.repeats
         )
-        print(f"greedy generate      : {1 / greedy_pt:7.2f} tok/s  "
-              f"({greedy_pt * 1000:7.1f} ms/token, prefill+1st {greedy_first:6.2f} s, "
-              f"prompt {len(public)} tokens)")
+        print(
+            f"greedy generate      : {1 / greedy_pt:7.2f} tok/s  "
+            f"({greedy_pt * 1000:7.1f} ms/token, prefill+1st {greedy_first:6.2f} s, "
+            f"prompt {len(public)} tokens)"
+        )
         for svt in (True, False):
-            runs = [time_dp(lm, public, groups, args.tokens, svt=svt)
-                    for _ in range(args.repeats)]
+            runs = [time_dp(lm, public, groups, args.tokens, svt=svt) for _ in range(args.repeats)]
             pt = statistics.median(r[0] for r in runs)
             first = statistics.median(r[1] for r in runs)
             lens = [len(g) for g in groups]
             label = f"dp m={m:<2} {'svt' if svt else 'all-paid'}"
-            print(f"{label:<21}: {1 / pt:7.2f} tok/s  ({pt * 1000:7.1f} ms/token, "
-                  f"prefill {first:6.2f} s, ratio {pt / greedy_pt:5.2f}x greedy, "
-                  f"prompts {min(lens)}-{max(lens)} tokens)")
+            print(
+                f"{label:<21}: {1 / pt:7.2f} tok/s  ({pt * 1000:7.1f} ms/token, "
+                f"prefill {first:6.2f} s, ratio {pt / greedy_pt:5.2f}x greedy, "
+                f"prompts {min(lens)}-{max(lens)} tokens)"
+            )
             rows.append((m, svt, pt, first))
 
 

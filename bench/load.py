@@ -72,9 +72,11 @@ class Stats:
 
     def line(self) -> str:
         o = self.outside or self.total
-        return (f"{self.label:<28} {self.in_flight:>3} in flight: {self.rate:8.1f} req/s   "
-                f"p50 {pct(o, .5):7.1f}  p95 {pct(o, .95):7.1f}  p99 {pct(o, .99):7.1f} ms"
-                + (f"   failures {self.failures}" if self.failures else ""))
+        return (
+            f"{self.label:<28} {self.in_flight:>3} in flight: {self.rate:8.1f} req/s   "
+            f"p50 {pct(o, 0.5):7.1f}  p95 {pct(o, 0.95):7.1f}  p99 {pct(o, 0.99):7.1f} ms"
+            + (f"   failures {self.failures}" if self.failures else "")
+        )
 
 
 # --------------------------------------------------------------------------- raw chain
@@ -148,32 +150,58 @@ async def raw_chain(pipeline: Pipeline, *, n: int, in_flight: int) -> Stats:
 
 
 def tokens_for(pipeline: Pipeline, users: int) -> list[tuple[str, str]]:
-    from services.gateway.tokens import mint_token
+    from fedllm.services.gateway.tokens import mint_token
 
-    return [(f"load-{i}", mint_token(pipeline.settings, user_id=f"load-{i}",
-                                     department=DEPARTMENT, role="doctor"))
-            for i in range(users)]
+    return [
+        (
+            f"load-{i}",
+            mint_token(
+                pipeline.settings, user_id=f"load-{i}", department=DEPARTMENT, role="doctor"
+            ),
+        )
+        for i in range(users)
+    ]
 
 
-async def http_level(pipeline: Pipeline, *, label: str, n: int, in_flight: int,
-                     users: list[tuple[str, str]], generate_share: float, seed: int) -> Stats:
+async def http_level(
+    pipeline: Pipeline,
+    *,
+    label: str,
+    n: int,
+    in_flight: int,
+    users: list[tuple[str, str]],
+    generate_share: float,
+    seed: int,
+) -> Stats:
     stats = Stats(label, in_flight)
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
-    async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=120,
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=pipeline.gateway_url, timeout=120, limits=limits
+    ) as client:
+
         async def one(i: int) -> None:
             _, token = users[i % len(users)]
             if rng.random() < generate_share:
-                body: dict[str, Any] = {"prompt": "What is triage?", "max_tokens": 1,
-                                        "temperature": 0.0, "privacy_budget": EPSILON}
+                body: dict[str, Any] = {
+                    "prompt": "What is triage?",
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "privacy_budget": EPSILON,
+                }
             else:
-                body = {"prompt": AGGREGATE, "kind": "aggregate", "max_tokens": 1,
-                        "temperature": 0.0, "privacy_budget": EPSILON}
+                body = {
+                    "prompt": AGGREGATE,
+                    "kind": "aggregate",
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "privacy_budget": EPSILON,
+                }
             t0 = time.perf_counter()
             try:
-                r = await client.post("/v1/inference", json=body,
-                                      headers={"Authorization": f"Bearer {token}"})
+                r = await client.post(
+                    "/v1/inference", json=body, headers={"Authorization": f"Bearer {token}"}
+                )
             except httpx.HTTPError:
                 stats.failures += 1
                 return
@@ -276,19 +304,19 @@ def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
-def cpu_share(before: dict[str, float], after: dict[str, float], wall: float
-              ) -> dict[str, float]:
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
     return {k: (after[k] - before[k]) / wall for k in before}
 
 
 # --------------------------------------------------------------------------- history
 
 
-def preload_history(database_url: str, *, rows: int, users: list[tuple[str, str]],
-                    window_seconds: int, delta: float) -> float:
+def preload_history(
+    database_url: str, *, rows: int, users: list[tuple[str, str]], window_seconds: int, delta: float
+) -> float:
     """Write `rows` committed entries into the current window of the bench's users and
     department, and add them to the accounts' running sums; returns seconds taken."""
-    from services.accountant.models import Base, BudgetAccount, BudgetEntry
+    from fedllm.services.accountant.models import Base, BudgetAccount, BudgetEntry
 
     t0 = time.perf_counter()
     engine = create_engine(normalise_url(database_url))
@@ -304,29 +332,57 @@ def preload_history(database_url: str, *, rows: int, users: list[tuple[str, str]
             for i in range(start, min(rows, start + 10_000)):
                 user = users[i % len(users)][0]
                 per_user[user] += charge
-                batch.append({
-                    "request_id": f"hist-{uuid.uuid4().hex}", "user_id": user,
-                    "department": DEPARTMENT, "window_start": window, "state": "committed",
-                    "epsilon": EPSILON, "delta": delta, "reserved_rdp": {}, "spent_rdp": None,
-                    "spent_epsilon": 0.0, "deadline_ms": now, "created_at_ms": now - 1000,
-                    "settled_at_ms": now - 900, "outcome": "ok", "reason": "", "node_id": "",
-                    "reserved_units": charge, "charged_units": charge, "user_epoch": 0,
-                    "dept_epoch": 0,
-                })
+                batch.append(
+                    {
+                        "request_id": f"hist-{uuid.uuid4().hex}",
+                        "user_id": user,
+                        "department": DEPARTMENT,
+                        "window_start": window,
+                        "state": "committed",
+                        "epsilon": EPSILON,
+                        "delta": delta,
+                        "reserved_rdp": {},
+                        "spent_rdp": None,
+                        "spent_epsilon": 0.0,
+                        "deadline_ms": now,
+                        "created_at_ms": now - 1000,
+                        "settled_at_ms": now - 900,
+                        "outcome": "ok",
+                        "reason": "",
+                        "node_id": "",
+                        "reserved_units": charge,
+                        "charged_units": charge,
+                        "user_epoch": 0,
+                        "dept_epoch": 0,
+                    }
+                )
             conn.execute(insert(BudgetEntry), batch)
         scopes = {f"user:{u}": c for u, c in per_user.items()}
         scopes[f"dept:{DEPARTMENT}"] = charge * rows
-        existing = {r.scope: r for r in conn.execute(select(BudgetAccount).where(
-            BudgetAccount.window_start == window))}
+        existing = {
+            r.scope: r
+            for r in conn.execute(select(BudgetAccount).where(BudgetAccount.window_start == window))
+        }
         for scope, units in scopes.items():
             if scope in existing:
-                conn.execute(update(BudgetAccount).where(
-                    BudgetAccount.scope == scope, BudgetAccount.window_start == window,
-                ).values(charged_units=BudgetAccount.charged_units + units))
+                conn.execute(
+                    update(BudgetAccount)
+                    .where(
+                        BudgetAccount.scope == scope,
+                        BudgetAccount.window_start == window,
+                    )
+                    .values(charged_units=BudgetAccount.charged_units + units)
+                )
             else:
-                conn.execute(insert(BudgetAccount).values(
-                    scope=scope, window_start=window, limit_epsilon=0.0, charged_units=units,
-                    epoch=0))
+                conn.execute(
+                    insert(BudgetAccount).values(
+                        scope=scope,
+                        window_start=window,
+                        limit_epsilon=0.0,
+                        charged_units=units,
+                        epoch=0,
+                    )
+                )
     engine.dispose()
     return time.perf_counter() - t0
 
@@ -337,7 +393,7 @@ def ledger_decisions(*, history: int, batches: int, batch: int) -> None:
     from fedllm.common.config import BudgetConfig
     from fedllm.common.db import make_engine
     from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
-    from services.accountant.ledger import Ledger, Settlement
+    from fedllm.services.accountant.ledger import Ledger, Settlement
 
     url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='fedllm-ledger-')) / 'l.db'}"
     ledger = Ledger(make_engine(url), BudgetConfig(), RdpAccountant())
@@ -347,9 +403,16 @@ def ledger_decisions(*, history: int, batches: int, batch: int) -> None:
     def run() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         for b in range(batches):
-            reqs = [{"request_id": uuid.uuid4().hex, "user_id": users[(b * batch + i) % 500][0],
-                     "department": DEPARTMENT, "epsilon": EPSILON,
-                     "deadline_ms": int(time.time() * 1000) + 60_000} for i in range(batch)]
+            reqs = [
+                {
+                    "request_id": uuid.uuid4().hex,
+                    "user_id": users[(b * batch + i) % 500][0],
+                    "department": DEPARTMENT,
+                    "epsilon": EPSILON,
+                    "deadline_ms": int(time.time() * 1000) + 60_000,
+                }
+                for i in range(batch)
+            ]
             ledger.reserve_many(reqs)
             ledger.settle_many([Settlement(r["request_id"], spent, "ok") for r in reqs])
         n = batches * batch
@@ -359,17 +422,26 @@ def ledger_decisions(*, history: int, batches: int, batch: int) -> None:
     fresh = run()
     preload_history(url, rows=history, users=users, window_seconds=86_400, delta=1e-5)
     hist = run()
-    print(f"ledger alone (SQLite, batches of {batch}, reserve + settle): fresh {fresh[0]:.0f} "
-          f"req/s ({fresh[1]:.0f} per CPU-second); with {history} rows of history "
-          f"{hist[0]:.0f} req/s ({hist[1]:.0f} per CPU-second); with-history / fresh "
-          f"{hist[0] / fresh[0]:.2f} wall, {hist[1] / fresh[1]:.2f} CPU", flush=True)
+    print(
+        f"ledger alone (SQLite, batches of {batch}, reserve + settle): fresh {fresh[0]:.0f} "
+        f"req/s ({fresh[1]:.0f} per CPU-second); with {history} rows of history "
+        f"{hist[0]:.0f} req/s ({hist[1]:.0f} per CPU-second); with-history / fresh "
+        f"{hist[0] / fresh[0]:.2f} wall, {hist[1] / fresh[1]:.2f} CPU",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- main
 
 
-def measure(pipeline: Pipeline, args: argparse.Namespace, users: list[tuple[str, str]],
-            phase: str, *, with_raw: bool) -> dict[int, Stats]:
+def measure(
+    pipeline: Pipeline,
+    args: argparse.Namespace,
+    users: list[tuple[str, str]],
+    phase: str,
+    *,
+    with_raw: bool,
+) -> dict[int, Stats]:
     results: dict[int, Stats] = {}
     procs = pipeline_processes(pipeline)
     for level in args.levels:
@@ -378,16 +450,26 @@ def measure(pipeline: Pipeline, args: argparse.Namespace, users: list[tuple[str,
             raw = asyncio.run(raw_chain(pipeline, n=max(n, 200), in_flight=level))
             print(raw.line(), flush=True)
         before, t0 = cpu_seconds(procs), time.perf_counter()
-        st = asyncio.run(http_level(pipeline, label=f"{phase}: HTTP aggregate", n=n,
-                                    in_flight=level, users=users,
-                                    generate_share=args.generate_share, seed=level))
+        st = asyncio.run(
+            http_level(
+                pipeline,
+                label=f"{phase}: HTTP aggregate",
+                n=n,
+                in_flight=level,
+                users=users,
+                generate_share=args.generate_share,
+                seed=level,
+            )
+        )
         wall = time.perf_counter() - t0
         share = cpu_share(before, cpu_seconds(procs), wall)
         cpu_ms = sum(share.values()) * wall * 1000 / max(len(st.total), 1)
         print(st.line() + f"   CPU {cpu_ms:.1f} ms/req (all processes)", flush=True)
         if level == max(args.levels):
-            print("    CPU (cores) under this load: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1])))
+            print(
+                "    CPU (cores) under this load: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
+            )
         if level == 1 and with_raw:
             results[-1] = raw
             for name, ms in asyncio.run(hop_breakdown(pipeline, st)):
@@ -402,24 +484,35 @@ def idle_cpu(pipeline: Pipeline, seconds: float) -> None:
     before, t0 = cpu_seconds(procs), time.perf_counter()
     time.sleep(seconds)
     share = cpu_share(before, cpu_seconds(procs), time.perf_counter() - t0)
-    print(f"idle pipeline over {seconds:.0f} s: {sum(share.values()):.3f} cores in all (" +
-          ", ".join(f"{k} {v:.3f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
-          + ")", flush=True)
+    print(
+        f"idle pipeline over {seconds:.0f} s: {sum(share.values()):.3f} cores in all ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
+        + ")",
+        flush=True,
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer requests: a few minutes")
     ap.add_argument("--requests", type=int, default=None, help="requests per level")
     ap.add_argument("--levels", default="1,8,64")
     ap.add_argument("--users", type=int, default=500)
-    ap.add_argument("--generate-share", type=float, default=0.0,
-                    help="share of generate requests (max_tokens 1) among the queries")
+    ap.add_argument(
+        "--generate-share",
+        type=float,
+        default=0.0,
+        help="share of generate requests (max_tokens 1) among the queries",
+    )
     ap.add_argument("--history", type=int, default=100_000, help="ledger rows to preload")
     ap.add_argument("--idle-seconds", type=float, default=None)
-    ap.add_argument("--data-dir", default=".fedllm",
-                    help="service data (the model's de-quantised cache is reused from here)")
+    ap.add_argument(
+        "--data-dir",
+        default=".fedllm",
+        help="service data (the model's de-quantised cache is reused from here)",
+    )
     args = ap.parse_args()
     args.requests = args.requests or (300 if args.quick else 2000)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -427,8 +520,11 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     scratch = Path(tempfile.mkdtemp(prefix="fedllm-load-"))
     database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{scratch / 'ledger.db'}"
-    env = {"FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "100000000",
-           "FEDLLM_GATEWAY_RATE_LIMIT_USER": "100000000", "FEDLLM_DP_GROUPS": "4"}
+    env = {
+        "FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "100000000",
+        "FEDLLM_GATEWAY_RATE_LIMIT_USER": "100000000",
+        "FEDLLM_DP_GROUPS": "4",
+    }
 
     def pipeline() -> Pipeline:  # a fresh broker each time; the same ledger
         return Pipeline(data_dir=data_dir, database_url=database_url, env=env)
@@ -438,17 +534,25 @@ def main() -> None:
     p = pipeline()
     try:
         p.start(timeout_s=900)  # a loaded machine loads three models slowly
-        print(f"broker: {'embedded Tansu' if p.broker else p.bootstrap}; ledger: "
-              f"{database_url.split(':')[0]}; {args.users} users, department {DEPARTMENT}, "
-              f"ε={EPSILON} per query, generate share {args.generate_share}", flush=True)
+        print(
+            f"broker: {'embedded Tansu' if p.broker else p.bootstrap}; ledger: "
+            f"{database_url.split(':')[0]}; {args.users} users, department {DEPARTMENT}, "
+            f"ε={EPSILON} per query, generate share {args.generate_share}",
+            flush=True,
+        )
         users = tokens_for(p, args.users)
         fresh = measure(p, args, users, "fresh", with_raw=True)
         idle_cpu(p, idle_s)
     finally:
         p.stop()
     budget = p.settings.budget
-    took = preload_history(database_url, rows=args.history, users=users,
-                           window_seconds=budget.window_seconds, delta=budget.delta)
+    took = preload_history(
+        database_url,
+        rows=args.history,
+        users=users,
+        window_seconds=budget.window_seconds,
+        delta=budget.delta,
+    )
     print(f"history: {args.history} ledger rows written in {took:.1f} s", flush=True)
     p = pipeline()
     try:
@@ -457,12 +561,18 @@ def main() -> None:
         hist = measure(p, args, users, "history", with_raw=False)
     finally:
         p.stop()
-    print("with-history / fresh (req/s): " + ", ".join(
-        f"{lvl} in flight {hist[lvl].rate / fresh[lvl].rate:.2f}" for lvl in args.levels))
+    print(
+        "with-history / fresh (req/s): "
+        + ", ".join(
+            f"{lvl} in flight {hist[lvl].rate / fresh[lvl].rate:.2f}" for lvl in args.levels
+        )
+    )
     raw = fresh.get(-1)
     if raw is not None and 1 in fresh:
-        print(f"p95 outside the model at 1 in flight / raw 4-hop p95: "
-              f"{pct(fresh[1].outside, .95) / pct(raw.total, .95):.1f}×")
+        print(
+            f"p95 outside the model at 1 in flight / raw 4-hop p95: "
+            f"{pct(fresh[1].outside, 0.95) / pct(raw.total, 0.95):.1f}×"
+        )
     print(f"total bench time {time.perf_counter() - t_start:.0f} s")
 
 

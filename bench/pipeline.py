@@ -54,10 +54,11 @@ async def raw_round_trips(pipeline: Pipeline, n: int) -> tuple[list[float], floa
         await producer.stop()
 
 
-def pipeline_requests(pipeline: Pipeline, n: int, concurrency: int, max_tokens: int
-                      ) -> tuple[list[float], list[float], float, int]:
+def pipeline_requests(
+    pipeline: Pipeline, n: int, concurrency: int, max_tokens: int
+) -> tuple[list[float], list[float], float, int]:
     """(outside-model ms, model ms, requests/s, failures) through the HTTP gateway."""
-    from services.gateway.tokens import mint_token
+    from fedllm.services.gateway.tokens import mint_token
 
     async def run() -> tuple[list[float], list[float], float, int]:
         sem = asyncio.Semaphore(concurrency)
@@ -65,17 +66,25 @@ def pipeline_requests(pipeline: Pipeline, n: int, concurrency: int, max_tokens: 
         model: list[float] = []
         failures = 0
         async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=300) as client:
+
             async def one(i: int) -> None:
                 nonlocal failures
                 user = f"bench-{i}"
-                token = mint_token(pipeline.settings, user_id=user, department="emergency",
-                                   role="doctor")
-                body = {"prompt": "What is triage?", "max_tokens": max_tokens,
-                        "temperature": 1.0, "privacy_budget": 0.5, "department": "emergency"}
+                token = mint_token(
+                    pipeline.settings, user_id=user, department="emergency", role="doctor"
+                )
+                body = {
+                    "prompt": "What is triage?",
+                    "max_tokens": max_tokens,
+                    "temperature": 1.0,
+                    "privacy_budget": 0.5,
+                    "department": "emergency",
+                }
                 async with sem:
                     s = time.perf_counter()
-                    r = await client.post("/v1/inference", json=body,
-                                          headers={"Authorization": f"Bearer {token}"})
+                    r = await client.post(
+                        "/v1/inference", json=body, headers={"Authorization": f"Bearer {token}"}
+                    )
                     total = (time.perf_counter() - s) * 1000
                 if r.status_code != 200:
                     failures += 1
@@ -100,30 +109,45 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=2)
     ap.add_argument("--raw", type=int, default=300, help="raw round trips for the baseline")
-    ap.add_argument("--groups", type=int, default=4,
-                    help="DP groups per node (model time only; not what is measured here)")
+    ap.add_argument(
+        "--groups",
+        type=int,
+        default=4,
+        help="DP groups per node (model time only; not what is measured here)",
+    )
     ap.add_argument("--data-dir", default=".fedllm")
     args = ap.parse_args()
     db = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
-    with Pipeline(data_dir=Path(args.data_dir), database_url=db,
-                  env={"FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "1000000",
-                       "FEDLLM_DP_GROUPS": str(args.groups)}) as pipeline:
+    with Pipeline(
+        data_dir=Path(args.data_dir),
+        database_url=db,
+        env={"FEDLLM_GATEWAY_RATE_LIMIT_ADDRESS": "1000000", "FEDLLM_DP_GROUPS": str(args.groups)},
+    ) as pipeline:
         raw, raw_rate = asyncio.run(raw_round_trips(pipeline, args.raw))
         outside, model, rate, failures = pipeline_requests(
-            pipeline, args.requests, args.concurrency, args.max_tokens)
+            pipeline, args.requests, args.concurrency, args.max_tokens
+        )
     print(f"broker: {'embedded Tansu' if pipeline.broker else pipeline.bootstrap}")
-    print(f"raw aiokafka produce→consume (1 in flight, {args.raw} msgs): "
-          f"p50 {pct(raw, .5):.2f} ms  p95 {pct(raw, .95):.2f} ms  {raw_rate:.0f} msg/s")
+    print(
+        f"raw aiokafka produce→consume (1 in flight, {args.raw} msgs): "
+        f"p50 {pct(raw, 0.5):.2f} ms  p95 {pct(raw, 0.95):.2f} ms  {raw_rate:.0f} msg/s"
+    )
     if not outside:
         print(f"pipeline: all {failures} requests failed")
         return
-    print(f"pipeline ({args.requests} requests, {args.concurrency} in flight, "
-          f"max_tokens {args.max_tokens}): {rate:.2f} req/s, failures {failures}")
-    print(f"  model time            p50 {pct(model, .5):.1f} ms  p95 {pct(model, .95):.1f} ms")
-    print(f"  outside the model     p50 {pct(outside, .5):.1f} ms  p95 {pct(outside, .95):.1f} ms"
-          f"  mean {statistics.fmean(outside):.1f} ms")
-    print(f"  ratio outside-model / raw round trip: p50 {pct(outside, .5) / pct(raw, .5):.1f}x"
-          f"  p95 {pct(outside, .95) / pct(raw, .95):.1f}x")
+    print(
+        f"pipeline ({args.requests} requests, {args.concurrency} in flight, "
+        f"max_tokens {args.max_tokens}): {rate:.2f} req/s, failures {failures}"
+    )
+    print(f"  model time            p50 {pct(model, 0.5):.1f} ms  p95 {pct(model, 0.95):.1f} ms")
+    print(
+        f"  outside the model     p50 {pct(outside, 0.5):.1f} ms  p95 {pct(outside, 0.95):.1f} ms"
+        f"  mean {statistics.fmean(outside):.1f} ms"
+    )
+    print(
+        f"  ratio outside-model / raw round trip: p50 {pct(outside, 0.5) / pct(raw, 0.5):.1f}x"
+        f"  p95 {pct(outside, 0.95) / pct(raw, 0.95):.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Replays synthetic arrival traces against five heterogeneous hospital nodes through the router's
 real code — `Dispatcher` (retries, TTL expiry, batching windows, hedging), `NodeRegistry` and
-every strategy of `services.router.strategies` — and the node's real heartbeat figures
-(`services.node_worker.health`). Only the nodes and the clock are simulated: each node serves
+every strategy of `fedllm.services.router.strategies` — and the node's real heartbeat figures
+(`fedllm.services.node_worker.health`). Only the nodes and the clock are simulated: each node serves
 its queue first-in first-out with `servers` parallel slots, a service time of
 size × its mean (size drawn once per request, the same for every strategy: common random
 numbers), heartbeats every second, and a data-set ledger that is charged ε when a mechanism
@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
-from services.node_worker.health import NodeHealth, budget_room_level
-from services.router.dispatcher import Action, Audit, Dispatcher, Send
-from services.router.registry import NodeRegistry
-from services.router.strategies import STRATEGIES, build_strategy
-from services.router.strategy import BatchRoutingStrategy, RoutingStrategy
+from fedllm.services.node_worker.health import NodeHealth, budget_room_level
+from fedllm.services.router.dispatcher import Action, Audit, Dispatcher, Send
+from fedllm.services.router.registry import NodeRegistry
+from fedllm.services.router.strategies import STRATEGIES, build_strategy
+from fedllm.services.router.strategy import BatchRoutingStrategy, RoutingStrategy
 
 HEARTBEAT_MS = 1_000
 TICK_MS = 200
@@ -92,8 +92,9 @@ class Trace:
 # -- traces ---------------------------------------------------------------------------------
 
 
-def _requests(rng: random.Random, times: Iterator[int], *, skew: float) -> Iterator[
-        tuple[int, dict[str, Any], float]]:
+def _requests(
+    rng: random.Random, times: Iterator[int], *, skew: float
+) -> Iterator[tuple[int, dict[str, Any], float]]:
     names, weights = zip(*PRIORITIES, strict=True)
     for i, t in enumerate(times):
         if rng.random() < skew:
@@ -101,9 +102,15 @@ def _requests(rng: random.Random, times: Iterator[int], *, skew: float) -> Itera
         else:
             department = rng.choice(DEPARTMENTS)
         request = {
-            "request_id": f"r{i}", "user_id": f"u{i % 50}", "department": department,
-            "kind": "generate", "priority": rng.choices(names, weights)[0], "hospitals": [],
-            "epsilon": EPSILON, "delta": 1e-5, "created_at_ms": t,
+            "request_id": f"r{i}",
+            "user_id": f"u{i % 50}",
+            "department": department,
+            "kind": "generate",
+            "priority": rng.choices(names, weights)[0],
+            "hospitals": [],
+            "epsilon": EPSILON,
+            "delta": 1e-5,
+            "created_at_ms": t,
             "deadline_ms": t + REQUEST_TIMEOUT_MS,
         }
         yield t, request, rng.lognormvariate(-0.125, 0.5)  # mean 1
@@ -123,8 +130,14 @@ def traces(*, duration_s: float, seed: int) -> list[Trace]:
     end = int(duration_s * 1000)
     steady_rate = LOAD * CAPACITY_PER_S
 
-    def make(name: str, rate: Callable[[float], float], *, skew: float = 0.0,
-             headroom: float = 2.0, **kw: Any) -> Trace:
+    def make(
+        name: str,
+        rate: Callable[[float], float],
+        *,
+        skew: float = 0.0,
+        headroom: float = 2.0,
+        **kw: Any,
+    ) -> Trace:
         rng = random.Random(f"{seed}-{name}")
         arrivals = list(_requests(rng, _poisson(rng, rate, end), skew=skew))
         # The cap: `headroom` times what an even share of the run's requests would spend.
@@ -168,10 +181,15 @@ class SimNode:
 
     def heartbeat(self, now_ms: int) -> dict[str, Any]:
         return {
-            "hospital_id": self.spec.hospital_id, "departments": list(self.spec.departments),
-            "queue_depth": len(self.queue), "in_flight": self.busy,
-            "recent_latency_ms": self.health.ewma_latency_ms, "model": "sim", "device": "sim",
-            "healthy": True, "sent_at_ms": now_ms,
+            "hospital_id": self.spec.hospital_id,
+            "departments": list(self.spec.departments),
+            "queue_depth": len(self.queue),
+            "in_flight": self.busy,
+            "recent_latency_ms": self.health.ewma_latency_ms,
+            "model": "sim",
+            "device": "sim",
+            "healthy": True,
+            "sent_at_ms": now_ms,
             "queue_by_priority": self.health.queue_by_priority(),
             "ewma_latency_ms": self.health.ewma_latency_ms,
             "error_rate": self.health.error_rate,
@@ -203,8 +221,11 @@ class Outcome:
         """Largest spend in the run over the mean, among the hospitals that had room to give:
         full room at the start (the near-cap hospital is one to spare), not exhausted at the end
         and not dead (a dead node offers no room)."""
-        spends = [v for h, v in self.spent.items() if h not in self.exhausted
-                  and h not in self.started_low]
+        spends = [
+            v
+            for h, v in self.spent.items()
+            if h not in self.exhausted and h not in self.started_low
+        ]
         mean = sum(spends) / len(spends) if spends else 0.0
         return max(spends) / mean if mean > 0 else 1.0
 
@@ -212,14 +233,25 @@ class Outcome:
 # -- the simulation --------------------------------------------------------------------------
 
 
-def simulate(trace: Trace, strategy: RoutingStrategy, *, label: str = "", window_ms: int = 50,
-             hedge: bool = False) -> Outcome:
+def simulate(
+    trace: Trace,
+    strategy: RoutingStrategy,
+    *,
+    label: str = "",
+    window_ms: int = 50,
+    hedge: bool = False,
+) -> Outcome:
     """Run `trace` through a fresh Dispatcher with `strategy`; return what happened."""
-    dispatcher = Dispatcher(registry=NodeRegistry(ttl_s=TTL_S), strategy=strategy,
-                            node_timeout_s=NODE_TIMEOUT_S, hedge=hedge)
+    dispatcher = Dispatcher(
+        registry=NodeRegistry(ttl_s=TTL_S),
+        strategy=strategy,
+        node_timeout_s=NODE_TIMEOUT_S,
+        hedge=hedge,
+    )
     nodes = {
-        s.hospital_id: SimNode(s, cap=trace.cap,
-                               spent=trace.cap * trace.spent_at_start.get(s.hospital_id, 0.0))
+        s.hospital_id: SimNode(
+            s, cap=trace.cap, spent=trace.cap * trace.spent_at_start.get(s.hospital_id, 0.0)
+        )
         for s in NODES
     }
     size = {r["request_id"]: f for _, r, f in trace.arrivals}
@@ -255,12 +287,18 @@ def simulate(trace: Trace, strategy: RoutingStrategy, *, label: str = "", window
                 elif action.action == "request.hedged":
                     counts["hedged"] += 1
 
-    def answer(node: SimNode, routed: dict[str, Any], status: str, now: int,
-               latency_ms: float) -> None:
-        node.health.answered(routed["request"]["priority"], latency_ms=latency_ms,
-                             ok=status == "ok")
-        result = {"request_id": routed["request_id"], "status": status,
-                  "node_id": node.spec.hospital_id, "attempt": routed["attempt"]}
+    def answer(
+        node: SimNode, routed: dict[str, Any], status: str, now: int, latency_ms: float
+    ) -> None:
+        node.health.answered(
+            routed["request"]["priority"], latency_ms=latency_ms, ok=status == "ok"
+        )
+        result = {
+            "request_id": routed["request_id"],
+            "status": status,
+            "node_id": node.spec.hospital_id,
+            "attempt": routed["attempt"],
+        }
         rid = routed["request_id"]
         if status == "ok" and rid not in done:  # the accountant keeps the first answer
             done.add(rid)
@@ -297,8 +335,13 @@ def simulate(trace: Trace, strategy: RoutingStrategy, *, label: str = "", window
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
             arrived[payload["request_id"]] = now
-            decision = {"request_id": payload["request_id"], "approved": True,
-                        "reserved_epsilon": EPSILON, "delta": 1e-5, "request": payload}
+            decision = {
+                "request_id": payload["request_id"],
+                "approved": True,
+                "reserved_epsilon": EPSILON,
+                "delta": 1e-5,
+                "request": payload,
+            }
             if batched:
                 if not pending:
                     at(now + window_ms, "flush")
@@ -329,25 +372,37 @@ def simulate(trace: Trace, strategy: RoutingStrategy, *, label: str = "", window
             node.queue.clear()
     counts["failed"] += len(trace.arrivals) - len(done)  # never answered by the end
     return Outcome(
-        strategy=label or strategy.name, trace=trace.name, completion_s=completion,
-        failed=counts["failed"], retried=counts["retried"], hedged=counts["hedged"],
+        strategy=label or strategy.name,
+        trace=trace.name,
+        completion_s=completion,
+        failed=counts["failed"],
+        retried=counts["retried"],
+        hedged=counts["hedged"],
         charged=counts["charged"],
         spent={h: n.charged_in_run for h, n in nodes.items()},
         exhausted=sorted(h for h, n in nodes.items() if n.cap - n.spent < EPSILON),
-        started_low=sorted({h for h, f in trace.spent_at_start.items() if f > 0.25}
-                           | {h for _, kind, h in trace.faults if kind == "die"}),
+        started_low=sorted(
+            {h for h, f in trace.spent_at_start.items() if f > 0.25}
+            | {h for _, kind, h in trace.faults if kind == "die"}
+        ),
     )
 
 
-def run_all(*, duration_s: float, seed: int, window_ms: int,
-            hedged: str) -> list[Outcome]:
+def run_all(*, duration_s: float, seed: int, window_ms: int, hedged: str) -> list[Outcome]:
     """Every strategy (and `hedged` with hedging on) over every trace, fresh state each."""
     outcomes = []
     for trace in traces(duration_s=duration_s, seed=seed):
         for name in STRATEGIES:
             outcomes.append(simulate(trace, build_strategy(name), window_ms=window_ms))
-        outcomes.append(simulate(trace, build_strategy(hedged), label=f"{hedged}+hedge",
-                                 window_ms=window_ms, hedge=True))
+        outcomes.append(
+            simulate(
+                trace,
+                build_strategy(hedged),
+                label=f"{hedged}+hedge",
+                window_ms=window_ms,
+                hedge=True,
+            )
+        )
     return outcomes
 
 
@@ -373,41 +428,54 @@ def verdicts(outcomes: list[Outcome]) -> list[Verdict]:
         mine = [o for o in outcomes if o.strategy == name]
         ratios = [o.pct(0.95) / base[o.trace] for o in mine]
         worst = max(mine, key=lambda o: o.spread)
-        out.append(Verdict(
-            strategy=name,
-            skewed_p95_ratio=next(o.pct(0.95) / base[o.trace] for o in mine
-                                  if o.trace == "skewed"),
-            worst_spread=worst.spread,
-            worst_spread_trace=worst.trace,
-            mean_p95_ratio=math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
-        ))
+        out.append(
+            Verdict(
+                strategy=name,
+                skewed_p95_ratio=next(
+                    o.pct(0.95) / base[o.trace] for o in mine if o.trace == "skewed"
+                ),
+                worst_spread=worst.spread,
+                worst_spread_trace=worst.trace,
+                mean_p95_ratio=math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+            )
+        )
     return sorted(out, key=lambda v: (not v.holds, v.mean_p95_ratio))
 
 
 def report(outcomes: list[Outcome], *, default: str) -> Verdict:
     """Print the table, the goal checks and the winner; return the winner's verdict."""
     base = {o.trace: o for o in outcomes if o.strategy == "round_robin"}
-    header = (f"{'trace':<11}{'strategy':<22}{'p50 s':>7}{'p95 s':>8}{'p99 s':>8}"
-              f"{'p95/rr':>8}{'failed':>7}{'retry':>6}{'hedge':>6}{'charged':>8}"
-              f"{'spread':>7}{'exh':>4}")
+    header = (
+        f"{'trace':<11}{'strategy':<22}{'p50 s':>7}{'p95 s':>8}{'p99 s':>8}"
+        f"{'p95/rr':>8}{'failed':>7}{'retry':>6}{'hedge':>6}{'charged':>8}"
+        f"{'spread':>7}{'exh':>4}"
+    )
     print(header)
     print("-" * len(header))
     for o in outcomes:
         ratio = o.pct(0.95) / base[o.trace].pct(0.95)
-        print(f"{o.trace:<11}{o.strategy:<22}{o.pct(0.5):>7.2f}{o.pct(0.95):>8.2f}"
-              f"{o.pct(0.99):>8.2f}{ratio:>8.2f}{o.failed:>7}{o.retried:>6}{o.hedged:>6}"
-              f"{o.charged:>8}{o.spread:>7.2f}{len(o.exhausted):>4}")
+        print(
+            f"{o.trace:<11}{o.strategy:<22}{o.pct(0.5):>7.2f}{o.pct(0.95):>8.2f}"
+            f"{o.pct(0.99):>8.2f}{ratio:>8.2f}{o.failed:>7}{o.retried:>6}{o.hedged:>6}"
+            f"{o.charged:>8}{o.spread:>7.2f}{len(o.exhausted):>4}"
+        )
     print("\ngoals: skewed p95 ≤ 0.70 × round-robin; budget spread ≤ 1.50 × mean on every trace")
-    print(f"{'strategy':<16}{'skewed p95/rr':>14}{'worst spread':>13}  {'(trace)':<12}"
-          f"{'geo-mean p95/rr':>16}  goals")
+    print(
+        f"{'strategy':<16}{'skewed p95/rr':>14}{'worst spread':>13}  {'(trace)':<12}"
+        f"{'geo-mean p95/rr':>16}  goals"
+    )
     ranked = verdicts(outcomes)
     for v in ranked:
-        print(f"{v.strategy:<16}{v.skewed_p95_ratio:>14.2f}{v.worst_spread:>13.2f}  "
-              f"{v.worst_spread_trace:<12}{v.mean_p95_ratio:>16.2f}  "
-              f"{'hold' if v.holds else 'FAIL'}")
+        print(
+            f"{v.strategy:<16}{v.skewed_p95_ratio:>14.2f}{v.worst_spread:>13.2f}  "
+            f"{v.worst_spread_trace:<12}{v.mean_p95_ratio:>16.2f}  "
+            f"{'hold' if v.holds else 'FAIL'}"
+        )
     winner = ranked[0]
-    print(f"\nwinner: {winner.strategy}; configured default: {default}"
-          f"{'' if winner.strategy == default else ' (differs: see docs/routing.md)'}")
+    print(
+        f"\nwinner: {winner.strategy}; configured default: {default}"
+        f"{'' if winner.strategy == default else ' (differs: see docs/routing.md)'}"
+    )
     return winner
 
 
@@ -417,15 +485,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--window-ms", type=int, default=None,
-                        help="batching window (default: the router's setting)")
+    parser.add_argument(
+        "--window-ms",
+        type=int,
+        default=None,
+        help="batching window (default: the router's setting)",
+    )
     parser.add_argument("--default", default=None, help="strategy judged against the goals")
     args = parser.parse_args()
     settings = Settings()
     default = args.default or settings.router_strategy
     window = settings.router_batch_window_ms if args.window_ms is None else args.window_ms
-    outcomes = run_all(duration_s=args.duration, seed=args.seed, window_ms=window,
-                       hedged=default)
+    outcomes = run_all(duration_s=args.duration, seed=args.seed, window_ms=window, hedged=default)
     report(outcomes, default=default)
 
 

@@ -9,9 +9,9 @@ Rows (see bench/clinical_qa.py for the questions and the fixed scoring):
   never served.
 * **per-token DP** — the node's DP decoding (m = ``dp_groups`` groups, one token at a time),
   on a subset (it is slow on a CPU); its floor/ceiling are re-measured on the same subset.
-* **answer-level DP** — :mod:`services.node_worker.answer_dp` (entity questions; other
+* **answer-level DP** — :mod:`fedllm.services.node_worker.answer_dp` (entity questions; other
   questions get the record-free answer at no cost).
-* **aggregate route** — :mod:`services.node_worker.translate` → DP aggregates (questions it
+* **aggregate route** — :mod:`fedllm.services.node_worker.translate` → DP aggregates (questions it
   does not read get the record-free answer at no cost).
 * **routes at ε = 1000** — the same two routes with negligible noise (reference, never served).
 
@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.clinical_qa import Question, build_questions, score, subset  # noqa: E402
 from fedllm.common.config import HospitalConfig, Settings  # noqa: E402
-from services.node_worker.clinosim_data import ensure_clinosim  # noqa: E402
-from services.node_worker.cohort import load_cohort  # noqa: E402
-from services.node_worker.records import GroupIndex, load_notes  # noqa: E402
+from fedllm.services.node_worker.clinosim_data import ensure_clinosim  # noqa: E402
+from fedllm.services.node_worker.cohort import load_cohort  # noqa: E402
+from fedllm.services.node_worker.records import GroupIndex, load_notes  # noqa: E402
 
 DELTA = 1e-5
 MARK_START, MARK_END = "<!-- utility-bench:start -->", "<!-- utility-bench:end -->"
@@ -80,8 +80,10 @@ def machine() -> str:
     import os
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} logical CPUs ({torch.get_num_threads()} torch threads), "
-            f"{dev}; torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs ({torch.get_num_threads()} torch threads), "
+        f"{dev}; torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def greedy(engine, question: str, notes, max_tokens: int) -> str:  # noqa: ANN001
@@ -89,11 +91,14 @@ def greedy(engine, question: str, notes, max_tokens: int) -> str:  # noqa: ANN00
     ids = torch.tensor([engine.encode(question, notes)], device=lm.device)
     with torch.inference_mode():
         out = lm.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-            do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
             eos_token_id=engine.stop_ids(),
         )
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def timed(fn: Callable[[], tuple[str, float]]) -> tuple[str, float, float]:
@@ -110,17 +115,34 @@ def gap(dp: float, floor: float, ceiling: float) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 questions per template, ε=1 only")
-    ap.add_argument("--population", type=int, default=4000,
-                    help="clinosim catchment population (4000 gives ≥ 2,000 patients)")
+    ap.add_argument(
+        "--population",
+        type=int,
+        default=4000,
+        help="clinosim catchment population (4000 gives ≥ 2,000 patients)",
+    )
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     ap.add_argument("--per-template", type=int, default=12)
-    ap.add_argument("--lm-questions", type=int, default=0,
-                    help="questions per template for the model rows (floor, ceiling); 0 = all")
-    ap.add_argument("--token-questions", type=int, default=1,
-                    help="questions per template for the (slow) per-token DP row")
-    ap.add_argument("--token-eps", type=float, nargs="*", default=None,
-                    help="ε values for the per-token DP row (default: every --eps)")
+    ap.add_argument(
+        "--lm-questions",
+        type=int,
+        default=0,
+        help="questions per template for the model rows (floor, ceiling); 0 = all",
+    )
+    ap.add_argument(
+        "--token-questions",
+        type=int,
+        default=1,
+        help="questions per template for the (slow) per-token DP row",
+    )
+    ap.add_argument(
+        "--token-eps",
+        type=float,
+        nargs="*",
+        default=None,
+        help="ε values for the per-token DP row (default: every --eps)",
+    )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--data-dir", type=Path, default=REPO / ".fedllm")
     ap.add_argument("--threads", type=int, default=0)
@@ -131,45 +153,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     eps_list = [1.0] if args.quick else args.eps
     started = time.perf_counter()
 
-    from services.node_worker.answer_dp import groups_for_population
-    from services.node_worker.engine import Engine, clinosim_dir
-    from services.node_worker.text_routes import TextRoutes
+    from fedllm.services.node_worker.answer_dp import groups_for_population
+    from fedllm.services.node_worker.engine import Engine, clinosim_dir
+    from fedllm.services.node_worker.text_routes import TextRoutes
 
     hid = f"bench-s{args.seed}-p{args.population}"
     settings = Settings(
         data_dir=args.data_dir,
-        hospitals=[HospitalConfig(id=hid, departments=["general"], seed=args.seed,
-                                  population=args.population)],
+        hospitals=[
+            HospitalConfig(
+                id=hid, departments=["general"], seed=args.seed, population=args.population
+            )
+        ],
     )
     t = time.perf_counter()
-    cdir = ensure_clinosim(clinosim_dir(settings, hid), seed=args.seed,
-                           population=args.population, progress=True)
+    cdir = ensure_clinosim(
+        clinosim_dir(settings, hid), seed=args.seed, population=args.population, progress=True
+    )
     cohort = load_cohort(cdir)
     notes = cohort_notes(cdir, load_notes(cdir))
-    print(f"hospital {hid}: {len(cohort)} patients, {len(notes)} notes "
-          f"(ready in {time.perf_counter() - t:.1f} s)", flush=True)
+    print(
+        f"hospital {hid}: {len(cohort)} patients, {len(notes)} notes "
+        f"(ready in {time.perf_counter() - t:.1f} s)",
+        flush=True,
+    )
     questions = build_questions(cohort, per_template=args.per_template)
     if args.quick:
         questions = subset(questions, per_template=2)
-    lm_questions = (subset(questions, per_template=args.lm_questions) if args.lm_questions
-                    else list(questions))
+    lm_questions = (
+        subset(questions, per_template=args.lm_questions) if args.lm_questions else list(questions)
+    )
     token_qs = {q.qid for q in subset(lm_questions, per_template=args.token_questions)}
     token_eps = eps_list if args.token_eps is None else args.token_eps
-    print(f"{len(questions)} questions; model rows on {len(lm_questions)}, per-token DP on "
-          f"{len(token_qs)} at ε {token_eps}", flush=True)
+    print(
+        f"{len(questions)} questions; model rows on {len(lm_questions)}, per-token DP on "
+        f"{len(token_qs)} at ε {token_eps}",
+        flush=True,
+    )
 
     engine = Engine(settings, hid, rng=random.SystemRandom())
-    routes = TextRoutes(cdir, key=engine_key(settings, hid), notes=lambda: notes,
-                        groups=groups_for_population(args.population))
+    routes = TextRoutes(
+        cdir,
+        key=engine_key(settings, hid),
+        notes=lambda: notes,
+        groups=groups_for_population(args.population),
+    )
     if engine.records.n_notes != len(notes):  # a snapshot: per-token DP sees the same notes
-        from services.node_worker.records import HospitalRecords
+        from fedllm.services.node_worker.records import HospitalRecords
 
-        engine.records = HospitalRecords(notes, key=engine_key(settings, hid),
-                                         groups=engine.groups)
+        engine.records = HospitalRecords(notes, key=engine_key(settings, hid), groups=engine.groups)
     t = time.perf_counter()
     _ = routes.entities  # extract the groups' entities once (a node does this lazily)
-    print(f"answer-level DP: {routes.entities.groups} groups, entities extracted in "
-          f"{time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"answer-level DP: {routes.entities.groups} groups, entities extracted in "
+        f"{time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
     full_index = GroupIndex(notes)
     rng = random.SystemRandom()
 
@@ -180,11 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor.add(q, text, spent, s)
         floor_text[q.qid] = text
         ctx = full_index.search(q.text, k=3)
-        text, spent, s = timed(lambda q=q, ctx=ctx: (greedy(engine, q.text, ctx, args.max_tokens),
-                                                     0.0))
+        text, spent, s = timed(
+            lambda q=q, ctx=ctx: (greedy(engine, q.text, ctx, args.max_tokens), 0.0)
+        )
         ceiling.add(q, text, spent, s)
-        print(f"  [{i + 1}/{len(lm_questions)}] floor {floor.correct[-1]:d} "
-              f"ceiling {ceiling.correct[-1]:d}  {q.qid}", flush=True)
+        print(
+            f"  [{i + 1}/{len(lm_questions)}] floor {floor.correct[-1]:d} "
+            f"ceiling {ceiling.correct[-1]:d}  {q.qid}",
+            flush=True,
+        )
 
     lm_ids = {q.qid for q in lm_questions}
 
@@ -194,11 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         the floor answered it)."""
         row, full = Row(name, eps), Row(name, eps)
         for q in questions:
+
             def run(q: Question = q) -> tuple[str, float]:
                 res = routes.answer(q.text, epsilon=eps, delta=DELTA, rng=rng, routes=which)
                 if res is None:
                     return floor_text.get(q.qid, ""), 0.0
                 return res.text, res.curve.epsilon(delta=DELTA)
+
             text, spent, s = timed(run)
             full.add(q, text, spent, s)
             if q.qid in lm_ids:
@@ -214,19 +259,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for q in lm_questions:
             if q.qid not in token_qs or eps not in token_eps:
                 continue
+
             def run_tok(q: Question = q, eps: float = eps) -> tuple[str, float]:
                 out = engine._generate(
                     {"prompt": q.text, "max_tokens": args.max_tokens, "temperature": 1.0},
-                    epsilon=eps, delta=DELTA,
+                    epsilon=eps,
+                    delta=DELTA,
                 )
                 return out["response"], float(out["privacy_cost"])
+
             text, spent, s = timed(run_tok)
             tok.add(q, text, spent, s)
             i = lm_questions.index(q)
             tf.add(q, floor_text[q.qid], 0.0, floor.seconds[i])
             tc.correct.append(ceiling.correct[i])
-            print(f"  ε={eps:g} per-token {tok.correct[-1]:d} ({s:.0f} s) {q.qid}: "
-                  f"{text[:80]!r}", flush=True)
+            print(
+                f"  ε={eps:g} per-token {tok.correct[-1]:d} ({s:.0f} s) {q.qid}: {text[:80]!r}",
+                flush=True,
+            )
         token_rows.append((tok, tf, tc))
         if tok.correct:
             rows.append(tok)
@@ -235,10 +285,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(route_row("routed: aggregate → entities", eps, ("aggregate", "entities")))
     rows.append(route_row("routes at ε=1000 (reference)", 1000.0, ("aggregate", "entities")))
 
-    report = render(rows, token_rows, questions, lm_questions, cohort_size=len(cohort),
-                    notes=len(notes),
-                    groups=routes.entities.groups, dp_groups=engine.groups, args=args,
-                    eps_list=eps_list, elapsed=time.perf_counter() - started)
+    report = render(
+        rows,
+        token_rows,
+        questions,
+        lm_questions,
+        cohort_size=len(cohort),
+        notes=len(notes),
+        groups=routes.entities.groups,
+        dp_groups=engine.groups,
+        args=args,
+        eps_list=eps_list,
+        elapsed=time.perf_counter() - started,
+    )
     print(report)
     if not args.no_write:
         write_doc(REPO / "docs" / "utility.md", report)
@@ -263,8 +322,8 @@ def cohort_notes(cdir: Path, notes: list) -> list:  # noqa: ANN001
 
 
 def engine_key(settings: Settings, hid: str) -> bytes:
-    from services.node_worker.engine import hospital_dir
-    from services.node_worker.records import hospital_key
+    from fedllm.services.node_worker.engine import hospital_dir
+    from fedllm.services.node_worker.records import hospital_key
 
     return hospital_key(hospital_dir(settings, hid) / "partition.key")
 
@@ -273,9 +332,20 @@ def _pct(x: float) -> str:
     return "–" if x != x else f"{100 * x:.0f} %"
 
 
-def render(rows: list[Row], token_rows, questions, lm_questions, *,  # noqa: ANN001
-           cohort_size: int, notes: int,
-           groups: int, dp_groups: int, args, eps_list, elapsed: float) -> str:  # noqa: ANN001
+def render(
+    rows: list[Row],
+    token_rows,
+    questions,
+    lm_questions,
+    *,  # noqa: ANN001
+    cohort_size: int,
+    notes: int,
+    groups: int,
+    dp_groups: int,
+    args,
+    eps_list,
+    elapsed: float,
+) -> str:  # noqa: ANN001
     floor, ceiling = rows[0], rows[1]
     lines = [
         f"Measured by `python bench/utility.py{' --quick' if args.quick else ''}` on "
@@ -301,9 +371,13 @@ def render(rows: list[Row], token_rows, questions, lm_questions, *,  # noqa: ANN
             f"{_pct(full.accuracy) if full is not None else '–'} |"
         )
     templates = list(dict.fromkeys(q.template for q in questions))
-    lines += ["", "Accuracy by template (DP routes: over all questions):", "",
-              "| path | ε | " + " | ".join(templates) + " |",
-              "|---|---|" + "---|" * len(templates)]
+    lines += [
+        "",
+        "Accuracy by template (DP routes: over all questions):",
+        "",
+        "| path | ε | " + " | ".join(templates) + " |",
+        "|---|---|" + "---|" * len(templates),
+    ]
     for r in rows:
         if r.name.startswith("per-token"):
             continue
@@ -312,14 +386,21 @@ def render(rows: list[Row], token_rows, questions, lm_questions, *,  # noqa: ANN
         cells = [_pct(sum(v) / len(v)) if (v := by.get(t)) else "–" for t in templates]
         lines.append(f"| {r.name} | {eps} | " + " | ".join(cells) + " |")
     ref = rows[-1]
-    lines += ["", "Gap closed = (DP − floor)/(ceiling − floor), best DP path per ε (and, in "
-              "brackets, against the noise-free routes at ε=1000 as the ceiling):", ""]
+    lines += [
+        "",
+        "Gap closed = (DP − floor)/(ceiling − floor), best DP path per ε (and, in "
+        "brackets, against the noise-free routes at ε=1000 as the ceiling):",
+        "",
+    ]
     for i, eps in enumerate(eps_list):
         cands = [r for r in rows if r.eps == eps and not r.name.startswith("per-token")]
         best = max(cands, key=lambda r: r.accuracy)
         tok, tf, tc = token_rows[i]
-        tok_gap = (gap(tok.accuracy, tf.accuracy, sum(tc.correct) / len(tc.correct))
-                   if tc.correct else float("nan"))
+        tok_gap = (
+            gap(tok.accuracy, tf.accuracy, sum(tc.correct) / len(tc.correct))
+            if tc.correct
+            else float("nan")
+        )
         lines.append(
             f"- ε = {eps:g}: best path **{best.name}** {_pct(best.accuracy)}; gap closed "
             f"**{_pct(gap(best.accuracy, floor.accuracy, ceiling.accuracy))}** (floor "

@@ -14,8 +14,9 @@ import sys
 from fedllm.client import HttpClient, local_token
 
 url = os.environ.get("FEDLLM_URL", "http://127.0.0.1:8080")
-token = os.environ.get("FEDLLM_TOKEN") or local_token("alice", role="doctor",
-                                                          department="cardiology")
+token = os.environ.get("FEDLLM_TOKEN") or local_token(
+    "alice", role="doctor", department="cardiology"
+)
 query = {"op": "count", "where": {"medication": "metformin"}}
 
 with HttpClient(url, token=token) as client:

@@ -37,13 +37,24 @@ async def main() -> dict:
         await consumer.seek_to_end(TopicPartition(reply, 0))
         await consumer.position(TopicPartition(reply, 0))  # listen before asking
         rid, now = str(uuid.uuid4()), now_ms()
-        request = {"request_id": rid, "user_id": USER, "role": "doctor", "department": DEPT,
-                   "prompt": prompt, "max_tokens": 6, "temperature": 1.0, "epsilon": 1.0,
-                   "delta": 0.0, "created_at_ms": now, "deadline_ms": now + 300_000}
+        request = {
+            "request_id": rid,
+            "user_id": USER,
+            "role": "doctor",
+            "department": DEPT,
+            "prompt": prompt,
+            "max_tokens": 6,
+            "temperature": 1.0,
+            "epsilon": 1.0,
+            "delta": 0.0,
+            "created_at_ms": now,
+            "deadline_ms": now + 300_000,
+        }
         value, headers = codec.encode("InferenceRequest", request)
         credential = [("authorization", f"Bearer {token}".encode())]
-        await producer.send_and_wait(topics.REQUESTS, value, key=USER.encode(),
-                                     headers=headers + credential)
+        await producer.send_and_wait(
+            topics.REQUESTS, value, key=USER.encode(), headers=headers + credential
+        )
         async for msg in consumer:  # only your own results are on this topic
             result = codec.decode_expect("InferenceResult", msg.value, msg.headers)
             if result["request_id"] == rid:

@@ -12,26 +12,40 @@ import tempfile
 
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
-from services.auditor import migrate
-from services.auditor.records import Protection
-from services.auditor.replay import read_into
-from services.auditor.settings import AuditorSettings
-from services.auditor.verify import verify
+from fedllm.services.auditor import migrate
+from fedllm.services.auditor.records import Protection
+from fedllm.services.auditor.replay import read_into
+from fedllm.services.auditor.settings import AuditorSettings
+from fedllm.services.auditor.verify import verify
 
 settings = Settings()
 replayed = make_engine(f"sqlite:///{tempfile.mkdtemp(prefix='fedllm-audit-')}/audit.db")
 migrate.upgrade(replayed)
-report = asyncio.run(read_into(settings, replayed, from_offset=0, from_time=None,
-                               protection=Protection.from_settings(AuditorSettings())))
-print(f"read {report.read} events from the topic, stored {report.stored} "
-      f"({report.duplicates} replays of the same step stored once)")
+report = asyncio.run(
+    read_into(
+        settings,
+        replayed,
+        from_offset=0,
+        from_time=None,
+        protection=Protection.from_settings(AuditorSettings()),
+    )
+)
+print(
+    f"read {report.read} events from the topic, stored {report.stored} "
+    f"({report.duplicates} replays of the same step stored once)"
+)
 
 ok = True
-for name, engine in (("replayed", replayed), ("live", make_engine(settings.resolved_database_url()))):
+for name, engine in (
+    ("replayed", replayed),
+    ("live", make_engine(settings.resolved_database_url())),
+):
     result = verify(engine)
     ok &= result.ok
     print(f"{name}: " + "; ".join(result.lines()))
 with replayed.connect() as conn:
-    actions = collections.Counter(a for (a,) in conn.exec_driver_sql("SELECT action FROM audit_log"))
+    actions = collections.Counter(
+        a for (a,) in conn.exec_driver_sql("SELECT action FROM audit_log")
+    )
 print("most frequent actions: " + ", ".join(f"{a} {n}" for a, n in actions.most_common(5)))
 sys.exit(0 if ok else 1)

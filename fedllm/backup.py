@@ -27,8 +27,13 @@ from fedllm.common.config import Settings
 from fedllm.common.db import make_engine, normalise_url
 
 MANIFEST = "manifest.json"
-LIBPQ_QUERY = {"sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT",
-               "sslkey": "PGSSLKEY", "options": "PGOPTIONS"}
+LIBPQ_QUERY = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "options": "PGOPTIONS",
+}
 
 
 class BackupError(Exception):
@@ -39,11 +44,17 @@ def libpq_env(url: str) -> dict[str, str]:
     """PG* environment variables for a SQLAlchemy or libpq Postgres URL."""
     u = make_url(normalise_url(url))
     if not u.drivername.startswith("postgresql"):
-        raise BackupError(f"backup and restore need PostgreSQL, not {u.drivername} "
-                          "(the embedded SQLite default is one file: copy it)")
+        raise BackupError(
+            f"backup and restore need PostgreSQL, not {u.drivername} "
+            "(the embedded SQLite default is one file: copy it)"
+        )
     env = {"PGDATABASE": u.database or ""}
-    for var, value in (("PGHOST", u.host), ("PGPORT", u.port), ("PGUSER", u.username),
-                       ("PGPASSWORD", u.password)):
+    for var, value in (
+        ("PGHOST", u.host),
+        ("PGPORT", u.port),
+        ("PGUSER", u.username),
+        ("PGPASSWORD", u.password),
+    ):
         if value:
             env[var] = str(value)
     for key, var in LIBPQ_QUERY.items():
@@ -77,15 +88,19 @@ def _sha256(path: Path) -> str:
 
 
 def _audit_heads(url: str) -> dict[str, list[Any]]:
-    from services.auditor.models import chain_heads
+    from fedllm.services.auditor.models import chain_heads
 
     engine = make_engine(url)
     try:
         if not inspect(engine).has_table("audit_chain_heads"):
             return {}
         with engine.connect() as conn:
-            return {c: [int(s), h] for c, s, h in conn.execute(
-                select(chain_heads.c.chain, chain_heads.c.seq, chain_heads.c.row_hash))}
+            return {
+                c: [int(s), h]
+                for c, s, h in conn.execute(
+                    select(chain_heads.c.chain, chain_heads.c.seq, chain_heads.c.row_hash)
+                )
+            }
     finally:
         engine.dispose()
 
@@ -105,14 +120,24 @@ def backup(out: Path, databases: dict[str, str]) -> dict[str, Any]:
     if any(out.iterdir()):
         raise BackupError(f"{out} is not empty")
     version = subprocess.run([pg_dump, "--version"], capture_output=True, text=True).stdout
-    manifest: dict[str, Any] = {"created_at": datetime.now(UTC).isoformat(),
-                                "pg_dump": version.strip(), "dumps": []}
+    manifest: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "pg_dump": version.strip(),
+        "dumps": [],
+    }
     for name, url in databases.items():
         heads = _audit_heads(url)  # before the dump: the dump holds at least these rows
         path = out / f"{name}.dump"
         _run([pg_dump, "--format=custom", "--no-owner", "--no-privileges", f"--file={path}"], url)
-        manifest["dumps"].append({"name": name, "file": path.name, "sha256": _sha256(path),
-                                  "tables": _tables(url), "audit_heads": heads})
+        manifest["dumps"].append(
+            {
+                "name": name,
+                "file": path.name,
+                "sha256": _sha256(path),
+                "tables": _tables(url),
+                "audit_heads": heads,
+            }
+        )
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -123,16 +148,28 @@ def restore(src: Path, url: str, *, name: str) -> dict[str, Any]:
     manifest = json.loads((src / MANIFEST).read_text())
     entry = next((d for d in manifest["dumps"] if d["name"] == name), None)
     if entry is None:
-        raise BackupError(f"no dump named {name!r} in {src} "
-                          f"(has: {', '.join(d['name'] for d in manifest['dumps'])})")
+        raise BackupError(
+            f"no dump named {name!r} in {src} "
+            f"(has: {', '.join(d['name'] for d in manifest['dumps'])})"
+        )
     path = src / entry["file"]
     if _sha256(path) != entry["sha256"]:
         raise BackupError(f"{path} does not match its checksum in the manifest")
     existing = _tables(url)
     if existing:
         raise BackupError(f"target database is not empty (tables: {', '.join(existing)})")
-    _run([pg_restore, "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
-          f"--dbname={libpq_env(url)['PGDATABASE']}", str(path)], url)
+    _run(
+        [
+            pg_restore,
+            "--no-owner",
+            "--no-privileges",
+            "--exit-on-error",
+            "--single-transaction",
+            f"--dbname={libpq_env(url)['PGDATABASE']}",
+            str(path),
+        ],
+        url,
+    )
     return entry
 
 
@@ -152,13 +189,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return 2
     for d in manifest["dumps"]:
         heads = ", ".join(f"{c} seq {s}" for c, (s, _) in sorted(d["audit_heads"].items()))
-        print(f"{d['name']}: {args.out}/{d['file']} ({len(d['tables'])} tables"
-              f"{'; audit ' + heads if heads else ''}) sha256 {d['sha256'][:16]}")
+        print(
+            f"{d['name']}: {args.out}/{d['file']} ({len(d['tables'])} tables"
+            f"{'; audit ' + heads if heads else ''}) sha256 {d['sha256'][:16]}"
+        )
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from services.auditor.verify import verify
+    from fedllm.services.auditor.verify import verify
 
     url = args.database_url or Settings().resolved_database_url()
     try:
@@ -178,8 +217,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     for chain, (seq, _) in entry["audit_heads"].items():
         restored = next((c for c in report.chains if c.chain == chain), None)
         if restored is None or restored.head_seq < seq:
-            print(f"FAIL chain {chain}: the backup's manifest says seq {seq}, restored "
-                  f"{restored.head_seq if restored else 'nothing'}")
+            print(
+                f"FAIL chain {chain}: the backup's manifest says seq {seq}, restored "
+                f"{restored.head_seq if restored else 'nothing'}"
+            )
             return 1
     return 0 if report.ok else 1
 

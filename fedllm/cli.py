@@ -7,11 +7,11 @@ import sys
 
 from fedllm import backup, launcher
 from fedllm.client import cli as client_cli
-from services.accountant import cli as accountant_cli
-from services.auditor import cli as auditor_cli
-from services.gateway import cli as gateway_cli
-from services.node_worker import cli as node_cli
-from services.router import cli as router_cli
+from fedllm.services.accountant import cli as accountant_cli
+from fedllm.services.auditor import cli as auditor_cli
+from fedllm.services.gateway import cli as gateway_cli
+from fedllm.services.node_worker import cli as node_cli
+from fedllm.services.router import cli as router_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

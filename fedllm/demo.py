@@ -45,15 +45,21 @@ def script() -> list[Step]:
     return steps
 
 
-def ask(client: httpx.Client, pipeline: Pipeline, step: Step, *, max_tokens: int
-        ) -> dict[str, Any]:
-    from services.gateway.tokens import mint_token
+def ask(client: httpx.Client, pipeline: Pipeline, step: Step, *, max_tokens: int) -> dict[str, Any]:
+    from fedllm.services.gateway.tokens import mint_token
 
-    token = mint_token(pipeline.settings, user_id=step.user_id, department=step.department,
-                       role=step.role)
-    body = {"prompt": step.prompt, "max_tokens": max_tokens, "temperature": 1.0,
-            "privacy_budget": step.epsilon, "require_consensus": False, "priority": "normal",
-            "department": step.department}
+    token = mint_token(
+        pipeline.settings, user_id=step.user_id, department=step.department, role=step.role
+    )
+    body = {
+        "prompt": step.prompt,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "privacy_budget": step.epsilon,
+        "require_consensus": False,
+        "priority": "normal",
+        "department": step.department,
+    }
     r = client.post("/v1/inference", json=body, headers={"Authorization": f"Bearer {token}"})
     data = r.json()
     data["http_status"] = r.status_code
@@ -66,20 +72,33 @@ def excerpt(text: str, n: int) -> str:
 
 
 def print_table(rows: list[tuple[Step, dict[str, Any]]]) -> None:
-    header = ("user", "dept", "ε asked", "status", "node", "ε spent", "user ε left",
-              "answer / reason")
+    header = (
+        "user",
+        "dept",
+        "ε asked",
+        "status",
+        "node",
+        "ε spent",
+        "user ε left",
+        "answer / reason",
+    )
     lines = [header]
     for step, d in rows:
         ok = d["http_status"] == 200
-        lines.append((
-            step.user_id, step.department, f"{step.epsilon:g}",
-            "ok" if ok else f"{d['http_status']}",
-            d.get("node_id", "") if ok else "-",
-            f"{d.get('privacy_cost', 0.0):.3f}" if ok else "0",
-            f"{d.get('remaining_budget', float('nan')):.3f}"
-            if d.get("remaining_budget") is not None else "?",
-            excerpt(d.get("response", "") if ok else d.get("detail", ""), 110),
-        ))
+        lines.append(
+            (
+                step.user_id,
+                step.department,
+                f"{step.epsilon:g}",
+                "ok" if ok else f"{d['http_status']}",
+                d.get("node_id", "") if ok else "-",
+                f"{d.get('privacy_cost', 0.0):.3f}" if ok else "0",
+                f"{d.get('remaining_budget', float('nan')):.3f}"
+                if d.get("remaining_budget") is not None
+                else "?",
+                excerpt(d.get("response", "") if ok else d.get("detail", ""), 110),
+            )
+        )
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
     for i, r in enumerate(lines):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
@@ -95,9 +114,12 @@ def run_demo(*, data_dir: Path, max_tokens: int = 24) -> int:
     run_db = f"sqlite:///{(data_dir / f'demo-{int(time.time())}.db').resolve()}"
     hospitals = preset_hospitals("demo")
     if hospitals is not None:
-        print(f"hospitals: the small demo preset (clinosim population "
-              f"{POPULATION_PRESETS['demo']} each, a few hundred patients); `fedllm up` uses "
-              f"{POPULATION_PRESETS['realistic']} (over 2,000 patients each)", flush=True)
+        print(
+            f"hospitals: the small demo preset (clinosim population "
+            f"{POPULATION_PRESETS['demo']} each, a few hundred patients); `fedllm up` uses "
+            f"{POPULATION_PRESETS['realistic']} (over 2,000 patients each)",
+            flush=True,
+        )
     pipeline = Pipeline(data_dir=data_dir, database_url=run_db, hospitals=hospitals)
     generate_hospitals(pipeline.settings)
     print("starting the pipeline (embedded broker, 3 hospitals, SQLite ledger)…", flush=True)
@@ -106,24 +128,28 @@ def run_demo(*, data_dir: Path, max_tokens: int = 24) -> int:
         print(f"ready in {time.monotonic() - t0:.1f}s; broker {pipeline.bootstrap}", flush=True)
         rows = []
         refused = False
-        with httpx.Client(base_url=pipeline.gateway_url,
-                          timeout=pipeline.settings.request_timeout_s + 30) as client:
+        with httpx.Client(
+            base_url=pipeline.gateway_url, timeout=pipeline.settings.request_timeout_s + 30
+        ) as client:
             for step in script():
                 if refused and step.department == "research":
                     continue
                 data = ask(client, pipeline, step, max_tokens=max_tokens)
                 rows.append((step, data))
                 print(f"  {step.user_id}: {data['http_status']}", flush=True)
-                refused = refused or (step.department == "research"
-                                      and data["http_status"] == 403)
+                refused = refused or (step.department == "research" and data["http_status"] == 403)
         print()
         print_table(rows)
         done = all(d["http_status"] in (200, 403) for _, d in rows)
         for step, d in rows:
             if step.prompt in ROUTED_QUESTIONS and d["http_status"] == 200:
-                print(f"\nQ: {step.prompt}\nA (ε spent {d.get('privacy_cost', 0.0):.3f} of "
-                      f"{step.epsilon:g} asked): {d.get('response', '')}")
-        print("\nε composes under RDP (δ = 1e-5): a budget holds more than the plain sum of the"
-              " ε spent per query suggests; a refusal reports the binding (department) limit.")
+                print(
+                    f"\nQ: {step.prompt}\nA (ε spent {d.get('privacy_cost', 0.0):.3f} of "
+                    f"{step.epsilon:g} asked): {d.get('response', '')}"
+                )
+        print(
+            "\nε composes under RDP (δ = 1e-5): a budget holds more than the plain sum of the"
+            " ε spent per query suggests; a refusal reports the binding (department) limit."
+        )
         print(f"research budget refused: {refused}; all requests ended: {done}")
         return 0 if done and refused else 1

@@ -37,10 +37,16 @@ from fedllm.embedded import EmbeddedBroker, free_port
 class Pipeline:
     """The broker (embedded unless KAFKA_BOOTSTRAP is set) plus one process per service."""
 
-    def __init__(self, *, data_dir: Path, env: dict[str, str] | None = None,
-                 database_url: str | None = None, gateway_port: int | None = None,
-                 hospitals: list[HospitalConfig] | None = None,
-                 kafka_port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        database_url: str | None = None,
+        gateway_port: int | None = None,
+        hospitals: list[HospitalConfig] | None = None,
+        kafka_port: int | None = None,
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.kafka_port = kafka_port
         self.extra_env = dict(env or {})
@@ -88,8 +94,9 @@ class Pipeline:
     def start_broker(self) -> None:
         if not self.bootstrap:
             (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self.broker = EmbeddedBroker(port=self.kafka_port,
-                                         log_path=self.data_dir / "logs" / "broker.log").start()
+            self.broker = EmbeddedBroker(
+                port=self.kafka_port, log_path=self.data_dir / "logs" / "broker.log"
+            ).start()
             self.bootstrap = self.broker.bootstrap
         self.settings = Settings(kafka_bootstrap=self.bootstrap, **self._settings_overrides())
         asyncio.run(create_topics(self.settings))
@@ -113,8 +120,11 @@ class Pipeline:
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "fedllm.cli", *args],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -186,12 +196,18 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         self.stop_services(["gateway"], timeout_s=timeout_s)
         done = {"ledger": _wait(lambda: _ledger_settled(self.settings), deadline)}
-        done["audit"] = _wait(lambda: asyncio.run(_audit_caught_up(self.settings)), deadline,
-                              stable_for_s=1.0)
+        done["audit"] = _wait(
+            lambda: asyncio.run(_audit_caught_up(self.settings)), deadline, stable_for_s=1.0
+        )
         return done
 
-    def supervise(self, stop: threading.Event, *, max_backoff_s: float = 30.0,
-                  on_ready: Callable[[], None] | None = None) -> None:
+    def supervise(
+        self,
+        stop: threading.Event,
+        *,
+        max_backoff_s: float = 30.0,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         """Until `stop` is set: restart a service that exited, with exponential backoff per
         service (1 s, 2 s, … max_backoff_s), and keep `<data_dir>/run/services.json` current
         (the gateway's /v1/health reports it); `on_ready()` once every service is first ready."""
@@ -211,11 +227,13 @@ class Pipeline:
                     last_exit[name] = proc.returncode
                     due[name] = now + min(2.0 ** restarts.get(name, 0), max_backoff_s)
             status = {
-                name: {"pid": proc.pid,
-                       "state": "restarting" if name in due else "running",
-                       "ready": name not in due and ready_path(self.settings, name).exists(),
-                       "restarts": restarts.get(name, 0),
-                       "last_exit": last_exit.get(name)}
+                name: {
+                    "pid": proc.pid,
+                    "state": "restarting" if name in due else "running",
+                    "ready": name not in due and ready_path(self.settings, name).exists(),
+                    "restarts": restarts.get(name, 0),
+                    "last_exit": last_exit.get(name),
+                }
                 for name, proc in self.procs.items()
             }
             write_status(self.settings, status)
@@ -255,12 +273,13 @@ def preset_hospitals(preset: str) -> list[HospitalConfig] | None:
 def generate_hospitals(settings: Settings) -> None:
     """Generate every configured hospital's records before the nodes start (once; cached),
     with a progress bar and a time estimate, so no node waits on clinosim."""
-    from services.node_worker.clinosim_data import ensure_clinosim
-    from services.node_worker.engine import clinosim_dir
+    from fedllm.services.node_worker.clinosim_data import ensure_clinosim
+    from fedllm.services.node_worker.engine import clinosim_dir
 
     for h in settings.hospitals:
-        ensure_clinosim(clinosim_dir(settings, h.id), seed=h.seed, population=h.population,
-                        progress=True)
+        ensure_clinosim(
+            clinosim_dir(settings, h.id), seed=h.seed, population=h.population, progress=True
+        )
 
 
 def _die_with_parent() -> None:
@@ -309,12 +328,20 @@ def _ledger_settled(settings: Settings) -> bool:
     try:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
-            open_ = conn.execute(text(
-                "SELECT count(*) FROM budget_entries WHERE state = 'reserved'")).scalar() \
-                if "budget_entries" in tables else 0
-            unsent = conn.execute(text(
-                "SELECT count(*) FROM outbox_messages WHERE sent_at_ms IS NULL")).scalar() \
-                if "outbox_messages" in tables else 0
+            open_ = (
+                conn.execute(
+                    text("SELECT count(*) FROM budget_entries WHERE state = 'reserved'")
+                ).scalar()
+                if "budget_entries" in tables
+                else 0
+            )
+            unsent = (
+                conn.execute(
+                    text("SELECT count(*) FROM outbox_messages WHERE sent_at_ms IS NULL")
+                ).scalar()
+                if "outbox_messages" in tables
+                else 0
+            )
         return open_ == 0 and unsent == 0
     finally:
         engine.dispose()
@@ -325,14 +352,16 @@ async def _audit_caught_up(settings: Settings) -> bool:
     from aiokafka import TopicPartition
 
     from fedllm.common.kafka import make_consumer
-    from services.auditor.settings import AuditorSettings
+    from fedllm.services.auditor.settings import AuditorSettings
 
     consumer = make_consumer(settings, group_id=AuditorSettings().group_id)
     await consumer.start()
     try:
         await consumer.topics()  # refresh metadata
-        tps = [TopicPartition(topics.AUDIT, p)
-               for p in sorted(consumer.partitions_for_topic(topics.AUDIT) or [])]
+        tps = [
+            TopicPartition(topics.AUDIT, p)
+            for p in sorted(consumer.partitions_for_topic(topics.AUDIT) or [])
+        ]
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             if (await consumer.committed(tp) or 0) < ends[tp]:
@@ -345,17 +374,26 @@ async def _audit_caught_up(settings: Settings) -> bool:
 def _up(args: argparse.Namespace) -> int:
     """Supervise the pipeline until SIGTERM, SIGINT or SIGHUP; then drain and stop it all."""
     hospitals = preset_hospitals(args.preset)
-    pipeline = Pipeline(data_dir=Path(args.data_dir), gateway_port=args.port,
-                        kafka_port=args.kafka_port or None, hospitals=hospitals)
+    pipeline = Pipeline(
+        data_dir=Path(args.data_dir),
+        gateway_port=args.port,
+        kafka_port=args.kafka_port or None,
+        hospitals=hospitals,
+    )
     generate_hospitals(pipeline.settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     try:
         pipeline.launch()
-        pipeline.supervise(stop, on_ready=lambda: print(
-            f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
-            f"broker {pipeline.bootstrap}. Ctrl-C to stop.", flush=True))
+        pipeline.supervise(
+            stop,
+            on_ready=lambda: print(
+                f"fedllm is up: gateway {pipeline.gateway_url} (docs at /docs), "
+                f"broker {pipeline.bootstrap}. Ctrl-C to stop.",
+                flush=True,
+            ),
+        )
         print("draining…", flush=True)
         done = pipeline.drain(timeout_s=pipeline.settings.request_timeout_s + 30)
         print(f"drained: {done}", flush=True)
@@ -377,11 +415,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run the whole pipeline locally until Ctrl-C")
     p.add_argument("--data-dir", default=".fedllm")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--kafka-port", type=int, default=19092,
-                   help="port of the embedded broker, for Kafka clients (0: any free port)")
-    p.add_argument("--preset", choices=sorted(POPULATION_PRESETS), default="demo",
-                   help="hospital size: clinosim population "
-                        + ", ".join(f"{k}={v}" for k, v in POPULATION_PRESETS.items()))
+    p.add_argument(
+        "--kafka-port",
+        type=int,
+        default=19092,
+        help="port of the embedded broker, for Kafka clients (0: any free port)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(POPULATION_PRESETS),
+        default="demo",
+        help="hospital size: clinosim population "
+        + ", ".join(f"{k}={v}" for k, v in POPULATION_PRESETS.items()),
+    )
     p.set_defaults(func=_up)
     p = sub.add_parser("demo", help="run the pipeline, send scripted requests, print a table")
     p.add_argument("--data-dir", default=".fedllm")

@@ -28,9 +28,13 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     os.chmod(path, 0o600)
 
 
@@ -39,35 +43,56 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
 
 
 def _name(cn: str, org: str = "fedllm dev") -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
-def make_ca(*, days: int, cn: str = "fedllm dev CA") -> tuple[ec.EllipticCurvePrivateKey,
-                                                               x509.Certificate]:
+def make_ca(
+    *, days: int, cn: str = "fedllm dev CA"
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _key()
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(_name(cn))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, cert
 
 
 def issue(
-    *, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, days: int,
-    server: bool, hosts: tuple[str, ...] = (),
+    *,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    cn: str,
+    days: int,
+    server: bool,
+    hosts: tuple[str, ...] = (),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A leaf certificate for a server (with SANs) or a client (CN = hospital id)."""
     key = _key()
@@ -75,14 +100,17 @@ def issue(
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if hosts:
         sans: list[x509.GeneralName] = []
@@ -96,8 +124,11 @@ def issue(
 
 
 def generate(
-    out: Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-    hospitals: tuple[str, ...] = DEFAULT_HOSPITALS, days: int = 30,
+    out: Path,
+    *,
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    hospitals: tuple[str, ...] = DEFAULT_HOSPITALS,
+    days: int = 30,
 ) -> dict[str, Path]:
     """Write the whole set under `out`; returns the paths by role."""
     out.mkdir(parents=True, exist_ok=True)
@@ -105,8 +136,9 @@ def generate(
     _write_key(out / "ca.key", ca_key)
     _write_cert(out / "ca.pem", ca_cert)
     paths = {"ca": out / "ca.pem", "ca_key": out / "ca.key"}
-    key, cert = issue(ca_key=ca_key, ca_cert=ca_cert, cn=hosts[0], days=days, server=True,
-                      hosts=hosts)
+    key, cert = issue(
+        ca_key=ca_key, ca_cert=ca_cert, cn=hosts[0], days=days, server=True, hosts=hosts
+    )
     _write_key(out / "server.key", key)
     _write_cert(out / "server.pem", cert)
     paths.update(server=out / "server.pem", server_key=out / "server.key")
@@ -126,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hospitals", nargs="+", default=list(DEFAULT_HOSPITALS))
     parser.add_argument("--days", type=int, default=30)
     args = parser.parse_args(argv)
-    paths = generate(args.out, hosts=tuple(args.hosts), hospitals=tuple(args.hospitals),
-                     days=args.days)
+    paths = generate(
+        args.out, hosts=tuple(args.hosts), hospitals=tuple(args.hospitals), days=args.days
+    )
     for role, path in sorted(paths.items()):
         print(f"{role}: {path}")  # noqa: T201 - a developer script, not a service
     return 0

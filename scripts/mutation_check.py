@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from installed_layout import copy_installed_layout  # noqa: E402
+
 T = "tests/node_worker/test_side_channels.py"
 
 
@@ -36,30 +38,36 @@ class Mutation:
 
 MUTATIONS = (
     Mutation(
-        "vote_sensitivity_g", "services/node_worker/dp_decode.py",
-        "sens = math.sqrt(2.0) * g", "sens = 1.0 * g",
+        "vote_sensitivity_g",
+        "fedllm/services/node_worker/dp_decode.py",
+        "sens = math.sqrt(2.0) * g",
+        "sens = 1.0 * g",
         (f"{T}::test_vote_sensitivity_covers_the_worst_neighbour",),
     ),
     Mutation(
-        "svt_noise_halved", "services/node_worker/dp_decode.py",
-        "sample_discrete_laplace(scale=4 * cal.granularity / cal.eps_svt",
-        "sample_discrete_laplace(scale=2 * cal.granularity / cal.eps_svt",
+        "svt_noise_halved",
+        "fedllm/services/node_worker/dp_decode.py",
+        "scale=4 * cal.granularity / cal.eps_svt",
+        "scale=2 * cal.granularity / cal.eps_svt",
         (f"{T}::test_svt_noise_scales_match_lyu_su_li",),
     ),
     Mutation(
-        "notes_in_public_prompt", "services/node_worker/engine.py",
+        "notes_in_public_prompt",
+        "fedllm/services/node_worker/engine.py",
         "public_prompt = self.encode(question, None)",
         "public_prompt = self.encode(question, [n for c in contexts for n in c][:1])",
         (f"{T}::test_public_prompt_used_by_the_engine_is_record_free",),
     ),
     Mutation(
-        "unclipped_votes", "services/node_worker/dp_decode.py",
+        "unclipped_votes",
+        "fedllm/services/node_worker/dp_decode.py",
         "    v = np.clip(np.asarray(votes, dtype=np.int64), 0, granularity)\n",
         "    return np.asarray(votes, dtype=np.int64)\n",
         (f"{T}::test_votes_are_clipped_to_l1_g",),
     ),
     Mutation(
-        "bm25_global_statistics", "services/node_worker/records.py",
+        "bm25_global_statistics",
+        "fedllm/services/node_worker/records.py",
         "        self.indexes = [GroupIndex(g) for g in self.partition]\n",
         "        self.indexes = [GroupIndex(g) for g in self.partition]\n"
         "        _all = GroupIndex([n for g in self.partition for n in g])\n"
@@ -68,13 +76,15 @@ MUTATIONS = (
         (f"{T}::test_retrieval_statistics_are_per_group",),
     ),
     Mutation(
-        "temperature_unchecked", "services/node_worker/dp_decode.py",
+        "temperature_unchecked",
+        "fedllm/services/node_worker/dp_decode.py",
         "    t = float(temperature)\n    if not (t == 0.0",
         "    t = float(temperature)\n    if False and not (t == 0.0",
         (f"{T}::test_temperature_outside_public_range_fails_closed_and_charged",),
     ),
     Mutation(
-        "public_row_in_shared_batch", "services/node_worker/dp_decode.py",
+        "public_row_in_shared_batch",
+        "fedllm/services/node_worker/dp_decode.py",
         "        pub = self.public.prefill([list(public_prompt)])[0]\n"
         "        return pub, self.groups.prefill([list(p) for p in group_prompts])\n",
         "        out = self.groups.prefill([list(public_prompt), *map(list, group_prompts)])\n"
@@ -85,18 +95,24 @@ MUTATIONS = (
 
 
 def _copy_tree(dst: Path) -> None:
-    for name in ("fedllm", "services", "tests", "schemas"):
-        shutil.copytree(REPO / name, dst / name,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(REPO / "pyproject.toml", dst / "pyproject.toml")
+    """The package as it installs, so that with PYTHONPATH=dst every import is the copy's."""
+    copy_installed_layout(dst, with_tests=True)
 
 
 def _run_tests(root: Path, tests: tuple[str, ...]) -> bool:
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1",
-           "FEDLLM_TEST_CACHE": os.environ.get("FEDLLM_TEST_CACHE", str(REPO / ".fedllm"))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "FEDLLM_TEST_CACHE": os.environ.get("FEDLLM_TEST_CACHE", str(REPO / ".fedllm")),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *tests],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     return proc.returncode == 0
 

@@ -19,14 +19,16 @@ import sys
 from fedllm.common.config import Settings
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import rho_for_epsilon
-from services.node_worker.settings import NodeSettings
+from fedllm.services.node_worker.settings import NodeSettings
 
 
 def worst_case(settings: Settings, node: NodeSettings) -> tuple[float, float, float, int]:
     """(ρ per person in total, ε at the node δ, δ, hospitals)."""
     delta = node.delta
-    per_hospital = min(rho_for_epsilon(epsilon=node.person_epsilon, delta=delta),
-                       rho_for_epsilon(epsilon=node.lifetime_epsilon, delta=delta))
+    per_hospital = min(
+        rho_for_epsilon(epsilon=node.person_epsilon, delta=delta),
+        rho_for_epsilon(epsilon=node.lifetime_epsilon, delta=delta),
+    )
     k = len(settings.hospitals)
     rho = k * per_hospital
     return rho, PrivacyCurve.from_rho(rho).epsilon(delta=delta), delta, k
@@ -35,12 +37,16 @@ def worst_case(settings: Settings, node: NodeSettings) -> tuple[float, float, fl
 def main() -> int:
     settings, node = Settings(), NodeSettings()
     rho, eps, delta, k = worst_case(settings, node)
-    print(f"policy: person cap eps={node.person_epsilon:g}, hospital lifetime eps="
-          f"{node.lifetime_epsilon:g}, per-query cap eps={node.max_query_epsilon:g}, "
-          f"delta={delta:g} (each as eps at delta of a zCDP rho; no refresh, no reset)")
+    print(
+        f"policy: person cap eps={node.person_epsilon:g}, hospital lifetime eps="
+        f"{node.lifetime_epsilon:g}, per-query cap eps={node.max_query_epsilon:g}, "
+        f"delta={delta:g} (each as eps at delta of a zCDP rho; no refresh, no reset)"
+    )
     print(f"hospitals a person may be treated at: {k}")
-    print(f"worst-case loss of one person per year (= lifetime): rho={rho:.4f}, "
-          f"eps={eps:.2f} at delta={delta:g}")
+    print(
+        f"worst-case loss of one person per year (= lifetime): rho={rho:.4f}, "
+        f"eps={eps:.2f} at delta={delta:g}"
+    )
     print(f"at one hospital only: eps={PrivacyCurve.from_rho(rho / k).epsilon(delta=delta):.2f}")
     return 0
 

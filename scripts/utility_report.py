@@ -3,8 +3,8 @@
 (The utility of DP LLM text generation is measured separately, in docs/privacy.md.)
 
 For each ε and each repetition (its own seed), every hospital answers the same query with
-:func:`services.node_worker.aggregate.answer_on_cohort`; the federated answer is
-:func:`~services.node_worker.aggregate.combine` of the hospitals' releases. Compared against
+:func:`fedllm.services.node_worker.aggregate.answer_on_cohort`; the federated answer is
+:func:`~fedllm.services.node_worker.aggregate.combine` of the hospitals' releases. Compared against
 the exact, non-DP answer computed from the same records:
 
 * "most common diagnosis": argmax of the noisy per-category patient counts over the public
@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from fedllm.common.config import Settings  # noqa: E402
 from fedllm.privacy.accountant import PrivacyCurve  # noqa: E402
-from services.node_worker.aggregate import (  # noqa: E402
+from fedllm.services.node_worker.aggregate import (  # noqa: E402
     HISTOGRAM_FIELDS,
     AggregateAnswer,
     answer_on_cohort,
@@ -44,8 +44,8 @@ from services.node_worker.aggregate import (  # noqa: E402
     histogram_keys,
     parse_query,
 )
-from services.node_worker.clinosim_data import ensure_clinosim  # noqa: E402
-from services.node_worker.cohort import Cohort, load_cohort  # noqa: E402
+from fedllm.services.node_worker.clinosim_data import ensure_clinosim  # noqa: E402
+from fedllm.services.node_worker.cohort import Cohort, load_cohort  # noqa: E402
 
 EPSILONS = (1.0, 4.0, 10.0)
 NO_NOISE_EPS = 1e6  # same pipeline (caps, grid), noise s.d. < 0.001: the "no DP" reference

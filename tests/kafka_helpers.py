@@ -24,27 +24,44 @@ def credential_headers(token: str | None) -> list[tuple[str, bytes]]:
     return [] if token is None else [(CREDENTIAL_HEADER, f"Bearer {token}".encode())]
 
 
-async def produce(settings: Settings, topic: str, schema: str, record: dict[str, Any], *,
-                  key: str | None = None, times: int = 1, token: Any = _MINT) -> None:
+async def produce(
+    settings: Settings,
+    topic: str,
+    schema: str,
+    record: dict[str, Any],
+    *,
+    key: str | None = None,
+    times: int = 1,
+    token: Any = _MINT,
+) -> None:
     """Send `record` `times` times. An InferenceRequest to the request topic carries a bearer
     token minted for its user, role and department unless `token` is given (None: no
     credential at all)."""
     if token is _MINT:
-        token = (mint_token(settings, user_id=record["user_id"], role=record["role"],
-                            department=record["department"])
-                 if topic == topics.REQUESTS and schema == "InferenceRequest" else None)
+        token = (
+            mint_token(
+                settings,
+                user_id=record["user_id"],
+                role=record["role"],
+                department=record["department"],
+            )
+            if topic == topics.REQUESTS and schema == "InferenceRequest"
+            else None
+        )
     producer = make_producer(settings)
     await producer.start()
     try:
         for _ in range(times):
-            await Bus(producer).send(topic, schema, record, key=key,
-                                     headers=credential_headers(token))
+            await Bus(producer).send(
+                topic, schema, record, key=key, headers=credential_headers(token)
+            )
     finally:
         await producer.stop()
 
 
-async def produce_raw(settings: Settings, topic: str, value: bytes,
-                      headers: list[tuple[str, bytes]] | None = None) -> None:
+async def produce_raw(
+    settings: Settings, topic: str, value: bytes, headers: list[tuple[str, bytes]] | None = None
+) -> None:
     producer = make_producer(settings)
     await producer.start()
     try:
@@ -53,8 +70,14 @@ async def produce_raw(settings: Settings, topic: str, value: bytes,
         await producer.stop()
 
 
-async def collect(settings: Settings, topic: str, *, until: Callable[[list[Any]], bool],
-                  timeout_s: float = 60.0, raw: bool = False) -> list[Any]:
+async def collect(
+    settings: Settings,
+    topic: str,
+    *,
+    until: Callable[[list[Any]], bool],
+    timeout_s: float = 60.0,
+    raw: bool = False,
+) -> list[Any]:
     """Read `topic` from the beginning (all partitions) until `until(records)` or timeout.
 
     Decoded records, skipping undecodable ones; `raw=True` gives the ConsumerRecords."""
@@ -92,16 +115,31 @@ async def _partitions(consumer: Any, topic: str) -> list[TopicPartition]:
     raise RuntimeError(f"no partitions for {topic}")
 
 
-def inference_request(*, user_id: str = "u1", department: str = "cardiology",
-                      epsilon: float = 1.0, deadline_s: float = 60.0, **kw: Any
-                      ) -> dict[str, Any]:
+def inference_request(
+    *,
+    user_id: str = "u1",
+    department: str = "cardiology",
+    epsilon: float = 1.0,
+    deadline_s: float = 60.0,
+    **kw: Any,
+) -> dict[str, Any]:
     """A valid InferenceRequest record."""
     rec = {
-        "request_id": str(uuid.uuid4()), "user_id": user_id, "role": "doctor",
-        "department": department, "kind": "generate", "prompt": "What is the usual treatment?",
-        "max_tokens": 8, "temperature": 1.0, "epsilon": epsilon, "delta": 1e-5,
-        "require_consensus": False, "priority": "normal", "hospitals": [],
-        "source_address": "127.0.0.1", "created_at_ms": now_ms(),
+        "request_id": str(uuid.uuid4()),
+        "user_id": user_id,
+        "role": "doctor",
+        "department": department,
+        "kind": "generate",
+        "prompt": "What is the usual treatment?",
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "epsilon": epsilon,
+        "delta": 1e-5,
+        "require_consensus": False,
+        "priority": "normal",
+        "hospitals": [],
+        "source_address": "127.0.0.1",
+        "created_at_ms": now_ms(),
         "deadline_ms": now_ms() + int(deadline_s * 1000),
     }
     rec.update(kw)

@@ -42,8 +42,15 @@ def test_expected_services_are_there() -> None:
     assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
     commands = {" ".join(c[1:]) for c in fedllm_services().values()}
     assert commands >= {
-        "gateway", "accountant", "router", "auditor", "migrate", "topics",
-        "node --hospital st_mary", "node --hospital city_general", "node --hospital northside",
+        "gateway",
+        "accountant",
+        "router",
+        "auditor",
+        "migrate",
+        "topics",
+        "node --hospital st_mary",
+        "node --hospital city_general",
+        "node --hospital northside",
     }
 
 

@@ -17,13 +17,17 @@ LINES = [line.strip() for line in ACLS.splitlines() if not line.strip().startswi
 
 def grants_of(principal: str) -> list[str]:
     """The acls.sh lines that grant something to `principal` (shell variable or literal)."""
-    return [line for line in ACLS.splitlines()
-            if re.search(rf"(User:{principal}\b|^\s*(read|write)_topics {principal}\b)", line)]
+    return [
+        line
+        for line in ACLS.splitlines()
+        if re.search(rf"(User:{principal}\b|^\s*(read|write)_topics {principal}\b)", line)
+    ]
 
 
 def test_every_fedllm_service_speaks_mtls_with_its_own_certificate() -> None:
-    kafka_users = {n for n, s in BASE.items()
-                   if str(s.get("command", [""])[0]) == "fedllm" and n != "migrate"}
+    kafka_users = {
+        n for n, s in BASE.items() if str(s.get("command", [""])[0]) == "fedllm" and n != "migrate"
+    }
     assert kafka_users <= set(OVERLAY)
     for name in kafka_users:
         env = OVERLAY[name]["environment"]
@@ -31,8 +35,9 @@ def test_every_fedllm_service_speaks_mtls_with_its_own_certificate() -> None:
         principal = "admin" if name == "topics" else name.removeprefix("node-")
         assert env["FEDLLM_KAFKA_SSL_CERTFILE"] == f"/certs/client-{principal}.pem"
         if name != "topics":
-            assert OVERLAY[name]["depends_on"]["acls"]["condition"] == \
-                "service_completed_successfully"
+            assert (
+                OVERLAY[name]["depends_on"]["acls"]["condition"] == "service_completed_successfully"
+            )
     kafka = OVERLAY["kafka"]["environment"]
     assert kafka["KAFKA_SSL_CLIENT_AUTH"] == "required"
     assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
@@ -43,8 +48,11 @@ def test_only_the_router_writes_hospital_topics_and_only_the_accountant_results(
     hospital_writes = [line for line in LINES if "--topic hospital." in line]
     assert len(hospital_writes) == 1 and "User:router" in hospital_writes[0]
     assert "prefixed" in hospital_writes[0] and "Write" in hospital_writes[0]
-    results_writers = [line.split()[1] for line in LINES
-                       if line.startswith("write_topics") and " fedllm.results " in line + " "]
+    results_writers = [
+        line.split()[1]
+        for line in LINES
+        if line.startswith("write_topics") and " fedllm.results " in line + " "
+    ]
     assert results_writers == ["accountant"]
     replies = [line for line in LINES if "fedllm.replies." in line]
     prefixed = [line for line in replies if "prefixed" in line]
@@ -54,8 +62,10 @@ def test_only_the_router_writes_hospital_topics_and_only_the_accountant_results(
 
 def test_nodes_read_only_their_own_hospital_topic() -> None:
     assert 'read_topics "$h" "hospital.$h.requests"' in ACLS
-    assert not any("read_topics" in line and "hospital." in line and "$h" not in line
-                   for line in ACLS.splitlines())
+    assert not any(
+        "read_topics" in line and "hospital." in line and "$h" not in line
+        for line in ACLS.splitlines()
+    )
     assert grants_of("gateway") and not any("hospital." in line for line in grants_of("gateway"))
 
 
@@ -64,8 +74,9 @@ def test_the_reservation_signing_key_reaches_the_accountant_only() -> None:
     assert "FEDLLM_RESERVATION_SIGNING_KEY:" not in text  # never in the shared environment
     files = [f["path"] for f in BASE["accountant"]["env_file"]]
     assert "accountant.env" in files
-    assert all("accountant.env" not in str(s.get("env_file")) for n, s in BASE.items()
-               if n != "accountant")
+    assert all(
+        "accountant.env" not in str(s.get("env_file")) for n, s in BASE.items() if n != "accountant"
+    )
     assert "FEDLLM_RESERVATION_VERIFY_KEY" in BASE["node-st_mary"]["environment"]
     example = (ROOT / "compose" / "accountant.env.example").read_text()
     assert re.search(r"^FEDLLM_RESERVATION_SIGNING_KEY=$", example, re.MULTILINE)

@@ -66,8 +66,9 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_its_terminal_o
     assert len(calls) == 3
     assert len(dead) == 1 and "not processed after 3 attempts" in dead[0]
     assert "RuntimeError: database unavailable" in dead[0]
-    (dlq,) = await collect(settings, topics.dlq(topic), until=lambda r: len(r) >= 1, raw=True,
-                           timeout_s=20)
+    (dlq,) = await collect(
+        settings, topics.dlq(topic), until=lambda r: len(r) >= 1, raw=True, timeout_s=20
+    )
     headers = dict(dlq.headers)
     assert dlq.value == msg.value  # type: ignore[attr-defined]
     assert headers["dlq-attempts"] == b"3" and headers["dlq-service"] == b"test"
@@ -91,11 +92,14 @@ async def test_a_failing_batch_is_retried_then_returned_for_one_by_one_delivery(
         raise AssertionError(reason)
 
     async with bus_for(settings) as bus:
-        got = await deliver(msg, handler, bus=bus, service="test", policy=FAST,
-                            on_dead=on_dead, batch=8)
+        got = await deliver(
+            msg, handler, bus=bus, service="test", policy=FAST, on_dead=on_dead, batch=8
+        )
     assert got == "failed" and len(calls) == 3
-    assert await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True,
-                         timeout_s=2) == []
+    assert (
+        await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True, timeout_s=2)
+        == []
+    )
 
 
 async def test_transient_error_is_retried_and_not_dead_lettered(settings: Settings) -> None:
@@ -112,11 +116,15 @@ async def test_transient_error_is_retried_and_not_dead_lettered(settings: Settin
         raise AssertionError(reason)
 
     async with bus_for(settings) as bus:
-        assert await deliver(msg, handler, bus=bus, service="test", policy=FAST,
-                             on_dead=on_dead) == "handled"
+        assert (
+            await deliver(msg, handler, bus=bus, service="test", policy=FAST, on_dead=on_dead)
+            == "handled"
+        )
     assert len(calls) == 3
-    assert await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True,
-                         timeout_s=1.5) == []
+    assert (
+        await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True, timeout_s=1.5)
+        == []
+    )
 
 
 async def test_dead_letter_path_waits_for_its_terminal_outcome_and_stop_leaves_it_unacked(
@@ -140,11 +148,14 @@ async def test_dead_letter_path_waits_for_its_terminal_outcome_and_stop_leaves_i
 
     async with bus_for(settings) as bus:
         with pytest.raises(Stopped):
-            await deliver(msg, handler, bus=bus, service="test", policy=FAST, on_dead=on_dead,
-                          stop=stop)
+            await deliver(
+                msg, handler, bus=bus, service="test", policy=FAST, on_dead=on_dead, stop=stop
+            )
     assert len(tries) == 4
-    assert await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True,
-                         timeout_s=1.5) == []
+    assert (
+        await collect(settings, topics.dlq(topic), until=lambda r: False, raw=True, timeout_s=1.5)
+        == []
+    )
 
 
 def test_policy_validates_and_backs_off() -> None:
@@ -157,7 +168,8 @@ def test_policy_validates_and_backs_off() -> None:
 
 
 async def test_relay_sends_committed_messages_and_a_replay_sends_identical_bytes(
-    settings: Settings, fresh_database_url: str,
+    settings: Settings,
+    fresh_database_url: str,
 ) -> None:
     topic = f"t.outbox.{uuid.uuid4().hex[:8]}"
     await ensure_topics(settings, {topic: 1})
@@ -165,10 +177,25 @@ async def test_relay_sends_committed_messages_and_a_replay_sends_identical_bytes
     outbox.create_table(engine)
     from sqlalchemy.orm import Session
 
-    msgs = [Message.encode(topic, "NodeHeartbeat", {
-        "hospital_id": f"h{i}", "departments": ["x"], "queue_depth": i, "in_flight": 0,
-        "recent_latency_ms": 0.0, "model": "m", "device": "cpu", "healthy": True,
-        "sent_at_ms": 1000 + i}, key=f"h{i}") for i in range(3)]
+    msgs = [
+        Message.encode(
+            topic,
+            "NodeHeartbeat",
+            {
+                "hospital_id": f"h{i}",
+                "departments": ["x"],
+                "queue_depth": i,
+                "in_flight": 0,
+                "recent_latency_ms": 0.0,
+                "model": "m",
+                "device": "cpu",
+                "healthy": True,
+                "sent_at_ms": 1000 + i,
+            },
+            key=f"h{i}",
+        )
+        for i in range(3)
+    ]
     with Session(engine) as s, s.begin():
         outbox.add(s, msgs)
     with Session(engine) as s, s.begin():  # a rolled-back transaction leaves nothing to send

@@ -24,8 +24,10 @@ def fetch_wait(monkeypatch: pytest.MonkeyPatch) -> int:
 def test_scheme_resolves_to_our_transport() -> None:
     app = faust.App("t-scheme", broker=broker_urls("127.0.0.1:1,127.0.0.2:2"))
     assert isinstance(app.transport, Transport)
-    assert [str(u) for u in app.conf.broker] == ["fastfetch://127.0.0.1:1",
-                                                 "fastfetch://127.0.0.2:2"]
+    assert [str(u) for u in app.conf.broker] == [
+        "fastfetch://127.0.0.1:1",
+        "fastfetch://127.0.0.2:2",
+    ]
 
 
 async def test_worker_consumer_uses_configured_fetch_wait(fetch_wait: int) -> None:

@@ -39,8 +39,12 @@ def test_a_range_the_lock_breaks_is_reported(tmp_path: Path) -> None:
 def test_a_new_dependency_missing_from_the_lock_is_reported(tmp_path: Path) -> None:
     root = copy_project(tmp_path)
     text = (root / "pyproject.toml").read_text()
-    (root / "pyproject.toml").write_text(text.replace('"scipy>=1.11",', '"scipy>=1.11",\n  "polars",'))
-    assert check_lock.problems(root) == ["polars: in pyproject.toml, missing from requirements/lock.txt"]
+    (root / "pyproject.toml").write_text(
+        text.replace('"scipy>=1.11",', '"scipy>=1.11",\n  "polars",')
+    )
+    assert check_lock.problems(root) == [
+        "polars: in pyproject.toml, missing from requirements/lock.txt"
+    ]
 
 
 def test_a_stale_nodeps_pin_is_reported(tmp_path: Path) -> None:

@@ -23,8 +23,16 @@ def sample(schema: Any, named: dict[str, Any]) -> Any:
     if isinstance(schema, str):
         if schema in named:
             return sample(named[schema], named)
-        return {"string": "x", "int": 1, "long": 2, "double": 0.5, "float": 0.25,
-                "boolean": True, "bytes": b"b", "null": None}[schema]
+        return {
+            "string": "x",
+            "int": 1,
+            "long": 2,
+            "double": 0.5,
+            "float": 0.25,
+            "boolean": True,
+            "bytes": b"b",
+            "null": None,
+        }[schema]
     if isinstance(schema, list):
         branch = next((b for b in schema if b != "null"), "null")
         return sample(branch, named)
@@ -45,8 +53,11 @@ def versions_in_history() -> list[tuple[str, dict[str, dict[str, Any]]]]:
     """(commit, {file: schema json}) for every commit that touched schemas/."""
     try:
         commits = subprocess.run(
-            ["git", "log", "--format=%H", "--", "schemas/"], cwd=ROOT, check=True,
-            capture_output=True, text=True,
+            ["git", "log", "--format=%H", "--", "schemas/"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -54,8 +65,9 @@ def versions_in_history() -> list[tuple[str, dict[str, dict[str, Any]]]]:
     for c in commits:
         texts = {}
         for f in codec.SCHEMA_FILES:
-            shown = subprocess.run(["git", "show", f"{c}:schemas/{f}"], cwd=ROOT,
-                                   capture_output=True, text=True)
+            shown = subprocess.run(
+                ["git", "show", f"{c}:schemas/{f}"], cwd=ROOT, capture_output=True, text=True
+            )
             if shown.returncode == 0:
                 texts[f] = json.loads(shown.stdout)
         out.append((c[:10], texts))
@@ -80,8 +92,14 @@ def read_old_with_new(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
 
 def test_every_message_has_a_schema() -> None:
     names = set(codec.registry())
-    assert {"InferenceRequest", "BudgetDecision", "RoutedRequest", "InferenceResult",
-            "NodeHeartbeat", "AuditEvent"} <= names
+    assert {
+        "InferenceRequest",
+        "BudgetDecision",
+        "RoutedRequest",
+        "InferenceResult",
+        "NodeHeartbeat",
+        "AuditEvent",
+    } <= names
 
 
 @pytest.mark.parametrize("name", sorted(codec.registry()))
@@ -95,8 +113,9 @@ def test_codec_round_trip_with_headers(name: str) -> None:
 
 
 def test_decode_rejects_unknown_and_corrupt() -> None:
-    value, headers = codec.encode("NodeHeartbeat", sample(codec.registry()["NodeHeartbeat"]
-                                                          .parsed, {}))
+    value, headers = codec.encode(
+        "NodeHeartbeat", sample(codec.registry()["NodeHeartbeat"].parsed, {})
+    )
     with pytest.raises(codec.DecodeError, match="unknown schema"):
         codec.decode(value, [(codec.FINGERPRINT_HEADER, b"0000")])
     with pytest.raises(codec.DecodeError):

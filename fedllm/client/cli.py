@@ -18,8 +18,11 @@ def _token(args: argparse.Namespace) -> str:
         return os.environ["FEDLLM_TOKEN"]
     if args.as_user:
         return local_token(args.as_user, role=args.role, department=args.department or "general")
-    raise AskError(0, "no credential: pass --token, set FEDLLM_TOKEN, or --as USER "
-                      "(mints a token with JWT_SECRET; the demo secret under `fedllm up`)")
+    raise AskError(
+        0,
+        "no credential: pass --token, set FEDLLM_TOKEN, or --as USER "
+        "(mints a token with JWT_SECRET; the demo secret under `fedllm up`)",
+    )
 
 
 def show(answer: Answer) -> str:
@@ -29,10 +32,11 @@ def show(answer: Answer) -> str:
         head = answer.text.strip()
     else:
         head = f"[{answer.status}] {answer.reason}"
-    return (f"{head}\n"
-            f"ε spent: {answer.epsilon_spent:.4f}   budget left: {left}   "
-            f"request: {answer.request_id}" + (f"   node: {answer.node_id}"
-                                                if answer.node_id else ""))
+    return (
+        f"{head}\n"
+        f"ε spent: {answer.epsilon_spent:.4f}   budget left: {left}   "
+        f"request: {answer.request_id}" + (f"   node: {answer.node_id}" if answer.node_id else "")
+    )
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -44,12 +48,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        ask = {"epsilon": args.epsilon, "max_tokens": args.max_tokens, "kind": args.kind,
-               "department": args.department, "hospitals": tuple(args.hospital),
-               "timeout_s": args.timeout, "idempotency_key": args.idempotency_key}
+        ask = {
+            "epsilon": args.epsilon,
+            "max_tokens": args.max_tokens,
+            "kind": args.kind,
+            "department": args.department,
+            "hospitals": tuple(args.hospital),
+            "timeout_s": args.timeout,
+            "idempotency_key": args.idempotency_key,
+        }
         if args.kafka is not None:
-            answer = KafkaClient(token=token, bootstrap=args.kafka or None).ask(
-                args.prompt, **ask)
+            answer = KafkaClient(token=token, bootstrap=args.kafka or None).ask(args.prompt, **ask)
         else:
             with HttpClient(args.url, token=token, verify=args.cacert or True) as client:
                 answer = client.ask(args.prompt, **ask)
@@ -78,14 +87,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--department", default=None, help="default: the token's department")
     p.add_argument("--hospital", action="append", default=[], help="repeatable")
     p.add_argument("--timeout", type=float, default=180.0)
-    p.add_argument("--idempotency-key", default=None, help="retry safely: the same key is the same request, charged once")
+    p.add_argument(
+        "--idempotency-key",
+        default=None,
+        help="retry safely: the same key is the same request, charged once",
+    )
     p.add_argument("--url", default=os.environ.get("FEDLLM_URL", "http://127.0.0.1:8080"))
     p.add_argument("--cacert", default="", help="CA bundle for an HTTPS gateway")
-    p.add_argument("--kafka", nargs="?", const="", default=None, metavar="BOOTSTRAP",
-                   help="produce to Kafka instead (default bootstrap: KAFKA_BOOTSTRAP)")
+    p.add_argument(
+        "--kafka",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="BOOTSTRAP",
+        help="produce to Kafka instead (default bootstrap: KAFKA_BOOTSTRAP)",
+    )
     p.add_argument("--token", default=None, help="bearer token (or FEDLLM_TOKEN)")
-    p.add_argument("--as", dest="as_user", default=None,
-                   help="mint a token for USER with JWT_SECRET (demo secret in demo mode)")
+    p.add_argument(
+        "--as",
+        dest="as_user",
+        default=None,
+        help="mint a token for USER with JWT_SECRET (demo secret in demo mode)",
+    )
     p.add_argument("--role", default="doctor", help="with --as")
     p.set_defaults(func=cmd_ask)
     p = sub.add_parser("token", help="mint a bearer token with JWT_SECRET (demo: demo secret)")

@@ -33,8 +33,7 @@ def token_claims(token: str) -> dict[str, Any]:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
         raise AskError(0, "the token is not a JWT") from None
-    if not all(isinstance(claims.get(k), str) and claims[k] for k in ("sub", "role",
-                                                                      "department")):
+    if not all(isinstance(claims.get(k), str) and claims[k] for k in ("sub", "role", "department")):
         raise AskError(0, "the token lacks sub, role or department")
     if isinstance(claims.get("exp"), int | float) and claims["exp"] <= time.time():
         raise AskError(401, "token expired")
@@ -44,8 +43,9 @@ def token_claims(token: str) -> dict[str, Any]:
 class KafkaClient:
     """A producing client: `settings` give the bootstrap servers and TLS (mTLS) options."""
 
-    def __init__(self, *, token: str, bootstrap: str | None = None,
-                 settings: Settings | None = None) -> None:
+    def __init__(
+        self, *, token: str, bootstrap: str | None = None, settings: Settings | None = None
+    ) -> None:
         settings = settings if settings is not None else Settings()
         if bootstrap:
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
@@ -54,21 +54,47 @@ class KafkaClient:
         self.settings = settings
         self.token = token
 
-    def ask(self, prompt: str, *, epsilon: float, max_tokens: int = 32,
-            kind: Kind = "generate", department: str | None = None,
-            hospitals: tuple[str, ...] = (), temperature: float = 1.0,
-            timeout_s: float = 180.0, idempotency_key: str | None = None) -> Answer:
+    def ask(
+        self,
+        prompt: str,
+        *,
+        epsilon: float,
+        max_tokens: int = 32,
+        kind: Kind = "generate",
+        department: str | None = None,
+        hospitals: tuple[str, ...] = (),
+        temperature: float = 1.0,
+        timeout_s: float = 180.0,
+        idempotency_key: str | None = None,
+    ) -> Answer:
         """Ask one question; blocks until its terminal answer or `timeout_s`."""
-        return asyncio.run(self.ask_async(
-            prompt, epsilon=epsilon, max_tokens=max_tokens, kind=kind, department=department,
-            hospitals=hospitals, temperature=temperature, timeout_s=timeout_s,
-            idempotency_key=idempotency_key))
+        return asyncio.run(
+            self.ask_async(
+                prompt,
+                epsilon=epsilon,
+                max_tokens=max_tokens,
+                kind=kind,
+                department=department,
+                hospitals=hospitals,
+                temperature=temperature,
+                timeout_s=timeout_s,
+                idempotency_key=idempotency_key,
+            )
+        )
 
-    async def ask_async(self, prompt: str, *, epsilon: float, max_tokens: int = 32,
-                        kind: Kind = "generate", department: str | None = None,
-                        hospitals: tuple[str, ...] = (), temperature: float = 1.0,
-                        timeout_s: float = 180.0,
-                        idempotency_key: str | None = None) -> Answer:
+    async def ask_async(
+        self,
+        prompt: str,
+        *,
+        epsilon: float,
+        max_tokens: int = 32,
+        kind: Kind = "generate",
+        department: str | None = None,
+        hospitals: tuple[str, ...] = (),
+        temperature: float = 1.0,
+        timeout_s: float = 180.0,
+        idempotency_key: str | None = None,
+    ) -> Answer:
         claims = token_claims(self.token)
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY:
             raise AskError(0, f"an idempotency key has 1..{MAX_KEY} characters")
@@ -77,12 +103,21 @@ class KafkaClient:
         await ensure_topics(self.settings, {reply: 1})
         started = now_ms()
         record = {
-            "request_id": request_id, "user_id": claims["sub"], "role": claims["role"],
-            "department": department or claims["department"], "kind": kind,
-            "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-            "epsilon": epsilon, "delta": 0.0,  # the accountant sets the deployment's delta
-            "require_consensus": False, "priority": "normal", "hospitals": list(hospitals),
-            "source_address": "", "created_at_ms": started,
+            "request_id": request_id,
+            "user_id": claims["sub"],
+            "role": claims["role"],
+            "department": department or claims["department"],
+            "kind": kind,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "epsilon": epsilon,
+            "delta": 0.0,  # the accountant sets the deployment's delta
+            "require_consensus": False,
+            "priority": "normal",
+            "hospitals": list(hospitals),
+            "source_address": "",
+            "created_at_ms": started,
             "deadline_ms": started + int(timeout_s * 1000),
         }
         consumer = make_consumer(self.settings, group_id=None)
@@ -92,8 +127,12 @@ class KafkaClient:
         try:
             await self._listen(consumer, reply, from_start=idempotency_key is not None)
             await Bus(producer).send(
-                topics.REQUESTS, "InferenceRequest", record, key=claims["sub"],
-                headers=[(CREDENTIAL_HEADER, f"Bearer {self.token}".encode())])
+                topics.REQUESTS,
+                "InferenceRequest",
+                record,
+                key=claims["sub"],
+                headers=[(CREDENTIAL_HEADER, f"Bearer {self.token}".encode())],
+            )
             result = await self._await_result(consumer, request_id, timeout_s)
         finally:
             await producer.stop()

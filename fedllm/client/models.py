@@ -38,11 +38,15 @@ class Answer:
         """From a terminal InferenceResult record (the Kafka reply)."""
         left = result.get("remaining_budget", -1.0)
         return cls(
-            request_id=result["request_id"], status=result["status"],
-            text=result.get("response", ""), epsilon_spent=result.get("privacy_cost", 0.0),
+            request_id=result["request_id"],
+            status=result["status"],
+            text=result.get("response", ""),
+            epsilon_spent=result.get("privacy_cost", 0.0),
             budget_left=left if left is not None and left >= 0 else None,
-            node_id=result.get("node_id", ""), reason=result.get("reason", ""),
-            is_private=bool(result.get("is_private", False)), tokens=result.get("tokens", 0),
+            node_id=result.get("node_id", ""),
+            reason=result.get("reason", ""),
+            is_private=bool(result.get("is_private", False)),
+            tokens=result.get("tokens", 0),
         )
 
 
@@ -68,7 +72,16 @@ class AskTimeout(TimeoutError):
 class Client(Protocol):
     """What both transports offer."""
 
-    def ask(self, prompt: str, *, epsilon: float, max_tokens: int = 32,
-            kind: Kind = "generate", department: str | None = None,
-            hospitals: tuple[str, ...] = (), temperature: float = 1.0,
-            timeout_s: float = 180.0, idempotency_key: str | None = None) -> Answer: ...
+    def ask(
+        self,
+        prompt: str,
+        *,
+        epsilon: float,
+        max_tokens: int = 32,
+        kind: Kind = "generate",
+        department: str | None = None,
+        hospitals: tuple[str, ...] = (),
+        temperature: float = 1.0,
+        timeout_s: float = 180.0,
+        idempotency_key: str | None = None,
+    ) -> Answer: ...

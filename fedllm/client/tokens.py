@@ -10,8 +10,9 @@ from fedllm.common.config import Settings
 from fedllm.common.identity import mint_token
 
 
-def local_token(user: str, *, role: str = "doctor", department: str = "general",
-                ttl_s: int = 1800) -> str:
+def local_token(
+    user: str, *, role: str = "doctor", department: str = "general", ttl_s: int = 1800
+) -> str:
     """A bearer token for `user`; FEDLLM_MODE defaults to demo here."""
     settings = Settings(mode=os.environ.get("FEDLLM_MODE", "demo"))
     return mint_token(settings, user_id=user, role=role, department=department, ttl_s=ttl_s)

@@ -29,12 +29,24 @@ def audit_event(
 ) -> dict[str, Any]:
     """An AuditEvent record; unknown fields go into `details` as strings."""
     known = {
-        "request_id", "user_id", "role", "department", "source_address", "hospital_id",
-        "records_used", "outcome", "reason", "epsilon", "delta", "rdp_summary", "prompt_hmac",
+        "request_id",
+        "user_id",
+        "role",
+        "department",
+        "source_address",
+        "hospital_id",
+        "records_used",
+        "outcome",
+        "reason",
+        "epsilon",
+        "delta",
+        "rdp_summary",
+        "prompt_hmac",
     }
     record: dict[str, Any] = {k: v for k, v in fields.items() if k in known}
-    details = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()
-               if k not in known}
+    details = {
+        k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if k not in known
+    }
     record.update(
         event_id=event_id(service, action, *id_parts),
         action=action,

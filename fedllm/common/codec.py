@@ -49,7 +49,7 @@ class Schema:
 
 def load_schema_texts() -> dict[str, dict[str, Any]]:
     """Raw JSON of every schema file, by file name."""
-    root = resources.files("schemas")
+    root = resources.files("fedllm.schemas")
     return {f: json.loads((root / f).read_text()) for f in SCHEMA_FILES}
 
 
@@ -92,7 +92,9 @@ def encode(short_name: str, record: dict[str, Any]) -> tuple[bytes, Headers]:
     return buf.getvalue(), headers
 
 
-def decode(value: bytes | None, headers: Headers | Mapping[str, bytes] | None) -> tuple[str, dict[str, Any]]:
+def decode(
+    value: bytes | None, headers: Headers | Mapping[str, bytes] | None
+) -> tuple[str, dict[str, Any]]:
     """Decode a message into (short schema name, record); raises DecodeError."""
     hdrs = dict(headers.items() if isinstance(headers, Mapping) else headers or [])
     fp = hdrs.get(FINGERPRINT_HEADER)

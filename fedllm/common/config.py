@@ -71,8 +71,9 @@ def layered_sources(
     sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
     path = os.environ.get("FEDLLM_CONFIG")
     if path:
-        sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path,
-                                                yaml_config_section=section))
+        sources.append(
+            YamlConfigSettingsSource(settings_cls, yaml_file=path, yaml_config_section=section)
+        )
     sources.append(file_secret_settings)
     return tuple(sources)
 
@@ -80,8 +81,12 @@ def layered_sources(
 def default_hospitals() -> list[HospitalConfig]:
     return [
         HospitalConfig(id="st_mary", departments=["emergency", "cardiology", "general"], seed=11),
-        HospitalConfig(id="city_general", departments=["general", "radiology", "research"], seed=22),
-        HospitalConfig(id="northside", departments=["cardiology", "emergency", "radiology"], seed=33),
+        HospitalConfig(
+            id="city_general", departments=["general", "radiology", "research"], seed=22
+        ),
+        HospitalConfig(
+            id="northside", departments=["cardiology", "emergency", "radiology"], seed=33
+        ),
     ]
 
 

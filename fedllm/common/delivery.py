@@ -49,8 +49,11 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Any) -> RetryPolicy:
-        return cls(attempts=settings.delivery_attempts, initial_s=settings.delivery_backoff_s,
-                   max_s=settings.delivery_backoff_max_s)
+        return cls(
+            attempts=settings.delivery_attempts,
+            initial_s=settings.delivery_backoff_s,
+            max_s=settings.delivery_backoff_max_s,
+        )
 
 
 async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
@@ -96,8 +99,16 @@ async def deliver(
             return "handled"
         except Exception as exc:  # every handler error is retried, then dead-lettered
             error = describe(exc)
-            log.warning("%s: handling %s[%d]@%d failed (attempt %d of %d): %s", service,
-                        msg.topic, msg.partition, msg.offset, attempt, policy.attempts, error)
+            log.warning(
+                "%s: handling %s[%d]@%d failed (attempt %d of %d): %s",
+                service,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                attempt,
+                policy.attempts,
+                error,
+            )
         if attempt < policy.attempts:
             await _pause(policy.delay(attempt), stop)
     if batch:
@@ -112,7 +123,14 @@ async def deliver(
             MESSAGES.labels(service, msg.topic, "dead_lettered").inc()
             return "dead_lettered"
         except Exception as exc:
-            log.error("%s: dead-lettering %s[%d]@%d failed, retrying in %.1fs: %s", service,
-                      msg.topic, msg.partition, msg.offset, wait, describe(exc))
+            log.error(
+                "%s: dead-lettering %s[%d]@%d failed, retrying in %.1fs: %s",
+                service,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                wait,
+                describe(exc),
+            )
         await _pause(wait, stop)
         wait = min(wait * 2, policy.max_s)

@@ -35,8 +35,9 @@ def signing_key(settings: Settings) -> Ed25519PrivateKey:
     if configured:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(configured))
     if settings.mode != "demo":
-        raise ValueError("FEDLLM_RESERVATION_SIGNING_KEY is empty; generate one with "
-                         "`fedllm reservation-keys`")
+        raise ValueError(
+            "FEDLLM_RESERVATION_SIGNING_KEY is empty; generate one with `fedllm reservation-keys`"
+        )
     return Ed25519PrivateKey.from_private_bytes(_demo_seed(settings))
 
 
@@ -45,8 +46,7 @@ def verify_key(settings: Settings) -> Ed25519PublicKey:
     if settings.reservation_verify_key:
         return Ed25519PublicKey.from_public_bytes(base64.b64decode(settings.reservation_verify_key))
     if settings.mode != "demo":
-        raise ValueError("FEDLLM_RESERVATION_VERIFY_KEY is empty; set the accountant's "
-                         "public key")
+        raise ValueError("FEDLLM_RESERVATION_VERIFY_KEY is empty; set the accountant's public key")
     return Ed25519PrivateKey.from_private_bytes(_demo_seed(settings)).public_key()
 
 
@@ -78,11 +78,11 @@ def grant_message(request: dict[str, Any], hospital_id: str) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def sign_grants(key: Ed25519PrivateKey, request: dict[str, Any],
-                hospital_ids: Iterable[str]) -> dict[str, str]:
+def sign_grants(
+    key: Ed25519PrivateKey, request: dict[str, Any], hospital_ids: Iterable[str]
+) -> dict[str, str]:
     """hospital id -> base64 signature, for every hospital that may serve the request."""
-    return {h: base64.b64encode(key.sign(grant_message(request, h))).decode()
-            for h in hospital_ids}
+    return {h: base64.b64encode(key.sign(grant_message(request, h))).decode() for h in hospital_ids}
 
 
 def grant_refusal(key: Ed25519PublicKey, routed: dict[str, Any], hospital_id: str) -> str:
@@ -94,8 +94,7 @@ def grant_refusal(key: Ed25519PublicKey, routed: dict[str, Any], hospital_id: st
     if not signature:
         return "no reservation grant for this hospital"
     try:
-        key.verify(base64.b64decode(signature, validate=True),
-                   grant_message(request, hospital_id))
+        key.verify(base64.b64decode(signature, validate=True), grant_message(request, hospital_id))
     except (InvalidSignature, ValueError, KeyError, TypeError):
         return "reservation grant does not verify"
     if float(routed.get("reserved_epsilon", 0.0)) > float(request["epsilon"]) + 1e-12:

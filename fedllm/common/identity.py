@@ -54,9 +54,28 @@ def default_roles() -> dict[str, list[Permission]]:
 def default_identifying_fields() -> list[str]:
     """Field names a de-identified-only role may not mention in an aggregate query."""
     return [
-        "name", "given", "family", "patient_id", "mrn", "identifier", "ssn", "address",
-        "line", "postal_code", "zip", "phone", "telecom", "email", "birth_date", "birthdate",
-        "dob", "date_of_birth", "narrative", "note", "notes", "text",
+        "name",
+        "given",
+        "family",
+        "patient_id",
+        "mrn",
+        "identifier",
+        "ssn",
+        "address",
+        "line",
+        "postal_code",
+        "zip",
+        "phone",
+        "telecom",
+        "email",
+        "birth_date",
+        "birthdate",
+        "dob",
+        "date_of_birth",
+        "narrative",
+        "note",
+        "notes",
+        "text",
     ]
 
 
@@ -95,8 +114,10 @@ class TokenVerifier:
         leeway_s: int = 10,
     ) -> None:
         if algorithm not in ALLOWED_ALGORITHMS:
-            raise ValueError(f"JWT algorithm {algorithm!r} is not allowed; use one of "
-                             f"{sorted(ALLOWED_ALGORITHMS)}")
+            raise ValueError(
+                f"JWT algorithm {algorithm!r} is not allowed; use one of "
+                f"{sorted(ALLOWED_ALGORITHMS)}"
+            )
         if current_kid not in keys:
             raise ValueError("the current key id has no key")
         self.keys = dict(keys)
@@ -170,8 +191,9 @@ class IdentitySettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return layered_sources(settings_cls, init_settings, env_settings, file_secret_settings,
-                               section="gateway")
+        return layered_sources(
+            settings_cls, init_settings, env_settings, file_secret_settings, section="gateway"
+        )
 
     def verification_keys(self, settings: Settings) -> dict[str, str]:
         """kid -> secret for every key a token may be signed with (current first)."""
@@ -253,8 +275,14 @@ def identifying_terms(value: Any, banned: set[str]) -> set[str]:
     return found
 
 
-def refusal_for(principal: Principal, *, kind: str, prompt: str, department: str,
-                identifying_fields: Sequence[str]) -> str:
+def refusal_for(
+    principal: Principal,
+    *,
+    kind: str,
+    prompt: str,
+    department: str,
+    identifying_fields: Sequence[str],
+) -> str:
     """Why `principal` may not run this query ("" when it may): the role's permission for the
     kind, the caller's own department only, de-identified fields for de-identified roles."""
     needed = "query" if kind == "generate" else "aggregate"
@@ -269,6 +297,5 @@ def refusal_for(principal: Principal, *, kind: str, prompt: str, department: str
             return "an aggregate prompt must be a JSON object"
         named = identifying_terms(query, {f.lower() for f in identifying_fields})
         if named:
-            return ("role may only use de-identified fields; query names "
-                    + ", ".join(sorted(named)))
+            return "role may only use de-identified fields; query names " + ", ".join(sorted(named))
     return ""

@@ -127,18 +127,26 @@ class Bus:
         self.producer = producer
 
     async def send(
-        self, topic: str, schema: str, record: dict[str, Any], *, key: str | None = None,
+        self,
+        topic: str,
+        schema: str,
+        record: dict[str, Any],
+        *,
+        key: str | None = None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Send one record; `headers` are added to the schema headers (e.g. a credential)."""
         value, schema_headers = codec.encode(schema, record)
         await self.producer.send_and_wait(
-            topic, value=value, key=key.encode() if key else None,
+            topic,
+            value=value,
+            key=key.encode() if key else None,
             headers=schema_headers + list(headers or ()) + tracing.inject_headers(),
         )
 
-    async def dead_letter(self, msg: ConsumerRecord, error: str, *, service: str,
-                          attempts: int = 0) -> None:
+    async def dead_letter(
+        self, msg: ConsumerRecord, error: str, *, service: str, attempts: int = 0
+    ) -> None:
         """Send the raw message to `<topic>.dlq` with its error and origin in headers
         (`dlq-attempts`: how often a handler failed on it; 0 for an undecodable message)."""
         headers = list(msg.headers or []) + [
@@ -155,7 +163,11 @@ class Bus:
         metrics.DLQ.labels(service, msg.topic).inc()
         log.warning(
             "dead-lettered %s[%d]@%d from %s: %s",
-            msg.topic, msg.partition, msg.offset, service, error,
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            service,
+            error,
         )
 
     async def decode_or_dead_letter(

@@ -20,7 +20,8 @@ def setup_logging(service: str) -> None:
     handler = logging.StreamHandler()
     if os.environ.get("FEDLLM_LOG_FORMAT", "json") == "text":
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+            logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+        )
     else:
         handler.setFormatter(JsonFormatter(service))
     logging.basicConfig(level=os.environ.get("FEDLLM_LOG_LEVEL", "INFO"), handlers=[handler])

@@ -101,7 +101,8 @@ def bound_labels(settings: Settings) -> None:
     """Allow hospital and department labels from the configuration only."""
     _allowed["hospital"] = frozenset(h.id for h in settings.hospitals)
     _allowed["department"] = frozenset(settings.budget.department_epsilon) | frozenset(
-        d for h in settings.hospitals for d in h.departments)
+        d for h in settings.hospitals for d in h.departments
+    )
 
 
 def bounded(kind: str, value: str) -> str:
@@ -159,7 +160,8 @@ def model_time(hospital: str) -> Iterator[None]:
         yield
     finally:
         NODE_MODEL_SECONDS.labels(bounded("hospital", hospital)).observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started
+        )
 
 
 def record_hospital_spend(hospital: str, epsilon: float) -> None:
@@ -217,8 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def start_ops_server(settings: Settings, service: str, *, port: int,
-                     host: str = "0.0.0.0") -> ThreadingHTTPServer:
+def start_ops_server(
+    settings: Settings, service: str, *, port: int, host: str = "0.0.0.0"
+) -> ThreadingHTTPServer:
     """Serve /metrics, /healthz (the process answers) and /readyz (the service's readiness
     marker exists) on a daemon thread; returns the server (its port when `port` is 0)."""
     handler = type("OpsHandler", (_Handler,), {"service": service, "settings": settings})

@@ -44,7 +44,8 @@ class OutboxRow(Base):
     __tablename__ = "outbox_messages"
 
     id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     topic: Mapped[str] = mapped_column(String(200))
     key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
@@ -63,8 +64,9 @@ class Message:
     headers: tuple[tuple[str, bytes], ...]
 
     @classmethod
-    def encode(cls, topic: str, schema: str, record: dict[str, Any], *,
-               key: str | None = None) -> Message:
+    def encode(
+        cls, topic: str, schema: str, record: dict[str, Any], *, key: str | None = None
+    ) -> Message:
         value, headers = codec.encode(schema, record)
         # The trace context of the hop that wrote it travels with the stored bytes.
         headers = [*headers, *tracing.inject_headers()]
@@ -79,19 +81,36 @@ def add(session: Session, messages: Iterable[Message]) -> None:
     """Record `messages` in the caller's open transaction (sent only if it commits)."""
     now = _now_ms()
     for m in messages:
-        session.add(OutboxRow(topic=m.topic, key=m.key, value=m.value,
-                              headers=[[k, v.hex()] for k, v in m.headers],
-                              created_at_ms=now, sent_at_ms=None))
+        session.add(
+            OutboxRow(
+                topic=m.topic,
+                key=m.key,
+                value=m.value,
+                headers=[[k, v.hex()] for k, v in m.headers],
+                created_at_ms=now,
+                sent_at_ms=None,
+            )
+        )
 
 
 def pending(engine: Engine, *, limit: int = 500) -> list[tuple[int, Message]]:
     """The oldest unsent messages, in the order they were recorded."""
     with Session(engine) as s:
-        rows = s.scalars(select(OutboxRow).where(OutboxRow.sent_at_ms.is_(None))
-                         .order_by(OutboxRow.id).limit(limit)).all()
-        return [(r.id, Message(r.topic, r.key, r.value,
-                               tuple((k, bytes.fromhex(v)) for k, v in r.headers)))
-                for r in rows]
+        rows = s.scalars(
+            select(OutboxRow)
+            .where(OutboxRow.sent_at_ms.is_(None))
+            .order_by(OutboxRow.id)
+            .limit(limit)
+        ).all()
+        return [
+            (
+                r.id,
+                Message(
+                    r.topic, r.key, r.value, tuple((k, bytes.fromhex(v)) for k, v in r.headers)
+                ),
+            )
+            for r in rows
+        ]
 
 
 def mark_sent(engine: Engine, ids: list[int]) -> None:
@@ -125,8 +144,9 @@ class Relay:
                 if not rows:
                     return sent
                 for _, m in rows:
-                    await self.producer.send_and_wait(m.topic, value=m.value, key=m.key,
-                                                      headers=list(m.headers))
+                    await self.producer.send_and_wait(
+                        m.topic, value=m.value, key=m.key, headers=list(m.headers)
+                    )
                 await asyncio.to_thread(mark_sent, self.engine, [i for i, _ in rows])
                 sent += len(rows)
 

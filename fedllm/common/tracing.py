@@ -34,8 +34,9 @@ def setup(service: str) -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
     provider = TracerProvider(resource=Resource.create({"service.name": f"fedllm-{service}"}))
-    endpoint = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
     if endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -69,22 +70,26 @@ def inject_headers() -> list[tuple[str, bytes]]:
 def extract(headers: Any) -> context.Context:
     """The context in Kafka headers (pairs, or a mapping as faust gives) or HTTP headers."""
     if isinstance(headers, Mapping):
-        pairs = [(str(k).lower(), v if isinstance(v, bytes) else str(v).encode("latin-1"))
-                 for k, v in headers.items()]
+        pairs = [
+            (str(k).lower(), v if isinstance(v, bytes) else str(v).encode("latin-1"))
+            for k, v in headers.items()
+        ]
     else:
         pairs = list(headers or ())
     return propagate.extract(pairs, getter=_Headers)  # type: ignore[arg-type]
 
 
 @contextmanager
-def span(name: str, headers: Any = None, *, kind: SpanKind = SpanKind.CONSUMER,
-         **attributes: str) -> Iterator[None]:
+def span(
+    name: str, headers: Any = None, *, kind: SpanKind = SpanKind.CONSUMER, **attributes: str
+) -> Iterator[None]:
     """Run the block in a span whose parent is the context carried by `headers` (or the current
     span when `headers` is None)."""
     tracer = trace.get_tracer(TRACER)
     parent = extract(headers) if headers is not None else None
-    with tracer.start_as_current_span(name, context=parent, kind=kind,
-                                      attributes=attributes or None):
+    with tracer.start_as_current_span(
+        name, context=parent, kind=kind, attributes=attributes or None
+    ):
         yield
 
 

@@ -28,7 +28,7 @@ from fedllm.common.identity import (
     refusal_for,
 )
 from fedllm.common.kafka import Bus, now_ms
-from services.accountant.ledger import Ledger
+from fedllm.services.accountant.ledger import Ledger
 
 log = logging.getLogger(__name__)
 SERVICE = "accountant"
@@ -38,8 +38,9 @@ _MAX_ID = 64
 class Admission:
     """Verifies a request event's credential and normalises the request, or rejects it."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, bus: Bus,
-                 identity: IdentitySettings | None = None) -> None:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, bus: Bus, identity: IdentitySettings | None = None
+    ) -> None:
         identity = identity if identity is not None else IdentitySettings()
         self.settings = settings
         self.ledger = ledger
@@ -48,8 +49,9 @@ class Admission:
         self.identifying_fields = list(identity.identifying_fields)
         self.grant_key = grants.signing_key(settings)
 
-    async def admit(self, request: dict[str, Any],
-                    headers: Sequence[tuple[str, bytes]] | None) -> bool:
+    async def admit(
+        self, request: dict[str, Any], headers: Sequence[tuple[str, bytes]] | None
+    ) -> bool:
         """True when `request` (normalised in place) may be reserved; else it was rejected."""
         principal: Principal | None = None
         try:
@@ -64,13 +66,22 @@ class Admission:
         if existing is not None and (reason or existing["user_id"] != request["user_id"]):
             # A replay whose credential no longer holds, or someone else's request id: that
             # request already has (or will have) its own terminal result; nothing happens here.
-            log.warning("request %s not admitted again: %s", request["request_id"],
-                        reason or "request id belongs to another user")
-            await audit.emit(self.bus, action="request.replay_refused", service=SERVICE,
-                             id_parts=(request["request_id"], request["user_id"], reason),
-                             request_id=request["request_id"], outcome="denied",
-                             reason=reason or "request id belongs to another user",
-                             claimed_user_id=request.get("user_id", ""), severity="security")
+            log.warning(
+                "request %s not admitted again: %s",
+                request["request_id"],
+                reason or "request id belongs to another user",
+            )
+            await audit.emit(
+                self.bus,
+                action="request.replay_refused",
+                service=SERVICE,
+                id_parts=(request["request_id"], request["user_id"], reason),
+                request_id=request["request_id"],
+                outcome="denied",
+                reason=reason or "request id belongs to another user",
+                claimed_user_id=request.get("user_id", ""),
+                severity="security",
+            )
             return False
         if not reason:
             return True
@@ -79,8 +90,11 @@ class Admission:
 
     def _normalise(self, request: dict[str, Any], principal: Principal) -> str:
         """Identity from the claims, public parameters from settings; "" or why not."""
-        for field, claimed in (("user_id", principal.user_id), ("role", principal.role),
-                               ("department", principal.department)):
+        for field, claimed in (
+            ("user_id", principal.user_id),
+            ("role", principal.role),
+            ("department", principal.department),
+        ):
             if request.get(field) and request[field] != claimed:
                 return f"credential does not match the request's {field}"
             request[field] = claimed
@@ -96,9 +110,13 @@ class Admission:
             return "temperature must be in [0, 2]"
         if not request["prompt"] or len(request["prompt"]) > self.settings.max_prompt_chars:
             return f"prompt must be 1..{self.settings.max_prompt_chars} characters"
-        reason = refusal_for(principal, kind=request["kind"], prompt=request["prompt"],
-                             department=request["department"],
-                             identifying_fields=self.identifying_fields)
+        reason = refusal_for(
+            principal,
+            kind=request["kind"],
+            prompt=request["prompt"],
+            department=request["department"],
+            identifying_fields=self.identifying_fields,
+        )
         if reason:
             return reason
         request["delta"] = budget.delta
@@ -109,23 +127,48 @@ class Admission:
         request["grants"] = grants.sign_grants(self.grant_key, request, eligible)
         return ""
 
-    async def _reject(self, request: dict[str, Any], reason: str,
-                      principal: Principal | None) -> None:
+    async def _reject(
+        self, request: dict[str, Any], reason: str, principal: Principal | None
+    ) -> None:
         rid = request["request_id"]
         user = principal.user_id if principal else ""
         department = principal.department if principal else ""
         result = {
-            "request_id": rid, "user_id": user, "department": department,
-            "status": "rejected", "reason": reason, "finished_at_ms": now_ms(),
+            "request_id": rid,
+            "user_id": user,
+            "department": department,
+            "status": "rejected",
+            "reason": reason,
+            "finished_at_ms": now_ms(),
         }
         await self.bus.send(topics.RESULTS, "InferenceResult", result, key=rid)
-        common = {"request_id": rid, "user_id": user, "department": department,
-                  "role": principal.role if principal else "",
-                  "source_address": request.get("source_address", ""),
-                  "claimed_user_id": request.get("user_id", ""), "channel": "kafka"}
+        common = {
+            "request_id": rid,
+            "user_id": user,
+            "department": department,
+            "role": principal.role if principal else "",
+            "source_address": request.get("source_address", ""),
+            "claimed_user_id": request.get("user_id", ""),
+            "channel": "kafka",
+        }
         action = "access.denied" if principal else "auth.failed"
-        await audit.emit(self.bus, action=action, service=SERVICE, id_parts=(rid,),
-                         outcome="denied", reason=reason, severity="security", **common)
-        await audit.emit(self.bus, action="request.rejected", service=SERVICE, id_parts=(rid,),
-                         outcome="rejected", reason=reason, **common)
+        await audit.emit(
+            self.bus,
+            action=action,
+            service=SERVICE,
+            id_parts=(rid,),
+            outcome="denied",
+            reason=reason,
+            severity="security",
+            **common,
+        )
+        await audit.emit(
+            self.bus,
+            action="request.rejected",
+            service=SERVICE,
+            id_parts=(rid,),
+            outcome="rejected",
+            reason=reason,
+            **common,
+        )
         log.warning("request %s rejected at admission: %s", rid, reason)

@@ -38,9 +38,9 @@ from fedllm.common.kafka import Bus, make_producer, ssl_context
 from fedllm.common.lifecycle import mark_ready
 from fedllm.common.metrics import MESSAGES
 from fedllm.privacy.accountant import RdpAccountant
-from services.accountant.handlers import SERVICE, Accountant
-from services.accountant.ledger import Ledger
-from services.accountant.replies import ReplyRelay
+from fedllm.services.accountant.handlers import SERVICE, Accountant
+from fedllm.services.accountant.ledger import Ledger
+from fedllm.services.accountant.replies import ReplyRelay
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,27 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=0.5,
         producer_linger_ms=0,
     )
-    requests_topic = app.topic(topics.REQUESTS, key_type=bytes, value_type=bytes,
-                               partitions=topics.PARTITIONS[topics.REQUESTS])
-    node_results_topic = app.topic(topics.NODE_RESULTS, key_type=bytes, value_type=bytes,
-                                   partitions=topics.PARTITIONS[topics.NODE_RESULTS])
-    results_topic = app.topic(topics.RESULTS, key_type=bytes, value_type=bytes,
-                              partitions=topics.PARTITIONS[topics.RESULTS])
-    admin_topic = app.topic(topics.ADMIN, key_type=bytes, value_type=bytes,
-                            partitions=topics.PARTITIONS[topics.ADMIN])
+    requests_topic = app.topic(
+        topics.REQUESTS,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=topics.PARTITIONS[topics.REQUESTS],
+    )
+    node_results_topic = app.topic(
+        topics.NODE_RESULTS,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=topics.PARTITIONS[topics.NODE_RESULTS],
+    )
+    results_topic = app.topic(
+        topics.RESULTS,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=topics.PARTITIONS[topics.RESULTS],
+    )
+    admin_topic = app.topic(
+        topics.ADMIN, key_type=bytes, value_type=bytes, partitions=topics.PARTITIONS[topics.ADMIN]
+    )
     state: dict[str, Any] = {}
 
     async def accountant() -> Accountant:
@@ -96,8 +109,9 @@ def create_app(settings: Settings) -> faust.App:
         if "accountant" not in state:
             producer: AIOKafkaProducer = make_producer(settings)
             await producer.start()
-            ledger = Ledger(make_engine(settings.resolved_database_url()), settings.budget,
-                            RdpAccountant())
+            ledger = Ledger(
+                make_engine(settings.resolved_database_url()), settings.budget, RdpAccountant()
+            )
             state["producer"] = producer
             state["accountant"] = Accountant(settings, ledger, Bus(producer))
             state["replies"] = ReplyRelay(settings, Bus(producer))
@@ -118,8 +132,9 @@ def create_app(settings: Settings) -> faust.App:
                 MESSAGES.labels(SERVICE, msg.topic, "dead_lettered").inc()
                 continue
             hdrs = msg.headers or ()
-            decoded.append(Decoded(event, record,
-                                   list(hdrs.items() if isinstance(hdrs, dict) else hdrs)))
+            decoded.append(
+                Decoded(event, record, list(hdrs.items() if isinstance(hdrs, dict) else hdrs))
+            )
         return decoded
 
     async def handle(events: list[faust.types.EventT], schema: str) -> None:
@@ -132,42 +147,71 @@ def create_app(settings: Settings) -> faust.App:
             first = decoded[0].event.message
             # One span per batch, continuing its first event's trace (a batched hop links the
             # other requests' traces only through their audit records).
-            with metrics.stage(SERVICE, schema, request_id=decoded[0].record.get("request_id", ""),
-                               headers=first.headers):
-                done = await deliver(first, lambda: handler(decoded), bus=acct.bus,
-                                     service=SERVICE, policy=policy, batch=len(decoded))
+            with metrics.stage(
+                SERVICE,
+                schema,
+                request_id=decoded[0].record.get("request_id", ""),
+                headers=first.headers,
+            ):
+                done = await deliver(
+                    first,
+                    lambda: handler(decoded),
+                    bus=acct.bus,
+                    service=SERVICE,
+                    policy=policy,
+                    batch=len(decoded),
+                )
             if done == "failed":
-                log.warning("a batch of %d %s event(s) failed; delivering them one by one",
-                            len(decoded), schema)
+                log.warning(
+                    "a batch of %d %s event(s) failed; delivering them one by one",
+                    len(decoded),
+                    schema,
+                )
                 for one in decoded:
-                    await deliver(one.event.message, lambda one=one: handler([one]),
-                                  bus=acct.bus, service=SERVICE, policy=policy,
-                                  on_dead=None if on_dead is None else (
-                                      lambda reason, one=one: on_dead(one.record, reason)))
+                    await deliver(
+                        one.event.message,
+                        lambda one=one: handler([one]),
+                        bus=acct.bus,
+                        service=SERVICE,
+                        policy=policy,
+                        on_dead=None
+                        if on_dead is None
+                        else (lambda reason, one=one: on_dead(one.record, reason)),
+                    )
         for event in events:
             event.ack()
 
-    def handlers(acct: Accountant, topic: str, schema: str) -> tuple[
-            Callable[[list[Decoded]], Awaitable[None]],
-            Callable[[dict[str, Any], str], Awaitable[None]] | None]:
+    def handlers(
+        acct: Accountant, topic: str, schema: str
+    ) -> tuple[
+        Callable[[list[Decoded]], Awaitable[None]],
+        Callable[[dict[str, Any], str], Awaitable[None]] | None,
+    ]:
         """The batch handler for `topic`/`schema` and the terminal outcome of one event."""
         if topic == topics.RESULTS:
+
             async def relay(batch: list[Decoded]) -> None:
                 for one in batch:
                     await state["replies"].relay(one.record)
+
             return relay, None
         if schema == "InferenceRequest":
+
             async def reserve(batch: list[Decoded]) -> None:
                 await acct.on_requests([(one.record, one.headers) for one in batch])
+
             return reserve, acct.fail_request
         if schema == "BudgetAdjustment":
+
             async def adjust(batch: list[Decoded]) -> None:
                 for one in batch:
                     await acct.on_adjustment(one.record)
+
             return adjust, acct.fail_adjustment
 
         async def settle(batch: list[Decoded]) -> None:
             await acct.on_node_results([one.record for one in batch])
+
         return settle, acct.fail_node_result
 
     @app.agent(requests_topic, name="reserve_budget")

@@ -12,7 +12,7 @@ from fedllm.common.metrics import serve_metrics
 def _run(args: argparse.Namespace) -> int:
     import faust
 
-    from services.accountant.app import create_app
+    from fedllm.services.accountant.app import create_app
 
     settings = Settings()
     setup_logging("accountant")
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("accountant", help="run the privacy-budget accountant (faust worker)")
     p.add_argument("--loglevel", default="warning")
     p.set_defaults(func=_run)
-    p = sub.add_parser("reservation-keys",
-                       help="new Ed25519 key pair for the reservation grants nodes check")
+    p = sub.add_parser(
+        "reservation-keys", help="new Ed25519 key pair for the reservation grants nodes check"
+    )
     p.set_defaults(func=_reservation_keys)

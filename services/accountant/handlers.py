@@ -20,16 +20,19 @@ from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.metrics import record_hospital_spend
 from fedllm.common.outbox import Message
 from fedllm.privacy.accountant import PrivacyCurve, window_start
-from services.accountant import messages, partials
-from services.accountant.admission import Admission
-from services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
-from services.accountant.models import BudgetEntry
+from fedllm.services.accountant import messages, partials
+from fedllm.services.accountant.admission import Admission
+from fedllm.services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
+from fedllm.services.accountant.models import BudgetEntry
 
 log = logging.getLogger(__name__)
 Headers = Sequence[tuple[str, bytes]]
 SERVICE = "accountant"
-OVERSPEND = Counter("fedllm_accountant_overspend_total",
-                    "Node results that reported more privacy spend than was reserved", ["node"])
+OVERSPEND = Counter(
+    "fedllm_accountant_overspend_total",
+    "Node results that reported more privacy spend than was reserved",
+    ["node"],
+)
 
 
 class Accountant:
@@ -55,8 +58,7 @@ class Accountant:
             log.warning("outbox relay: %s (will retry)", exc)
             return 0
 
-    async def on_request(self, request: dict[str, Any],
-                         headers: Headers | None = None) -> None:
+    async def on_request(self, request: dict[str, Any], headers: Headers | None = None) -> None:
         await self.on_requests([(request, headers)])
 
     async def on_requests(self, requests: list[tuple[dict[str, Any], Headers | None]]) -> None:
@@ -68,72 +70,153 @@ class Accountant:
         by_id: dict[str, dict[str, Any]] = {}
         for request in admitted:
             by_id.setdefault(request["request_id"], request)
-        await asyncio.to_thread(self.ledger.reserve_many, admitted, then=_recorder(
-            lambda o: self._reserve_messages(by_id[o.request_id], o)))
+        await asyncio.to_thread(
+            self.ledger.reserve_many,
+            admitted,
+            then=_recorder(lambda o: self._reserve_messages(by_id[o.request_id], o)),
+        )
         await self.relay_outbox()
 
     def _reserve_messages(self, request: dict[str, Any], outcome: Outcome) -> list[Message]:
         rid = request["request_id"]
         common = {
-            "request_id": rid, "user_id": request["user_id"], "role": request["role"],
-            "department": request["department"], "source_address": request["source_address"],
+            "request_id": rid,
+            "user_id": request["user_id"],
+            "role": request["role"],
+            "department": request["department"],
+            "source_address": request["source_address"],
             "delta": outcome.entry["delta"],
         }
-        out = [Message.encode(topics.DECISIONS, "BudgetDecision",
-                              messages.decision(request, outcome), key=rid)]
+        out = [
+            Message.encode(
+                topics.DECISIONS, "BudgetDecision", messages.decision(request, outcome), key=rid
+            )
+        ]
         if outcome.state == "reserved":
-            out.append(_audit(
-                action="budget.reserved", id_parts=(rid,), outcome="approved",
-                epsilon=request["epsilon"],
-                rdp_summary=messages.rdp_summary(outcome.entry["reserved_rdp"],
-                                                 request["epsilon"]),
-                **common,
-            ))
+            out.append(
+                _audit(
+                    action="budget.reserved",
+                    id_parts=(rid,),
+                    outcome="approved",
+                    epsilon=request["epsilon"],
+                    rdp_summary=messages.rdp_summary(
+                        outcome.entry["reserved_rdp"], request["epsilon"]
+                    ),
+                    **common,
+                )
+            )
         else:  # rejected
-            out.append(Message.encode(topics.RESULTS, "InferenceResult",
-                                      messages.final_result(outcome, status="rejected"), key=rid))
-            out.append(_audit(action="budget.refused", id_parts=(rid,), outcome="rejected",
-                              reason=outcome.reason, epsilon=request["epsilon"], **common))
-            out.append(_audit(action="request.rejected", id_parts=(rid,), outcome="rejected",
-                              reason=outcome.reason, **common))
+            out.append(
+                Message.encode(
+                    topics.RESULTS,
+                    "InferenceResult",
+                    messages.final_result(outcome, status="rejected"),
+                    key=rid,
+                )
+            )
+            out.append(
+                _audit(
+                    action="budget.refused",
+                    id_parts=(rid,),
+                    outcome="rejected",
+                    reason=outcome.reason,
+                    epsilon=request["epsilon"],
+                    **common,
+                )
+            )
+            out.append(
+                _audit(
+                    action="request.rejected",
+                    id_parts=(rid,),
+                    outcome="rejected",
+                    reason=outcome.reason,
+                    **common,
+                )
+            )
         return out + self._budget_messages(outcome)
 
     async def fail_request(self, request: dict[str, Any], reason: str) -> None:
         """Terminal outcome of a request event that could not be handled (dead-lettered):
         nothing reserved, a failed result and its audit record, unless it already has an
         entry (then the ledger's outcome and its outbox messages stand)."""
+
         def tx() -> None:
             with Session(self.ledger.engine, autobegin=False) as s, s.begin():
                 if s.get(BudgetEntry, request["request_id"]) is not None:
                     return
                 row = BudgetEntry(
-                    request_id=request["request_id"], user_id=request["user_id"],
-                    department=request["department"], window_start=0, state="rejected",
-                    epsilon=request["epsilon"], delta=self.settings.budget.delta,
-                    reserved_rdp={}, spent_rdp=None, spent_epsilon=0.0,
-                    deadline_ms=request["deadline_ms"], created_at_ms=now_ms(),
-                    settled_at_ms=now_ms(), outcome="failed", reason=reason[:1000],
-                    node_id="", reserved_units=0, charged_units=0, user_epoch=0, dept_epoch=0,
+                    request_id=request["request_id"],
+                    user_id=request["user_id"],
+                    department=request["department"],
+                    window_start=0,
+                    state="rejected",
+                    epsilon=request["epsilon"],
+                    delta=self.settings.budget.delta,
+                    reserved_rdp={},
+                    spent_rdp=None,
+                    spent_epsilon=0.0,
+                    deadline_ms=request["deadline_ms"],
+                    created_at_ms=now_ms(),
+                    settled_at_ms=now_ms(),
+                    outcome="failed",
+                    reason=reason[:1000],
+                    node_id="",
+                    reserved_units=0,
+                    charged_units=0,
+                    user_epoch=0,
+                    dept_epoch=0,
                 )
                 s.add(row)
                 s.flush()
                 zero = Balance(limit=0.0, spent=0.0, remaining=0.0)
-                outcome = Outcome(row.request_id, True, "rejected", row.reason, zero, zero,
-                                  {c.name: getattr(row, c.name)
-                                   for c in BudgetEntry.__table__.columns})
+                outcome = Outcome(
+                    row.request_id,
+                    True,
+                    "rejected",
+                    row.reason,
+                    zero,
+                    zero,
+                    {c.name: getattr(row, c.name) for c in BudgetEntry.__table__.columns},
+                )
                 rid = row.request_id
-                common = {"request_id": rid, "user_id": request["user_id"],
-                          "role": request["role"], "department": request["department"],
-                          "source_address": request["source_address"], "delta": row.delta}
-                outbox.add(s, [
-                    Message.encode(topics.DECISIONS, "BudgetDecision",
-                                   dict(messages.decision(request, outcome), approved=False,
-                                        reserved_epsilon=0.0), key=rid),
-                    Message.encode(topics.RESULTS, "InferenceResult",
-                                   messages.final_result(outcome, status="failed"), key=rid),
-                    _audit(action="request.failed", id_parts=(rid,), outcome="failed",
-                           reason=row.reason, epsilon=0.0, **common),
-                ])
+                common = {
+                    "request_id": rid,
+                    "user_id": request["user_id"],
+                    "role": request["role"],
+                    "department": request["department"],
+                    "source_address": request["source_address"],
+                    "delta": row.delta,
+                }
+                outbox.add(
+                    s,
+                    [
+                        Message.encode(
+                            topics.DECISIONS,
+                            "BudgetDecision",
+                            dict(
+                                messages.decision(request, outcome),
+                                approved=False,
+                                reserved_epsilon=0.0,
+                            ),
+                            key=rid,
+                        ),
+                        Message.encode(
+                            topics.RESULTS,
+                            "InferenceResult",
+                            messages.final_result(outcome, status="failed"),
+                            key=rid,
+                        ),
+                        _audit(
+                            action="request.failed",
+                            id_parts=(rid,),
+                            outcome="failed",
+                            reason=row.reason,
+                            epsilon=0.0,
+                            **common,
+                        ),
+                    ],
+                )
+
         await asyncio.to_thread(tx)
         await self.relay_outbox()
 
@@ -157,11 +240,20 @@ class Accountant:
             spent, _, _ = self._charge_for(result)
         except Exception:
             spent = None
-        if result["status"] == "partial" or (result["status"] != "ok" and result.get("node_id")
-                                             and spent is None):
+        if result["status"] == "partial" or (
+            result["status"] != "ok" and result.get("node_id") and spent is None
+        ):
             return  # not a final verdict: the router or the sweep ends the request
-        await self._settle([(result, Settlement(result["request_id"], spent, "failed", reason,
-                                                result.get("node_id", "")))])
+        await self._settle(
+            [
+                (
+                    result,
+                    Settlement(
+                        result["request_id"], spent, "failed", reason, result.get("node_id", "")
+                    ),
+                )
+            ]
+        )
 
     async def _settlement(self, result: dict[str, Any]) -> Settlement | None:
         """What `result` settles, or None when it ends nothing (yet)."""
@@ -186,8 +278,12 @@ class Accountant:
             # A node's own failure before any mechanism ran does not end the request: the
             # router retries it elsewhere and reports the final failure itself (node_id "");
             # the deadline sweep backs it up. One that reports a spent curve is charged now.
-            log.info("node %s failed attempt %s of %s; awaiting the router's verdict",
-                     result["node_id"], result.get("attempt"), rid)
+            log.info(
+                "node %s failed attempt %s of %s; awaiting the router's verdict",
+                result["node_id"],
+                result.get("attempt"),
+                rid,
+            )
             return None
         return Settlement(rid, spent, status, reason, result.get("node_id", ""))
 
@@ -201,10 +297,12 @@ class Accountant:
         def build(o: Outcome) -> list[Message]:
             result, x = by_id[o.request_id]
             return self._overspend_messages(o) + self._finish_messages(
-                o, result if x.outcome == "ok" else None, status=x.outcome)
+                o, result if x.outcome == "ok" else None, status=x.outcome
+            )
 
-        outcomes = await asyncio.to_thread(self.ledger.settle_many, [x for _, x in todo],
-                                           then=_recorder(build))
+        outcomes = await asyncio.to_thread(
+            self.ledger.settle_many, [x for _, x in todo], then=_recorder(build)
+        )
         for (result, x), outcome in zip(todo, outcomes, strict=True):
             if outcome is None:
                 log.warning("node result for unknown request %s ignored", x.request_id)
@@ -213,18 +311,29 @@ class Accountant:
                 record_hospital_spend(outcome.entry["node_id"], outcome.entry["spent_epsilon"])
                 if outcome.excess_rho > 0:
                     OVERSPEND.labels(x.node_id or "router").inc()
-                    log.warning("request %s: %s reported rho %.6g above its reservation; "
-                                "charged the report", x.request_id, x.node_id or "router",
-                                outcome.excess_rho)
+                    log.warning(
+                        "request %s: %s reported rho %.6g above its reservation; "
+                        "charged the report",
+                        x.request_id,
+                        x.node_id or "router",
+                        outcome.excess_rho,
+                    )
             elif outcome.entry["outcome"] == "timeout" and result["status"] == "ok":
                 # The deadline rule (docs/reliability.md): the sweep ended this request first
                 # (refunded, "timeout"); a later answer is refused: not charged, not delivered.
-                await audit.emit(self.bus, action="result.refused_late", service=SERVICE,
-                                 id_parts=(x.request_id, x.node_id), request_id=x.request_id,
-                                 user_id=result["user_id"], department=result["department"],
-                                 hospital_id=x.node_id, outcome="refused",
-                                 reason="answer arrived after the request timed out",
-                                 epsilon=0.0)
+                await audit.emit(
+                    self.bus,
+                    action="result.refused_late",
+                    service=SERVICE,
+                    id_parts=(x.request_id, x.node_id),
+                    request_id=x.request_id,
+                    user_id=result["user_id"],
+                    department=result["department"],
+                    hospital_id=x.node_id,
+                    outcome="refused",
+                    reason="answer arrived after the request timed out",
+                    epsilon=0.0,
+                )
         await self.relay_outbox()
 
     def _overspend_messages(self, outcome: Outcome) -> list[Message]:
@@ -233,14 +342,21 @@ class Accountant:
             return []
         entry = outcome.entry
         reserved_rho = self.ledger.filter.rho(entry["reserved_units"])
-        return [_audit(
-            action="budget.overspent", id_parts=(entry["request_id"],),
-            request_id=entry["request_id"], user_id=entry["user_id"],
-            department=entry["department"], hospital_id=entry["node_id"], outcome="alert",
-            epsilon=entry["spent_epsilon"], delta=entry["delta"],
-            reason=f"reported spend exceeds the reservation by rho {outcome.excess_rho:.6g} "
-                   f"(reserved rho {reserved_rho:.6g}); the larger was charged",
-        )]
+        return [
+            _audit(
+                action="budget.overspent",
+                id_parts=(entry["request_id"],),
+                request_id=entry["request_id"],
+                user_id=entry["user_id"],
+                department=entry["department"],
+                hospital_id=entry["node_id"],
+                outcome="alert",
+                epsilon=entry["spent_epsilon"],
+                delta=entry["delta"],
+                reason=f"reported spend exceeds the reservation by rho {outcome.excess_rho:.6g} "
+                f"(reserved rho {reserved_rho:.6g}); the larger was charged",
+            )
+        ]
 
     async def on_adjustment(self, adjustment: dict[str, Any]) -> None:
         """Apply an admin's budget reset; audited with the admin as the actor."""
@@ -257,15 +373,22 @@ class Accountant:
         """Terminal outcome of an admin reset that could not be applied (dead-lettered)."""
         await self._audit_adjustment(adjustment, outcome="failed", reason=reason)
 
-    async def _audit_adjustment(self, adjustment: dict[str, Any], *, outcome: str,
-                                reason: str) -> None:
+    async def _audit_adjustment(
+        self, adjustment: dict[str, Any], *, outcome: str, reason: str
+    ) -> None:
         await audit.emit(
-            self.bus, action="budget.reset", service=SERVICE,
-            id_parts=(adjustment["adjustment_id"],), user_id=adjustment["actor_user_id"],
-            role=adjustment["actor_role"], source_address=adjustment["source_address"],
+            self.bus,
+            action="budget.reset",
+            service=SERVICE,
+            id_parts=(adjustment["adjustment_id"],),
+            user_id=adjustment["actor_user_id"],
+            role=adjustment["actor_role"],
+            source_address=adjustment["source_address"],
             department=adjustment["subject"] if adjustment["scope"] == "department" else "",
-            outcome=outcome, reason=reason or adjustment["reason"],
-            scope=adjustment["scope"], subject=adjustment["subject"],
+            outcome=outcome,
+            reason=reason or adjustment["reason"],
+            scope=adjustment["scope"],
+            subject=adjustment["subject"],
         )
 
     async def _publish_user_budget(self, user_id: str) -> None:
@@ -274,11 +397,22 @@ class Accountant:
             return
         user, dept = await asyncio.to_thread(self.ledger.balances, user_id, department)
         budget = self.settings.budget
-        await self.bus.send(topics.BUDGETS, "BudgetStatus", messages.budget_status(
-            user_id=user_id, department=department,
-            window_start=window_start(now_s=now_ms() / 1000, window_seconds=budget.window_seconds),
-            window_seconds=budget.window_seconds, delta=budget.delta, user=user, dept=dept,
-        ), key=user_id)
+        await self.bus.send(
+            topics.BUDGETS,
+            "BudgetStatus",
+            messages.budget_status(
+                user_id=user_id,
+                department=department,
+                window_start=window_start(
+                    now_s=now_ms() / 1000, window_seconds=budget.window_seconds
+                ),
+                window_seconds=budget.window_seconds,
+                delta=budget.delta,
+                user=user,
+                dept=dept,
+            ),
+            key=user_id,
+        )
 
     async def sweep_expired(self, *, grace_ms: int = 2_000) -> int:
         """Time out reservations whose request deadline has passed: refunded, or charged for
@@ -287,22 +421,35 @@ class Accountant:
         self._sweeps += 1
         try:
             if self._sweeps % 600 == 1:  # now and then: forget messages acked a day ago
-                await asyncio.to_thread(outbox.purge_sent, self.ledger.engine,
-                                        before_ms=now_ms() - 86_400_000)
-            ids = await asyncio.to_thread(self.ledger.expired, now_ms=now_ms(),
-                                          grace_ms=grace_ms)
+                await asyncio.to_thread(
+                    outbox.purge_sent, self.ledger.engine, before_ms=now_ms() - 86_400_000
+                )
+            ids = await asyncio.to_thread(self.ledger.expired, now_ms=now_ms(), grace_ms=grace_ms)
             if not ids:
                 return 0
             todo = []
             for rid in ids:
-                released = await asyncio.to_thread(partials.spent, self.ledger.engine, rid,
-                                                   self.ledger.accountant)
-                todo.append(Settlement(rid, released, "timeout",
-                                       "request deadline passed without an answer" + (
-                                           "; the released fan-out parts are charged"
-                                           if released is not None else "")))
-            await asyncio.to_thread(self.ledger.settle_many, todo, then=_recorder(
-                lambda o: self._finish_messages(o, None, status="timeout")))
+                released = await asyncio.to_thread(
+                    partials.spent, self.ledger.engine, rid, self.ledger.accountant
+                )
+                todo.append(
+                    Settlement(
+                        rid,
+                        released,
+                        "timeout",
+                        "request deadline passed without an answer"
+                        + (
+                            "; the released fan-out parts are charged"
+                            if released is not None
+                            else ""
+                        ),
+                    )
+                )
+            await asyncio.to_thread(
+                self.ledger.settle_many,
+                todo,
+                then=_recorder(lambda o: self._finish_messages(o, None, status="timeout")),
+            )
         except Exception as exc:
             log.warning("expiry sweep failed (next sweep retries): %s", exc)
             return 0
@@ -335,56 +482,100 @@ class Accountant:
             return None
         return PrivacyCurve(orders=orders, values=tuple(result["rdp_epsilons"]))
 
-    def _finish_messages(self, outcome: Outcome, node_result: dict[str, Any] | None, *,
-                         status: str) -> list[Message]:
+    def _finish_messages(
+        self, outcome: Outcome, node_result: dict[str, Any] | None, *, status: str
+    ) -> list[Message]:
         """The terminal result, its audit events and the budget snapshot."""
         entry = outcome.entry
         rid = entry["request_id"]
-        out = [Message.encode(topics.RESULTS, "InferenceResult",
-                              messages.final_result(outcome, node_result, status=status),
-                              key=rid)]
-        common = {"request_id": rid, "user_id": entry["user_id"],
-                  "department": entry["department"], "hospital_id": entry["node_id"],
-                  "delta": entry["delta"]}
+        out = [
+            Message.encode(
+                topics.RESULTS,
+                "InferenceResult",
+                messages.final_result(outcome, node_result, status=status),
+                key=rid,
+            )
+        ]
+        common = {
+            "request_id": rid,
+            "user_id": entry["user_id"],
+            "department": entry["department"],
+            "hospital_id": entry["node_id"],
+            "delta": entry["delta"],
+        }
         if entry["state"] == "committed":
             reserved = self.ledger.accountant.epsilon(
-                PrivacyCurve.from_dict(entry["reserved_rdp"]), delta=entry["delta"])
-            out.append(_audit(
-                action="budget.committed", id_parts=(rid,), outcome="committed",
-                epsilon=entry["spent_epsilon"],
-                rdp_summary=messages.rdp_summary(entry["spent_rdp"], entry["spent_epsilon"]),
-                refunded_epsilon=round(max(reserved - entry["spent_epsilon"], 0.0), 6),
-                records_used=int((node_result or {}).get("records_used", 0)), **common,
-            ))
+                PrivacyCurve.from_dict(entry["reserved_rdp"]), delta=entry["delta"]
+            )
+            out.append(
+                _audit(
+                    action="budget.committed",
+                    id_parts=(rid,),
+                    outcome="committed",
+                    epsilon=entry["spent_epsilon"],
+                    rdp_summary=messages.rdp_summary(entry["spent_rdp"], entry["spent_epsilon"]),
+                    refunded_epsilon=round(max(reserved - entry["spent_epsilon"], 0.0), 6),
+                    records_used=int((node_result or {}).get("records_used", 0)),
+                    **common,
+                )
+            )
         else:
-            out.append(_audit(action="budget.refunded", id_parts=(rid,), outcome="refunded",
-                              reason=outcome.reason, epsilon=0.0, **common))
-        out.append(_audit(action=messages.TERMINAL_ACTION[status], id_parts=(rid,),
-                          outcome=status, reason=outcome.reason,
-                          epsilon=entry["spent_epsilon"], **common))
+            out.append(
+                _audit(
+                    action="budget.refunded",
+                    id_parts=(rid,),
+                    outcome="refunded",
+                    reason=outcome.reason,
+                    epsilon=0.0,
+                    **common,
+                )
+            )
+        out.append(
+            _audit(
+                action=messages.TERMINAL_ACTION[status],
+                id_parts=(rid,),
+                outcome=status,
+                reason=outcome.reason,
+                epsilon=entry["spent_epsilon"],
+                **common,
+            )
+        )
         return out + self._budget_messages(outcome)
 
     def _budget_messages(self, outcome: Outcome) -> list[Message]:
         if outcome.user.limit <= 0:
             return []
         entry = outcome.entry
-        return [Message.encode(topics.BUDGETS, "BudgetStatus", messages.budget_status(
-            user_id=entry["user_id"], department=entry["department"],
-            window_start=entry["window_start"],
-            window_seconds=self.settings.budget.window_seconds, delta=entry["delta"],
-            user=outcome.user, dept=outcome.department,
-        ), key=entry["user_id"])]
+        return [
+            Message.encode(
+                topics.BUDGETS,
+                "BudgetStatus",
+                messages.budget_status(
+                    user_id=entry["user_id"],
+                    department=entry["department"],
+                    window_start=entry["window_start"],
+                    window_seconds=self.settings.budget.window_seconds,
+                    delta=entry["delta"],
+                    user=outcome.user,
+                    dept=outcome.department,
+                ),
+                key=entry["user_id"],
+            )
+        ]
 
 
 def _recorder(build: Callable[[Outcome], list[Message]]) -> Then:
     """A ledger `then` hook writing `build(outcome)` into the outbox, in its transaction."""
+
     def record(s: Session, outcome: Outcome) -> None:
         outbox.add(s, build(outcome))
+
     return record
 
 
 def _audit(**kw: Any) -> Message:
     """An accountant AuditEvent as an outbox message."""
     record = audit.audit_event(service=SERVICE, **kw)
-    return Message.encode(topics.AUDIT, "AuditEvent", record,
-                          key=record.get("request_id") or SERVICE)
+    return Message.encode(
+        topics.AUDIT, "AuditEvent", record, key=record.get("request_id") or SERVICE
+    )

@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from fedllm.common.config import BudgetConfig
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, window_start
-from services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
-from services.accountant.upgrade import upgrade
+from fedllm.services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
+from fedllm.services.accountant.upgrade import upgrade
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,8 +100,9 @@ class Ledger:
     # -- queries -------------------------------------------------------------------------
 
     def _window(self, now_s: float | None = None) -> int:
-        return window_start(now_s=time.time() if now_s is None else now_s,
-                            window_seconds=self.budget.window_seconds)
+        return window_start(
+            now_s=time.time() if now_s is None else now_s, window_seconds=self.budget.window_seconds
+        )
 
     def _dept_limit(self, department: str) -> float:
         if department not in self.budget.department_epsilon:
@@ -115,24 +116,35 @@ class Ledger:
 
     def _balance(self, charged: int, limit: float) -> Balance:
         """Closed form, O(1): ε of Σρ, and the largest ε a query may still reserve."""
-        return Balance(limit=limit, spent=self.filter.epsilon(charged),
-                       remaining=self.filter.remaining_epsilon(charged=charged,
-                                                               limit_epsilon=limit))
+        return Balance(
+            limit=limit,
+            spent=self.filter.epsilon(charged),
+            remaining=self.filter.remaining_epsilon(charged=charged, limit_epsilon=limit),
+        )
 
-    def balances(self, user_id: str, department: str, *, window: int | None = None
-                 ) -> tuple[Balance, Balance]:
+    def balances(
+        self, user_id: str, department: str, *, window: int | None = None
+    ) -> tuple[Balance, Balance]:
         """(user, department) balances in the given (default: current) window."""
         window = self._window() if window is None else window
         with Session(self.engine) as s:
             return self._balances(s, user_id, department, window)
 
-    def _balances(self, s: Session, user_id: str, department: str, window: int
-                  ) -> tuple[Balance, Balance]:
+    def _balances(
+        self, s: Session, user_id: str, department: str, window: int
+    ) -> tuple[Balance, Balance]:
         scopes = [user_scope(user_id), dept_scope(department)]
-        charged = dict(s.execute(select(BudgetAccount.scope, BudgetAccount.charged_units).where(
-            BudgetAccount.scope.in_(scopes), BudgetAccount.window_start == window)).all())
-        return (self._balance(charged.get(scopes[0], 0), self.budget.user_epsilon),
-                self._balance(charged.get(scopes[1], 0), self._dept_limit(department)))
+        charged = dict(
+            s.execute(
+                select(BudgetAccount.scope, BudgetAccount.charged_units).where(
+                    BudgetAccount.scope.in_(scopes), BudgetAccount.window_start == window
+                )
+            ).all()
+        )
+        return (
+            self._balance(charged.get(scopes[0], 0), self.budget.user_epsilon),
+            self._balance(charged.get(scopes[1], 0), self._dept_limit(department)),
+        )
 
     def recompute(self, scope: str, *, window: int) -> int:
         """Σρ units of the entries that count against `scope` in `window`, recomputed from the
@@ -141,13 +153,20 @@ class Ledger:
             acct = s.get(BudgetAccount, (scope, window))
             epoch = acct.epoch if acct is not None else 0
             if scope.startswith("user:"):
-                where = (BudgetEntry.user_id == scope.removeprefix("user:"),
-                         BudgetEntry.user_epoch == epoch)
+                where = (
+                    BudgetEntry.user_id == scope.removeprefix("user:"),
+                    BudgetEntry.user_epoch == epoch,
+                )
             else:
-                where = (BudgetEntry.department == scope.removeprefix("dept:"),
-                         BudgetEntry.dept_epoch == epoch)
-            total = s.scalar(select(func.coalesce(func.sum(BudgetEntry.charged_units), 0))
-                             .where(BudgetEntry.window_start == window, *where))
+                where = (
+                    BudgetEntry.department == scope.removeprefix("dept:"),
+                    BudgetEntry.dept_epoch == epoch,
+                )
+            total = s.scalar(
+                select(func.coalesce(func.sum(BudgetEntry.charged_units), 0)).where(
+                    BudgetEntry.window_start == window, *where
+                )
+            )
             return int(total or 0)
 
     def charged(self, scope: str, *, window: int) -> int:
@@ -159,9 +178,12 @@ class Ledger:
     def last_department(self, user_id: str) -> str | None:
         """The department of the user's latest request, if any."""
         with Session(self.engine) as s:
-            return s.scalar(select(BudgetEntry.department).where(
-                BudgetEntry.user_id == user_id).order_by(BudgetEntry.created_at_ms.desc())
-                .limit(1))
+            return s.scalar(
+                select(BudgetEntry.department)
+                .where(BudgetEntry.user_id == user_id)
+                .order_by(BudgetEntry.created_at_ms.desc())
+                .limit(1)
+            )
 
     def entry(self, request_id: str) -> dict[str, Any] | None:
         with Session(self.engine) as s:
@@ -187,17 +209,30 @@ class Ledger:
                 time.sleep(random.uniform(0, min(0.002 * 2**attempt, 0.1)))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _lock_accounts(self, s: Session, scopes: Iterable[tuple[str, int]]
-                       ) -> dict[tuple[str, int], BudgetAccount]:
+    def _lock_accounts(
+        self, s: Session, scopes: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], BudgetAccount]:
         """Create (if needed) and lock the (scope, window) account rows, in sorted order."""
         keys = sorted(set(scopes))
         if not keys:
             return {}
         insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        s.execute(insert(BudgetAccount).values([
-            {"scope": scope, "window_start": window, "limit_epsilon": self._limit(scope),
-             "charged_units": 0, "epoch": 0} for scope, window in keys
-        ]).on_conflict_do_nothing())
+        s.execute(
+            insert(BudgetAccount)
+            .values(
+                [
+                    {
+                        "scope": scope,
+                        "window_start": window,
+                        "limit_epsilon": self._limit(scope),
+                        "charged_units": 0,
+                        "epoch": 0,
+                    }
+                    for scope, window in keys
+                ]
+            )
+            .on_conflict_do_nothing()
+        )
         rows = s.scalars(
             select(BudgetAccount)
             .where(tuple_(BudgetAccount.scope, BudgetAccount.window_start).in_(keys))
@@ -207,8 +242,9 @@ class Ledger:
         ).all()
         return {(a.scope, a.window_start): a for a in rows}
 
-    def _entries(self, s: Session, ids: Sequence[str], *, lock: bool = False
-                 ) -> dict[str, BudgetEntry]:
+    def _entries(
+        self, s: Session, ids: Sequence[str], *, lock: bool = False
+    ) -> dict[str, BudgetEntry]:
         query = select(BudgetEntry).where(BudgetEntry.request_id.in_(ids))
         if lock:
             query = query.order_by(BudgetEntry.request_id).with_for_update()
@@ -217,26 +253,41 @@ class Ledger:
 
     # -- operations ------------------------------------------------------------------------
 
-    def reserve(self, request: dict[str, Any], *, now_s: float | None = None,
-                then: Then | None = None) -> Outcome:
+    def reserve(
+        self, request: dict[str, Any], *, now_s: float | None = None, then: Then | None = None
+    ) -> Outcome:
         """Reserve the request's (ε, δ) against its user's and department's budgets."""
         return self.reserve_many([request], now_s=now_s, then=then)[0]
 
-    def reserve_many(self, requests: Sequence[dict[str, Any]], *, now_s: float | None = None,
-                     then: Then | None = None) -> list[Outcome]:
+    def reserve_many(
+        self,
+        requests: Sequence[dict[str, Any]],
+        *,
+        now_s: float | None = None,
+        then: Then | None = None,
+    ) -> list[Outcome]:
         """Reserve a batch in one transaction, in order; one Outcome per request (a request id
         seen before, in the ledger or earlier in the batch, is a replay). `then` runs for each
         changed Outcome, in order, inside the transaction."""
         window = self._window(now_s)
         return self._run(lambda s: _then(then, s, self._reserve_batch(s, requests, window)))
 
-    def _reserve_batch(self, s: Session, requests: Sequence[dict[str, Any]], window: int
-                       ) -> list[Outcome]:
+    def _reserve_batch(
+        self, s: Session, requests: Sequence[dict[str, Any]], window: int
+    ) -> list[Outcome]:
         known = self.budget.department_epsilon
-        accounts = self._lock_accounts(s, (
-            key for r in requests if r["department"] in known
-            for key in ((user_scope(r["user_id"]), window),
-                        (dept_scope(r["department"]), window))))
+        accounts = self._lock_accounts(
+            s,
+            (
+                key
+                for r in requests
+                if r["department"] in known
+                for key in (
+                    (user_scope(r["user_id"]), window),
+                    (dept_scope(r["department"]), window),
+                )
+            ),
+        )
         # Read after the locks: a concurrent accountant's insert of the same id is visible.
         existing = self._entries(s, [r["request_id"] for r in requests])
         outcomes: list[Outcome] = []
@@ -244,27 +295,56 @@ class Ledger:
             rid = request["request_id"]
             if rid in existing:
                 row = existing[rid]
-                outcomes.append(Outcome(rid, False, row.state, row.reason,
-                                        *self._entry_balances(s, row, accounts),
-                                        _as_dict(row)))
+                outcomes.append(
+                    Outcome(
+                        rid,
+                        False,
+                        row.state,
+                        row.reason,
+                        *self._entry_balances(s, row, accounts),
+                        _as_dict(row),
+                    )
+                )
                 continue
             row = self._reserve_one(request, window, accounts)
             s.add(row)
             existing[rid] = row
-            outcomes.append(Outcome(rid, True, row.state, row.reason,
-                                    *self._entry_balances(s, row, accounts), _as_dict(row)))
+            outcomes.append(
+                Outcome(
+                    rid,
+                    True,
+                    row.state,
+                    row.reason,
+                    *self._entry_balances(s, row, accounts),
+                    _as_dict(row),
+                )
+            )
         s.flush()
         return outcomes
 
-    def _reserve_one(self, request: dict[str, Any], window: int,
-                     accounts: dict[tuple[str, int], BudgetAccount]) -> BudgetEntry:
+    def _reserve_one(
+        self, request: dict[str, Any], window: int, accounts: dict[tuple[str, int], BudgetAccount]
+    ) -> BudgetEntry:
         user_id, dept = request["user_id"], request["department"]
         row = BudgetEntry(
-            request_id=request["request_id"], user_id=user_id, department=dept,
-            window_start=window, state="reserved", epsilon=request["epsilon"],
-            delta=self.budget.delta, reserved_rdp={}, spent_rdp=None, spent_epsilon=0.0,
-            deadline_ms=request["deadline_ms"], created_at_ms=_now_ms(), outcome="",
-            reason="", node_id="", reserved_units=0, charged_units=0, user_epoch=0,
+            request_id=request["request_id"],
+            user_id=user_id,
+            department=dept,
+            window_start=window,
+            state="reserved",
+            epsilon=request["epsilon"],
+            delta=self.budget.delta,
+            reserved_rdp={},
+            spent_rdp=None,
+            spent_epsilon=0.0,
+            deadline_ms=request["deadline_ms"],
+            created_at_ms=_now_ms(),
+            outcome="",
+            reason="",
+            node_id="",
+            reserved_units=0,
+            charged_units=0,
+            user_epoch=0,
             dept_epoch=0,
         )
         if dept not in self.budget.department_epsilon:
@@ -272,26 +352,32 @@ class Ledger:
         user = accounts[(user_scope(user_id), window)]
         department = accounts[(dept_scope(dept), window)]
         cost = self.filter.query_units(request["epsilon"])
-        for acct, limit, who in ((user, self.budget.user_epsilon, "user"),
-                                 (department, self._dept_limit(dept), "department")):
-            if not self.filter.admits(charged=acct.charged_units, extra=cost,
-                                      limit_epsilon=limit):
-                left = self.filter.remaining_epsilon(charged=acct.charged_units,
-                                                     limit_epsilon=limit)
-                return _rejected(row, f"{who} privacy budget exhausted: requested epsilon "
-                                      f"{request['epsilon']:g}, remaining {left:.4f} of "
-                                      f"{limit:g} this window")
+        for acct, limit, who in (
+            (user, self.budget.user_epsilon, "user"),
+            (department, self._dept_limit(dept), "department"),
+        ):
+            if not self.filter.admits(charged=acct.charged_units, extra=cost, limit_epsilon=limit):
+                left = self.filter.remaining_epsilon(
+                    charged=acct.charged_units, limit_epsilon=limit
+                )
+                return _rejected(
+                    row,
+                    f"{who} privacy budget exhausted: requested epsilon "
+                    f"{request['epsilon']:g}, remaining {left:.4f} of "
+                    f"{limit:g} this window",
+                )
         row.reserved_rdp = self.accountant.query_curve(
-            epsilon=request["epsilon"], delta=self.budget.delta).to_dict()
+            epsilon=request["epsilon"], delta=self.budget.delta
+        ).to_dict()
         row.reserved_units = row.charged_units = cost
         row.user_epoch, row.dept_epoch = user.epoch, department.epoch
         user.charged_units += cost
         department.charged_units += cost
         return row
 
-    def _entry_balances(self, s: Session, row: BudgetEntry,
-                        accounts: dict[tuple[str, int], BudgetAccount]
-                        ) -> tuple[Balance, Balance]:
+    def _entry_balances(
+        self, s: Session, row: BudgetEntry, accounts: dict[tuple[str, int], BudgetAccount]
+    ) -> tuple[Balance, Balance]:
         """Balances of the entry's two accounts: from the locked rows when this transaction
         holds them, else read."""
         if row.department not in self.budget.department_epsilon:
@@ -301,22 +387,33 @@ class Ledger:
         dept = accounts.get((dept_scope(row.department), row.window_start))
         if user is None or dept is None:
             return self._balances(s, row.user_id, row.department, row.window_start)
-        return (self._balance(user.charged_units, self.budget.user_epsilon),
-                self._balance(dept.charged_units, self._dept_limit(row.department)))
+        return (
+            self._balance(user.charged_units, self.budget.user_epsilon),
+            self._balance(dept.charged_units, self._dept_limit(row.department)),
+        )
 
-    def settle(self, request_id: str, *, spent: PrivacyCurve | None, outcome: str,
-               reason: str = "", node_id: str = "", then: Then | None = None
-               ) -> Outcome | None:
+    def settle(
+        self,
+        request_id: str,
+        *,
+        spent: PrivacyCurve | None,
+        outcome: str,
+        reason: str = "",
+        node_id: str = "",
+        then: Then | None = None,
+    ) -> Outcome | None:
         """Commit what was really spent (refunding the rest), or refund all when `spent` is None.
 
         Only a `reserved` entry changes; anything else (replay, late answer) is a no-op.
         Returns None for an unknown request id.
         """
-        return self.settle_many([Settlement(request_id, spent, outcome, reason, node_id)],
-                                then=then)[0]
+        return self.settle_many(
+            [Settlement(request_id, spent, outcome, reason, node_id)], then=then
+        )[0]
 
-    def settle_many(self, settlements: Sequence[Settlement], *, then: Then | None = None
-                    ) -> list[Outcome | None]:
+    def settle_many(
+        self, settlements: Sequence[Settlement], *, then: Then | None = None
+    ) -> list[Outcome | None]:
         """Settle a batch in one transaction, in order (see :meth:`settle`).
 
         A reported spend is charged as ρ = its curve's tightest dominating ρ. If it is not
@@ -326,13 +423,20 @@ class Ledger:
         """
         return self._run(lambda s: _then(then, s, self._settle_batch(s, settlements)))
 
-    def _settle_batch(self, s: Session, settlements: Sequence[Settlement]
-                      ) -> list[Outcome | None]:
+    def _settle_batch(self, s: Session, settlements: Sequence[Settlement]) -> list[Outcome | None]:
         ids = [x.request_id for x in settlements]
         pending = [r for r in self._entries(s, ids).values() if r.state == "reserved"]
-        accounts = self._lock_accounts(s, (
-            key for r in pending for key in ((user_scope(r.user_id), r.window_start),
-                                             (dept_scope(r.department), r.window_start))))
+        accounts = self._lock_accounts(
+            s,
+            (
+                key
+                for r in pending
+                for key in (
+                    (user_scope(r.user_id), r.window_start),
+                    (dept_scope(r.department), r.window_start),
+                )
+            ),
+        )
         entries = self._entries(s, ids, lock=True)  # again, under the locks: settled meanwhile?
         outcomes: list[Outcome | None] = []
         for x in settlements:
@@ -344,14 +448,23 @@ class Ledger:
             excess = 0
             if changed:
                 excess = self._settle_one(row, x, accounts)
-            outcomes.append(Outcome(row.request_id, changed, row.state, row.reason,
-                                    *self._entry_balances(s, row, accounts), _as_dict(row),
-                                    excess_rho=self.filter.rho(excess)))
+            outcomes.append(
+                Outcome(
+                    row.request_id,
+                    changed,
+                    row.state,
+                    row.reason,
+                    *self._entry_balances(s, row, accounts),
+                    _as_dict(row),
+                    excess_rho=self.filter.rho(excess),
+                )
+            )
         s.flush()
         return outcomes
 
-    def _settle_one(self, row: BudgetEntry, x: Settlement,
-                    accounts: dict[tuple[str, int], BudgetAccount]) -> int:
+    def _settle_one(
+        self, row: BudgetEntry, x: Settlement, accounts: dict[tuple[str, int], BudgetAccount]
+    ) -> int:
         """Move a reserved entry to committed/refunded; returns the units charged above the
         reservation (0 when the reservation dominated the report)."""
         charge = self.filter.charge_units(x.spent) if x.spent is not None else 0
@@ -368,8 +481,9 @@ class Ledger:
         row.state = "committed" if x.spent is not None else "refunded"
         row.charged_units = charge
         row.spent_rdp = x.spent.to_dict() if x.spent is not None else None
-        row.spent_epsilon = (self.accountant.epsilon(x.spent, delta=row.delta)
-                             if x.spent is not None else 0.0)
+        row.spent_epsilon = (
+            self.accountant.epsilon(x.spent, delta=row.delta) if x.spent is not None else 0.0
+        )
         row.outcome, row.reason, row.node_id = x.outcome, x.reason, x.node_id
         row.settled_at_ms = _now_ms()
         return excess
@@ -381,8 +495,7 @@ class Ledger:
         department and ValueError for an unknown scope or action.
         """
         if adjustment["action"] != "reset" or adjustment["scope"] not in ("user", "department"):
-            raise ValueError(f"unsupported adjustment {adjustment['action']}/"
-                             f"{adjustment['scope']}")
+            raise ValueError(f"unsupported adjustment {adjustment['action']}/{adjustment['scope']}")
         subject = adjustment["subject"]
         if adjustment["scope"] == "department":
             self._dept_limit(subject)
@@ -395,11 +508,16 @@ class Ledger:
                 return False
             acct.epoch += 1
             acct.charged_units = 0
-            s.add(BudgetReset(
-                adjustment_id=adjustment["adjustment_id"], scope=scope, window_start=window,
-                reset_at_ms=_now_ms(), actor_user_id=adjustment["actor_user_id"],
-                reason=adjustment["reason"],
-            ))
+            s.add(
+                BudgetReset(
+                    adjustment_id=adjustment["adjustment_id"],
+                    scope=scope,
+                    window_start=window,
+                    reset_at_ms=_now_ms(),
+                    actor_user_id=adjustment["actor_user_id"],
+                    reason=adjustment["reason"],
+                )
+            )
             return True
 
         return self._run(work)
@@ -407,9 +525,14 @@ class Ledger:
     def expired(self, *, now_ms: int, grace_ms: int) -> list[str]:
         """Ids of reservations whose deadline passed more than `grace_ms` ago."""
         with Session(self.engine) as s:
-            return list(s.scalars(select(BudgetEntry.request_id).where(
-                BudgetEntry.state == "reserved", BudgetEntry.deadline_ms < now_ms - grace_ms,
-            )))
+            return list(
+                s.scalars(
+                    select(BudgetEntry.request_id).where(
+                        BudgetEntry.state == "reserved",
+                        BudgetEntry.deadline_ms < now_ms - grace_ms,
+                    )
+                )
+            )
 
 
 def _retryable(exc: DBAPIError) -> bool:

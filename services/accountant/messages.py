@@ -8,7 +8,7 @@ from typing import Any
 from fedllm.common.kafka import now_ms
 from fedllm.common.metrics import record_budget
 from fedllm.privacy.accountant import PrivacyCurve
-from services.accountant.ledger import Balance, Outcome
+from fedllm.services.accountant.ledger import Balance, Outcome
 
 TERMINAL_ACTION = {
     "ok": "request.completed",
@@ -33,8 +33,9 @@ def decision(request: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
-                 *, status: str) -> dict[str, Any]:
+def final_result(
+    outcome: Outcome, node_result: dict[str, Any] | None = None, *, status: str
+) -> dict[str, Any]:
     """The terminal InferenceResult for fedllm.results."""
     entry = outcome.entry
     base: dict[str, Any] = dict(node_result or {})
@@ -51,8 +52,11 @@ def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
         rdp_orders=list(curve.orders) if curve else [],
         rdp_epsilons=list(curve.values) if curve else [],
         # A refusal reports the binding limit (user's or department's); otherwise the user's.
-        remaining_budget=(min(outcome.user.remaining, outcome.department.remaining)
-                          if status == "rejected" else outcome.user.remaining),
+        remaining_budget=(
+            min(outcome.user.remaining, outcome.department.remaining)
+            if status == "rejected"
+            else outcome.user.remaining
+        ),
         finished_at_ms=now_ms(),
     )
     if status != "ok":
@@ -63,8 +67,16 @@ def final_result(outcome: Outcome, node_result: dict[str, Any] | None = None,
     return base
 
 
-def budget_status(*, user_id: str, department: str, window_start: int, window_seconds: int,
-                  delta: float, user: Balance, dept: Balance) -> dict[str, Any]:
+def budget_status(
+    *,
+    user_id: str,
+    department: str,
+    window_start: int,
+    window_seconds: int,
+    delta: float,
+    user: Balance,
+    dept: Balance,
+) -> dict[str, Any]:
     """BudgetStatus snapshot of a user's (and their department's) balances."""
     record_budget("department", department, limit=dept.limit, remaining=dept.remaining)
     return {

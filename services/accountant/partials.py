@@ -35,15 +35,24 @@ def record(engine: Engine, result: dict[str, Any], curve: PrivacyCurve) -> None:
     """Remember one hospital's released part (first one wins)."""
     with Session(engine) as s, s.begin():
         if s.get(PartialRelease, (result["request_id"], result["node_id"])) is None:
-            s.add(PartialRelease(request_id=result["request_id"], node_id=result["node_id"],
-                                 spent_rdp=curve.to_dict()))
+            s.add(
+                PartialRelease(
+                    request_id=result["request_id"],
+                    node_id=result["node_id"],
+                    spent_rdp=curve.to_dict(),
+                )
+            )
 
 
 def spent(engine: Engine, request_id: str, accountant: RdpAccountant) -> PrivacyCurve | None:
     """The composed curve of the parts released for `request_id`, or None if none was."""
     with Session(engine) as s:
-        curves = [PrivacyCurve.from_dict(r) for r in s.scalars(
-            select(PartialRelease.spent_rdp).where(PartialRelease.request_id == request_id))]
+        curves = [
+            PrivacyCurve.from_dict(r)
+            for r in s.scalars(
+                select(PartialRelease.spent_rdp).where(PartialRelease.request_id == request_id)
+            )
+        ]
     if not curves:
         return None
     return accountant.compose(PrivacyCurve.zero(accountant.orders), *curves)

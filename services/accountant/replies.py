@@ -37,8 +37,9 @@ class ReplyRelay:
         if self._admin is None:
             self._admin = admin_client(self.settings)
             await self._admin.start()
-        self.known = {t for t in await self._admin.list_topics()
-                      if t.startswith(topics.REPLIES_PREFIX)}
+        self.known = {
+            t for t in await self._admin.list_topics() if t.startswith(topics.REPLIES_PREFIX)
+        }
         return topic in self.known
 
     async def relay(self, result: dict[str, Any]) -> bool:

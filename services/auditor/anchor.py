@@ -29,8 +29,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, Engine, func, select
 
 from fedllm.common import metrics
-from services.auditor.models import audit_log, chain_heads, checkpoints
-from services.auditor.verify import verify
+from fedllm.services.auditor.models import audit_log, chain_heads, checkpoints
+from fedllm.services.auditor.verify import verify
 
 log = logging.getLogger(__name__)
 FILE_NAME = "anchors.jsonl"
@@ -66,8 +66,9 @@ class Anchor:
     anchored_at: str  # ISO 8601, UTC
 
     def payload(self) -> bytes:
-        return json.dumps({f: getattr(self, f) for f in SIGNED_FIELDS}, sort_keys=True,
-                          separators=(",", ":")).encode()
+        return json.dumps(
+            {f: getattr(self, f) for f in SIGNED_FIELDS}, sort_keys=True, separators=(",", ":")
+        ).encode()
 
     def sign(self, key: bytes) -> str:
         return hmac.new(key, self.payload(), hashlib.sha256).hexdigest()
@@ -80,18 +81,27 @@ def _key(settings: AnchorSettings) -> bytes:
     return raw.encode()
 
 
-def write_anchor(engine: Engine, settings: AnchorSettings, *,
-                 heads: list[tuple[str, int, str]] | None = None,
-                 now: datetime | None = None) -> list[Anchor]:
+def write_anchor(
+    engine: Engine,
+    settings: AnchorSettings,
+    *,
+    heads: list[tuple[str, int, str]] | None = None,
+    now: datetime | None = None,
+) -> list[Anchor]:
     """Append one signed line per chain head (default: the database's current heads) to the
     anchor file; returns the anchors written."""
     key = _key(settings)
     at = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
     if heads is None:
         with engine.connect() as conn:
-            heads = [tuple(r) for r in conn.execute(  # type: ignore[misc]
-                select(chain_heads.c.chain, chain_heads.c.seq, chain_heads.c.row_hash)
-                .order_by(chain_heads.c.chain))]
+            heads = [
+                tuple(r)
+                for r in conn.execute(  # type: ignore[misc]
+                    select(chain_heads.c.chain, chain_heads.c.seq, chain_heads.c.row_hash).order_by(
+                        chain_heads.c.chain
+                    )
+                )
+            ]
     anchors = [Anchor(chain=c, seq=int(s), row_hash=h, anchored_at=at) for c, s, h in heads if s]
     path = settings.path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +138,12 @@ def latest_anchors(settings: AnchorSettings) -> dict[str, Anchor]:
 
 
 def _cut(conn: Connection, chain: str) -> tuple[int, str] | None:
-    row = conn.execute(select(checkpoints.c.cut_seq, checkpoints.c.cut_hash)
-                       .where(checkpoints.c.chain == chain)
-                       .order_by(checkpoints.c.cut_seq.desc()).limit(1)).first()
+    row = conn.execute(
+        select(checkpoints.c.cut_seq, checkpoints.c.cut_hash)
+        .where(checkpoints.c.chain == chain)
+        .order_by(checkpoints.c.cut_seq.desc())
+        .limit(1)
+    ).first()
     return (int(row.cut_seq), str(row.cut_hash)) if row else None
 
 
@@ -143,21 +156,30 @@ def check_anchors(engine: Engine, settings: AnchorSettings) -> list[str]:
     problems = []
     with engine.connect() as conn:
         for chain, a in sorted(anchors.items()):
-            found = conn.scalar(select(audit_log.c.row_hash).where(
-                audit_log.c.chain == chain, audit_log.c.seq == a.seq))
+            found = conn.scalar(
+                select(audit_log.c.row_hash).where(
+                    audit_log.c.chain == chain, audit_log.c.seq == a.seq
+                )
+            )
             if found is None:
                 cut = _cut(conn, chain)
                 if cut is not None and a.seq <= cut[0]:
                     if a.seq == cut[0] and cut[1] != a.row_hash:
-                        problems.append(f"chain {chain}: purge checkpoint at seq {a.seq} has "
-                                        f"hash {cut[1]}, anchored {a.row_hash}")
+                        problems.append(
+                            f"chain {chain}: purge checkpoint at seq {a.seq} has "
+                            f"hash {cut[1]}, anchored {a.row_hash}"
+                        )
                     continue  # purged by retention; the checkpoint carries the chain on
-                problems.append(f"chain {chain}: anchored seq {a.seq} ({a.anchored_at}) is "
-                                f"missing: rows deleted or chain truncated")
+                problems.append(
+                    f"chain {chain}: anchored seq {a.seq} ({a.anchored_at}) is "
+                    f"missing: rows deleted or chain truncated"
+                )
             elif found != a.row_hash:
-                problems.append(f"chain {chain}: row seq {a.seq} has hash {found}, anchored "
-                                f"{a.row_hash} at {a.anchored_at}: rows at or before seq "
-                                f"{a.seq} were rewritten")
+                problems.append(
+                    f"chain {chain}: row seq {a.seq} has hash {found}, anchored "
+                    f"{a.row_hash} at {a.anchored_at}: rows at or before seq "
+                    f"{a.seq} were rewritten"
+                )
     return problems
 
 
@@ -165,8 +187,9 @@ def head_ages(engine: Engine, *, now: datetime | None = None) -> dict[str, float
     """Seconds since each chain's newest row was stored."""
     now = now or datetime.now(UTC)
     with engine.connect() as conn:
-        rows = conn.execute(select(audit_log.c.chain, func.max(audit_log.c.stored_at))
-                            .group_by(audit_log.c.chain)).all()
+        rows = conn.execute(
+            select(audit_log.c.chain, func.max(audit_log.c.stored_at)).group_by(audit_log.c.chain)
+        ).all()
     out = {}
     for chain, at in rows:
         if at is not None:
@@ -186,16 +209,18 @@ def verify_and_anchor(engine: Engine, settings: AnchorSettings) -> bool:
     for chain, age in head_ages(engine).items():
         metrics.AUDIT_HEAD_AGE.labels(chain).set(age)
     if ok:  # anchor exactly the heads just verified, not rows appended since
-        write_anchor(engine, settings,
-                     heads=[(c.chain, c.head_seq, c.head_hash) for c in report.chains])
+        write_anchor(
+            engine, settings, heads=[(c.chain, c.head_seq, c.head_hash) for c in report.chains]
+        )
     else:
         for p in problems:
             log.error("audit verification failed: %s", p)
     return ok
 
 
-async def run_periodically(engine: Engine, stop: asyncio.Event,
-                           settings: AnchorSettings | None = None) -> None:
+async def run_periodically(
+    engine: Engine, stop: asyncio.Event, settings: AnchorSettings | None = None
+) -> None:
     """Verify and anchor every `interval_s` until `stop` (a no-op when anchoring is off)."""
     settings = settings or AnchorSettings()
     if not settings.enabled:

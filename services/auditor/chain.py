@@ -16,10 +16,28 @@ GENESIS = "0" * 64
 
 # The fields a row's hash covers (chain position included; id, prev_hash and row_hash not).
 HASHED_FIELDS = (
-    "chain", "seq", "event_id", "action", "service", "request_id", "user_id", "role",
-    "department", "source_address", "hospital_id", "records_used", "outcome", "reason",
-    "epsilon", "delta", "rdp_summary", "prompt_hmac", "occurred_at", "details",
-    "sealed_text", "key_id",
+    "chain",
+    "seq",
+    "event_id",
+    "action",
+    "service",
+    "request_id",
+    "user_id",
+    "role",
+    "department",
+    "source_address",
+    "hospital_id",
+    "records_used",
+    "outcome",
+    "reason",
+    "epsilon",
+    "delta",
+    "rdp_summary",
+    "prompt_hmac",
+    "occurred_at",
+    "details",
+    "sealed_text",
+    "key_id",
 )
 # What a replayed row must share with the live one (everything but the chain position).
 CONTENT_FIELDS = tuple(f for f in HASHED_FIELDS if f != "seq")
@@ -155,8 +173,9 @@ def canonical_row_json(view: dict[str, Any]) -> bytes:
 
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """SHA-256(prev_hash ‖ canonical JSON of the row's hashed fields), hex."""
-    return hashlib.sha256(prev_hash.encode("ascii") + canonical_row_json(hashed_view(row))
-                          ).hexdigest()
+    return hashlib.sha256(
+        prev_hash.encode("ascii") + canonical_row_json(hashed_view(row))
+    ).hexdigest()
 
 
 def content_view(row: dict[str, Any]) -> dict[str, Any]:

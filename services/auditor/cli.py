@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def _iso(value: str) -> datetime:
     """An ISO 8601 date or date-time (UTC when no offset is given)."""
-    from services.auditor.chain import as_utc
+    from fedllm.services.auditor.chain import as_utc
 
     try:
         return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
@@ -31,7 +31,7 @@ def _iso(value: str) -> datetime:
 
 
 def cmd_auditor(args: argparse.Namespace) -> int:
-    from services.auditor import anchor, service
+    from fedllm.services.auditor import anchor, service
 
     settings = Settings()
     setup_logging("auditor")
@@ -40,8 +40,9 @@ def cmd_auditor(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> None:
         engine = make_engine(settings.resolved_database_url())
         try:  # the signed chain-head checkpoints run beside the consumer (off unless configured)
-            await asyncio.gather(service.run(settings, stop=stop),
-                                 anchor.run_periodically(engine, stop))
+            await asyncio.gather(
+                service.run(settings, stop=stop), anchor.run_periodically(engine, stop)
+            )
         finally:
             engine.dispose()
 
@@ -50,7 +51,7 @@ def cmd_auditor(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from services.auditor.migrate import upgrade
+    from fedllm.services.auditor.migrate import upgrade
 
     url = Settings().resolved_database_url()
     upgrade(make_engine(url))
@@ -59,8 +60,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from services.auditor.anchor import AnchorSettings, check_anchors
-    from services.auditor.verify import verify
+    from fedllm.services.auditor.anchor import AnchorSettings, check_anchors
+    from fedllm.services.auditor.verify import verify
 
     engine = make_engine(args.database_url or Settings().resolved_database_url())
     report = verify(engine, chain=args.chain)
@@ -69,30 +70,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems: list[str] = []
     if anchors.enabled:
         problems = check_anchors(engine, anchors)
-        print("\n".join(f"FAIL anchor: {p}" for p in problems)
-              or f"OK anchors: database matches the signed checkpoints in {anchors.path()}")
+        print(
+            "\n".join(f"FAIL anchor: {p}" for p in problems)
+            or f"OK anchors: database matches the signed checkpoints in {anchors.path()}"
+        )
     return 0 if report.ok and not problems else 1
 
 
 def cmd_anchor(args: argparse.Namespace) -> int:
-    from services.auditor.anchor import AnchorSettings, verify_and_anchor
+    from fedllm.services.auditor.anchor import AnchorSettings, verify_and_anchor
 
     anchors = AnchorSettings(**({"dir": args.anchor_dir} if args.anchor_dir else {}))
     if not anchors.enabled:
-        print("error: set FEDLLM_AUDIT_ANCHOR_KEY and FEDLLM_AUDIT_ANCHOR_DIR (or --anchor-dir)",
-              file=sys.stderr)
+        print(
+            "error: set FEDLLM_AUDIT_ANCHOR_KEY and FEDLLM_AUDIT_ANCHOR_DIR (or --anchor-dir)",
+            file=sys.stderr,
+        )
         return 2
-    ok = verify_and_anchor(make_engine(args.database_url or Settings().resolved_database_url()),
-                           anchors)
-    print(f"anchored the chain heads in {anchors.path()}" if ok
-          else "verification failed: nothing anchored (see the log)")
+    ok = verify_and_anchor(
+        make_engine(args.database_url or Settings().resolved_database_url()), anchors
+    )
+    print(
+        f"anchored the chain heads in {anchors.path()}"
+        if ok
+        else "verification failed: nothing anchored (see the log)"
+    )
     return 0 if ok else 1
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from services.auditor.records import Protection
-    from services.auditor.replay import TargetNotEmpty, replay
-    from services.auditor.settings import AuditorSettings
+    from fedllm.services.auditor.records import Protection
+    from fedllm.services.auditor.replay import TargetNotEmpty, replay
+    from fedllm.services.auditor.settings import AuditorSettings
 
     settings = Settings()
     target_url = args.database_url
@@ -101,10 +110,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"replaying into {target_url}")
     live, target = make_engine(settings.resolved_database_url()), make_engine(target_url)
     try:
-        rep = asyncio.run(replay(
-            settings, live=live, target=target,
-            protection=Protection.from_settings(AuditorSettings()),
-            from_offset=args.from_offset, from_time=args.from_time, idle_s=args.idle))
+        rep = asyncio.run(
+            replay(
+                settings,
+                live=live,
+                target=target,
+                protection=Protection.from_settings(AuditorSettings()),
+                from_offset=args.from_offset,
+                from_time=args.from_time,
+                idle_s=args.idle,
+            )
+        )
     except TargetNotEmpty as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -115,8 +131,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from services.auditor.purge import RetentionError, purge
-    from services.auditor.settings import AuditorSettings
+    from fedllm.services.auditor.purge import RetentionError, purge
+    from fedllm.services.auditor.settings import AuditorSettings
 
     settings = Settings()
     engine = make_engine(settings.resolved_database_url())
@@ -126,8 +142,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     for p in done:
-        print(f"chain {p.chain}: purged {p.purged_rows} rows up to seq {p.cut_seq} "
-              f"(checkpoint {p.cut_hash})")
+        print(
+            f"chain {p.chain}: purged {p.purged_rows} rows up to seq {p.cut_seq} "
+            f"(checkpoint {p.cut_hash})"
+        )
     if not done:
         print("nothing to purge")
     if done and settings.kafka_bootstrap:
@@ -153,13 +171,17 @@ async def _publish(records: list[dict[str, Any]], settings: Settings) -> None:
 
 
 def cmd_compliance(args: argparse.Namespace) -> int:
-    from services.auditor import compliance
-    from services.auditor.settings import AuditorSettings
+    from fedllm.services.auditor import compliance
+    from fedllm.services.auditor.settings import AuditorSettings
 
     settings = Settings()
-    rep = compliance.report(make_engine(args.database_url or settings.resolved_database_url()),
-                            AuditorSettings(), since=args.since, until=args.until,
-                            request_grace_s=settings.request_timeout_s + 60)
+    rep = compliance.report(
+        make_engine(args.database_url or settings.resolved_database_url()),
+        AuditorSettings(),
+        since=args.since,
+        until=args.until,
+        request_grace_s=settings.request_timeout_s + 60,
+    )
     if args.report or not args.json:
         print("\n".join(compliance.lines(rep)))
     if args.json:
@@ -190,14 +212,18 @@ def register(sub: Any) -> None:
     _add_migrate(sub)
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(
-        dest="audit_command", required=True)
+        dest="audit_command", required=True
+    )
     p = audit.add_parser("migrate", help="apply the auditor's migrations only")
     p.set_defaults(func=cmd_migrate)
     p = audit.add_parser("verify", help="walk the hash chains; exit 1 on the first bad row")
     p.add_argument("--chain", help="verify this chain only")
     p.add_argument("--database-url", help="default: the configured database")
-    p.add_argument("--anchor-dir", help="signed checkpoints to check against "
-                   "(default FEDLLM_AUDIT_ANCHOR_DIR; needs FEDLLM_AUDIT_ANCHOR_KEY)")
+    p.add_argument(
+        "--anchor-dir",
+        help="signed checkpoints to check against "
+        "(default FEDLLM_AUDIT_ANCHOR_DIR; needs FEDLLM_AUDIT_ANCHOR_KEY)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = audit.add_parser("anchor", help="verify, then append signed chain-head checkpoints")

@@ -14,12 +14,12 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, select
 
-from services.auditor.chain import as_utc, iso_ms
-from services.auditor.crypto import is_sealed_token
-from services.auditor.models import audit_log
-from services.auditor.records import CLEAR_TEXT_KEYS
-from services.auditor.settings import SIX_YEARS_DAYS, AuditorSettings
-from services.auditor.verify import verify
+from fedllm.services.auditor.chain import as_utc, iso_ms
+from fedllm.services.auditor.crypto import is_sealed_token
+from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.records import CLEAR_TEXT_KEYS
+from fedllm.services.auditor.settings import SIX_YEARS_DAYS, AuditorSettings
+from fedllm.services.auditor.verify import verify
 
 TERMINAL_ACTIONS = ("request.completed", "request.rejected", "request.failed", "request.timeout")
 BUDGET_COMMITTED = "budget.committed"
@@ -49,25 +49,34 @@ def clear_text_problems(row: dict[str, Any]) -> list[str]:
 
 def _scan_clear_text(engine: Engine) -> dict[str, Any]:
     scanned, bad = 0, []
-    cols = [audit_log.c.id, audit_log.c.event_id, audit_log.c.prompt_hmac, audit_log.c.details,
-            audit_log.c.sealed_text, audit_log.c.key_id, audit_log.c.rdp_summary]
+    cols = [
+        audit_log.c.id,
+        audit_log.c.event_id,
+        audit_log.c.prompt_hmac,
+        audit_log.c.details,
+        audit_log.c.sealed_text,
+        audit_log.c.key_id,
+        audit_log.c.rdp_summary,
+    ]
     with engine.connect() as conn:
         for m in conn.execution_options(yield_per=5000).execute(select(*cols)).mappings():
             scanned += 1
             for why in clear_text_problems(dict(m)):
                 bad.append({"id": m["id"], "event_id": m["event_id"], "problem": why})
-    return {"ok": not bad, "rows_scanned": scanned, "violations": len(bad),
-            "examples": bad[:_SHOW]}
+    return {"ok": not bad, "rows_scanned": scanned, "violations": len(bad), "examples": bad[:_SHOW]}
 
 
-def _terminal(engine: Engine, since: datetime, until: datetime, grace_s: float,
-              now: datetime) -> dict[str, Any]:
+def _terminal(
+    engine: Engine, since: datetime, until: datetime, grace_s: float, now: datetime
+) -> dict[str, Any]:
     is_terminal = case((audit_log.c.action.in_(TERMINAL_ACTIONS), 1), else_=0)
     first = func.min(audit_log.c.occurred_at)
-    q = (select(audit_log.c.request_id, first.label("first"), func.sum(is_terminal).label("t"))
-         .where(audit_log.c.request_id != "")
-         .group_by(audit_log.c.request_id)
-         .having(first >= since, first < until))
+    q = (
+        select(audit_log.c.request_id, first.label("first"), func.sum(is_terminal).label("t"))
+        .where(audit_log.c.request_id != "")
+        .group_by(audit_log.c.request_id)
+        .having(first >= since, first < until)
+    )
     total, missing, open_ = 0, [], 0
     with engine.connect() as conn:
         for rid, first_at, t in conn.execute(q):
@@ -78,23 +87,41 @@ def _terminal(engine: Engine, since: datetime, until: datetime, grace_s: float,
                 open_ += 1
             else:
                 missing.append(rid)
-    return {"ok": not missing, "requests": total, "closed": total - len(missing) - open_,
-            "in_flight": open_, "missing_terminal": len(missing),
-            "examples": sorted(missing)[:_SHOW], "terminal_actions": list(TERMINAL_ACTIONS)}
+    return {
+        "ok": not missing,
+        "requests": total,
+        "closed": total - len(missing) - open_,
+        "in_flight": open_,
+        "missing_terminal": len(missing),
+        "examples": sorted(missing)[:_SHOW],
+        "terminal_actions": list(TERMINAL_ACTIONS),
+    }
 
 
 def _epsilon(engine: Engine, since: datetime, until: datetime) -> dict[str, float]:
-    q = (select(audit_log.c.department, func.sum(audit_log.c.epsilon))
-         .where(audit_log.c.action == BUDGET_COMMITTED, audit_log.c.occurred_at >= since,
-                audit_log.c.occurred_at < until)
-         .group_by(audit_log.c.department).order_by(audit_log.c.department))
+    q = (
+        select(audit_log.c.department, func.sum(audit_log.c.epsilon))
+        .where(
+            audit_log.c.action == BUDGET_COMMITTED,
+            audit_log.c.occurred_at >= since,
+            audit_log.c.occurred_at < until,
+        )
+        .group_by(audit_log.c.department)
+        .order_by(audit_log.c.department)
+    )
     with engine.connect() as conn:
         return {d or "(none)": float(s or 0.0) for d, s in conn.execute(q)}
 
 
-def report(engine: Engine, cfg: AuditorSettings, *, since: datetime | None = None,
-           until: datetime | None = None, request_grace_s: float = 180.0,
-           now: datetime | None = None) -> dict[str, Any]:
+def report(
+    engine: Engine,
+    cfg: AuditorSettings,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    request_grace_s: float = 180.0,
+    now: datetime | None = None,
+) -> dict[str, Any]:
     """The compliance report as a JSON-able dict; `ok` is the conjunction of the checks."""
     now = now or datetime.now(UTC)
     since = as_utc(since) if since else datetime(1970, 1, 1, tzinfo=UTC)
@@ -104,10 +131,16 @@ def report(engine: Engine, cfg: AuditorSettings, *, since: datetime | None = Non
         "generated_at": iso_ms(now),
         "period": {"since": iso_ms(since), "until": iso_ms(until)},
         "chain_integrity": {"ok": integrity.ok, "chains": integrity.lines()},
-        "retention": {"ok": cfg.retention_days >= SIX_YEARS_DAYS,
-                      "retention_days": cfg.retention_days, "required_days": SIX_YEARS_DAYS},
-        "encryption": {"ok": cfg.encryption_key_bytes() is not None,
-                       "key_id": cfg.resolved_key_id(), "cipher": "AES-256-GCM"},
+        "retention": {
+            "ok": cfg.retention_days >= SIX_YEARS_DAYS,
+            "retention_days": cfg.retention_days,
+            "required_days": SIX_YEARS_DAYS,
+        },
+        "encryption": {
+            "ok": cfg.encryption_key_bytes() is not None,
+            "key_id": cfg.resolved_key_id(),
+            "cipher": "AES-256-GCM",
+        },
         "clear_text": _scan_clear_text(engine),
         "terminal_records": _terminal(engine, since, until, request_grace_s, now),
         "epsilon_by_department": _epsilon(engine, since, until),

@@ -45,9 +45,12 @@ class Sealer:
     def seal(self, event_id: str, text: str) -> str:
         """base64(nonce ‖ ciphertext ‖ tag)."""
         data = text.encode()
-        nonce = hmac.new(self._nonce_key, event_id.encode() + b"\x00" + data,
-                         hashlib.sha256).digest()[:NONCE_BYTES]
-        return base64.b64encode(nonce + self._aead.encrypt(nonce, data, self._aad(event_id))).decode()
+        nonce = hmac.new(
+            self._nonce_key, event_id.encode() + b"\x00" + data, hashlib.sha256
+        ).digest()[:NONCE_BYTES]
+        return base64.b64encode(
+            nonce + self._aead.encrypt(nonce, data, self._aad(event_id))
+        ).decode()
 
     def open(self, event_id: str, token: str) -> str:
         """The clear text of a token; raises cryptography's InvalidTag if it was altered."""

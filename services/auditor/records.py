@@ -12,13 +12,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from services.auditor.crypto import Sealer, derive_key, text_hmac
-from services.auditor.settings import AuditorSettings
+from fedllm.services.auditor.crypto import Sealer, derive_key, text_hmac
+from fedllm.services.auditor.settings import AuditorSettings
 
-CLEAR_TEXT_KEYS = frozenset({
-    "prompt", "prompt_text", "answer", "answer_text", "completion", "response", "question",
-    "text", "input", "output", "messages",
-})
+CLEAR_TEXT_KEYS = frozenset(
+    {
+        "prompt",
+        "prompt_text",
+        "answer",
+        "answer_text",
+        "completion",
+        "response",
+        "question",
+        "text",
+        "input",
+        "output",
+        "messages",
+    }
+)
 MAX_EVENT_ID = 200
 MAIN_CHAIN = "main"
 
@@ -86,12 +97,17 @@ def event_to_row(event: dict[str, Any], protection: Protection) -> dict[str, Any
     ms = int(event.get("occurred_at_ms", 0))
     try:
         occurred_at = datetime.fromtimestamp(ms / 1000, tz=UTC).replace(
-            microsecond=(ms % 1000) * 1000)
+            microsecond=(ms % 1000) * 1000
+        )
     except (OverflowError, OSError, ValueError) as exc:
         raise InvalidEvent(f"occurred_at_ms out of range: {ms}") from exc
     epsilon, delta = float(event.get("epsilon", 0.0)), float(event.get("delta", 0.0))
-    if epsilon != epsilon or delta != delta or abs(epsilon) == float("inf") \
-            or abs(delta) == float("inf"):
+    if (
+        epsilon != epsilon
+        or delta != delta
+        or abs(epsilon) == float("inf")
+        or abs(delta) == float("inf")
+    ):
         raise InvalidEvent("epsilon/delta must be finite")
     return {
         "chain": chain_for(event, protection.chain_by),

@@ -22,11 +22,11 @@ from sqlalchemy import Engine, and_, or_, select
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_consumer
-from services.auditor import migrate, store
-from services.auditor.chain import as_utc, content_view
-from services.auditor.models import audit_log, checkpoints
-from services.auditor.records import InvalidEvent, Protection, event_to_row
-from services.auditor.verify import row_count
+from fedllm.services.auditor import migrate, store
+from fedllm.services.auditor.chain import as_utc, content_view
+from fedllm.services.auditor.models import audit_log, checkpoints
+from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.verify import row_count
 
 log = logging.getLogger(__name__)
 _IN_CHUNK = 500
@@ -53,8 +53,12 @@ class ReplayReport:
 
     @property
     def ok(self) -> bool:
-        return (not self.missing_in_live and not self.missing_in_replay and not self.differing
-                and self.order_matches)
+        return (
+            not self.missing_in_live
+            and not self.missing_in_replay
+            and not self.differing
+            and self.order_matches
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -64,9 +68,11 @@ class ReplayReport:
             f"read {self.read} messages ({self.undecodable} undecodable), stored {self.stored} "
             f"(+{self.duplicates} repeats), compared with {self.live_rows_compared} live rows",
         ]
-        for label, ids in (("missing in live store", self.missing_in_live),
-                           ("missing from topic replay", self.missing_in_replay),
-                           ("differing", self.differing)):
+        for label, ids in (
+            ("missing in live store", self.missing_in_live),
+            ("missing from topic replay", self.missing_in_replay),
+            ("differing", self.differing),
+        ):
             if ids:
                 out.append(f"{label}: {len(ids)} (first: {', '.join(ids[:5])})")
         if self.purged_in_live:
@@ -79,8 +85,9 @@ class ReplayReport:
         return out
 
 
-async def _seek_start(consumer: Any, tps: list[TopicPartition], from_offset: int | None,
-                      from_time_ms: int | None) -> bool:
+async def _seek_start(
+    consumer: Any, tps: list[TopicPartition], from_offset: int | None, from_time_ms: int | None
+) -> bool:
     """Position every partition; returns True when messages must be filtered by timestamp."""
     if from_time_ms is None:
         for tp in tps:
@@ -99,9 +106,15 @@ async def _seek_start(consumer: Any, tps: list[TopicPartition], from_offset: int
     return True  # also filter: harmless when the broker answered exactly
 
 
-async def read_into(settings: Settings, target: Engine, *, protection: Protection,
-                    from_offset: int | None, from_time: datetime | None,
-                    idle_s: float = 2.0) -> ReplayReport:
+async def read_into(
+    settings: Settings,
+    target: Engine,
+    *,
+    protection: Protection,
+    from_offset: int | None,
+    from_time: datetime | None,
+    idle_s: float = 2.0,
+) -> ReplayReport:
     """Consume the audit topic from the start point until it stays idle; store into `target`."""
     report = ReplayReport()
     from_ms = int(as_utc(from_time).timestamp() * 1000) if from_time else None
@@ -165,13 +178,19 @@ def _rows(engine: Engine, where: Any) -> list[dict[str, Any]]:
 
 def _live_rows(live: Engine, report: ReplayReport, replay_ids: list[str]) -> list[dict[str, Any]]:
     """Live rows read from the replayed offsets, plus live rows of the replayed event ids."""
-    ranges = [and_(audit_log.c.source_partition == p, audit_log.c.source_offset.between(a, b))
-              for p, (a, b) in report.offsets.items()]
+    ranges = [
+        and_(audit_log.c.source_partition == p, audit_log.c.source_offset.between(a, b))
+        for p, (a, b) in report.offsets.items()
+    ]
     rows = {r["event_id"]: r for r in _rows(live, or_(*ranges))} if ranges else {}
     todo = [i for i in replay_ids if i not in rows]
     for i in range(0, len(todo), _IN_CHUNK):
-        rows.update({r["event_id"]: r for r in
-                     _rows(live, audit_log.c.event_id.in_(todo[i:i + _IN_CHUNK]))})
+        rows.update(
+            {
+                r["event_id"]: r
+                for r in _rows(live, audit_log.c.event_id.in_(todo[i : i + _IN_CHUNK]))
+            }
+        )
     return sorted(rows.values(), key=lambda r: (r["chain"], r["seq"]))
 
 
@@ -183,8 +202,12 @@ def compare(live: Engine, target: Engine, report: ReplayReport) -> ReplayReport:
     live_by_id = {r["event_id"]: r for r in live_rows}
     replay_by_id = {r["event_id"]: r for r in replayed}
     with live.connect() as conn:
-        cutoffs = {c: as_utc(b) for c, b in conn.execute(
-            select(checkpoints.c.chain, checkpoints.c.before).order_by(checkpoints.c.id))}
+        cutoffs = {
+            c: as_utc(b)
+            for c, b in conn.execute(
+                select(checkpoints.c.chain, checkpoints.c.before).order_by(checkpoints.c.id)
+            )
+        }
     for r in replayed:
         mine = live_by_id.get(r["event_id"])
         if mine is None:
@@ -199,24 +222,44 @@ def compare(live: Engine, target: Engine, report: ReplayReport) -> ReplayReport:
     common = set(live_by_id) & set(replay_by_id)
 
     def order(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-        return [(r["chain"], r["event_id"]) for r in rows
-                if r["event_id"] in common and r["source_offset"] is not None]
+        return [
+            (r["chain"], r["event_id"])
+            for r in rows
+            if r["event_id"] in common and r["source_offset"] is not None
+        ]
 
     report.order_matches = order(live_rows) == order(replayed)
-    if replayed and all(live_by_id.get(r["event_id"], {}).get("seq") == r["seq"]
-                        for r in replayed[:1]) and replayed[0]["seq"] == 1:
+    if (
+        replayed
+        and all(live_by_id.get(r["event_id"], {}).get("seq") == r["seq"] for r in replayed[:1])
+        and replayed[0]["seq"] == 1
+    ):
         report.hashes_identical = all(
-            live_by_id.get(r["event_id"], {}).get("row_hash") == r["row_hash"] for r in replayed)
+            live_by_id.get(r["event_id"], {}).get("row_hash") == r["row_hash"] for r in replayed
+        )
     return report
 
 
-async def replay(settings: Settings, *, live: Engine, target: Engine, protection: Protection,
-                 from_offset: int | None = None, from_time: datetime | None = None,
-                 idle_s: float = 2.0) -> ReplayReport:
+async def replay(
+    settings: Settings,
+    *,
+    live: Engine,
+    target: Engine,
+    protection: Protection,
+    from_offset: int | None = None,
+    from_time: datetime | None = None,
+    idle_s: float = 2.0,
+) -> ReplayReport:
     """Migrate the (empty) target, read the topic into it, compare with `live`."""
     await asyncio.to_thread(migrate.upgrade, target)
     if row_count(target) != 0:
         raise TargetNotEmpty("the replay database already holds audit rows; use an empty one")
-    report = await read_into(settings, target, protection=protection, from_offset=from_offset,
-                             from_time=from_time, idle_s=idle_s)
+    report = await read_into(
+        settings,
+        target,
+        protection=protection,
+        from_offset=from_offset,
+        from_time=from_time,
+        idle_s=idle_s,
+    )
     return await asyncio.to_thread(compare, live, target, report)

@@ -21,9 +21,9 @@ from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, make_consumer, make_producer
 from fedllm.common.lifecycle import clear_ready, mark_ready
-from services.auditor import migrate, store
-from services.auditor.records import InvalidEvent, Protection, event_to_row
-from services.auditor.settings import AuditorSettings
+from fedllm.services.auditor import migrate, store
+from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.settings import AuditorSettings
 
 log = logging.getLogger(__name__)
 SERVICE = "auditor"
@@ -33,8 +33,9 @@ class Stopped(Exception):
     """Asked to stop while waiting for the database; the batch stays uncommitted."""
 
 
-async def with_db_retry(fn: Any, *args: Any, cfg: AuditorSettings, stop: asyncio.Event,
-                        what: str) -> Any:
+async def with_db_retry(
+    fn: Any, *args: Any, cfg: AuditorSettings, stop: asyncio.Event, what: str
+) -> Any:
     """Run blocking `fn(*args)` in a thread until it succeeds, backing off on DB errors."""
     delay = cfg.retry_initial_s
     attempt = 0
@@ -43,8 +44,13 @@ async def with_db_retry(fn: Any, *args: Any, cfg: AuditorSettings, stop: asyncio
             return await asyncio.to_thread(fn, *args)
         except (OperationalError, DBAPIError) as exc:
             attempt += 1
-            log.warning("%s failed (attempt %d), retrying in %.1fs: %s",
-                        what, attempt, delay, str(exc).splitlines()[0])
+            log.warning(
+                "%s failed (attempt %d), retrying in %.1fs: %s",
+                what,
+                attempt,
+                delay,
+                str(exc).splitlines()[0],
+            )
         if stop.is_set():
             raise Stopped(what)
         try:
@@ -61,8 +67,9 @@ def _engine(url: str) -> Engine:
     return make_engine(url)
 
 
-async def decode_batch(bus: Bus, messages: list[ConsumerRecord],
-                       protection: Protection) -> list[dict[str, Any]]:
+async def decode_batch(
+    bus: Bus, messages: list[ConsumerRecord], protection: Protection
+) -> list[dict[str, Any]]:
     """Rows for the decodable, storable messages; the others go to the DLQ."""
     rows: list[dict[str, Any]] = []
     for msg in messages:
@@ -94,8 +101,15 @@ class _ReadyOnAssignment(ConsumerRebalanceListener):
         log.info("auditor assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
-async def consume(consumer: AIOKafkaConsumer, bus: Bus, engine: Engine, *,
-                  cfg: AuditorSettings, protection: Protection, stop: asyncio.Event) -> int:
+async def consume(
+    consumer: AIOKafkaConsumer,
+    bus: Bus,
+    engine: Engine,
+    *,
+    cfg: AuditorSettings,
+    protection: Protection,
+    stop: asyncio.Event,
+) -> int:
     """The loop: batch, store, commit. Returns the number of rows stored."""
     total = 0
     while not stop.is_set():
@@ -108,11 +122,13 @@ async def consume(consumer: AIOKafkaConsumer, bus: Bus, engine: Engine, *,
         if rows:
             try:
                 with metrics.stage(SERVICE, "AuditEvent batch"):
-                    result = await with_db_retry(store.append, engine, rows, cfg=cfg, stop=stop,
-                                                 what="storing audit batch")
+                    result = await with_db_retry(
+                        store.append, engine, rows, cfg=cfg, stop=stop, what="storing audit batch"
+                    )
             except Stopped:
-                log.warning("stopped with %d audit events unstored; they will be re-read",
-                            len(rows))
+                log.warning(
+                    "stopped with %d audit events unstored; they will be re-read", len(rows)
+                )
                 return total
             total += result.stored
             log.debug("stored %d, duplicates %d", result.stored, result.duplicates)
@@ -125,14 +141,16 @@ async def consume(consumer: AIOKafkaConsumer, bus: Bus, engine: Engine, *,
     return total
 
 
-async def run(settings: Settings, *, stop: asyncio.Event,
-              cfg: AuditorSettings | None = None) -> None:
+async def run(
+    settings: Settings, *, stop: asyncio.Event, cfg: AuditorSettings | None = None
+) -> None:
     """Migrate, then consume the audit topic until `stop` is set."""
     cfg = cfg or AuditorSettings()
     protection = Protection.from_settings(cfg)
     if protection.sealer is None:
-        log.warning("FEDLLM_AUDIT_ENCRYPTION_KEY not set: clear text met in events is dropped, "
-                    "not sealed")
+        log.warning(
+            "FEDLLM_AUDIT_ENCRYPTION_KEY not set: clear text met in events is dropped, not sealed"
+        )
     engine = _engine(settings.resolved_database_url())
     try:
         await with_db_retry(migrate.upgrade, engine, cfg=cfg, stop=stop, what="migrating")
@@ -145,8 +163,7 @@ async def run(settings: Settings, *, stop: asyncio.Event,
     await producer.start()
     await consumer.start()
     try:
-        await consume(consumer, Bus(producer), engine, cfg=cfg, protection=protection,
-                      stop=stop)
+        await consume(consumer, Bus(producer), engine, cfg=cfg, protection=protection, stop=stop)
     finally:
         clear_ready(settings, SERVICE)
         await consumer.stop()

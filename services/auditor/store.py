@@ -14,8 +14,8 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from services.auditor.chain import GENESIS, row_hash
-from services.auditor.models import audit_log, chain_heads
+from fedllm.services.auditor.chain import GENESIS, row_hash
+from fedllm.services.auditor.models import audit_log, chain_heads
 
 _IN_CHUNK = 500
 
@@ -30,7 +30,8 @@ def lock_chain_head(conn: Connection, chain: str) -> tuple[int, str]:
     """Create the chain's head if new, lock it for this transaction, return (seq, row_hash)."""
     ins = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     conn.execute(
-        ins(chain_heads).values(chain=chain, seq=0, row_hash=GENESIS)
+        ins(chain_heads)
+        .values(chain=chain, seq=0, row_hash=GENESIS)
         .on_conflict_do_nothing(index_elements=["chain"])
     )
     q = select(chain_heads.c.seq, chain_heads.c.row_hash).where(chain_heads.c.chain == chain)
@@ -44,9 +45,10 @@ def existing_event_ids(conn: Connection, event_ids: Iterable[str]) -> set[str]:
     ids = list(event_ids)
     found: set[str] = set()
     for i in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[i:i + _IN_CHUNK]
-        found.update(conn.scalars(select(audit_log.c.event_id)
-                                  .where(audit_log.c.event_id.in_(chunk))))
+        chunk = ids[i : i + _IN_CHUNK]
+        found.update(
+            conn.scalars(select(audit_log.c.event_id).where(audit_log.c.event_id.in_(chunk)))
+        )
     return found
 
 
@@ -69,14 +71,22 @@ def append_rows(conn: Connection, rows: list[dict[str, Any]]) -> AppendResult:
             if row["event_id"] in known:
                 continue
             seq += 1
-            full = {"source_partition": None, "source_offset": None, **row,
-                    "seq": seq, "prev_hash": prev}
+            full = {
+                "source_partition": None,
+                "source_offset": None,
+                **row,
+                "seq": seq,
+                "prev_hash": prev,
+            }
             full["row_hash"] = prev = row_hash(prev, full)
             out.append(full)
         if out:
             conn.execute(insert(audit_log), out)
-            conn.execute(update(chain_heads).where(chain_heads.c.chain == chain)
-                         .values(seq=seq, row_hash=prev))
+            conn.execute(
+                update(chain_heads)
+                .where(chain_heads.c.chain == chain)
+                .values(seq=seq, row_hash=prev)
+            )
             stored += len(out)
     return AppendResult(stored=stored, duplicates=len(rows) - stored)
 

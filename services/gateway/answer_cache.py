@@ -58,8 +58,7 @@ def normalise_question(text: str) -> str:
 
 def canonical_query(text: str) -> str:
     """An aggregate query as canonical JSON (sorted keys, no spaces)."""
-    return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+    return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def epsilon_grid_index(epsilon: float, *, step: float) -> int:
@@ -67,10 +66,20 @@ def epsilon_grid_index(epsilon: float, *, step: float) -> int:
     return max(1, round(epsilon / step))
 
 
-def cache_content(*, kind: str, prompt: str, max_tokens: int, temperature: float,
-                  require_consensus: bool, epsilon: float, epsilon_step: float, delta: float,
-                  department: str, hospitals: Sequence[str],
-                  versions: Mapping[str, str]) -> dict[str, Any]:
+def cache_content(
+    *,
+    kind: str,
+    prompt: str,
+    max_tokens: int,
+    temperature: float,
+    require_consensus: bool,
+    epsilon: float,
+    epsilon_step: float,
+    delta: float,
+    department: str,
+    hospitals: Sequence[str],
+    versions: Mapping[str, str],
+) -> dict[str, Any]:
     """The normalised public content a release is keyed by.
 
     ``hospitals`` is the request's explicit list, or empty when the router chooses; then the
@@ -127,11 +136,16 @@ class CachedRelease:
 
     @classmethod
     def from_result(cls, result: Mapping[str, Any], *, epsilon: float) -> CachedRelease:
-        return cls(release_id=result["request_id"],
-                   released_at_ms=int(result["finished_at_ms"]),
-                   response=result["response"], node_id=result["node_id"],
-                   tokens=int(result["tokens"]), is_private=bool(result["is_private"]),
-                   privacy_cost=float(result["privacy_cost"]), epsilon=float(epsilon))
+        return cls(
+            release_id=result["request_id"],
+            released_at_ms=int(result["finished_at_ms"]),
+            response=result["response"],
+            node_id=result["node_id"],
+            tokens=int(result["tokens"]),
+            is_private=bool(result["is_private"]),
+            privacy_cost=float(result["privacy_cost"]),
+            epsilon=float(epsilon),
+        )
 
 
 def seal(aead: AESGCM, key: CacheKey, release: CachedRelease) -> bytes:
@@ -157,18 +171,26 @@ class CacheMetrics:
         self.lookups = Counter(
             "fedllm_gateway_cache_lookups_total",
             "Answer-cache lookups by outcome (hit, miss, unavailable: Redis did not answer).",
-            ["outcome"], registry=registry)
+            ["outcome"],
+            registry=registry,
+        )
         self.hit_ratio = Gauge(
             "fedllm_gateway_cache_hit_ratio",
-            "Hits over lookups since this gateway started.", registry=registry)
+            "Hits over lookups since this gateway started.",
+            registry=registry,
+        )
         self.epsilon_saved = Counter(
             "fedllm_gateway_cache_epsilon_saved_total",
             "Epsilon not spent because a cached release was re-served, by department.",
-            ["department"], registry=registry)
+            ["department"],
+            registry=registry,
+        )
         self.retired = Counter(
             "fedllm_gateway_cache_retired_total",
             "Cached releases retired (data version change, erasure, size bound).",
-            ["why"], registry=registry)
+            ["why"],
+            registry=registry,
+        )
         self._hits = 0
         self._total = 0
 
@@ -189,14 +211,25 @@ def _holder(key: CacheKey) -> tuple[str, int]:
 class AnswerCache:
     """Releases in Redis, bounded by ``max_entries`` (LRU) and ``ttl_s``; see module doc."""
 
-    def __init__(self, url: str, *, secret: bytes, prefix: str, ttl_s: int, max_entries: int,
-                 epsilon_step: float, registry: CollectorRegistry,
-                 timeout_s: float = 0.5, outage_backoff_s: float = 2.0,
-                 poll_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret: bytes,
+        prefix: str,
+        ttl_s: int,
+        max_entries: int,
+        epsilon_step: float,
+        registry: CollectorRegistry,
+        timeout_s: float = 0.5,
+        outage_backoff_s: float = 2.0,
+        poll_s: float = 0.05,
+    ) -> None:
         import redis.asyncio as redis
 
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                           socket_connect_timeout=timeout_s)
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         self.key_secret = derive(secret, "fedllm-answer-cache-key-v1")
         self.aead = AESGCM(derive(secret, "fedllm-answer-cache-value-v1"))
         self.prefix = f"{prefix}:cache"
@@ -236,8 +269,12 @@ class AnswerCache:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._down_until = time.monotonic() + self.outage_backoff_s
-        log.warning("answer cache %s failed (%r); fresh releases for %.0fs", what, exc,
-                    self.outage_backoff_s)
+        log.warning(
+            "answer cache %s failed (%r); fresh releases for %.0fs",
+            what,
+            exc,
+            self.outage_backoff_s,
+        )
 
     async def lookup(self, key: CacheKey, *, wait_s: float) -> CachedRelease | None:
         """The cached release for ``key``, or None: make a fresh one (this call then holds the
@@ -284,15 +321,15 @@ class AnswerCache:
                 if old is not None:
                     await self.retire(hospital, why="data_version")
 
-    async def settle(self, key: CacheKey, result: Mapping[str, Any] | None, *,
-                     epsilon: float) -> None:
+    async def settle(
+        self, key: CacheKey, result: Mapping[str, Any] | None, *, epsilon: float
+    ) -> None:
         """After a fresh attempt: store an ok DP release, and free the lease either way."""
         token = self._leases.pop(_holder(key), None)
         if not self._available():
             return
         try:
-            if (result is not None and result.get("status") == "ok"
-                    and result.get("is_private")):
+            if result is not None and result.get("status") == "ok" and result.get("is_private"):
                 await self.store(key, CachedRelease.from_result(result, epsilon=epsilon))
             if token is not None:
                 lease = self._lease(key.digest)

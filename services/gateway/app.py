@@ -16,30 +16,37 @@ from fastapi.responses import JSONResponse
 from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
-from services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
-from services.gateway.auth import PasswordChecker
-from services.gateway.cached_answers import make_answer_cache
-from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
-from services.gateway.deps import GatewayState, State
-from services.gateway.errors import invalid_request
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.models import Health, Readiness, inference_body_model
-from services.gateway.ratelimit import RateLimiter, make_limiter
-from services.gateway.results import ResultArchiver, make_result_store
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
+from fedllm.services.gateway.auth import PasswordChecker
+from fedllm.services.gateway.cached_answers import make_answer_cache
+from fedllm.services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
+from fedllm.services.gateway.deps import GatewayState, State
+from fedllm.services.gateway.errors import invalid_request
+from fedllm.services.gateway.metrics import GatewayMetrics
+from fedllm.services.gateway.models import Health, Readiness, inference_body_model
+from fedllm.services.gateway.ratelimit import RateLimiter, make_limiter
+from fedllm.services.gateway.results import ResultArchiver, make_result_store
+from fedllm.services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-GATEWAY_TOPICS = (topics.REQUESTS, topics.RESULTS, topics.BUDGETS, topics.AUDIT,
-                  topics.HEARTBEATS, topics.ADMIN)
+GATEWAY_TOPICS = (
+    topics.REQUESTS,
+    topics.RESULTS,
+    topics.BUDGETS,
+    topics.AUDIT,
+    topics.HEARTBEATS,
+    topics.ADMIN,
+)
 
 
 async def is_ready(state: GatewayState) -> Readiness:
     broker = False
     if state.producer is not None:
         try:
-            broker = bool(await asyncio.wait_for(
-                state.producer.client.force_metadata_update(), timeout=2.0))
+            broker = bool(
+                await asyncio.wait_for(state.producer.client.force_metadata_update(), timeout=2.0)
+            )
         except Exception:
             broker = False
     try:
@@ -48,8 +55,13 @@ async def is_ready(state: GatewayState) -> Readiness:
         limiter = False
     results = state.correlator.assigned.is_set() and state.correlator.running
     budgets = state.budgets.assigned.is_set() and state.budgets.running
-    return Readiness(ready=broker and results and budgets and limiter, broker=broker,
-                     results_assigned=results, budgets_assigned=budgets, limiter=limiter)
+    return Readiness(
+        ready=broker and results and budgets and limiter,
+        broker=broker,
+        results_assigned=results,
+        budgets_assigned=budgets,
+        limiter=limiter,
+    )
 
 
 def quiet_kafka_client_logs() -> None:
@@ -72,8 +84,9 @@ def create_app(
     quiet_kafka_client_logs()
     verifier = gw.verifier(settings)
     own_limiter = limiter is None
-    results = make_result_store(settings.redis_url, retention_s=gw.result_retention_s,
-                                prefix=gw.redis_prefix)
+    results = make_result_store(
+        settings.redis_url, retention_s=gw.result_retention_s, prefix=gw.redis_prefix
+    )
     state = GatewayState(
         settings=settings,
         gw=gw,
@@ -84,8 +97,9 @@ def create_app(
         correlator=ResultCorrelator(settings),
         budgets=BudgetView(settings),
         nodes=NodeView(settings),
-        request_timeout_s=(request_timeout_s if request_timeout_s is not None
-                           else settings.request_timeout_s),
+        request_timeout_s=(
+            request_timeout_s if request_timeout_s is not None else settings.request_timeout_s
+        ),
         hmac_key=gw.prompt_hmac_key(settings),
         results=results,
         archiver=ResultArchiver(settings, results, group_id=f"{gw.redis_prefix}-results"),
@@ -105,13 +119,17 @@ def create_app(
         await state.archiver.start()
         try:
             await asyncio.wait_for(
-                asyncio.gather(state.correlator.assigned.wait(), state.budgets.assigned.wait(),
-                               state.nodes.assigned.wait()),
+                asyncio.gather(
+                    state.correlator.assigned.wait(),
+                    state.budgets.assigned.wait(),
+                    state.nodes.assigned.wait(),
+                ),
                 timeout=assignment_wait_s,
             )
         except TimeoutError:
-            log.warning("gateway consumers not assigned after %.0fs; /v1/ready says 503",
-                        assignment_wait_s)
+            log.warning(
+                "gateway consumers not assigned after %.0fs; /v1/ready says 503", assignment_wait_s
+            )
         try:
             yield
         finally:
@@ -151,8 +169,7 @@ def create_app(
             state.metrics.requests.labels(name, str(status)).inc()
             state.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
-    @app.get("/v1/health", response_model=Health, response_model_exclude_none=True,
-             tags=["ops"])
+    @app.get("/v1/health", response_model=Health, response_model_exclude_none=True, tags=["ops"])
     async def health() -> Health:
         status = settings.data_dir / "run" / "services.json"  # written by `fedllm up`
         try:
@@ -161,15 +178,21 @@ def create_app(
             services = None
         return Health(status="alive", services=services)
 
-    @app.get("/v1/ready", response_model=Readiness, tags=["ops"],
-             responses={503: {"model": Readiness}})
+    @app.get(
+        "/v1/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
+    )
     async def ready(st: State) -> JSONResponse:
         readiness = await is_ready(st)
-        return JSONResponse(status_code=200 if readiness.ready else 503,
-                            content=readiness.model_dump())
+        return JSONResponse(
+            status_code=200 if readiness.ready else 503, content=readiness.model_dump()
+        )
 
-    @app.get("/metrics", tags=["ops"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}}})
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
     async def metrics(st: State) -> Response:
         return Response(st.metrics.render(), media_type="text/plain; version=0.0.4")
 

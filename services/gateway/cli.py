@@ -12,13 +12,16 @@ from fedllm.common.lifecycle import run_until_signalled, setup_logging
 
 def _main(args: argparse.Namespace) -> int:
     if args.hash_password:
-        from services.gateway.auth import PasswordChecker
+        from fedllm.services.gateway.auth import PasswordChecker
 
-        password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else (
-            getpass.getpass("password: "))
+        password = (
+            sys.stdin.readline().rstrip("\n")
+            if not sys.stdin.isatty()
+            else (getpass.getpass("password: "))
+        )
         sys.stdout.write(PasswordChecker().hash(password) + "\n")
         return 0
-    from services.gateway.service import run
+    from fedllm.services.gateway.service import run
 
     settings = Settings()
     setup_logging("gateway")
@@ -33,8 +36,8 @@ def _retire(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry
 
-    from services.gateway.cached_answers import make_answer_cache
-    from services.gateway.settings import GatewaySettings
+    from fedllm.services.gateway.cached_answers import make_answer_cache
+    from fedllm.services.gateway.settings import GatewaySettings
 
     settings = Settings()
     cache = make_answer_cache(settings, GatewaySettings(), CollectorRegistry())
@@ -55,13 +58,18 @@ def _retire(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("gateway", help="serve the HTTP gateway")
-    parser.add_argument("--hash-password", action="store_true",
-                        help="read a password from stdin and print its argon2 hash")
+    parser.add_argument(
+        "--hash-password",
+        action="store_true",
+        help="read a password from stdin and print its argon2 hash",
+    )
     parser.set_defaults(func=_main)
     cache = sub.add_parser("cache", help="the gateway's DP answer cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
-    retire = cache_sub.add_parser("retire", help="retire a hospital's cached releases "
-                                  "(run after an erasure or new data)")
-    retire.add_argument("--hospital", action="append", required=True,
-                        help="hospital id (repeatable)")
+    retire = cache_sub.add_parser(
+        "retire", help="retire a hospital's cached releases (run after an erasure or new data)"
+    )
+    retire.add_argument(
+        "--hospital", action="append", required=True, help="hospital id (repeatable)"
+    )
     retire.set_defaults(func=_retire)

@@ -60,8 +60,9 @@ class _AssignedReader:
         return self._task is not None and not self._task.done()
 
     async def _assign(self) -> AIOKafkaConsumer:
-        overrides = ({} if self.fetch_max_wait_ms is None
-                     else {"fetch_max_wait_ms": self.fetch_max_wait_ms})
+        overrides = (
+            {} if self.fetch_max_wait_ms is None else {"fetch_max_wait_ms": self.fetch_max_wait_ms}
+        )
         consumer = make_consumer(self.settings, group_id=None, **overrides)
         await consumer.start()
         try:
@@ -113,8 +114,9 @@ class _AssignedReader:
             record = codec.decode_expect(self.schema, msg.value, msg.headers)
         except codec.DecodeError as exc:
             # Not dead-lettered here: every gateway reads every record; skipping is enough.
-            log.warning("skipping undecodable %s[%d]@%d: %s", msg.topic, msg.partition,
-                        msg.offset, exc)
+            log.warning(
+                "skipping undecodable %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc
+            )
             return
         if self.traced:  # the last hop of the request's trace
             with tracing.span(f"gateway {self.topic}", msg.headers):
@@ -138,8 +140,9 @@ class ResultCorrelator(_AssignedReader):
     traced = True
     schema = "InferenceResult"
 
-    def __init__(self, settings: Settings, *, orphan_capacity: int = 4096,
-                 orphan_ttl_s: float = 60.0) -> None:
+    def __init__(
+        self, settings: Settings, *, orphan_capacity: int = 4096, orphan_ttl_s: float = 60.0
+    ) -> None:
         super().__init__(settings)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._orphans: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
@@ -264,6 +267,11 @@ class NodeView(_AssignedReader):
     def snapshot(self, now_ms: int) -> list[dict[str, Any]]:
         """Every known node, sorted by hospital id, with `alive` against `node_ttl_s`."""
         ttl_ms = int(self.settings.node_ttl_s * 1000)
-        return [{**rec, "last_seen_ms": rec["sent_at_ms"],
-                 "alive": now_ms - rec["sent_at_ms"] <= ttl_ms}
-                for _, rec in sorted(self.nodes.items())]
+        return [
+            {
+                **rec,
+                "last_seen_ms": rec["sent_at_ms"],
+                "alive": now_ms - rec["sent_at_ms"] <= ttl_ms,
+            }
+            for _, rec in sorted(self.nodes.items())
+        ]

@@ -14,13 +14,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fedllm.common import audit
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus
-from services.gateway.answer_cache import AnswerCache
-from services.gateway.auth import AuthError, PasswordChecker, Principal, TokenVerifier
-from services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.ratelimit import RateLimiter
-from services.gateway.results import ResultArchiver, ResultStore
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.answer_cache import AnswerCache
+from fedllm.services.gateway.auth import AuthError, PasswordChecker, Principal, TokenVerifier
+from fedllm.services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
+from fedllm.services.gateway.metrics import GatewayMetrics
+from fedllm.services.gateway.ratelimit import RateLimiter
+from fedllm.services.gateway.results import ResultArchiver, ResultStore
+from fedllm.services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,27 @@ class GatewayState:
     cache: AnswerCache | None = None  # the answer cache; None without Redis or when disabled
     extra: dict[str, Any] = field(default_factory=dict)
 
-    async def audit(self, *, action: str, id_parts: tuple[object, ...] = (),
-                    required: bool = False, **fields: Any) -> None:
+    async def audit(
+        self,
+        *,
+        action: str,
+        id_parts: tuple[object, ...] = (),
+        required: bool = False,
+        **fields: Any,
+    ) -> None:
         """Emit one AuditEvent. `required` events propagate failures (fail closed)."""
         if self.bus is None:
             if required:
                 raise RuntimeError("audit bus not started")
             return
         try:
-            await audit.emit(self.bus, action=action, service=SERVICE,
-                             id_parts=id_parts or (uuid.uuid4().hex,), **fields)
+            await audit.emit(
+                self.bus,
+                action=action,
+                service=SERVICE,
+                id_parts=id_parts or (uuid.uuid4().hex,),
+                **fields,
+            )
         except Exception as exc:
             if required:
                 raise
@@ -90,8 +101,13 @@ async def get_principal(
         except AuthError as exc:
             reason = exc.reason
     state.metrics.denied.labels("auth").inc()
-    await state.audit(action="auth.failed", outcome="denied", reason=reason,
-                      source_address=client_address(request), path=request.url.path)
+    await state.audit(
+        action="auth.failed",
+        outcome="denied",
+        reason=reason,
+        source_address=client_address(request),
+        path=request.url.path,
+    )
     raise HTTPException(
         status_code=401,
         detail=reason,
@@ -102,12 +118,20 @@ async def get_principal(
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-async def deny(state: GatewayState, request: Request, principal: Principal, reason: str,
-               **fields: Any) -> HTTPException:
+async def deny(
+    state: GatewayState, request: Request, principal: Principal, reason: str, **fields: Any
+) -> HTTPException:
     """Audit an RBAC refusal and build the 403 to raise."""
     state.metrics.denied.labels("rbac").inc()
-    await state.audit(action="access.denied", outcome="denied", reason=reason,
-                      user_id=principal.user_id, role=principal.role,
-                      department=principal.department,
-                      source_address=client_address(request), path=request.url.path, **fields)
+    await state.audit(
+        action="access.denied",
+        outcome="denied",
+        reason=reason,
+        user_id=principal.user_id,
+        role=principal.role,
+        department=principal.department,
+        source_address=client_address(request),
+        path=request.url.path,
+        **fields,
+    )
     return HTTPException(status_code=403, detail=reason)

@@ -26,8 +26,13 @@ def safe_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for err in errors:
         loc = [p if isinstance(p, int) else printable(str(p)) for p in err.get("loc", ())]
-        out.append({"type": printable(str(err.get("type", "value_error"))), "loc": loc,
-                    "msg": printable(str(err.get("msg", "invalid value")))})
+        out.append(
+            {
+                "type": printable(str(err.get("type", "value_error"))),
+                "loc": loc,
+                "msg": printable(str(err.get("msg", "invalid value"))),
+            }
+        )
     return out
 
 

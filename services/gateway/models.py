@@ -55,19 +55,40 @@ def inference_body_model(settings: Settings) -> type[InferenceBodyBase]:
     return create_model(
         "InferenceBody",
         __base__=InferenceBodyBase,
-        prompt=(str, Field(min_length=1, max_length=settings.max_prompt_chars,
-                           description="The question; for kind=aggregate a JSON query.")),
-        max_tokens=(JsonInt, Field(default=min(128, settings.max_tokens_limit), ge=1,
-                               le=settings.max_tokens_limit)),
+        prompt=(
+            str,
+            Field(
+                min_length=1,
+                max_length=settings.max_prompt_chars,
+                description="The question; for kind=aggregate a JSON query.",
+            ),
+        ),
+        max_tokens=(
+            JsonInt,
+            Field(default=min(128, settings.max_tokens_limit), ge=1, le=settings.max_tokens_limit),
+        ),
         temperature=(float, Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)),
-        privacy_budget=(float, Field(gt=0.0, le=settings.budget.max_query_epsilon,
-                                     allow_inf_nan=False,
-                                     description="epsilon to spend on this query")),
-        department=(Literal[tuple(departments)] | None,  # type: ignore[valid-type]
-                    Field(default=None, description="defaults to the token's department")),
-        hospitals=(list[Literal[tuple(hospital_ids)]],  # type: ignore[valid-type]
-                   Field(default_factory=list, max_length=len(hospital_ids),
-                         description="empty: the router chooses")),
+        privacy_budget=(
+            float,
+            Field(
+                gt=0.0,
+                le=settings.budget.max_query_epsilon,
+                allow_inf_nan=False,
+                description="epsilon to spend on this query",
+            ),
+        ),
+        department=(
+            Literal[tuple(departments)] | None,  # type: ignore[valid-type]
+            Field(default=None, description="defaults to the token's department"),
+        ),
+        hospitals=(
+            list[Literal[tuple(hospital_ids)]],  # type: ignore[valid-type]
+            Field(
+                default_factory=list,
+                max_length=len(hospital_ids),
+                description="empty: the router chooses",
+            ),
+        ),
     )
 
 
@@ -162,16 +183,21 @@ USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]+$"
 class BudgetResetBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    reason: str = Field(min_length=1, max_length=500, pattern=r"\S",
-                        description="why the budget is reset (kept in the audit trail)")
+    reason: str = Field(
+        min_length=1,
+        max_length=500,
+        pattern=r"\S",
+        description="why the budget is reset (kept in the audit trail)",
+    )
 
     _reason_unicode = field_validator("reason")(_encodable)
 
 
 class UserBudgetReset(BudgetResetBase):
     scope: Literal["user"]
-    subject: str = Field(min_length=1, max_length=128, pattern=USER_ID_PATTERN,
-                         description="the user id")
+    subject: str = Field(
+        min_length=1, max_length=128, pattern=USER_ID_PATTERN, description="the user id"
+    )
 
 
 def budget_reset_body(settings: Settings) -> object:
@@ -181,11 +207,15 @@ def budget_reset_body(settings: Settings) -> object:
         "DepartmentBudgetReset",
         __base__=BudgetResetBase,
         scope=(Literal["department"], ...),
-        subject=(Literal[tuple(departments)],  # type: ignore[valid-type]
-                 Field(description="a configured department")),
+        subject=(
+            Literal[tuple(departments)],  # type: ignore[valid-type]
+            Field(description="a configured department"),
+        ),
     )
-    return Annotated[UserBudgetReset | department_reset,  # type: ignore[valid-type]
-                     Field(discriminator="scope")]
+    return Annotated[
+        UserBudgetReset | department_reset,  # type: ignore[valid-type]
+        Field(discriminator="scope"),
+    ]
 
 
 class BudgetResetAccepted(BaseModel):

@@ -172,11 +172,15 @@ class RedisRateLimiter:
         return Verdict(False, max(1, math.ceil(int(wait_ms) / 1000)), windows[int(idx) - 1].key)
 
     async def count(self, window: Window) -> tuple[int, int]:
-        n, wait_ms = await self._count(keys=[window.key], args=[window.limit, window.window_s * 1000])
+        n, wait_ms = await self._count(
+            keys=[window.key], args=[window.limit, window.window_s * 1000]
+        )
         return int(n), (max(1, math.ceil(int(wait_ms) / 1000)) if int(n) >= window.limit else 0)
 
     async def add(self, window: Window) -> int:
-        return int(await self._add(keys=[window.key], args=[uuid.uuid4().hex, window.window_s * 1000]))
+        return int(
+            await self._add(keys=[window.key], args=[uuid.uuid4().hex, window.window_s * 1000])
+        )
 
     async def clear(self, key: str) -> None:
         await self.client.delete(key)

@@ -122,8 +122,12 @@ class RedisResultStore:
         return v.decode() if v else None
 
     async def put(self, record: dict[str, Any]) -> None:
-        await self.redis.set(f"{self.prefix}:result:{record['request_id']}", json.dumps(record),
-                             nx=True, ex=self.retention_s)
+        await self.redis.set(
+            f"{self.prefix}:result:{record['request_id']}",
+            json.dumps(record),
+            nx=True,
+            ex=self.retention_s,
+        )
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(f"{self.prefix}:result:{request_id}")
@@ -167,8 +171,9 @@ class ResultArchiver:
                     for msgs in batches.values():
                         for msg in msgs:
                             try:
-                                record = codec.decode_expect("InferenceResult", msg.value,
-                                                             msg.headers)
+                                record = codec.decode_expect(
+                                    "InferenceResult", msg.value, msg.headers
+                                )
                             except codec.DecodeError:
                                 continue  # the accountant's DLQ is the place for these
                             await self.store.put(record)

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
-from services.gateway.auth import Principal
-from services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
-from services.gateway.models import (
+from fedllm.services.gateway.auth import Principal
+from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
+from fedllm.services.gateway.models import (
     AdminConfig,
     AuthView,
     BudgetConfigView,
@@ -33,8 +33,8 @@ from services.gateway.models import (
     UserView,
     budget_reset_body,
 )
-from services.gateway.routes_inference import rate_limit
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.routes_inference import rate_limit
+from fedllm.services.gateway.settings import GatewaySettings
 
 REDACTED = "***"
 _SECRET_QUERY_KEYS = ("pass", "secret", "token", "key", "credential", "auth")
@@ -49,8 +49,9 @@ async def require_admin(request: Request, state: State, principal: CurrentPrinci
     """The caller if their role has the `admin` permission; 403 + access.denied otherwise.
     A dependency, so a non-admin is refused before the body is even validated."""
     if not principal.can("admin"):
-        raise await deny(state, request, principal,
-                         f"role {principal.role!r} may not use the admin API")
+        raise await deny(
+            state, request, principal, f"role {principal.role!r} may not use the admin API"
+        )
     return principal
 
 
@@ -72,8 +73,13 @@ def redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, REDACTED if any(s in k.lower() for s in _SECRET_QUERY_KEYS)
-                            else v) for k, v in pairs], safe="*/")
+        query = urlencode(
+            [
+                (k, REDACTED if any(s in k.lower() for s in _SECRET_QUERY_KEYS) else v)
+                for k, v in pairs
+            ],
+            safe="*/",
+        )
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
@@ -85,10 +91,13 @@ def effective_config(settings: Settings, gw: GatewaySettings) -> AdminConfig:
     return AdminConfig(
         mode=settings.mode,
         departments=sorted(budget.department_epsilon),
-        hospitals=[HospitalView(id=h.id, departments=list(h.departments),
-                                population=h.population) for h in settings.hospitals],
+        hospitals=[
+            HospitalView(id=h.id, departments=list(h.departments), population=h.population)
+            for h in settings.hospitals
+        ],
         budget=BudgetConfigView(
-            delta=budget.delta, window_seconds=budget.window_seconds,
+            delta=budget.delta,
+            window_seconds=budget.window_seconds,
             user_epsilon=budget.user_epsilon,
             department_epsilon=dict(budget.department_epsilon),
             max_query_epsilon=budget.max_query_epsilon,
@@ -116,8 +125,12 @@ def effective_config(settings: Settings, gw: GatewaySettings) -> AdminConfig:
             jwt_leeway_s=gw.jwt_leeway_s,
             token_ttl_s=gw.token_ttl_s,
             roles={r: list(p) for r, p in gw.roles.items()},
-            users=[UserView(username=u.username, department=u.department, role=u.role,
-                            disabled=u.disabled) for u in gw.users],
+            users=[
+                UserView(
+                    username=u.username, department=u.department, role=u.role, disabled=u.disabled
+                )
+                for u in gw.users
+            ],
         ),
         infrastructure=InfrastructureView(
             kafka_bootstrap=redact_url(settings.kafka_bootstrap),
@@ -131,8 +144,15 @@ def effective_config(settings: Settings, gw: GatewaySettings) -> AdminConfig:
     )
 
 
-async def request_budget_reset(*, state: GatewayState, request: Request, principal: Principal,
-                               scope: str, subject: str, reason: str) -> str:
+async def request_budget_reset(
+    *,
+    state: GatewayState,
+    request: Request,
+    principal: Principal,
+    scope: str,
+    subject: str,
+    reason: str,
+) -> str:
     """Audit (fail closed), then publish one BudgetAdjustment; returns its id."""
     address = client_address(request)
     await rate_limit(state=state, user_id=principal.user_id, address=address)
@@ -152,10 +172,19 @@ async def request_budget_reset(*, state: GatewayState, request: Request, princip
     }
     try:
         await state.audit(
-            action="admin.budget_reset_requested", id_parts=(adjustment_id,), required=True,
-            request_id=adjustment_id, user_id=principal.user_id, role=principal.role,
-            department=principal.department, source_address=address, outcome="accepted",
-            reason=reason, scope=scope, subject=subject, adjustment_id=adjustment_id,
+            action="admin.budget_reset_requested",
+            id_parts=(adjustment_id,),
+            required=True,
+            request_id=adjustment_id,
+            user_id=principal.user_id,
+            role=principal.role,
+            department=principal.department,
+            source_address=address,
+            outcome="accepted",
+            reason=reason,
+            scope=scope,
+            subject=subject,
+            adjustment_id=adjustment_id,
         )
         await state.bus.send(topics.ADMIN, "BudgetAdjustment", record, key=subject)
     except Exception:
@@ -171,16 +200,22 @@ def build_router(settings: Settings) -> APIRouter:
     async def list_nodes(state: State, principal: AdminPrincipal) -> list[NodeInfo]:
         """Hospital nodes this gateway has heard from (their latest heartbeat each)."""
         fields = NodeInfo.model_fields
-        return [NodeInfo(**{k: v for k, v in node.items() if k in fields})
-                for node in state.nodes.snapshot(now_ms())]
+        return [
+            NodeInfo(**{k: v for k, v in node.items() if k in fields})
+            for node in state.nodes.snapshot(now_ms())
+        ]
 
     @router.get("/v1/admin/config", response_model=AdminConfig, responses=AUTH_RESPONSES)
-    async def read_config(request: Request, state: State,
-                          principal: AdminPrincipal) -> AdminConfig:
+    async def read_config(request: Request, state: State, principal: AdminPrincipal) -> AdminConfig:
         """The effective non-secret configuration: budgets, departments, hospitals, limits."""
-        await state.audit(action="admin.config_read", user_id=principal.user_id,
-                          role=principal.role, department=principal.department,
-                          source_address=client_address(request), outcome="allowed")
+        await state.audit(
+            action="admin.config_read",
+            user_id=principal.user_id,
+            role=principal.role,
+            department=principal.department,
+            source_address=client_address(request),
+            outcome="allowed",
+        )
         return effective_config(state.settings, state.gw)
 
     @router.post(
@@ -196,14 +231,20 @@ def build_router(settings: Settings) -> APIRouter:
         },
     )
     async def reset_budget(
-        request: Request, state: State, principal: AdminPrincipal,
+        request: Request,
+        state: State,
+        principal: AdminPrincipal,
         body: reset_body,  # type: ignore[valid-type]
     ) -> BudgetResetAccepted:
         """Request a reset of a user's or a department's budget in the current window. The
         accountant applies it; the request is audited before it is published."""
         adjustment_id = await request_budget_reset(
-            state=state, request=request, principal=principal,
-            scope=body.scope, subject=body.subject, reason=body.reason,
+            state=state,
+            request=request,
+            principal=principal,
+            scope=body.scope,
+            subject=body.subject,
+            reason=body.reason,
         )
         return BudgetResetAccepted(adjustment_id=adjustment_id)
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
-from services.gateway.auth import Principal
-from services.gateway.deps import CurrentPrincipal, GatewayState, State, deny
-from services.gateway.models import BudgetResponse, ErrorBody
+from fedllm.services.gateway.auth import Principal
+from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, deny
+from fedllm.services.gateway.models import BudgetResponse, ErrorBody
 
 router = APIRouter(tags=["budget"])
 
@@ -33,7 +33,9 @@ def _known_department(state: GatewayState, user_id: str, principal: Principal) -
     return user.department if user is not None else ""
 
 
-def budget_of(*, state: GatewayState, user_id: str, department: str, now_s: float) -> BudgetResponse:
+def budget_of(
+    *, state: GatewayState, user_id: str, department: str, now_s: float
+) -> BudgetResponse:
     budget = state.settings.budget
     snapshot = _current(state.budgets.user_to_status.get(user_id), now_s)
     dept_status = _current(state.budgets.department_to_status.get(department), now_s)
@@ -44,8 +46,12 @@ def budget_of(*, state: GatewayState, user_id: str, department: str, now_s: floa
     if snapshot is None:
         window = budget.window_seconds
         return BudgetResponse(
-            user_id=user_id, department=department, limit=budget.user_epsilon, spent=0.0,
-            remaining=budget.user_epsilon, department_remaining=dept_remaining,
+            user_id=user_id,
+            department=department,
+            limit=budget.user_epsilon,
+            spent=0.0,
+            remaining=budget.user_epsilon,
+            department_remaining=dept_remaining,
             window_start=int(now_s // window * window),
         )
     return BudgetResponse(
@@ -71,10 +77,14 @@ async def read_budget(
     allowed = (
         (user_id == principal.user_id and principal.can("budget.read.self"))
         or principal.can("budget.read.any")
-        or (principal.can("budget.read.department") and department
-            and department == principal.department)
+        or (
+            principal.can("budget.read.department")
+            and department
+            and department == principal.department
+        )
     )
     if not allowed:
-        raise await deny(state, request, principal, "may not read another user's budget",
-                         target_user=user_id)
+        raise await deny(
+            state, request, principal, "may not read another user's budget", target_user=user_id
+        )
     return budget_of(state=state, user_id=user_id, department=department, now_s=time.time())

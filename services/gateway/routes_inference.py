@@ -17,9 +17,9 @@ from fedllm.common import logs, topics
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
-from services.gateway.cached_answers import request_key, serve_hit
-from services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
-from services.gateway.models import (
+from fedllm.services.gateway.cached_answers import request_key, serve_hit
+from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
+from fedllm.services.gateway.models import (
     BudgetRefused,
     ErrorBody,
     InferenceBodyBase,
@@ -27,7 +27,7 @@ from services.gateway.models import (
     Pending,
     TimedOut,
 )
-from services.gateway.ratelimit import Window
+from fedllm.services.gateway.ratelimit import Window
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,20 @@ async def authorise(
     """RBAC and department checks; returns the department the query runs for."""
     needed = "query" if body.kind == "generate" else "aggregate"
     if not principal.can(needed):
-        raise await deny(state, request, principal,
-                         f"role {principal.role!r} may not run {body.kind} queries")
+        raise await deny(
+            state, request, principal, f"role {principal.role!r} may not run {body.kind} queries"
+        )
     department = body.department or principal.department
     if department not in state.settings.budget.department_epsilon:
         raise HTTPException(422, f"department {department!r} is not configured")
     if department != principal.department:
-        raise await deny(state, request, principal,
-                         "queries may only be made for the caller's own department",
-                         requested_department=department)
+        raise await deny(
+            state,
+            request,
+            principal,
+            "queries may only be made for the caller's own department",
+            requested_department=department,
+        )
     if body.kind == "aggregate":
         try:
             query = json.loads(body.prompt)
@@ -69,9 +74,13 @@ async def authorise(
             banned = {f.lower() for f in state.gw.identifying_fields}
             named = identifying_terms(query, banned)
             if named:
-                raise await deny(state, request, principal,
-                                 "role may only use de-identified fields; query names "
-                                 + ", ".join(sorted(named)))
+                raise await deny(
+                    state,
+                    request,
+                    principal,
+                    "role may only use de-identified fields; query names "
+                    + ", ".join(sorted(named)),
+                )
     return department
 
 
@@ -88,10 +97,16 @@ async def rate_limit(*, state: GatewayState, user_id: str, address: str) -> None
     if not verdict.allowed:
         scope = "user" if verdict.blocked_key == windows[0].key else "address"
         state.metrics.denied.labels("rate_limit").inc()
-        await state.audit(action="rate.limited", outcome="denied", user_id=user_id,
-                          source_address=address, reason=f"{scope} rate limit exceeded")
-        raise HTTPException(429, f"{scope} rate limit exceeded",
-                            headers={"Retry-After": str(verdict.retry_after_s)})
+        await state.audit(
+            action="rate.limited",
+            outcome="denied",
+            user_id=user_id,
+            source_address=address,
+            reason=f"{scope} rate limit exceeded",
+        )
+        raise HTTPException(
+            429, f"{scope} rate limit exceeded", headers={"Retry-After": str(verdict.retry_after_s)}
+        )
 
 
 def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
@@ -99,24 +114,38 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
 
     @router.post("/v1/inference", response_model=InferenceResponse, responses=RESPONSES)
     async def create_inference(
-        request: Request, state: State, principal: CurrentPrincipal, body: body_model,  # type: ignore[valid-type]
-        idempotency_key: Annotated[str | None, Header(
-            min_length=1, max_length=200,
-            description="same key and caller → the same request, charged once; its result "
-                        "is returned again (or awaited) instead of running a new request")] = None,
+        request: Request,
+        state: State,
+        principal: CurrentPrincipal,
+        body: body_model,  # type: ignore[valid-type]
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                min_length=1,
+                max_length=200,
+                description="same key and caller → the same request, charged once; its result "
+                "is returned again (or awaited) instead of running a new request",
+            ),
+        ] = None,
     ) -> Any:
         started = time.monotonic()
         address = client_address(request)
-        department = await authorise(state=state, request=request, principal=principal,
-                                     body=body)
+        department = await authorise(state=state, request=request, principal=principal, body=body)
         await rate_limit(state=state, user_id=principal.user_id, address=address)
         cache_key = request_key(state, body, department)  # None: no answer cache
         if cache_key is not None and state.cache is not None:
             hit = await state.cache.lookup(cache_key, wait_s=state.request_timeout_s / 2)
             if hit is not None:
-                return await serve_hit(state=state, cache=state.cache, principal=principal,
-                                       department=department, address=address, body=body,
-                                       hit=hit, started=started)
+                return await serve_hit(
+                    state=state,
+                    cache=state.cache,
+                    principal=principal,
+                    department=department,
+                    address=address,
+                    body=body,
+                    hit=hit,
+                    started=started,
+                )
 
         settings = state.settings
         request_id = str(uuid.uuid4())
@@ -145,8 +174,9 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             raise HTTPException(503, "broker unavailable")
         try:
             if idempotency_key is not None:
-                bound = await state.results.claim(user_id=principal.user_id,
-                                                  key=idempotency_key, request_id=request_id)
+                bound = await state.results.claim(
+                    user_id=principal.user_id, key=idempotency_key, request_id=request_id
+                )
                 if bound != request_id:  # a retry: the same request, never a second charge
                     return await _collect(state, bound, started)
             await state.results.set_owner(request_id, principal.user_id)
@@ -159,9 +189,13 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
                 # The caller's own bearer token travels with the event: the accountant
                 # verifies it again before it reserves anything.
                 credential = request.headers.get("authorization", "").encode()
-                await state.bus.send(topics.REQUESTS, "InferenceRequest", record,
-                                     key=principal.user_id,
-                                     headers=[(CREDENTIAL_HEADER, credential)])
+                await state.bus.send(
+                    topics.REQUESTS,
+                    "InferenceRequest",
+                    record,
+                    key=principal.user_id,
+                    headers=[(CREDENTIAL_HEADER, credential)],
+                )
             except Exception:
                 if idempotency_key is not None:  # nothing was sent: the key may be reused
                     await state.results.release(user_id=principal.user_id, key=idempotency_key)
@@ -169,29 +203,44 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             # Audited only once the request is on its way, so every received request reaches
             # a terminal audit record (the accountant's).
             await state.audit(
-                action="request.received", id_parts=(request_id,),
-                request_id=request_id, user_id=principal.user_id, role=principal.role,
-                department=department, source_address=address, outcome="accepted",
-                epsilon=body.privacy_budget, delta=settings.budget.delta,
-                prompt_hmac=prompt_hmac(state.hmac_key, body.prompt), kind=body.kind,
+                action="request.received",
+                id_parts=(request_id,),
+                request_id=request_id,
+                user_id=principal.user_id,
+                role=principal.role,
+                department=department,
+                source_address=address,
+                outcome="accepted",
+                epsilon=body.privacy_budget,
+                delta=settings.budget.delta,
+                prompt_hmac=prompt_hmac(state.hmac_key, body.prompt),
+                kind=body.kind,
             )
             result = await _await_result(state, request_id, future, started)
         finally:
             state.correlator.discard(request_id)
             state.metrics.in_flight.dec()
             if cache_key is not None and state.cache is not None:  # store an ok release
-                await state.cache.settle(cache_key, result if isinstance(result, dict) else None,
-                                         epsilon=body.privacy_budget)
+                await state.cache.settle(
+                    cache_key,
+                    result if isinstance(result, dict) else None,
+                    epsilon=body.privacy_budget,
+                )
         if isinstance(result, JSONResponse):
             return result
         with contextlib.suppress(Exception):  # the archiver stores it too
             await state.results.put(result)
         return _respond(state, request_id, result, started)
 
-    @router.get("/v1/inference/{request_id}", response_model=InferenceResponse,
-                responses={**RESPONSES, 202: {"model": Pending,
-                                              "description": "accepted, not finished yet"},
-                           404: {"model": ErrorBody, "description": "no such request of yours"}})
+    @router.get(
+        "/v1/inference/{request_id}",
+        response_model=InferenceResponse,
+        responses={
+            **RESPONSES,
+            202: {"model": Pending, "description": "accepted, not finished yet"},
+            404: {"model": ErrorBody, "description": "no such request of yours"},
+        },
+    )
     async def get_inference(request_id: str, state: State, principal: CurrentPrincipal) -> Any:
         """The terminal result of one of the caller's requests (kept `result_retention_s`)."""
         try:
@@ -202,15 +251,15 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         if record is not None and record["user_id"] == principal.user_id:
             return _respond(state, request_id, record, time.monotonic())
         if owner == principal.user_id:
-            return JSONResponse(status_code=202, content={"request_id": request_id,
-                                                          "status": "pending"})
+            return JSONResponse(
+                status_code=202, content={"request_id": request_id, "status": "pending"}
+            )
         raise HTTPException(404, "no such request")
 
     return router
 
 
-async def _await_result(state: GatewayState, request_id: str, future: Any,
-                        started: float) -> Any:
+async def _await_result(state: GatewayState, request_id: str, future: Any, started: float) -> Any:
     """The terminal result, or a 504 carrying the request id (collect it later by GET)."""
     remaining = state.request_timeout_s - (time.monotonic() - started)
     try:
@@ -219,8 +268,11 @@ async def _await_result(state: GatewayState, request_id: str, future: Any,
         state.metrics.inference.labels("gateway_timeout").inc()
         return JSONResponse(
             status_code=504,
-            content={"detail": "no result before the gateway deadline; collect it with "
-                               f"GET /v1/inference/{request_id}", "request_id": request_id},
+            content={
+                "detail": "no result before the gateway deadline; collect it with "
+                f"GET /v1/inference/{request_id}",
+                "request_id": request_id,
+            },
         )
 
 
@@ -232,8 +284,11 @@ async def _collect(state: GatewayState, request_id: str, started: float) -> Any:
     future = state.correlator.register(request_id)
     try:
         stored = await state.results.get(request_id)  # archived while we registered
-        result = stored if stored is not None else await _await_result(
-            state, request_id, future, started)
+        result = (
+            stored
+            if stored is not None
+            else await _await_result(state, request_id, future, started)
+        )
     finally:
         state.correlator.discard(request_id)
     if isinstance(result, JSONResponse):
@@ -243,8 +298,9 @@ async def _collect(state: GatewayState, request_id: str, started: float) -> Any:
 
 def _respond(state: GatewayState, request_id: str, result: dict[str, Any], started: float) -> Any:
     status = result["status"]
-    state.metrics.inference.labels(status if status in {"ok", "rejected", "failed", "timeout"}
-                                   else "unknown").inc()
+    state.metrics.inference.labels(
+        status if status in {"ok", "rejected", "failed", "timeout"} else "unknown"
+    ).inc()
     log.info("inference finished: %s after %.0f ms", status, (time.monotonic() - started) * 1000)
     remaining = result["remaining_budget"]
     if status == "ok":
@@ -261,14 +317,24 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
             tokens=result["tokens"],
         )
     if status == "rejected":
-        return JSONResponse(status_code=403, content={
-            "detail": result["reason"] or "privacy budget refused",
-            "remaining_budget": remaining if remaining >= 0 else None,
-        })
+        return JSONResponse(
+            status_code=403,
+            content={
+                "detail": result["reason"] or "privacy budget refused",
+                "remaining_budget": remaining if remaining >= 0 else None,
+            },
+        )
     if status == "timeout":
-        return JSONResponse(status_code=504, content={
-            "detail": result["reason"] or "the request timed out", "request_id": request_id,
-        })
-    return JSONResponse(status_code=502, content={
-        "detail": result["reason"] or f"request {status}",
-    })
+        return JSONResponse(
+            status_code=504,
+            content={
+                "detail": result["reason"] or "the request timed out",
+                "request_id": request_id,
+            },
+        )
+    return JSONResponse(
+        status_code=502,
+        content={
+            "detail": result["reason"] or f"request {status}",
+        },
+    )

@@ -12,8 +12,8 @@ import uvicorn
 
 from fedllm.common.config import Settings
 from fedllm.common.lifecycle import clear_ready, mark_ready
-from services.gateway.app import create_app, is_ready
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.app import create_app, is_ready
+from fedllm.services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ def make_server(
     return uvicorn.Server(config)
 
 
-async def run(settings: Settings, *, stop: asyncio.Event,
-              gateway_settings: GatewaySettings | None = None) -> None:
+async def run(
+    settings: Settings, *, stop: asyncio.Event, gateway_settings: GatewaySettings | None = None
+) -> None:
     """Serve until `stop` is set; writes the readiness marker once consumers are assigned."""
     settings.require_jwt_secret()  # refuse a placeholder secret before opening a port
     server = make_server(settings, gateway_settings=gateway_settings)
@@ -72,8 +73,12 @@ async def run(settings: Settings, *, stop: asyncio.Event,
         while not (await is_ready(state)).ready:
             await asyncio.sleep(0.2)
         mark_ready(settings, "gateway")
-        log.info("gateway ready on %s:%d (tls=%s)", server.config.host, server.config.port,
-                 bool(server.config.ssl_certfile))
+        log.info(
+            "gateway ready on %s:%d (tls=%s)",
+            server.config.host,
+            server.config.port,
+            bool(server.config.ssl_certfile),
+        )
 
     readiness = asyncio.create_task(watch_ready(), name="gateway-ready")
     stopping = asyncio.create_task(stop.wait())

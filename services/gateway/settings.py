@@ -40,7 +40,9 @@ class UserRecord(BaseModel):
     @classmethod
     def _argon2_only(cls, v: str) -> str:
         if not v.startswith("$argon2"):
-            raise ValueError("password_hash must be an argon2 hash (see `fedllm gateway --hash-password`)")
+            raise ValueError(
+                "password_hash must be an argon2 hash (see `fedllm gateway --hash-password`)"
+            )
         return v
 
 
@@ -105,8 +107,9 @@ class GatewaySettings(IdentitySettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return layered_sources(settings_cls, init_settings, env_settings, file_secret_settings,
-                               section="gateway")
+        return layered_sources(
+            settings_cls, init_settings, env_settings, file_secret_settings, section="gateway"
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySettings:

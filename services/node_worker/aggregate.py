@@ -12,7 +12,7 @@ Query (the request's prompt when ``kind == "aggregate"``; a dict or its JSON tex
      "max_per_patient": 8}      # optional, histogram: contribution cap K
 
 Neighbouring relation: one person (all of their records) added or removed. Each patient is one
-row (:mod:`services.node_worker.cohort`) and a person (a mother and her newborn are one) counts
+row (:mod:`fedllm.services.node_worker.cohort`) and a person (a mother and her newborn are one) counts
 through one matching row only, so every release below has a stated sensitivity:
 
 * ``count``: number of matching patients, Δ = 1.
@@ -47,7 +47,7 @@ import numpy as np
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.mechanisms import noisy_count, sample_discrete_gaussian
 from fedllm.privacy.rdp import rho_for_epsilon
-from services.node_worker.cohort import (
+from fedllm.services.node_worker.cohort import (
     Cohort,
     PatientRecord,
     VocabEntry,

@@ -8,12 +8,12 @@ answer, not once per token:
    "A or B?" questions, the two candidates. No records are read.
 2. **Per-group votes (private, one function per group).** The hospital's notes are split into
    m disjoint patient groups by the keyed hash of the patient id
-   (:func:`services.node_worker.records.partition`); m scales with the hospital
+   (:func:`fedllm.services.node_worker.records.partition`); m scales with the hospital
    (:func:`groups_for`). Group i looks only at its own notes: the patients whose notes name
    every conditioning entity; among them, each entity of the asked kind is counted once per
    patient; the group names its ≤ K most frequent entities (ties by key). This "draft" is
    entity extraction over the group's own notes against the public ICD-10 / RxNorm lexicon
-   (:mod:`services.node_worker.entities`) — cheap on a CPU, where an LM draft per group is not.
+   (:mod:`fedllm.services.node_worker.entities`) — cheap on a CPU, where an LM draft per group is not.
 3. **Release.** The vote histogram over the public vocabulary with exact discrete Gaussian
    noise, L2 sensitivity √(2K) (:mod:`fedllm.privacy.entity_histogram`).
 4. **Answer.** Text written from the released ranking and public parameters only.
@@ -36,12 +36,16 @@ import numpy as np
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.entity_histogram import release_entity_votes
 from fedllm.privacy.rdp import DEFAULT_ORDERS
-from services.node_worker.cohort import diagnosis_vocabulary, medication_vocabulary
-from services.node_worker.entities import EntityKind, display_name, find_entities
-from services.node_worker.records import Note, partition
+from fedllm.services.node_worker.cohort import diagnosis_vocabulary, medication_vocabulary
+from fedllm.services.node_worker.entities import EntityKind, display_name, find_entities
+from fedllm.services.node_worker.records import Note, partition
 
 __all__ = [
-    "AnswerPlan", "EntityAnswer", "EntityAnswerer", "groups_for", "groups_for_population",
+    "AnswerPlan",
+    "EntityAnswer",
+    "EntityAnswerer",
+    "groups_for",
+    "groups_for_population",
     "plan_question",
 ]
 
@@ -175,7 +179,11 @@ class EntityAnswerer:
             for g in range(self.groups)
         ]
         rel = release_entity_votes(
-            votes, vocab_size=len(vocab), max_entities=max_entities, rho=rho, rng=rng,
+            votes,
+            vocab_size=len(vocab),
+            max_entities=max_entities,
+            rho=rho,
+            rng=rng,
             orders=orders,
         )
         if plan.candidates:  # post-processing: rank only the two named candidates
@@ -183,10 +191,17 @@ class EntityAnswerer:
             ranked = tuple(sorted(cands, key=lambda kv: (-kv[1], kv[0])))
         else:
             ranked = tuple((vocab[i], c) for i, c in rel.ranked(top))
-        text = render(plan, ranked, sigma=rel.sigma, groups=self.groups, epsilon=epsilon,
-                      delta=delta)
-        return EntityAnswer(text=text, ranked=ranked, sigma=rel.sigma, groups=self.groups,
-                            curve=rel.curve, kind=plan.kind)
+        text = render(
+            plan, ranked, sigma=rel.sigma, groups=self.groups, epsilon=epsilon, delta=delta
+        )
+        return EntityAnswer(
+            text=text,
+            ranked=ranked,
+            sigma=rel.sigma,
+            groups=self.groups,
+            curve=rel.curve,
+            kind=plan.kind,
+        )
 
 
 def render(
@@ -202,15 +217,23 @@ def render(
     names = [display_name(k, plan.kind) for k, _ in ranked]
     noun = "diagnosis" if plan.kind == "diagnosis" else "medication"
     if plan.candidates:
-        body = (f"{names[0]} is more common than {names[1]} in this hospital's notes "
-                f"(noisy group votes {ranked[0][1]} vs {ranked[1][1]}).")
+        body = (
+            f"{names[0]} is more common than {names[1]} in this hospital's notes "
+            f"(noisy group votes {ranked[0][1]} vs {ranked[1][1]})."
+        )
     else:
-        given = " and ".join(("on " if kind == "medication" else "with ") + display_name(k, kind)
-                             for k, kind in plan.given)
+        given = " and ".join(
+            ("on " if kind == "medication" else "with ") + display_name(k, kind)
+            for k, kind in plan.given
+        )
         among = f" among patients {given}" if given else ""
         rest = f", followed by {', '.join(names[1:])}" if len(names) > 1 else ""
-        body = (f"The most frequent {noun}{among} in this hospital's notes is {names[0]}{rest} "
-                f"(noisy votes of {groups} patient groups: "
-                f"{', '.join(str(c) for _, c in ranked)}).")
-    return (f"{body} Answer-level differential privacy: one release over {groups} groups, "
-            f"noise s.d. {sigma:.2g}, ε={epsilon:g}, δ={delta:g}.")
+        body = (
+            f"The most frequent {noun}{among} in this hospital's notes is {names[0]}{rest} "
+            f"(noisy votes of {groups} patient groups: "
+            f"{', '.join(str(c) for _, c in ranked)})."
+        )
+    return (
+        f"{body} Answer-level differential privacy: one release over {groups} groups, "
+        f"noise s.d. {sigma:.2g}, ε={epsilon:g}, δ={delta:g}."
+    )

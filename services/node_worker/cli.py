@@ -24,16 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _ledger(args: argparse.Namespace) -> int:
     from fedllm.privacy.accountant import PrivacyCurve
     from fedllm.privacy.rdp import rho_for_epsilon
-    from services.node_worker.engine import clinosim_dir, open_ledger
-    from services.node_worker.records import load_notes, person_of
-    from services.node_worker.settings import NodeSettings
+    from fedllm.services.node_worker.engine import clinosim_dir, open_ledger
+    from fedllm.services.node_worker.records import load_notes, person_of
+    from fedllm.services.node_worker.settings import NodeSettings
 
     settings = Settings()
     settings.hospital(args.hospital)
     node = NodeSettings()
     notes_dir = clinosim_dir(settings, args.hospital)
-    persons = len({person_of(n.patient_id) for n in load_notes(notes_dir)}) if (
-        notes_dir.exists()) else 1
+    persons = (
+        len({person_of(n.patient_id) for n in load_notes(notes_dir)}) if (notes_dir.exists()) else 1
+    )
     delta = node.node_delta(persons=persons)
     ledger = open_ledger(settings, args.hospital, node, delta=delta)
     s = ledger.summary(query_rho=rho_for_epsilon(epsilon=node.max_query_epsilon, delta=delta))
@@ -42,16 +43,20 @@ def _ledger(args: argparse.Namespace) -> int:
         return PrivacyCurve.from_rho(rho).epsilon(delta=delta) if rho > 0 else 0.0
 
     print(f"hospital {s.hospital_id}: internal figures, never released to requesters")
-    print(f"lifetime spend   rho={s.rho_spent:.6g}  (eps {eps(s.rho_spent):.4g} at delta {delta:g})")
+    print(
+        f"lifetime spend   rho={s.rho_spent:.6g}  (eps {eps(s.rho_spent):.4g} at delta {delta:g})"
+    )
     print(f"lifetime cap     rho={s.rho_cap:.6g}  (eps {eps(s.rho_cap):.4g} at delta {delta:g})")
     print(f"persons charged  {s.persons_charged} of {persons}")
-    print(f"persons at cap   {s.persons_at_cap}  (cap eps {node.person_epsilon:g}: cannot take "
-          f"one more query of eps {node.max_query_epsilon:g})")
+    print(
+        f"persons at cap   {s.persons_at_cap}  (cap eps {node.person_epsilon:g}: cannot take "
+        f"one more query of eps {node.max_query_epsilon:g})"
+    )
     return 0
 
 
 def _main(args: argparse.Namespace) -> int:
-    from services.node_worker.service import run
+    from fedllm.services.node_worker.service import run
 
     settings = Settings()
     hospital_id = args.hospital

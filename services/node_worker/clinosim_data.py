@@ -22,7 +22,11 @@ def estimate_seconds(population: int) -> float:
 
 
 def ensure_clinosim(
-    out_dir: Path, *, seed: int, population: int, progress: bool = False,
+    out_dir: Path,
+    *,
+    seed: int,
+    population: int,
+    progress: bool = False,
     stream: TextIO | None = None,
 ) -> Path:
     """Generate clinosim output into `out_dir` unless it is there with the same seed and
@@ -41,11 +45,24 @@ def ensure_clinosim(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("clinosim") or str(Path(sys.executable).with_name("clinosim"))
-    cmd = [exe, "simulate", "--country", "US", "--population", str(population),
-           "--seed", str(seed), "--output", str(tmp), "--format", "fhir-r4"]
+    cmd = [
+        exe,
+        "simulate",
+        "--country",
+        "US",
+        "--population",
+        str(population),
+        "--seed",
+        str(seed),
+        "--output",
+        str(tmp),
+        "--format",
+        "fhir-r4",
+    ]
     if progress:
-        _run_with_progress(cmd, label=out_dir.parent.name, population=population,
-                           stream=stream or sys.stderr)
+        _run_with_progress(
+            cmd, label=out_dir.parent.name, population=population, stream=stream or sys.stderr
+        )
     else:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -69,15 +86,24 @@ def _run_with_progress(cmd: list[str], *, label: str, population: int, stream: T
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     t0 = time.monotonic()
-    print(f"generating {label}: clinosim population {population}, estimated "
-          f"{_mmss(est)} (once; cached afterwards)", file=stream, flush=True)
+    print(
+        f"generating {label}: clinosim population {population}, estimated "
+        f"{_mmss(est)} (once; cached afterwards)",
+        file=stream,
+        flush=True,
+    )
     while proc.poll() is None:
         time.sleep(1.0)
         el = time.monotonic() - t0
         frac = min(el / est, 0.99)
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        print(f"\r  [{bar}] {100 * frac:3.0f} % {_mmss(el)} of ~{_mmss(max(est, el))} "
-              f"({stage[0]})\x1b[K", end="", file=stream, flush=True)
+        print(
+            f"\r  [{bar}] {100 * frac:3.0f} % {_mmss(el)} of ~{_mmss(max(est, el))} "
+            f"({stage[0]})\x1b[K",
+            end="",
+            file=stream,
+            flush=True,
+        )
     reader.join(timeout=5)
     print(f"\r  done in {_mmss(time.monotonic() - t0)}\x1b[K", file=stream, flush=True)
     if proc.returncode:

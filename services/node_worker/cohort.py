@@ -1,7 +1,7 @@
 """A hospital's structured records as a small per-patient table, read from clinosim FHIR output.
 
 Source: ``<cohort_dir>/fhir_r4/*.ndjson`` written by ``clinosim simulate --format fhir-r4``
-(see :func:`services.node_worker.clinosim_data.ensure_clinosim`): ``Patient`` (sex, birth
+(see :func:`fedllm.services.node_worker.clinosim_data.ensure_clinosim`): ``Patient`` (sex, birth
 date), ``Condition`` (ICD-10-CM problem-list items and encounter diagnoses), ``MedicationRequest``
 / ``MedicationAdministration`` / ``MedicationStatement`` (medications) and ``Encounter``.
 Ages are whole years at the generator's ``snapshot_date`` (public generation metadata).
@@ -201,8 +201,14 @@ def _load_cached(fhir: Path, cohort_dir: Path, mtime_ns: int) -> Cohort:
     patients: dict[str, PatientRecord] = {}
     for r in _read_ndjson(fhir / "Patient.ndjson"):
         pid = str(r["id"])
-        slug = next((str(i.get("value", "")) for i in r.get("identifier") or []
-                     if i.get("system") == _SLUG_SYSTEM), "")
+        slug = next(
+            (
+                str(i.get("value", ""))
+                for i in r.get("identifier") or []
+                if i.get("system") == _SLUG_SYSTEM
+            ),
+            "",
+        )
         patients[pid] = PatientRecord(
             person_id=_LINKED_SUFFIX.sub("", slug) if slug else "",
             patient_id=pid,

@@ -2,7 +2,7 @@
 
 Neighbouring relation: one patient's records added or removed. Records are split into ``m``
 disjoint groups by a keyed hash of the patient id and each group retrieves from itself only
-(:mod:`services.node_worker.records`), so a neighbouring dataset changes **at most one** of the
+(:mod:`fedllm.services.node_worker.records`), so a neighbouring dataset changes **at most one** of the
 ``m`` group-conditioned prompts. A further "public" prompt carries no records at all.
 
 Each decoding step runs **two forward passes** (with KV cache), all rows continued with the same
@@ -60,7 +60,7 @@ import torch
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.mechanisms import sample_discrete_gaussian, sample_discrete_laplace
 from fedllm.privacy.rdp import DEFAULT_ORDERS, gaussian_rdp, pure_dp_rdp
-from services.node_worker.settings import MAX_TEMPERATURE, MIN_TEMPERATURE
+from fedllm.services.node_worker.settings import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 Rng = random.Random | np.random.Generator
 
@@ -87,7 +87,6 @@ def check_temperature(temperature: float) -> float:
             f"temperature must be 0 or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]; got {t!r}"
         )
     return t
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +149,9 @@ class Calibration:
         return self.sensitivity**2 / (2 * self.sigma**2)
 
     def token_rdp(self, orders: Sequence[float]) -> np.ndarray:
-        return gaussian_rdp(orders=orders, noise_multiplier=self.sigma, sensitivity=self.sensitivity)
+        return gaussian_rdp(
+            orders=orders, noise_multiplier=self.sigma, sensitivity=self.sensitivity
+        )
 
     def svt_rdp(self, orders: Sequence[float]) -> np.ndarray:
         return pure_dp_rdp(orders=orders, epsilon=self.eps_svt)
@@ -179,7 +180,11 @@ def calibrate(*, rho: float, groups: int, config: DPDecodeConfig) -> Calibration
     sigma = sens / math.sqrt(2.0 * rho_token)
     threshold = round(config.svt_threshold * groups * g)
     return Calibration(
-        groups=groups, granularity=g, sigma=sigma, sensitivity=sens, eps_svt=eps_svt,
+        groups=groups,
+        granularity=g,
+        sigma=sigma,
+        sensitivity=sens,
+        eps_svt=eps_svt,
         threshold=threshold,
     )
 
@@ -209,12 +214,15 @@ class BatchedDecoder:
         ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, longest - len(p):] = 1
+            ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, longest - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
             logits_to_keep=1,  # only the last position's logits: (B, 1, V), not (B, T, V)
         )
         self.past, self.mask = out.past_key_values, mask
@@ -229,8 +237,11 @@ class BatchedDecoder:
         ids = torch.full((b, 1), int(token_id), dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         out = self.model(
-            input_ids=ids, attention_mask=self.mask, position_ids=self.next_pos,
-            past_key_values=self.past, use_cache=True,
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=self.next_pos,
+            past_key_values=self.past,
+            use_cache=True,
         )
         self.past = out.past_key_values
         self.next_pos = self.next_pos + 1
@@ -415,7 +426,9 @@ def dp_decode(
                 agree = _votes(logits, cand, temperature=0.0, granularity=cal.granularity)
                 q = m * cal.granularity - int(agree[:, 0].sum())
                 nu = int(
-                    sample_discrete_laplace(scale=4 * cal.granularity / cal.eps_svt, size=1, rng=rng)[0]
+                    sample_discrete_laplace(
+                        scale=4 * cal.granularity / cal.eps_svt, size=1, rng=rng
+                    )[0]
                 )
                 if q + nu < noisy_threshold:
                     token = int(cand[0])
@@ -427,11 +440,11 @@ def dp_decode(
                     stop_reason = "budget"
                     break
                 spent = spent + token_cost
-                runs.append(
-                    MechanismRun("gaussian", sigma=cal.sigma, sensitivity=cal.sensitivity)
-                )
+                runs.append(MechanismRun("gaussian", sigma=cal.sigma, sensitivity=cal.sensitivity))
                 hist = _votes(
-                    logits, cand, temperature=config.vote_temperature,
+                    logits,
+                    cand,
+                    temperature=config.vote_temperature,
                     granularity=cal.granularity,
                 ).sum(axis=0)
                 noise = sample_discrete_gaussian(sigma=cal.sigma, size=len(hist), rng=rng)
@@ -449,7 +462,15 @@ def dp_decode(
     body = [t for t in released if t not in stop_ids]
     text = detokenize(body) if detokenize is not None else ""
     return DPDecodeResult(
-        token_ids=released, text=text, paid_tokens=paid, free_tokens=free, svt_rounds=rounds,
-        stop_reason=stop_reason, curve=curve, epsilon=eps, delta=delta, runs=runs,
+        token_ids=released,
+        text=text,
+        paid_tokens=paid,
+        free_tokens=free,
+        svt_rounds=rounds,
+        stop_reason=stop_reason,
+        curve=curve,
+        epsilon=eps,
+        delta=delta,
+        runs=runs,
         calibration=cal,
     )

@@ -18,28 +18,28 @@ from typing import Any
 from fedllm.common.config import Settings
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.aggregate import (
+from fedllm.services.node_worker.aggregate import (
     AggregateQuery,
     affected_persons,
     answer_on_cohort,
     parse_query,
     without_persons,
 )
-from services.node_worker.answer_dp import groups_for_population
-from services.node_worker.clinosim_data import ensure_clinosim
-from services.node_worker.cohort import load_cohort
-from services.node_worker.dp_decode import (
+from fedllm.services.node_worker.answer_dp import groups_for_population
+from fedllm.services.node_worker.clinosim_data import ensure_clinosim
+from fedllm.services.node_worker.cohort import load_cohort
+from fedllm.services.node_worker.dp_decode import (
     BatchedDecoder,
     DPDecodeConfig,
     NonFiniteVotes,
     check_temperature,
     dp_decode,
 )
-from services.node_worker.ledger import NodeLedger
-from services.node_worker.model import LoadedModel, load_model
-from services.node_worker.records import HospitalRecords, Note, hospital_key, person_of
-from services.node_worker.settings import NodeSettings
-from services.node_worker.text_routes import TextRoutes
+from fedllm.services.node_worker.ledger import NodeLedger
+from fedllm.services.node_worker.model import LoadedModel, load_model
+from fedllm.services.node_worker.records import HospitalRecords, Note, hospital_key, person_of
+from fedllm.services.node_worker.settings import NodeSettings
+from fedllm.services.node_worker.text_routes import TextRoutes
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def open_ledger(
 ) -> NodeLedger:
     """The hospital's own store, with its caps as zCDP ρ at the node's δ."""
     return NodeLedger(
-        node.store_url(settings, hospital_id), hospital_id=hospital_id,
+        node.store_url(settings, hospital_id),
+        hospital_id=hospital_id,
         rho_cap=rho_for_epsilon(epsilon=node.lifetime_epsilon, delta=delta),
         person_rho_cap=rho_for_epsilon(epsilon=node.person_epsilon, delta=delta),
     )
@@ -87,12 +88,17 @@ def failed(reason: str, **extra: Any) -> dict[str, Any]:
     return {"status": "failed", "reason": reason, "is_private": False, **extra}
 
 
-def failed_charged(reason: str, *, rho: float, delta: float, orders: Sequence[float]) -> dict[str, Any]:
+def failed_charged(
+    reason: str, *, rho: float, delta: float, orders: Sequence[float]
+) -> dict[str, Any]:
     """A failure after a mechanism started: nothing released, the full reservation charged."""
     curve = PrivacyCurve.from_rho(rho, orders)
     return {
-        **failed(reason), "privacy_cost": curve.epsilon(delta=delta) if rho > 0 else 0.0,
-        "delta": delta, "rdp_orders": list(curve.orders), "rdp_epsilons": list(curve.values),
+        **failed(reason),
+        "privacy_cost": curve.epsilon(delta=delta) if rho > 0 else 0.0,
+        "delta": delta,
+        "rdp_orders": list(curve.orders),
+        "rdp_epsilons": list(curve.values),
     }
 
 
@@ -142,14 +148,23 @@ class Engine:
         self.query_rho_cap = self._rho(self.node.max_query_epsilon)
         self.ledger = ledger or open_ledger(settings, hospital_id, self.node, delta=self.delta)
         # Population and entity questions: answer-level routes chosen from the question alone.
-        self.routes = TextRoutes(
-            self.clinosim_dir, key=key,
-            groups=groups_for_population(settings.hospital(hospital_id).population),
-        ) if settings.answer_routes else None
+        self.routes = (
+            TextRoutes(
+                self.clinosim_dir,
+                key=key,
+                groups=groups_for_population(settings.hospital(hospital_id).population),
+            )
+            if settings.answer_routes
+            else None
+        )
         self.lm = model or load_model(data_dir=settings.data_dir)
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",
-            hospital_id, self.records.n_notes, groups, self.lm.name, self.lm.device,
+            hospital_id,
+            self.records.n_notes,
+            groups,
+            self.lm.name,
+            self.lm.device,
         )
 
     def budget_room(self) -> float:
@@ -162,7 +177,11 @@ class Engine:
         spent, cap = self.ledger.lifetime()
 
         def eps(rho: float) -> float:
-            return PrivacyCurve.from_rho(rho, self.orders).epsilon(delta=self.delta) if rho > 0 else 0.0
+            return (
+                PrivacyCurve.from_rho(rho, self.orders).epsilon(delta=self.delta)
+                if rho > 0
+                else 0.0
+            )
 
         return eps(cap), eps(max(0.0, cap - spent))
 
@@ -180,11 +199,15 @@ class Engine:
     # ------------------------------------------------------------------ prompts
 
     def _template(self, question: str, *, with_notes: bool) -> str:
-        user = f"Patient notes:\n{_SLOT}\n\nQuestion: {question}" if with_notes else (
-            f"Question: {question}")
+        user = (
+            f"Patient notes:\n{_SLOT}\n\nQuestion: {question}"
+            if with_notes
+            else (f"Question: {question}")
+        )
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        return str(self.lm.tokenizer.apply_chat_template(
-            msgs, add_generation_prompt=True, tokenize=False))
+        return str(
+            self.lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        )
 
     def _ids(self, text: str) -> list[int]:
         return [int(t) for t in self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -265,28 +288,48 @@ class Engine:
                 return failed("the hospital's lifetime privacy budget cannot cover this query")
             if seen.state == "released" and seen.fields is not None:
                 return seen.fields
-            return failed_charged("the node restarted during the mechanism; nothing released",
-                                  rho=seen.rho, delta=delta, orders=self.orders)
+            return failed_charged(
+                "the node restarted during the mechanism; nothing released",
+                rho=seen.rho,
+                delta=delta,
+                orders=self.orders,
+            )
         capped = self.ledger.capped_persons(rho=rho)
         try:
             if query is None and self.routes is not None and not capped:
-                routed = self._route(inner, key=key, rho=rho, epsilon=epsilon, delta=delta,
-                                     share=share)
+                routed = self._route(
+                    inner, key=key, rho=rho, epsilon=epsilon, delta=delta, share=share
+                )
                 if routed is not None:
                     return routed
             if query is not None:
-                return self._aggregate(query, key=key, rho=rho, epsilon=epsilon, delta=delta,
-                                       parts=parts, exclude=capped)
-            return self._generate(inner, key=key, rho=rho, delta=delta, temperature=temperature,
-                                  exclude=capped)
+                return self._aggregate(
+                    query,
+                    key=key,
+                    rho=rho,
+                    epsilon=epsilon,
+                    delta=delta,
+                    parts=parts,
+                    exclude=capped,
+                )
+            return self._generate(
+                inner, key=key, rho=rho, delta=delta, temperature=temperature, exclude=capped
+            )
         except NonFiniteVotes as exc:
             log.error("mechanism failed closed: %s", exc)
-            return failed_charged(f"mechanism failed closed: {exc}", rho=rho, delta=delta,
-                                  orders=self.orders)
+            return failed_charged(
+                f"mechanism failed closed: {exc}", rho=rho, delta=delta, orders=self.orders
+            )
 
     def _generate(
-        self, inner: dict[str, Any], *, key: tuple[str, int], rho: float, delta: float,
-        temperature: float, exclude: frozenset[str],
+        self,
+        inner: dict[str, Any],
+        *,
+        key: tuple[str, int],
+        rho: float,
+        delta: float,
+        temperature: float,
+        exclude: frozenset[str],
     ) -> dict[str, Any]:
         question = str(inner.get("prompt", ""))[: self.settings.max_prompt_chars]
         max_tokens = max(0, min(int(inner.get("max_tokens", 64)), self.settings.max_tokens_limit))
@@ -305,23 +348,43 @@ class Engine:
         tok = self.lm.tokenizer
         decoder = BatchedDecoder(self.lm.model, device=self.lm.device, pad_id=tok.pad_token_id)
         res = dp_decode(
-            decoder, public_prompt=public_prompt, group_prompts=group_prompts, rho=rho,
-            delta=delta, max_tokens=max_tokens, stop_ids=self.stop_ids(), config=config,
-            rng=self.rng, orders=self.orders,
+            decoder,
+            public_prompt=public_prompt,
+            group_prompts=group_prompts,
+            rho=rho,
+            delta=delta,
+            max_tokens=max_tokens,
+            stop_ids=self.stop_ids(),
+            config=config,
+            rng=self.rng,
+            orders=self.orders,
             detokenize=lambda ids: tok.decode(ids, skip_special_tokens=True).strip(),
         )
         log.debug(
             "dp answer: %d tokens (%d paid, %d free, %d svt rounds), stop=%s",
-            len(res.token_ids), res.paid_tokens, res.free_tokens, res.svt_rounds,
+            len(res.token_ids),
+            res.paid_tokens,
+            res.free_tokens,
+            res.svt_rounds,
             res.stop_reason,
         )
         # The spend reported is the whole reservation: what the mechanism used depends on data.
-        return self._ok(text=res.text, curve=PrivacyCurve.from_rho(rho, self.orders),
-                        delta=delta, tokens=len(res.token_ids))
+        return self._ok(
+            text=res.text,
+            curve=PrivacyCurve.from_rho(rho, self.orders),
+            delta=delta,
+            tokens=len(res.token_ids),
+        )
 
     def _route(
-        self, inner: dict[str, Any], *, key: tuple[str, int], rho: float, epsilon: float,
-        delta: float, share: float,
+        self,
+        inner: dict[str, Any],
+        *,
+        key: tuple[str, int],
+        rho: float,
+        epsilon: float,
+        delta: float,
+        share: float,
     ) -> dict[str, Any] | None:
         """A population or entity question answered by an answer-level route (text_routes), or
         None when no route reads the question. The routes read every person's records, so
@@ -329,21 +392,36 @@ class Engine:
         person must leave the data, which these routes cannot do yet)."""
         assert self.routes is not None
         uncapped = share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders)
-        route_eps, route_share = ((epsilon, share) if rho >= uncapped
-                                  else (self.node.max_query_epsilon, 1.0))
+        route_eps, route_share = (
+            (epsilon, share) if rho >= uncapped else (self.node.max_query_epsilon, 1.0)
+        )
         if not self.routes.applies(str(inner.get("prompt", ""))):
             return None
         self.ledger.charge_persons(*key, self.records.all_persons(), rho=rho)
-        out = self.routes.fields(inner, epsilon=route_eps, delta=delta, rng=self.rng,
-                                 share=route_share, orders=self.orders)
+        out = self.routes.fields(
+            inner,
+            epsilon=route_eps,
+            delta=delta,
+            rng=self.rng,
+            share=route_share,
+            orders=self.orders,
+        )
         if out is None:  # a route that read the question but released nothing: still charged
-            return failed_charged("no answer-level release", rho=rho, delta=delta,
-                                  orders=self.orders)
+            return failed_charged(
+                "no answer-level release", rho=rho, delta=delta, orders=self.orders
+            )
         return {**out, "records_used": 0}
 
     def _aggregate(
-        self, query: AggregateQuery, *, key: tuple[str, int], rho: float, epsilon: float,
-        delta: float, parts: int, exclude: frozenset[str],
+        self,
+        query: AggregateQuery,
+        *,
+        key: tuple[str, int],
+        rho: float,
+        epsilon: float,
+        delta: float,
+        parts: int,
+        exclude: frozenset[str],
     ) -> dict[str, Any]:
         """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most its
         share of the reservation and returns status "partial" with its noisy release in
@@ -351,7 +429,12 @@ class Engine:
         cohort = without_persons(load_cohort(self.clinosim_dir), exclude)
         self.ledger.charge_persons(*key, affected_persons(query, cohort), rho=rho)
         res = answer_on_cohort(
-            query=query, cohort=cohort, epsilon=epsilon, delta=delta, rng=self.rng, rho=rho,
+            query=query,
+            cohort=cohort,
+            epsilon=epsilon,
+            delta=delta,
+            rng=self.rng,
+            rho=rho,
         )
         # The calibrated curve depends on ρ and the query only (never on the data).
         out = self._ok(text=res.text, curve=res.curve, delta=delta, tokens=0)

@@ -1,8 +1,8 @@
 """Clinical entities in free text, matched against the **public** ICD-10 / RxNorm vocabularies.
 
 The lexicon is built only from clinosim's shipped code catalogues (the same public candidate
-lists the DP histograms use, :func:`~services.node_worker.cohort.diagnosis_vocabulary` and
-:func:`~services.node_worker.cohort.medication_vocabulary`), never from a hospital's records, so
+lists the DP histograms use, :func:`~fedllm.services.node_worker.cohort.diagnosis_vocabulary` and
+:func:`~fedllm.services.node_worker.cohort.medication_vocabulary`), never from a hospital's records, so
 it can be applied to a public question and to private notes alike.
 
 A diagnosis is keyed by its 3-character ICD-10 category (``"I10"``), a medication by its
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from services.node_worker.cohort import (
+from fedllm.services.node_worker.cohort import (
     _icd_names,
     _short_names,
     diagnosis_category,

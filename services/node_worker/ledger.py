@@ -46,7 +46,8 @@ from fedllm.common.kafka import now_ms
 metadata = MetaData()
 
 releases = Table(
-    "node_releases", metadata,
+    "node_releases",
+    metadata,
     Column("hospital_id", String(128), primary_key=True),
     Column("request_id", String(128), primary_key=True),
     Column("attempt", Integer, primary_key=True),
@@ -58,14 +59,16 @@ releases = Table(
 )
 
 budgets = Table(
-    "node_budget", metadata,
+    "node_budget",
+    metadata,
     Column("hospital_id", String(128), primary_key=True),
     Column("rho_spent", Float, nullable=False),
     Column("rho_cap", Float, nullable=False),
 )
 
 person_spend = Table(
-    "node_person_spend", metadata,
+    "node_person_spend",
+    metadata,
     Column("hospital_id", String(128), primary_key=True),
     Column("person_id", String(128), primary_key=True),
     Column("rho_spent", Float, nullable=False),
@@ -93,7 +96,11 @@ class NodeLedger:
     """One hospital's store. ``rho_cap`` and ``person_rho_cap`` are the configured caps (zCDP)."""
 
     def __init__(
-        self, url_or_engine: str | Engine, *, hospital_id: str, rho_cap: float,
+        self,
+        url_or_engine: str | Engine,
+        *,
+        hospital_id: str,
+        rho_cap: float,
         person_rho_cap: float,
     ) -> None:
         self.engine = (
@@ -107,23 +114,33 @@ class NodeLedger:
                 select(budgets.c.rho_cap).where(budgets.c.hospital_id == hospital_id)
             ).first()
             if row is None:
-                conn.execute(budgets.insert().values(
-                    hospital_id=hospital_id, rho_spent=0.0, rho_cap=rho_cap))
+                conn.execute(
+                    budgets.insert().values(hospital_id=hospital_id, rho_spent=0.0, rho_cap=rho_cap)
+                )
             elif rho_cap < row.rho_cap:  # configuration may lower the cap, never raise it
-                conn.execute(budgets.update().where(budgets.c.hospital_id == hospital_id)
-                             .values(rho_cap=rho_cap))
+                conn.execute(
+                    budgets.update()
+                    .where(budgets.c.hospital_id == hospital_id)
+                    .values(rho_cap=rho_cap)
+                )
 
     def _key(self, request_id: str, attempt: int) -> Any:
-        return and_(releases.c.hospital_id == self.hospital_id,
-                    releases.c.request_id == request_id, releases.c.attempt == attempt)
+        return and_(
+            releases.c.hospital_id == self.hospital_id,
+            releases.c.request_id == request_id,
+            releases.c.attempt == attempt,
+        )
 
     def lookup(self, request_id: str, attempt: int) -> StoredRelease | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
         if row is None:
             return None
-        return StoredRelease(state=row.state, rho=row.rho,
-                             fields=json.loads(row.fields_json) if row.fields_json else None)
+        return StoredRelease(
+            state=row.state,
+            rho=row.rho,
+            fields=json.loads(row.fields_json) if row.fields_json else None,
+        )
 
     def begin(self, request_id: str, attempt: int, *, rho: float) -> StoredRelease | None:
         """Draw ``rho`` from the lifetime budget and mark the request started, atomically.
@@ -134,75 +151,127 @@ class NodeLedger:
         with self.engine.begin() as conn:
             row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
             if row is not None:
-                return StoredRelease(state=row.state, rho=row.rho, fields=json.loads(
-                    row.fields_json) if row.fields_json else None)
-            b = conn.execute(select(budgets).where(budgets.c.hospital_id == self.hospital_id)
-                             .with_for_update()).one()
+                return StoredRelease(
+                    state=row.state,
+                    rho=row.rho,
+                    fields=json.loads(row.fields_json) if row.fields_json else None,
+                )
+            b = conn.execute(
+                select(budgets).where(budgets.c.hospital_id == self.hospital_id).with_for_update()
+            ).one()
             if b.rho_spent + rho > b.rho_cap:
                 return StoredRelease(state="refused", rho=0.0, fields=None)
-            conn.execute(budgets.update().where(budgets.c.hospital_id == self.hospital_id)
-                         .values(rho_spent=b.rho_spent + rho))
-            conn.execute(releases.insert().values(
-                hospital_id=self.hospital_id, request_id=request_id, attempt=attempt,
-                state="started", rho=rho, persons_charged=False, fields_json="",
-                created_at_ms=now_ms()))
+            conn.execute(
+                budgets.update()
+                .where(budgets.c.hospital_id == self.hospital_id)
+                .values(rho_spent=b.rho_spent + rho)
+            )
+            conn.execute(
+                releases.insert().values(
+                    hospital_id=self.hospital_id,
+                    request_id=request_id,
+                    attempt=attempt,
+                    state="started",
+                    rho=rho,
+                    persons_charged=False,
+                    fields_json="",
+                    created_at_ms=now_ms(),
+                )
+            )
         return None
 
     def capped_persons(self, *, rho: float) -> frozenset[str]:
         """Persons whose filter cannot take another ``rho``: they leave retrieval and aggregates."""
         limit = self.person_rho_cap - rho
         with self.engine.connect() as conn:
-            rows = conn.execute(select(person_spend.c.person_id).where(and_(
-                person_spend.c.hospital_id == self.hospital_id,
-                person_spend.c.rho_spent > limit))).all()
+            rows = conn.execute(
+                select(person_spend.c.person_id).where(
+                    and_(
+                        person_spend.c.hospital_id == self.hospital_id,
+                        person_spend.c.rho_spent > limit,
+                    )
+                )
+            ).all()
         return frozenset(r.person_id for r in rows)
 
-    def charge_persons(self, request_id: str, attempt: int, persons: set[str] | frozenset[str],
-                       *, rho: float) -> None:
+    def charge_persons(
+        self, request_id: str, attempt: int, persons: set[str] | frozenset[str], *, rho: float
+    ) -> None:
         """Charge ``rho`` to each person once per (request, attempt), before the mechanism runs."""
         with self.engine.begin() as conn:
-            row = conn.execute(select(releases).where(self._key(request_id, attempt))
-                               .with_for_update()).one()
+            row = conn.execute(
+                select(releases).where(self._key(request_id, attempt)).with_for_update()
+            ).one()
             if row.persons_charged:
                 return
-            have = {r.person_id: r.rho_spent for r in conn.execute(
-                select(person_spend).where(person_spend.c.hospital_id == self.hospital_id))}
+            have = {
+                r.person_id: r.rho_spent
+                for r in conn.execute(
+                    select(person_spend).where(person_spend.c.hospital_id == self.hospital_id)
+                )
+            }
             for pid in sorted(persons):
                 if pid in have:
-                    conn.execute(person_spend.update().where(and_(
-                        person_spend.c.hospital_id == self.hospital_id,
-                        person_spend.c.person_id == pid)).values(rho_spent=have[pid] + rho))
+                    conn.execute(
+                        person_spend.update()
+                        .where(
+                            and_(
+                                person_spend.c.hospital_id == self.hospital_id,
+                                person_spend.c.person_id == pid,
+                            )
+                        )
+                        .values(rho_spent=have[pid] + rho)
+                    )
                 else:
-                    conn.execute(person_spend.insert().values(
-                        hospital_id=self.hospital_id, person_id=pid, rho_spent=rho))
-            conn.execute(releases.update().where(self._key(request_id, attempt))
-                         .values(persons_charged=True))
+                    conn.execute(
+                        person_spend.insert().values(
+                            hospital_id=self.hospital_id, person_id=pid, rho_spent=rho
+                        )
+                    )
+            conn.execute(
+                releases.update().where(self._key(request_id, attempt)).values(persons_charged=True)
+            )
 
     def release(self, request_id: str, attempt: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Persist the result fields (before publishing); first write wins. Returns what is
         stored, which is what must be published."""
         with self.engine.begin() as conn:
-            row = conn.execute(select(releases).where(self._key(request_id, attempt))
-                               .with_for_update()).first()
+            row = conn.execute(
+                select(releases).where(self._key(request_id, attempt)).with_for_update()
+            ).first()
             if row is not None and row.state == "released":
                 return dict(json.loads(row.fields_json))
             text = json.dumps(fields, sort_keys=True)
             if row is None:  # refused or failed before any draw: nothing charged here
-                conn.execute(releases.insert().values(
-                    hospital_id=self.hospital_id, request_id=request_id, attempt=attempt,
-                    state="released", rho=0.0, persons_charged=False, fields_json=text,
-                    created_at_ms=now_ms()))
+                conn.execute(
+                    releases.insert().values(
+                        hospital_id=self.hospital_id,
+                        request_id=request_id,
+                        attempt=attempt,
+                        state="released",
+                        rho=0.0,
+                        persons_charged=False,
+                        fields_json=text,
+                        created_at_ms=now_ms(),
+                    )
+                )
             else:
-                conn.execute(releases.update().where(self._key(request_id, attempt))
-                             .values(state="released", fields_json=text))
+                conn.execute(
+                    releases.update()
+                    .where(self._key(request_id, attempt))
+                    .values(state="released", fields_json=text)
+                )
         return fields
 
     def lifetime(self) -> tuple[float, float]:
         """(ρ spent, ρ cap) of the data set's lifetime budget. Public: the spend is a function
         of the admitted reservations alone, never of the records."""
         with self.engine.connect() as conn:
-            b = conn.execute(select(budgets.c.rho_spent, budgets.c.rho_cap).where(
-                budgets.c.hospital_id == self.hospital_id)).one()
+            b = conn.execute(
+                select(budgets.c.rho_spent, budgets.c.rho_cap).where(
+                    budgets.c.hospital_id == self.hospital_id
+                )
+            ).one()
         return float(b.rho_spent), float(b.rho_cap)
 
     def lifetime_room(self) -> float:
@@ -214,10 +283,18 @@ class NodeLedger:
         """The privacy officer's view; "at cap" = cannot take one more query of ``query_rho``."""
         with self.engine.connect() as conn:
             b = conn.execute(select(budgets).where(budgets.c.hospital_id == self.hospital_id)).one()
-            spends = [r.rho_spent for r in conn.execute(select(person_spend.c.rho_spent).where(
-                person_spend.c.hospital_id == self.hospital_id))]
+            spends = [
+                r.rho_spent
+                for r in conn.execute(
+                    select(person_spend.c.rho_spent).where(
+                        person_spend.c.hospital_id == self.hospital_id
+                    )
+                )
+            ]
         return LedgerSummary(
-            hospital_id=self.hospital_id, rho_spent=b.rho_spent, rho_cap=b.rho_cap,
+            hospital_id=self.hospital_id,
+            rho_spent=b.rho_spent,
+            rho_cap=b.rho_cap,
             persons_charged=len(spends),
             persons_at_cap=sum(s + query_rho > self.person_rho_cap for s in spends),
             person_rho_cap=self.person_rho_cap,

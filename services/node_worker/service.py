@@ -1,13 +1,13 @@
 """The node worker's Kafka loop: one process per hospital.
 
 Consumes RoutedRequests from ``hospital.<id>.requests`` (group ``node-<id>``), answers each with
-:class:`~services.node_worker.engine.Engine` in a worker thread, produces exactly one
+:class:`~fedllm.services.node_worker.engine.Engine` in a worker thread, produces exactly one
 InferenceResult per request to ``fedllm.node-results`` (key user_id), audits it, and only then
 commits the offset (at-least-once). Heartbeats flow on their own task throughout, including
 while the model loads and while a request is being decoded.
 
 Replays: every result is persisted per (request_id, attempt) in the hospital's own store
-(:mod:`services.node_worker.ledger`) **before** it is published, so a redelivered request — even
+(:mod:`fedllm.services.node_worker.ledger`) **before** it is published, so a redelivered request — even
 after a restart — gets exactly the release already made and never triggers a second draw.
 
 Nothing timing-related or record-dependent leaves the node: ``model_time_ms`` and
@@ -34,7 +34,7 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
-from services.node_worker.health import NodeHealth, budget_room_level
+from fedllm.services.node_worker.health import NodeHealth, budget_room_level
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ EngineFactory = Callable[[Settings, str], Any]
 
 
 def default_engine_factory(settings: Settings, hospital_id: str) -> Any:
-    from services.node_worker.engine import Engine
+    from fedllm.services.node_worker.engine import Engine
 
     return Engine(settings, hospital_id, groups=settings.dp_groups)
 
@@ -140,8 +140,16 @@ def result_record(
         "aggregate_json": "",
     }
     for k in (
-        "status", "reason", "response", "is_private", "privacy_cost", "delta", "rdp_orders",
-        "rdp_epsilons", "tokens", "aggregate_json",
+        "status",
+        "reason",
+        "response",
+        "is_private",
+        "privacy_cost",
+        "delta",
+        "rdp_orders",
+        "rdp_epsilons",
+        "tokens",
+        "aggregate_json",
     ):
         if k in fields:
             rec[k] = fields[k]
@@ -177,8 +185,11 @@ class NodeWorker:
         key = (routed["request_id"], int(routed.get("attempt", 0)))
         refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
         ledger = getattr(self.state.engine, "ledger", None)
-        stored = (await asyncio.to_thread(ledger.lookup, *key)
-                  if ledger is not None and not refusal else None)
+        stored = (
+            await asyncio.to_thread(ledger.lookup, *key)
+            if ledger is not None and not refusal
+            else None
+        )
         fields = stored.fields if stored is not None and stored.state == "released" else None
         fields = fields if fields is not None else self._answered.get(key)
         if refusal:  # no reservation the accountant signed for this node: no release
@@ -204,25 +215,30 @@ class NodeWorker:
         except ValueError as exc:  # the engine returned something the schema refuses
             log.error("result for %s does not encode: %s", routed["request_id"], exc)
             record = result_record(
-                routed, failed_fields("internal error: unencodable result"),
-                hospital_id=self.hospital_id, started_ms=started,
+                routed,
+                failed_fields("internal error: unencodable result"),
+                hospital_id=self.hospital_id,
+                started_ms=started,
             )
             await self.bus.send(
                 topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
             )
         # Wall time as the router sees it anyway; results themselves carry no timings.
-        self.state.health.answered(priority, latency_ms=float(now_ms() - started),
-                                   ok=record["status"] in ("ok", "partial"))
+        self.state.health.answered(
+            priority, latency_ms=float(now_ms() - started), ok=record["status"] in ("ok", "partial")
+        )
         await self._audit(routed, record)
 
     async def fail(self, msg: ConsumerRecord, reason: str) -> None:
         """Terminal outcome of a request that could not be handled (dead-lettered): a failed
         result for the router to retry elsewhere or fail (nothing was released)."""
         routed = codec.decode_expect("RoutedRequest", msg.value, msg.headers)
-        record = result_record(routed, failed_fields(reason), hospital_id=self.hospital_id,
-                               started_ms=now_ms())
-        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", record,
-                            key=record["user_id"] or None)
+        record = result_record(
+            routed, failed_fields(reason), hospital_id=self.hospital_id, started_ms=now_ms()
+        )
+        await self.bus.send(
+            topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
+        )
 
     async def _answer(self, routed: dict[str, Any]) -> dict[str, Any]:
         engine = self.state.engine
@@ -242,11 +258,17 @@ class NodeWorker:
         inner = routed.get("request") or {}
         try:
             await audit.emit(
-                self.bus, action="node.grant_refused", service=SERVICE, severity="security",
+                self.bus,
+                action="node.grant_refused",
+                service=SERVICE,
+                severity="security",
                 id_parts=(routed["request_id"], routed.get("attempt", 0), self.hospital_id),
-                request_id=routed["request_id"], user_id=inner.get("user_id", ""),
-                department=inner.get("department", ""), hospital_id=self.hospital_id,
-                outcome="refused", reason=reason,
+                request_id=routed["request_id"],
+                user_id=inner.get("user_id", ""),
+                department=inner.get("department", ""),
+                hospital_id=self.hospital_id,
+                outcome="refused",
+                reason=reason,
             )
         except Exception:
             log.exception("audit event for %s not sent", routed["request_id"])
@@ -256,7 +278,8 @@ class NodeWorker:
         ok = record["status"] in ("ok", "partial")  # a part of a fan-out is a DP release too
         summary = (
             json.dumps({"orders": record["rdp_orders"], "values": record["rdp_epsilons"]})
-            if record["rdp_orders"] else ""
+            if record["rdp_orders"]
+            else ""
         )
         try:
             await audit.emit(
@@ -288,8 +311,10 @@ async def _heartbeats(
     while not stop.is_set():
         try:
             await bus.send(
-                topics.HEARTBEATS, "NodeHeartbeat",
-                heartbeat_record(settings, hospital_id, state), key=hospital_id,
+                topics.HEARTBEATS,
+                "NodeHeartbeat",
+                heartbeat_record(settings, hospital_id, state),
+                key=hospital_id,
             )
         except Exception as exc:
             log.warning("heartbeat not sent: %r", exc)
@@ -330,7 +355,9 @@ async def run(
     await producer.start()
     bus = Bus(producer)
     consumer = make_consumer(
-        settings, topics.hospital_requests(hospital_id), group_id=f"node-{hospital_id}",
+        settings,
+        topics.hospital_requests(hospital_id),
+        group_id=f"node-{hospital_id}",
         max_poll_records=8,
         # Model work between polls may be long: stay in the group (aiokafka's default, 5 min,
         # evicted a node with a few long generations queued).
@@ -361,11 +388,21 @@ async def run(
                     pending -= 1
                     state.queue_depth = pending  # fetched and waiting behind this one
                     metrics.record_node_queue(hospital_id, pending)
-                    with metrics.stage("node_worker", "RoutedRequest", headers=msg.headers,
-                                       request_id=(msg.key or b"").decode(errors="replace")):
-                        await deliver(msg, lambda m=msg: worker.handle(m), bus=bus,
-                                      service=SERVICE, policy=policy,
-                                      on_dead=lambda r, m=msg: worker.fail(m, r), stop=stop)
+                    with metrics.stage(
+                        "node_worker",
+                        "RoutedRequest",
+                        headers=msg.headers,
+                        request_id=(msg.key or b"").decode(errors="replace"),
+                    ):
+                        await deliver(
+                            msg,
+                            lambda m=msg: worker.handle(m),
+                            bus=bus,
+                            service=SERVICE,
+                            policy=policy,
+                            on_dead=lambda r, m=msg: worker.fail(m, r),
+                            stop=stop,
+                        )
                     await _commit(consumer, tp, msg.offset + 1)
             state.queue_depth = 0
             metrics.record_node_queue(hospital_id, 0)
@@ -387,8 +424,7 @@ async def _commit(consumer: Any, tp: TopicPartition, offset: int) -> None:
     try:
         await consumer.commit({TopicPartition(tp.topic, tp.partition): offset})
     except (CommitFailedError, KafkaError, IllegalStateError) as exc:
-        log.warning("offset commit failed (the result was sent; a replay is idempotent): %r",
-                    exc)
+        log.warning("offset commit failed (the result was sent; a replay is idempotent): %r", exc)
 
 
 async def wait_ready(settings: Settings, hospital_id: str, *, timeout_s: float = 60.0) -> None:

@@ -53,8 +53,9 @@ class NodeSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return layered_sources(settings_cls, init_settings, env_settings, file_secret_settings,
-                               section="node")
+        return layered_sources(
+            settings_cls, init_settings, env_settings, file_secret_settings, section="node"
+        )
 
     def node_delta(self, *, persons: int) -> float:
         """δ ≤ 1/(10·persons): the policy's δ for a data set of ``persons`` people."""

@@ -1,8 +1,8 @@
 """Which mechanism answers a free-text question, chosen from the question alone (public).
 
-1. A population question the translator reads (:mod:`services.node_worker.translate`) is
+1. A population question the translator reads (:mod:`fedllm.services.node_worker.translate`) is
    answered by a DP aggregate over the structured records, with its noise stated.
-2. Else a question asking for a clinical entity (:func:`~services.node_worker.answer_dp.plan_question`)
+2. Else a question asking for a clinical entity (:func:`~fedllm.services.node_worker.answer_dp.plan_question`)
    is answered by answer-level DP over the groups' notes.
 3. Else ``None``: the caller falls through to per-token DP decoding.
 
@@ -24,11 +24,11 @@ import numpy as np
 
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker import aggregate
-from services.node_worker.answer_dp import EntityAnswerer, plan_question
-from services.node_worker.cohort import load_cohort
-from services.node_worker.records import Note, load_notes
-from services.node_worker.translate import render, translate
+from fedllm.services.node_worker import aggregate
+from fedllm.services.node_worker.answer_dp import EntityAnswerer, plan_question
+from fedllm.services.node_worker.cohort import load_cohort
+from fedllm.services.node_worker.records import Note, load_notes
+from fedllm.services.node_worker.translate import render, translate
 
 __all__ = ["RoutedAnswer", "TextRoutes"]
 
@@ -57,7 +57,7 @@ class TextRoutes:
         notes: Callable[[], list[Note]] | None = None,
     ) -> None:
         """``groups``: m for answer-level DP, from public configuration
-        (:func:`~services.node_worker.answer_dp.groups_for_population`)."""
+        (:func:`~fedllm.services.node_worker.answer_dp.groups_for_population`)."""
         self.clinosim_dir = Path(clinosim_dir)
         self._key = key
         self._notes = notes or (lambda: load_notes(self.clinosim_dir))
@@ -93,8 +93,9 @@ class TextRoutes:
             )
             return RoutedAnswer("aggregate", render(t, res), res.curve, len(cohort))
         if "entities" in routes and (plan := plan_question(question)) is not None:
-            ans = self.entities.answer(plan, rho=rho, epsilon=epsilon, delta=delta, rng=rng,
-                                       orders=orders)
+            ans = self.entities.answer(
+                plan, rho=rho, epsilon=epsilon, delta=delta, rng=rng, orders=orders
+            )
             return RoutedAnswer("entities", ans.text, ans.curve, ans.groups)
         return None
 

@@ -2,10 +2,10 @@
 
 The question is not patient data; the records are. So reading the question with a small
 grammar is free of privacy cost, and when it recognises a population question the answer comes
-from a DP aggregate (:mod:`services.node_worker.aggregate`) instead of the text path.
+from a DP aggregate (:mod:`fedllm.services.node_worker.aggregate`) instead of the text path.
 
 Grammar (case-insensitive; entities are matched against the public ICD-10 / RxNorm lexicon of
-:mod:`services.node_worker.entities`; at most one diagnosis and one medication as filters)::
+:mod:`fedllm.services.node_worker.entities`; at most one diagnosis and one medication as filters)::
 
     count     := "how many" … [filters]                      → {"op": "count"}
     mean      := ("mean" | "average") "age" … [filters]        → {"op": "mean", "field": "age"}
@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.node_worker.entities import display_name, find_entities
+from fedllm.services.node_worker.entities import display_name, find_entities
 
 __all__ = ["Translation", "render", "translate"]
 
@@ -130,11 +130,13 @@ def _pm(x: float | None) -> str:
 
 
 def render(t: Translation, answer: Any) -> str:
-    """The user-facing text for an :class:`~services.node_worker.aggregate.AggregateAnswer`:
+    """The user-facing text for an :class:`~fedllm.services.node_worker.aggregate.AggregateAnswer`:
     says it comes from DP aggregates and states the noise (± one standard deviation)."""
-    dp = (f"Answered from differentially private aggregates over this hospital's structured "
-          f"records (ε={answer.epsilon:g}, δ={answer.delta:g}); ± is one noise standard "
-          f"deviation.")
+    dp = (
+        f"Answered from differentially private aggregates over this hospital's structured "
+        f"records (ε={answer.epsilon:g}, δ={answer.delta:g}); ± is one noise standard "
+        f"deviation."
+    )
     if t.shape == "count":
         body = f"≈ {max(0, int(answer.value))} ± {_pm(answer.count_sd)} patients."
     elif t.shape == "mean":
@@ -142,18 +144,22 @@ def render(t: Translation, answer: Any) -> str:
         lo, hi = answer.bounds
         spread = max(abs(answer.value - lo), abs(hi - answer.value))
         sd = math.sqrt((answer.sum_sd or 0) ** 2 + (spread * (answer.count_sd or 0)) ** 2) / c
-        body = (f"Mean age ≈ {answer.value:.1f} ± {_pm(sd)} years "
-                f"(over ≈ {answer.noisy_count} ± {_pm(answer.count_sd)} patients).")
+        body = (
+            f"Mean age ≈ {answer.value:.1f} ± {_pm(sd)} years "
+            f"(over ≈ {answer.noisy_count} ± {_pm(answer.count_sd)} patients)."
+        )
     elif t.shape == "compare":
         hist = dict(answer.histogram or ())
         (a, ca), (b, cb) = ((k, hist.get(k, 0)) for k in t.candidates)
         kind = t.query["field"]
         winner, loser = (a, b) if ca >= cb else (b, a)
-        body = (f"{display_name(winner, kind)} is more common than {display_name(loser, kind)}: "
-                f"≈ {max(ca, cb)} vs ≈ {min(ca, cb)} patients (± {_pm(answer.count_sd)} each).")
+        body = (
+            f"{display_name(winner, kind)} is more common than {display_name(loser, kind)}: "
+            f"≈ {max(ca, cb)} vs ≈ {min(ca, cb)} patients (± {_pm(answer.count_sd)} each)."
+        )
     else:
         kind = t.query["field"]
         ranked = sorted(answer.histogram or (), key=lambda kv: (-kv[1], kv[0]))[:3]
         items = ", ".join(f"{display_name(k, kind)} ≈ {c}" for k, c in ranked)
-        body = (f"Most frequent {kind}s: {items} patients (± {_pm(answer.count_sd)} each).")
+        body = f"Most frequent {kind}s: {items} patients (± {_pm(answer.count_sd)} each)."
     return f"{body} {dp}"

@@ -10,15 +10,15 @@ request r in slot (n, j) is
 
 - expected completion (n, j) = latency_n × (load_n + j + 1): the queue ahead, the j requests of
   this batch placed before it, and its own service, at the node's EWMA pace (unknown latency =
-  the mean of the known, as in :mod:`services.router.response_time`);
+  the mean of the known, as in :mod:`fedllm.services.router.response_time`);
 - priority_weight: high 4, normal 1, low 0.25 — high-priority requests take the earliest slots;
-- pressure(n) = :func:`services.router.privacy_aware.budget_pressures` − 1 (0 for a hospital at
+- pressure(n) = :func:`fedllm.services.router.privacy_aware.budget_pressures` − 1 (0 for a hospital at
   full room and at most its share of routed ε; it grows per room level lost and with the share)
   times the mean candidate latency L̄, so it is measured in the same unit as the wait: a
   hospital whose budget is under more pressure must save that many service times to be chosen.
 
 A request may only take slots of its own candidate set
-(:func:`services.router.strategy.candidates`). Because slot costs grow with j, the matching fills
+(:func:`fedllm.services.router.strategy.candidates`). Because slot costs grow with j, the matching fills
 each node's slots in order. Retries (one request, with nodes to exclude) are a batch of one.
 """
 
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from services.router.privacy_aware import budget_pressures
-from services.router.registry import NodeInfo
-from services.router.response_time import latency_or_mean
-from services.router.strategy import Candidates, Choice, candidates
+from fedllm.services.router.privacy_aware import budget_pressures
+from fedllm.services.router.registry import NodeInfo
+from fedllm.services.router.response_time import latency_or_mean
+from fedllm.services.router.strategy import Candidates, Choice, candidates
 
 PRIORITY_WEIGHT = {"high": 4.0, "normal": 1.0, "low": 0.25}
 _INFEASIBLE = 1e18
@@ -72,8 +72,10 @@ class BatchAssignment:
         pools: list[Candidates | None] = [
             candidates(r, nodes, exclude=x) for r, x in zip(requests, excludes, strict=True)
         ]
-        used = sorted({n.hospital_id: n for p in pools if p for n in p.nodes}.values(),
-                      key=lambda n: n.hospital_id)
+        used = sorted(
+            {n.hospital_id: n for p in pools if p for n in p.nodes}.values(),
+            key=lambda n: n.hospital_id,
+        )
         if not used:
             return [None] * len(requests)
         latency = latency_or_mean(used)
@@ -95,7 +97,7 @@ class BatchAssignment:
             weight = PRIORITY_WEIGHT.get(str(request.get("priority", "normal")), 1.0)
             for n in pool.nodes:
                 k = column[n.hospital_id]
-                cost[i, k * slots:(k + 1) * slots] = weight * completion[k] + pressure[k]
+                cost[i, k * slots : (k + 1) * slots] = weight * completion[k] + pressure[k]
         rows, cols = linear_sum_assignment(cost)
         out: list[Choice | None] = [None] * len(requests)
         for i, c in zip(rows, cols, strict=True):

@@ -11,7 +11,7 @@ from fedllm.common.metrics import serve_metrics
 
 
 def _router(args: argparse.Namespace) -> int:
-    from services.router import service
+    from fedllm.services.router import service
 
     settings = Settings()
     setup_logging("router")

@@ -59,8 +59,12 @@ def parse_part(result: Mapping[str, Any]) -> Part:
         release = json.loads(result.get("aggregate_json") or "")
     except ValueError as exc:
         raise ValueError(f"part from {result.get('node_id')!r}: bad aggregate_json") from exc
-    if not isinstance(release, dict) or release.get("op") not in ("count", "sum", "mean",
-                                                                  "histogram"):
+    if not isinstance(release, dict) or release.get("op") not in (
+        "count",
+        "sum",
+        "mean",
+        "histogram",
+    ):
         raise ValueError(f"part from {result.get('node_id')!r}: not an aggregate release")
     return Part(
         hospital_id=str(result.get("node_id", "")),
@@ -121,8 +125,10 @@ def combine_parts(parts: Sequence[Part]) -> Combined:
         raise ValueError("nothing to combine")
     first = parts[0].release
     for p in parts[1:]:
-        if (p.release.get("query_key"), p.release.get("op")) != (first.get("query_key"),
-                                                                 first.get("op")):
+        if (p.release.get("query_key"), p.release.get("op")) != (
+            first.get("query_key"),
+            first.get("op"),
+        ):
             raise ValueError("parts answer different queries")
         if p.delta != parts[0].delta:
             raise ValueError("parts were released at different deltas")
@@ -162,26 +168,50 @@ def combine_parts(parts: Sequence[Part]) -> Combined:
     if op == "count":
         body = f"About {_fmt(value)} {desc} {where} (noise s.d. {count_sd or 0:.2g})."
     elif op == "sum":
-        body = (f"Sum of {field} over {desc} {where}: about {_fmt(value)} (each patient "
-                f"clipped to {bounds}; noise s.d. {sum_sd or 0:.2g}).")
+        body = (
+            f"Sum of {field} over {desc} {where}: about {_fmt(value)} (each patient "
+            f"clipped to {bounds}; noise s.d. {sum_sd or 0:.2g})."
+        )
     elif op == "mean":
-        body = (f"Mean {field} of {desc} {where}: about {_fmt(value)} (from a noisy sum and a "
-                f"noisy count of about {_fmt(count or 0)}; values clipped to {bounds}).")
+        body = (
+            f"Mean {field} of {desc} {where}: about {_fmt(value)} (from a noisy sum and a "
+            f"noisy count of about {_fmt(count or 0)}; values clipped to {bounds})."
+        )
     else:
         top = int(first.get("top") or 5)
         ranked = sorted(histogram or (), key=lambda kv: (-kv[1], kv[0]))[:top]
         items = "; ".join(f"{k} ≈ {c}" for k, c in ranked)
-        body = (f"Most frequent {field} categories among {desc} {where} (noisy patient counts, "
-                f"noise s.d. {count_sd or 0:.2g}): {items}.")
+        body = (
+            f"Most frequent {field} categories among {desc} {where} (noisy patient counts, "
+            f"noise s.d. {count_sd or 0:.2g}): {items}."
+        )
     epsilon = curve.epsilon(delta=delta)
-    text = (f"{body} Each hospital released its own differentially private figure; privacy "
-            f"loss to any one patient: ε ≤ {epsilon:.3g} at δ={delta:g} (sum over hospitals; "
-            f"patients may overlap). Exact figures are never released.")
+    text = (
+        f"{body} Each hospital released its own differentially private figure; privacy "
+        f"loss to any one patient: ε ≤ {epsilon:.3g} at δ={delta:g} (sum over hospitals; "
+        f"patients may overlap). Exact figures are never released."
+    )
     release = {
-        "op": op, "field": field, "query_key": first.get("query_key"), "bounds": bounds,
-        "value": value, "noisy_count": None if count is None else int(count),
-        "noisy_sum": noisy_sum, "count_sd": count_sd, "sum_sd": sum_sd, "histogram": histogram,
-        "hospitals": [p.hospital_id for p in parts], "epsilon": epsilon, "delta": delta,
+        "op": op,
+        "field": field,
+        "query_key": first.get("query_key"),
+        "bounds": bounds,
+        "value": value,
+        "noisy_count": None if count is None else int(count),
+        "noisy_sum": noisy_sum,
+        "count_sd": count_sd,
+        "sum_sd": sum_sd,
+        "histogram": histogram,
+        "hospitals": [p.hospital_id for p in parts],
+        "epsilon": epsilon,
+        "delta": delta,
     }
-    return Combined(value=value, text=text, curve=curve, epsilon=epsilon, delta=delta,
-                    records_used=sum(p.records_used for p in parts), release=release)
+    return Combined(
+        value=value,
+        text=text,
+        curve=curve,
+        epsilon=epsilon,
+        delta=delta,
+        records_used=sum(p.records_used for p in parts),
+        release=release,
+    )

@@ -22,7 +22,7 @@ Fan-out: an aggregate request naming two or more hospitals (or "*": every health
 goes to all of them at once, one RoutedRequest each with ``budget_share`` = 1/k of the reserved
 ρ and ``parts`` = k, so the sum of what the k hospitals spend stays within the reservation. Each
 node answers "partial"; when all k parts are in, the router emits one combined "ok" result
-(:mod:`services.router.combine`; the curve is the sum of the parts' curves). A part that fails,
+(:mod:`fedllm.services.router.combine`; the curve is the sum of the parts' curves). A part that fails,
 misses its deadline or whose node leaves fails the whole request — no retry, since the answered
 parts already spent budget — and the failure result carries the answered parts' summed curve,
 which the accountant charges.
@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
-from services.router.combine import combine_parts, parse_part, part_curve, total_curve
-from services.router.registry import NodeInfo, NodeRegistry
-from services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy
+from fedllm.services.router.combine import combine_parts, parse_part, part_curve, total_curve
+from fedllm.services.router.registry import NodeInfo, NodeRegistry
+from fedllm.services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy
 
 MAX_ATTEMPTS = 2
 HEDGE_MIN_SAMPLES = 20  # answer times observed before the p95 is trusted for hedging
@@ -135,9 +135,7 @@ class Dispatcher:
         """Route an approved decision; rejected, replayed or finished ones are ignored."""
         return self.on_decisions([decision], now_ms=now_ms)
 
-    def on_decisions(
-        self, decisions: Sequence[Mapping[str, Any]], *, now_ms: int
-    ) -> list[Action]:
+    def on_decisions(self, decisions: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[Action]:
         """Route a batching window's decisions; a batch strategy places them jointly."""
         actions: list[Action] = []
         entries: list[InFlight] = []
@@ -170,8 +168,11 @@ class Dispatcher:
             return []
         request = dict(decision["request"])
         request_id = request["request_id"]
-        if (request_id in self.in_flight or request_id in self.fan_outs
-                or request_id in self._finished):
+        if (
+            request_id in self.in_flight
+            or request_id in self.fan_outs
+            or request_id in self._finished
+        ):
             return []
         targets = self._fan_out_targets(request, now_ms=now_ms)
         if targets is not None:
@@ -221,10 +222,14 @@ class Dispatcher:
                 return []
         if result["status"] in ("failed", "timeout"):
             stale = result.get("node_id") != entry.hospital_id or result.get("attempt", 0) not in (
-                0, entry.attempt)
+                0,
+                entry.attempt,
+            )
             if stale:
                 return []  # a failure of an attempt already abandoned
-            why = f"node {entry.hospital_id} answered {result['status']}: {result.get('reason', '')}"
+            why = (
+                f"node {entry.hospital_id} answered {result['status']}: {result.get('reason', '')}"
+            )
             return self._attempt(entry, now_ms=now_ms, why=why)
         if node_id in (entry.hospital_id, entry.hedge_hospital_id):
             self._answer_ms.append(now_ms - entry.attempt_started_ms)
@@ -256,8 +261,9 @@ class Dispatcher:
         actions: list[Action] = []
         for node in self.registry.expire(now_ms=now_ms):
             actions.append(self._node_left(node, now_ms=now_ms))
-            for entry in [e for e in self.in_flight.values()
-                          if e.hedge_hospital_id == node.hospital_id]:
+            for entry in [
+                e for e in self.in_flight.values() if e.hedge_hospital_id == node.hospital_id
+            ]:
                 self._drop_hedge(entry)
             for entry in [e for e in self.in_flight.values() if e.hospital_id == node.hospital_id]:
                 if entry.hedge_hospital_id:
@@ -303,22 +309,20 @@ class Dispatcher:
         request = entry.request
         request_id = request["request_id"]
         if now_ms >= int(request["deadline_ms"]):
-            return self._fail(entry, "timeout", why or "request deadline passed before routing",
-                              now_ms=now_ms)
+            return self._fail(
+                entry, "timeout", why or "request deadline passed before routing", now_ms=now_ms
+            )
         if entry.attempt >= MAX_ATTEMPTS:
             return self._fail(entry, "failed", f"{why}; no attempts left", now_ms=now_ms)
         if choice is None:
-            choice = self.strategy.choose(
-                request, self.registry.alive(now_ms), exclude=entry.tried
-            )
+            choice = self.strategy.choose(request, self.registry.alive(now_ms), exclude=entry.tried)
         if choice is None:
             reason = "no eligible node"
             if request.get("hospitals"):
                 reason += f" among {','.join(request['hospitals'])}"
             if entry.tried:
                 reason += f" besides {','.join(entry.tried)}"
-            return self._fail(entry, "failed", f"{why}; {reason}" if why else reason,
-                              now_ms=now_ms)
+            return self._fail(entry, "failed", f"{why}; {reason}" if why else reason, now_ms=now_ms)
 
         previous = entry.hospital_id
         node: NodeInfo = choice.node
@@ -353,17 +357,28 @@ class Dispatcher:
                 Audit(
                     "request.retried",
                     (request_id, entry.attempt),
-                    {**common, "hospital_id": node.hospital_id, "reason": why,
-                     "attempt": entry.attempt, "previous_hospital_id": previous},
+                    {
+                        **common,
+                        "hospital_id": node.hospital_id,
+                        "reason": why,
+                        "attempt": entry.attempt,
+                        "previous_hospital_id": previous,
+                    },
                 )
             )
         actions.append(
             Audit(
                 "request.routed",
                 (request_id, entry.attempt),
-                {**common, "hospital_id": node.hospital_id, "reason": choice.reason,
-                 "attempt": entry.attempt, "attempt_deadline_ms": entry.attempt_deadline_ms,
-                 "strategy": self.strategy.name, "candidates": ",".join(choice.candidates)},
+                {
+                    **common,
+                    "hospital_id": node.hospital_id,
+                    "reason": choice.reason,
+                    "attempt": entry.attempt,
+                    "attempt_deadline_ms": entry.attempt_deadline_ms,
+                    "strategy": self.strategy.name,
+                    "candidates": ",".join(choice.candidates),
+                },
             )
         )
         return actions
@@ -386,10 +401,13 @@ class Dispatcher:
             return []
         actions: list[Action] = []
         for entry in list(self.in_flight.values()):
-            if (entry.request.get("priority") == "high" and not entry.hedge_hospital_id
-                    and entry.attempt < MAX_ATTEMPTS
-                    and now_ms - entry.attempt_started_ms >= after
-                    and now_ms < int(entry.request["deadline_ms"])):
+            if (
+                entry.request.get("priority") == "high"
+                and not entry.hedge_hospital_id
+                and entry.attempt < MAX_ATTEMPTS
+                and now_ms - entry.attempt_started_ms >= after
+                and now_ms < int(entry.request["deadline_ms"])
+            ):
                 actions += self._send_hedge(entry, after_ms=after, now_ms=now_ms)
         return actions
 
@@ -420,14 +438,23 @@ class Dispatcher:
             Audit(
                 "request.hedged",
                 (request_id, entry.hedge_attempt),
-                {"request_id": request_id, "user_id": request["user_id"],
-                 "department": request["department"], "hospital_id": node.hospital_id,
-                 "attempt": entry.hedge_attempt, "previous_hospital_id": entry.hospital_id,
-                 "epsilon": entry.reserved_epsilon, "delta": entry.delta,
-                 "reason": (f"high priority, attempt {entry.attempt} running past the p95 "
-                            f"({after_ms} ms); a second mechanism, charged as a second "
-                            f"reservation"),
-                 "strategy": self.strategy.name, "candidates": ",".join(choice.candidates)},
+                {
+                    "request_id": request_id,
+                    "user_id": request["user_id"],
+                    "department": request["department"],
+                    "hospital_id": node.hospital_id,
+                    "attempt": entry.hedge_attempt,
+                    "previous_hospital_id": entry.hospital_id,
+                    "epsilon": entry.reserved_epsilon,
+                    "delta": entry.delta,
+                    "reason": (
+                        f"high priority, attempt {entry.attempt} running past the p95 "
+                        f"({after_ms} ms); a second mechanism, charged as a second "
+                        f"reservation"
+                    ),
+                    "strategy": self.strategy.name,
+                    "candidates": ",".join(choice.candidates),
+                },
             ),
         ]
 
@@ -461,9 +488,15 @@ class Dispatcher:
             Audit(
                 "request.route_failed",
                 (request_id,),
-                {"request_id": request_id, "user_id": request["user_id"],
-                 "department": request["department"], "hospital_id": entry.hospital_id,
-                 "outcome": status, "reason": reason, "attempt": entry.attempt},
+                {
+                    "request_id": request_id,
+                    "user_id": request["user_id"],
+                    "department": request["department"],
+                    "hospital_id": entry.hospital_id,
+                    "outcome": status,
+                    "reason": reason,
+                    "attempt": entry.attempt,
+                },
             ),
         ]
 
@@ -484,17 +517,25 @@ class Dispatcher:
         request = fan.request
         request_id = request["request_id"]
         if now_ms >= int(request["deadline_ms"]):
-            return self._fail_fan_out(fan, "request deadline passed before routing",
-                                      now_ms=now_ms, status="timeout")
-        down = [h for h in fan.hospitals
-                if (n := self.registry.get(h, now_ms=now_ms)) is None or not n.healthy]
+            return self._fail_fan_out(
+                fan, "request deadline passed before routing", now_ms=now_ms, status="timeout"
+            )
+        down = [
+            h
+            for h in fan.hospitals
+            if (n := self.registry.get(h, now_ms=now_ms)) is None or not n.healthy
+        ]
         if down:
-            return self._fail_fan_out(fan, f"no eligible node: {','.join(down)} not alive",
-                                      now_ms=now_ms)
+            return self._fail_fan_out(
+                fan, f"no eligible node: {','.join(down)} not alive", now_ms=now_ms
+            )
         self.fan_outs[request_id] = fan
         k = len(fan.hospitals)
-        common = {"request_id": request_id, "user_id": request["user_id"],
-                  "department": request["department"]}
+        common = {
+            "request_id": request_id,
+            "user_id": request["user_id"],
+            "department": request["department"],
+        }
         sends: list[Action] = []
         audits: list[Action] = []
         for i, hospital_id in enumerate(fan.hospitals, start=1):
@@ -511,15 +552,22 @@ class Dispatcher:
                 "budget_share": 1.0 / k,
                 "parts": k,
             }
-            sends.append(Send(topics.hospital_requests(hospital_id), "RoutedRequest", routed,
-                              request_id))
-            audits.append(Audit(
-                "request.routed",
-                (request_id, "part", hospital_id),
-                {**common, "hospital_id": hospital_id, "attempt": 1,
-                 "reason": f"fan-out part {i}/{k}, budget share 1/{k}",
-                 "attempt_deadline_ms": fan.deadline_ms},
-            ))
+            sends.append(
+                Send(topics.hospital_requests(hospital_id), "RoutedRequest", routed, request_id)
+            )
+            audits.append(
+                Audit(
+                    "request.routed",
+                    (request_id, "part", hospital_id),
+                    {
+                        **common,
+                        "hospital_id": hospital_id,
+                        "attempt": 1,
+                        "reason": f"fan-out part {i}/{k}, budget share 1/{k}",
+                        "attempt_deadline_ms": fan.deadline_ms,
+                    },
+                )
+            )
         return sends + audits
 
     def _on_part(self, fan: FanOut, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
@@ -572,15 +620,23 @@ class Dispatcher:
             Audit(
                 "request.combined",
                 (request_id,),
-                {"request_id": request_id, "user_id": request["user_id"],
-                 "department": request["department"], "hospital_id": result["node_id"],
-                 "outcome": "ok", "epsilon": combined.epsilon, "delta": combined.delta,
-                 "records_used": combined.records_used, "parts": len(fan.hospitals)},
+                {
+                    "request_id": request_id,
+                    "user_id": request["user_id"],
+                    "department": request["department"],
+                    "hospital_id": result["node_id"],
+                    "outcome": "ok",
+                    "epsilon": combined.epsilon,
+                    "delta": combined.delta,
+                    "records_used": combined.records_used,
+                    "parts": len(fan.hospitals),
+                },
             ),
         ]
 
-    def _fail_fan_out(self, fan: FanOut, why: str, *, now_ms: int,
-                      status: str = "failed") -> list[Action]:
+    def _fail_fan_out(
+        self, fan: FanOut, why: str, *, now_ms: int, status: str = "failed"
+    ) -> list[Action]:
         """Fail the whole fan-out. The parts that did answer were released (to the router) and
         spent budget at their hospitals: their summed curve goes with the failure, and the
         accountant charges it."""
@@ -604,8 +660,10 @@ class Dispatcher:
         }
         if spent is not None:
             epsilon = spent.epsilon(delta=fan.delta)
-            reason += (f"; partial release: {','.join(answered)} answered their parts, "
-                       f"which spent ε ≤ {epsilon:.4g} at δ={fan.delta:g} and are charged")
+            reason += (
+                f"; partial release: {','.join(answered)} answered their parts, "
+                f"which spent ε ≤ {epsilon:.4g} at δ={fan.delta:g} and are charged"
+            )
             result.update(
                 privacy_cost=epsilon,
                 rdp_orders=list(spent.orders),
@@ -618,10 +676,16 @@ class Dispatcher:
             Audit(
                 "request.route_failed",
                 (request_id,),
-                {"request_id": request_id, "user_id": request["user_id"],
-                 "department": request["department"], "hospital_id": ",".join(fan.hospitals),
-                 "outcome": status, "reason": reason, "attempt": result["attempt"],
-                 "epsilon": result.get("privacy_cost", 0.0)},
+                {
+                    "request_id": request_id,
+                    "user_id": request["user_id"],
+                    "department": request["department"],
+                    "hospital_id": ",".join(fan.hospitals),
+                    "outcome": status,
+                    "reason": reason,
+                    "attempt": result["attempt"],
+                    "epsilon": result.get("privacy_cost", 0.0),
+                },
             ),
         ]
 
@@ -637,8 +701,12 @@ class Dispatcher:
         return Audit(
             "node.left",
             (node.hospital_id, node.last_seen_ms),
-            {"hospital_id": node.hospital_id, "outcome": "left",
-             "reason": f"no heartbeat for {now_ms - node.last_seen_ms} ms",
-             "held_requests": sum(
-                 1 for e in self.in_flight.values() if e.hospital_id == node.hospital_id)},
+            {
+                "hospital_id": node.hospital_id,
+                "outcome": "left",
+                "reason": f"no heartbeat for {now_ms - node.last_seen_ms} ms",
+                "held_requests": sum(
+                    1 for e in self.in_flight.values() if e.hospital_id == node.hospital_id
+                ),
+            },
         )

@@ -4,15 +4,15 @@ Load = queue depth + in-flight (+ requests this router sent since the node's las
 join-the-shortest-queue (Winston, "Optimality of the shortest line discipline", J. Appl. Prob.
 14(1), 1977). Ties go to the lower latency (as in Envoy's least-request balancer), then to the
 hospital id so the choice is deterministic. The candidate set — department match first — is the
-shared one of :func:`services.router.strategy.candidates`.
+shared one of :func:`fedllm.services.router.strategy.candidates`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.registry import NodeInfo
-from services.router.strategy import Candidates, Choice, PoolStrategy
+from fedllm.services.router.registry import NodeInfo
+from fedllm.services.router.strategy import Candidates, Choice, PoolStrategy
 
 
 def _rank(node: NodeInfo) -> tuple[int, float, str]:

@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from services.router.dispatcher import Audit
+from fedllm.services.router.dispatcher import Audit
 
 _OUTCOMES = {
     "request.routed": "routed",
@@ -27,8 +27,9 @@ _OUTCOMES = {
 class RouterMetrics:
     """The router's collectors, on `registry` (the process-wide one by default)."""
 
-    def __init__(self, *, hospitals: Collection[str], registry: CollectorRegistry = REGISTRY
-                 ) -> None:
+    def __init__(
+        self, *, hospitals: Collection[str], registry: CollectorRegistry = REGISTRY
+    ) -> None:
         self.hospitals = frozenset(hospitals)
         self.decisions = Counter(
             "fedllm_router_decisions_total",

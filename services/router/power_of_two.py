@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from services.router.registry import NodeInfo
-from services.router.strategy import Candidates, Choice, PoolStrategy
+from fedllm.services.router.registry import NodeInfo
+from fedllm.services.router.strategy import Candidates, Choice, PoolStrategy
 
 
 class PowerOfTwoChoices(PoolStrategy):

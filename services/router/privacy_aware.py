@@ -11,7 +11,7 @@ Two public signals say how much of a hospital's data-set budget is used:
 :func:`budget_pressures` turns them into one factor per node: ×3 per room level lost, times
 (share of routed ε over the mean share of the alive nodes)^:data:`SHARE_EXPONENT` when above 1
 (a prior of :data:`SHARE_PRIOR` ε keeps the first requests from swinging it). The cost of a node
-is its expected wait — EWMA latency × (load + 1), as in :mod:`services.router.response_time` —
+is its expected wait — EWMA latency × (load + 1), as in :mod:`fedllm.services.router.response_time` —
 times that pressure: a hospital used twice its share must be 2^SHARE_EXPONENT times faster to
 win, and load still spreads (a pure "most room first" order would send every request to one
 hospital until its level dropped). This is water-filling of a shared resource (max–min
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.registry import NodeInfo
-from services.router.response_time import expected_waits
-from services.router.strategy import Candidates, Choice, PoolStrategy
+from fedllm.services.router.registry import NodeInfo
+from fedllm.services.router.response_time import expected_waits
+from fedllm.services.router.strategy import Candidates, Choice, PoolStrategy
 
 ROOM_LEVELS = 4
 LEVEL_FACTOR = 3.0  # chosen in bench/routing_sim.py: 2 drained the near-cap hospital, 4 cost p95
@@ -47,9 +47,8 @@ def budget_pressures(nodes: Sequence[NodeInfo]) -> dict[str, float]:
         return {}
     mean = sum(n.routed_epsilon for n in nodes) / len(nodes)
     return {
-        n.hospital_id: level_pressure(n) * max(
-            1.0, (n.routed_epsilon + SHARE_PRIOR) / (mean + SHARE_PRIOR)
-        ) ** SHARE_EXPONENT
+        n.hospital_id: level_pressure(n)
+        * max(1.0, (n.routed_epsilon + SHARE_PRIOR) / (mean + SHARE_PRIOR)) ** SHARE_EXPONENT
         for n in nodes
     }
 
@@ -69,6 +68,7 @@ class PrivacyAware(PoolStrategy):
 
         node = min(pool.nodes, key=cost)
         return pool.choice(
-            node, f"budget room level {node.budget_room}, pressure "
-                  f"{pressure[node.hospital_id]:.2f}, load {node.load}: least wait × pressure"
+            node,
+            f"budget room level {node.budget_room}, pressure "
+            f"{pressure[node.hospital_id]:.2f}, load {node.load}: least wait × pressure",
         )

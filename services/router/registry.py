@@ -64,9 +64,11 @@ class NodeInfo:
             device=heartbeat.get("device", "cpu"),
             healthy=bool(heartbeat["healthy"]),
             last_seen_ms=seen_ms,
-            queue_by_priority=tuple(sorted(
-                (str(k), int(v)) for k, v in (heartbeat.get("queue_by_priority") or {}).items()
-            )),
+            queue_by_priority=tuple(
+                sorted(
+                    (str(k), int(v)) for k, v in (heartbeat.get("queue_by_priority") or {}).items()
+                )
+            ),
             ewma_latency_ms=float(heartbeat.get("ewma_latency_ms", 0.0)),
             error_rate=float(heartbeat.get("error_rate", 0.0)),
             budget_room=int(heartbeat.get("budget_room", -1)),
@@ -124,7 +126,8 @@ class NodeRegistry:
         node = self._nodes.get(hospital_id)
         if node is not None:
             self._nodes[hospital_id] = replace(
-                node, routed_since_heartbeat=node.routed_since_heartbeat + 1,
+                node,
+                routed_since_heartbeat=node.routed_since_heartbeat + 1,
                 routed_epsilon=self._routed[hospital_id],
             )
 

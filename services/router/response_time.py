@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.registry import NodeInfo
-from services.router.strategy import Candidates, Choice, PoolStrategy
+from fedllm.services.router.registry import NodeInfo
+from fedllm.services.router.strategy import Candidates, Choice, PoolStrategy
 
 
 def latency_or_mean(nodes: Sequence[NodeInfo]) -> dict[str, float]:

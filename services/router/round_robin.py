@@ -1,6 +1,6 @@
 """Round-robin: the baseline every other strategy is measured against.
 
-Each candidate set (see :func:`services.router.strategy.candidates`) is cycled in hospital-id
+Each candidate set (see :func:`fedllm.services.router.strategy.candidates`) is cycled in hospital-id
 order, ignoring load and latency — Envoy's `ROUND_ROBIN` and nginx's default upstream policy
 (Envoy docs, "Supported load balancers"). One counter per distinct candidate set, so requests of
 a department hosted by three nodes rotate over those three.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.registry import NodeInfo
-from services.router.strategy import Candidates, Choice, PoolStrategy
+from fedllm.services.router.registry import NodeInfo
+from fedllm.services.router.strategy import Candidates, Choice, PoolStrategy
 
 
 class RoundRobin(PoolStrategy):

@@ -28,11 +28,11 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
-from services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
-from services.router.metrics import RouterMetrics, process_metrics
-from services.router.registry import NodeRegistry
-from services.router.strategies import build_strategy
-from services.router.strategy import BatchRoutingStrategy, RoutingStrategy
+from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
+from fedllm.services.router.metrics import RouterMetrics, process_metrics
+from fedllm.services.router.registry import NodeRegistry
+from fedllm.services.router.strategies import build_strategy
+from fedllm.services.router.strategy import BatchRoutingStrategy, RoutingStrategy
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class RouterService:
         self.metrics = metrics or process_metrics(hospitals=[h.id for h in settings.hospitals])
         self.batch_window_ms = (
             settings.router_batch_window_ms
-            if isinstance(self.dispatcher.strategy, BatchRoutingStrategy) else 0
+            if isinstance(self.dispatcher.strategy, BatchRoutingStrategy)
+            else 0
         )
         self.producer = make_producer(settings)
         self.bus = Bus(self.producer)
@@ -110,23 +111,30 @@ class RouterService:
             if isinstance(action, Send):
                 try:
                     with self.traces.resume(action.record.get("request_id"), "router dispatch"):
-                        await self.bus.send(action.topic, action.schema, action.record,
-                                            key=action.key)
+                        await self.bus.send(
+                            action.topic, action.schema, action.record, key=action.key
+                        )
                 except KafkaError as exc:
                     if action.schema != "RoutedRequest":
                         raise  # a failure result must not be lost: crash, replay on restart
                     log.warning("cannot send to %s: %r", action.topic, exc)
-                    await self.execute(self.dispatcher.on_send_failed(
-                        action.record["request_id"], action.record["hospital_id"],
-                        now_ms=now_ms(),
-                    ))
+                    await self.execute(
+                        self.dispatcher.on_send_failed(
+                            action.record["request_id"],
+                            action.record["hospital_id"],
+                            now_ms=now_ms(),
+                        )
+                    )
         for action in actions:
             if isinstance(action, Audit):
                 self.metrics.observe(action, strategy=self.dispatcher.strategy.name)
                 with self.traces.resume(action.fields.get("request_id"), "router audit"):
                     await audit.emit(
-                        self.bus, action=action.action, service=SERVICE,
-                        id_parts=action.id_parts, **action.fields,
+                        self.bus,
+                        action=action.action,
+                        service=SERVICE,
+                        id_parts=action.id_parts,
+                        **action.fields,
                     )
 
     # -- start-up -------------------------------------------------------------------------
@@ -186,8 +194,12 @@ class RouterService:
                         msg, "BudgetDecision", service=SERVICE
                     )
                     if decision is not None:
-                        with metrics.stage(SERVICE, "BudgetDecision", headers=msg.headers,
-                                           request_id=decision["request_id"]):
+                        with metrics.stage(
+                            SERVICE,
+                            "BudgetDecision",
+                            headers=msg.headers,
+                            request_id=decision["request_id"],
+                        ):
                             self.traces.remember(decision["request_id"])  # for batched sends
                         decisions.append((msg, decision))
             if decisions:
@@ -201,26 +213,40 @@ class RouterService:
         if not decision["approved"]:
             return
         request = decision["request"]
-        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
-            "request_id": request["request_id"], "user_id": request["user_id"],
-            "department": request["department"], "status": "failed", "reason": reason,
-            "node_id": "", "attempt": 0, "delta": decision["delta"], "finished_at_ms": now_ms(),
-        }, key=request["user_id"])
+        await self.bus.send(
+            topics.NODE_RESULTS,
+            "InferenceResult",
+            {
+                "request_id": request["request_id"],
+                "user_id": request["user_id"],
+                "department": request["department"],
+                "status": "failed",
+                "reason": reason,
+                "node_id": "",
+                "attempt": 0,
+                "delta": decision["delta"],
+                "finished_at_ms": now_ms(),
+            },
+            key=request["user_id"],
+        )
 
     async def route_batch(self, decisions: list[tuple[ConsumerRecord, dict[str, Any]]]) -> None:
         """Place a batch jointly; if that fails, deliver each decision on its own (retries,
         then a failure verdict and the DLQ)."""
         try:
-            await self.execute(self.dispatcher.on_decisions([d for _, d in decisions],
-                                                            now_ms=now_ms()))
+            await self.execute(
+                self.dispatcher.on_decisions([d for _, d in decisions], now_ms=now_ms())
+            )
             return
         except Exception:
             log.exception("routing a batch of %d decisions failed; one by one", len(decisions))
         for msg, decision in decisions:
             await deliver(
-                msg, lambda d=decision: self.execute(
-                    self.dispatcher.on_decision(d, now_ms=now_ms())),
-                bus=self.bus, service=SERVICE, policy=self.policy,
+                msg,
+                lambda d=decision: self.execute(self.dispatcher.on_decision(d, now_ms=now_ms())),
+                bus=self.bus,
+                service=SERVICE,
+                policy=self.policy,
                 on_dead=lambda reason, d=decision: self.fail_decision(d, reason),
             )
 
@@ -237,8 +263,12 @@ class RouterService:
                         msg, "InferenceResult", service=SERVICE
                     )
                     if result is not None:
-                        with metrics.stage(SERVICE, "InferenceResult", headers=msg.headers,
-                                           request_id=result["request_id"]):
+                        with metrics.stage(
+                            SERVICE,
+                            "InferenceResult",
+                            headers=msg.headers,
+                            request_id=result["request_id"],
+                        ):
                             await self.execute(
                                 self.dispatcher.on_node_result(result, now_ms=now_ms())
                             )
@@ -255,8 +285,13 @@ class RouterService:
             await self.start()
             await _until_stopped(
                 stop,
-                [self.route_decisions, self.track_nodes, self.close_answered, self.supervise,
-                 self.announce_ready],
+                [
+                    self.route_decisions,
+                    self.track_nodes,
+                    self.close_answered,
+                    self.supervise,
+                    self.announce_ready,
+                ],
             )
         finally:
             clear_ready(self.settings, SERVICE)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.router.assignment import BatchAssignment
-from services.router.least_load import DepartmentLeastLoad
-from services.router.power_of_two import PowerOfTwoChoices
-from services.router.privacy_aware import PrivacyAware
-from services.router.response_time import WeightedResponseTime
-from services.router.round_robin import RoundRobin
-from services.router.strategy import RoutingStrategy
+from fedllm.services.router.assignment import BatchAssignment
+from fedllm.services.router.least_load import DepartmentLeastLoad
+from fedllm.services.router.power_of_two import PowerOfTwoChoices
+from fedllm.services.router.privacy_aware import PrivacyAware
+from fedllm.services.router.response_time import WeightedResponseTime
+from fedllm.services.router.round_robin import RoundRobin
+from fedllm.services.router.strategy import RoutingStrategy
 
 STRATEGIES: dict[str, Callable[[], RoutingStrategy]] = {
     "round_robin": RoundRobin,

@@ -5,7 +5,7 @@ policy is a new file, not a branch in the service. Every strategy draws from the
 set (:func:`candidates`), so they differ only in how they choose, never in what is allowed:
 
 - a node is a candidate when it is alive (the registry's TTL), healthy, not failing (error rate
-  under :data:`~services.router.registry.MAX_ERROR_RATE`), has data-set budget left (budget room
+  under :data:`~fedllm.services.router.registry.MAX_ERROR_RATE`), has data-set budget left (budget room
   not 0), is not already tried for this request, and is among `request.hospitals` when the
   request names any;
 - among those, the nodes that serve the request's department are preferred (that is where the
@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from services.router.registry import NodeInfo
+from fedllm.services.router.registry import NodeInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +62,9 @@ def candidates(
     """The candidate set for `request` (see the module docstring), or None when it is empty."""
     wanted = set(request.get("hospitals") or ())
     eligible = [
-        n for n in nodes
-        if n.eligible and n.hospital_id not in exclude
-        and (not wanted or n.hospital_id in wanted)
+        n
+        for n in nodes
+        if n.eligible and n.hospital_id not in exclude and (not wanted or n.hospital_id in wanted)
     ]
     if not eligible:
         return None

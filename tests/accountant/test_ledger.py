@@ -11,7 +11,7 @@ import pytest
 from fedllm.common.config import BudgetConfig
 from fedllm.common.db import make_engine
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
-from services.accountant.ledger import Ledger
+from fedllm.services.accountant.ledger import Ledger
 from tests.kafka_helpers import inference_request
 
 
@@ -28,8 +28,9 @@ def test_replayed_reservation_spends_once(ledger: Ledger) -> None:
     assert first.changed and first.state == "reserved"
     assert not again.changed and again.state == "reserved"
     user, _ = ledger.balances(req["user_id"], req["department"])
-    one = ledger.accountant.epsilon(ledger.accountant.query_curve(epsilon=2.0, delta=1e-5),
-                                    delta=1e-5)
+    one = ledger.accountant.epsilon(
+        ledger.accountant.query_curve(epsilon=2.0, delta=1e-5), delta=1e-5
+    )
     assert user.spent == pytest.approx(one)
 
 
@@ -83,8 +84,10 @@ def test_concurrent_reservations_never_overspend(fresh_database_url: str) -> Non
     fits = 0  # how many a sequential ledger would approve against general's 5.0
     while acct.epsilon(acct.compose(*[one] * (fits + 1)), delta=1e-5) <= 5.0:
         fits += 1
-    reqs = [inference_request(user_id=f"u{i}", department="general", epsilon=1.0)
-            for i in range(fits + 8)]
+    reqs = [
+        inference_request(user_id=f"u{i}", department="general", epsilon=1.0)
+        for i in range(fits + 8)
+    ]
     with ThreadPoolExecutor(max_workers=6) as pool:
         outcomes = list(pool.map(ledger.reserve, reqs))
     approved = [o for o in outcomes if o.state == "reserved"]
@@ -94,16 +97,26 @@ def test_concurrent_reservations_never_overspend(fresh_database_url: str) -> Non
 
 
 def adjustment(scope: str, subject: str) -> dict:
-    return {"adjustment_id": str(uuid.uuid4()), "action": "reset", "scope": scope,
-            "subject": subject, "reason": "approved exception", "actor_user_id": "admin1",
-            "actor_role": "admin", "source_address": "127.0.0.1", "requested_at_ms": 0}
+    return {
+        "adjustment_id": str(uuid.uuid4()),
+        "action": "reset",
+        "scope": scope,
+        "subject": subject,
+        "reason": "approved exception",
+        "actor_user_id": "admin1",
+        "actor_role": "admin",
+        "source_address": "127.0.0.1",
+        "requested_at_ms": 0,
+    }
 
 
 def test_admin_reset_forgives_the_window_once(ledger: Ledger) -> None:
     first = ledger.reserve(inference_request(user_id="r1", department="research", epsilon=1.8))
     assert first.state == "reserved"
-    assert ledger.reserve(inference_request(user_id="r2", department="research",
-                                            epsilon=1.8)).state == "rejected"
+    assert (
+        ledger.reserve(inference_request(user_id="r2", department="research", epsilon=1.8)).state
+        == "rejected"
+    )
     adj = adjustment("department", "research")
     time.sleep(0.002)
     assert ledger.reset(adj) is True
@@ -112,8 +125,10 @@ def test_admin_reset_forgives_the_window_once(ledger: Ledger) -> None:
     assert dept.spent == 0.0
     user, _ = ledger.balances("r1", "research")
     assert user.spent > 0  # the user's own account is untouched by a department reset
-    assert ledger.reserve(inference_request(user_id="r2", department="research",
-                                            epsilon=1.8)).state == "reserved"
+    assert (
+        ledger.reserve(inference_request(user_id="r2", department="research", epsilon=1.8)).state
+        == "reserved"
+    )
 
 
 def test_reset_rejects_unknown_department(ledger: Ledger) -> None:

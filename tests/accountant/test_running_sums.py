@@ -15,15 +15,14 @@ from sqlalchemy import create_engine, event, text
 from fedllm.common.config import BudgetConfig
 from fedllm.common.db import make_engine, normalise_url
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
-from services.accountant.ledger import Ledger, Settlement, dept_scope, user_scope
+from fedllm.services.accountant.ledger import Ledger, Settlement, dept_scope, user_scope
 from tests.kafka_helpers import inference_request
 
 
 def new_ledger(url: str, **engine_kw) -> Ledger:
     if url.startswith("sqlite"):
         return Ledger(make_engine(url), BudgetConfig(), RdpAccountant())
-    return Ledger(create_engine(normalise_url(url), **engine_kw), BudgetConfig(),
-                  RdpAccountant())
+    return Ledger(create_engine(normalise_url(url), **engine_kw), BudgetConfig(), RdpAccountant())
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -44,9 +43,11 @@ def test_random_operations_keep_running_sums_exact(url: str) -> None:
     for step in range(120):
         op = rng.random()
         if op < 0.5 or not reserved:
-            req = inference_request(user_id=rng.choice(sorted(users)),
-                                    department=rng.choice(sorted(depts)),
-                                    epsilon=rng.choice([0.05, 0.3, 1.0]))
+            req = inference_request(
+                user_id=rng.choice(sorted(users)),
+                department=rng.choice(sorted(depts)),
+                epsilon=rng.choice([0.05, 0.3, 1.0]),
+            )
             if ledger.reserve(req).state == "reserved":
                 reserved.append(req["request_id"])
         elif op < 0.9:
@@ -56,8 +57,16 @@ def test_random_operations_keep_running_sums_exact(url: str) -> None:
         else:
             scope = rng.choice(["user", "department"])
             subject = rng.choice(sorted(users if scope == "user" else depts))
-            ledger.reset({"adjustment_id": f"adj-{step}", "action": "reset", "scope": scope,
-                          "subject": subject, "reason": "", "actor_user_id": "admin"})
+            ledger.reset(
+                {
+                    "adjustment_id": f"adj-{step}",
+                    "action": "reset",
+                    "scope": scope,
+                    "subject": subject,
+                    "reason": "",
+                    "actor_user_id": "admin",
+                }
+            )
         assert_sums_exact(ledger, users, depts)
 
 
@@ -65,8 +74,16 @@ def test_settling_after_a_reset_leaves_the_reset_account_alone(url: str) -> None
     ledger = new_ledger(url)
     req = inference_request(user_id="r", department="research", epsilon=1.0)
     ledger.reserve(req)
-    ledger.reset({"adjustment_id": "adj", "action": "reset", "scope": "department",
-                  "subject": "research", "reason": "", "actor_user_id": "admin"})
+    ledger.reset(
+        {
+            "adjustment_id": "adj",
+            "action": "reset",
+            "scope": "department",
+            "subject": "research",
+            "reason": "",
+            "actor_user_id": "admin",
+        }
+    )
     out = ledger.settle(req["request_id"], spent=PrivacyCurve.from_rho(0.01), outcome="ok")
     assert out is not None and out.department.spent == 0.0 and out.user.spent > 0
     assert_sums_exact(ledger, {"r"}, {"research"})
@@ -85,15 +102,15 @@ def test_a_decision_reads_no_history(url: str) -> None:
 
         event.listen(ledger.engine, "before_cursor_execute", record)
         try:
-            ledger.reserve(inference_request(user_id="h", department="emergency",
-                                             epsilon=1e-4))
+            ledger.reserve(inference_request(user_id="h", department="emergency", epsilon=1e-4))
         finally:
             event.remove(ledger.engine, "before_cursor_execute", record)
         return seen
 
     fresh = statements_of_one_reserve()
-    ledger.reserve_many([inference_request(user_id="h", department="emergency", epsilon=1e-4)
-                         for _ in range(500)])
+    ledger.reserve_many(
+        [inference_request(user_id="h", department="emergency", epsilon=1e-4) for _ in range(500)]
+    )
     after = statements_of_one_reserve()
     assert len(after) == len(fresh)
     for stmt in after:
@@ -127,8 +144,7 @@ def test_a_report_above_the_reservation_is_charged_and_flagged(url: str) -> None
     assert ledger.charged(user_scope("o"), window=window) == ledger.filter.charge_units(over)
     within = inference_request(user_id="o2", department="emergency", epsilon=1.0)
     ledger.reserve(within)
-    ok = ledger.settle(within["request_id"], spent=PrivacyCurve.from_rho(rho_res / 3),
-                       outcome="ok")
+    ok = ledger.settle(within["request_id"], spent=PrivacyCurve.from_rho(rho_res / 3), outcome="ok")
     assert ok is not None and ok.excess_rho == 0.0
 
 
@@ -137,7 +153,8 @@ ISOLATION = ["read committed", "repeatable read", "serializable"]
 
 @pytest.mark.parametrize("isolation", ISOLATION)
 def test_forty_concurrent_requests_of_one_user_never_overspend(
-        isolation: str, fresh_database_url: str) -> None:
+    isolation: str, fresh_database_url: str
+) -> None:
     """The database's default isolation set per session (as a DBA would), 40 threads."""
     opts = {"options": "-c default_transaction_isolation=" + isolation.replace(" ", "\\ ")}
     ledger = new_ledger(fresh_database_url, connect_args=opts, pool_size=40, max_overflow=0)
@@ -147,8 +164,9 @@ def test_forty_concurrent_requests_of_one_user_never_overspend(
     one = f.query_units(2.0)
     fits = f.limit_units(ledger.budget.user_epsilon) // one  # 16 of 40: the user's limit binds
     assert fits < 40 and fits < f.limit_units(ledger.budget.department_epsilon["emergency"]) // one
-    reqs = [inference_request(user_id="solo", department="emergency", epsilon=2.0)
-            for _ in range(40)]
+    reqs = [
+        inference_request(user_id="solo", department="emergency", epsilon=2.0) for _ in range(40)
+    ]
     barrier = threading.Barrier(40)
 
     def go(req: dict):
@@ -166,14 +184,14 @@ def test_forty_concurrent_requests_of_one_user_never_overspend(
 
 
 @pytest.mark.parametrize("isolation", ISOLATION)
-def test_two_accountants_racing_on_one_request_id(isolation: str,
-                                                  fresh_database_url: str) -> None:
+def test_two_accountants_racing_on_one_request_id(isolation: str, fresh_database_url: str) -> None:
     opts = {"options": "-c default_transaction_isolation=" + isolation.replace(" ", "\\ ")}
     a = new_ledger(fresh_database_url, connect_args=opts)
     b = new_ledger(fresh_database_url, connect_args=opts)
     for _ in range(15):
-        req = inference_request(user_id=f"dup-{uuid.uuid4().hex[:6]}", department="cardiology",
-                                epsilon=0.5)
+        req = inference_request(
+            user_id=f"dup-{uuid.uuid4().hex[:6]}", department="cardiology", epsilon=0.5
+        )
         barrier = threading.Barrier(2)
 
         def go(ledger: Ledger, req: dict = req, barrier: threading.Barrier = barrier):
@@ -199,7 +217,8 @@ def test_two_accountants_racing_on_one_request_id(isolation: str,
         assert sorted(o.changed for o in settled) == [False, True]
         assert a.charged(scope, window=a._window()) == a.filter.charge_units(spent)
     assert a.charged(dept_scope("cardiology"), window=a._window()) == a.recompute(
-        dept_scope("cardiology"), window=a._window())
+        dept_scope("cardiology"), window=a._window()
+    )
 
 
 def test_new_window_starts_at_zero_without_reading_the_old_one(url: str) -> None:
@@ -218,17 +237,28 @@ def test_a_ledger_from_before_the_running_sums_is_upgraded(url: str) -> None:
     forgiven = inference_request(user_id="u2", department="research", epsilon=0.5)
     ledger.reserve(forgiven)
     time.sleep(0.002)
-    ledger.reset({"adjustment_id": "old-reset", "action": "reset", "scope": "user",
-                  "subject": "u2", "reason": "", "actor_user_id": "admin"})
+    ledger.reset(
+        {
+            "adjustment_id": "old-reset",
+            "action": "reset",
+            "scope": "user",
+            "subject": "u2",
+            "reason": "",
+            "actor_user_id": "admin",
+        }
+    )
     open_one = inference_request(user_id="u1", department="research", epsilon=0.2)
     ledger.reserve(open_one)
     window = ledger._window()
-    expected = {s: ledger.charged(s, window=window)
-                for s in (user_scope("u1"), user_scope("u2"), dept_scope("research"))}
+    expected = {
+        s: ledger.charged(s, window=window)
+        for s in (user_scope("u1"), user_scope("u2"), dept_scope("research"))
+    }
     with ledger.engine.begin() as conn:  # back to the old schema
-        for table, cols in (("budget_accounts", ["charged_units", "epoch"]),
-                            ("budget_entries", ["reserved_units", "charged_units",
-                                                "user_epoch", "dept_epoch"])):
+        for table, cols in (
+            ("budget_accounts", ["charged_units", "epoch"]),
+            ("budget_entries", ["reserved_units", "charged_units", "user_epoch", "dept_epoch"]),
+        ):
             for col in cols:
                 conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {col}"))
     ledger.engine.dispose()

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine
 
 from fedllm.common.db import make_engine
-from services.auditor.migrate import upgrade
+from fedllm.services.auditor.migrate import upgrade
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from fedllm.common.audit import audit_event
-from services.auditor.records import Protection, event_to_row
+from fedllm.services.auditor.records import Protection, event_to_row
 
 NO_KEYS = Protection(hmac_key=None, sealer=None)
 
@@ -21,8 +21,12 @@ def event(i: int, *, tag: str = "t", at: datetime | None = None, **fields: Any) 
     fields.setdefault("department", ["cardiology", "emergency"][i % 2])
     fields.setdefault("source_address", "10.0.0.7")
     fields.setdefault("hospital_id", ["st_mary", "northside"][i % 2])
-    rec = audit_event(action=fields.pop("action", "request.received"), service="gateway",
-                      id_parts=(tag, i), **fields)
+    rec = audit_event(
+        action=fields.pop("action", "request.received"),
+        service="gateway",
+        id_parts=(tag, i),
+        **fields,
+    )
     if at is not None:
         rec["occurred_at_ms"] = int(at.timestamp() * 1000)
     return rec

@@ -23,8 +23,8 @@ from sqlalchemy import func, select
 
 from fedllm.common.db import make_engine
 from fedllm.embedded import free_port, wait_port
-from services.auditor.models import audit_log
-from services.auditor.verify import verify
+from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.verify import verify
 from tests.auditor.test_service import Running, bus, emit_many, make_settings  # noqa: F401
 
 PG_BIN = Path(os.environ.get("FEDLLM_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -50,14 +50,31 @@ class Cluster:
             raise RuntimeError(f"{args[0]} failed: {done.stderr or done.stdout}")
 
     def init(self) -> Cluster:
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.dir), "-A", "trust", "-U", "postgres",
-                  "--no-sync")
+        self._run(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.dir),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        )
         return self.start()
 
     def start(self) -> Cluster:
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir), "-l", str(self.log), "-o", opts,
-                  "-w", "start")
+        self._run(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.dir),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "start",
+        )
         wait_port("127.0.0.1", self.port)
         return self
 
@@ -83,8 +100,12 @@ def cluster() -> Iterator[Cluster]:
 
 
 async def test_postgres_outage_loses_and_duplicates_nothing(
-        bus, kafka_bootstrap: str, cluster: Cluster, tmp_path: Path,  # noqa: F811
-        caplog: pytest.LogCaptureFixture) -> None:
+    bus,  # noqa: F811
+    kafka_bootstrap: str,
+    cluster: Cluster,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     settings = make_settings(kafka_bootstrap, cluster.url, tmp_path)
     engine = make_engine(cluster.url)
     tag = f"fault-{uuid.uuid4().hex[:8]}"
@@ -98,7 +119,7 @@ async def test_postgres_outage_loses_and_duplicates_nothing(
             sent += 5
             await asyncio.sleep(0.05)  # ~100 events/s
 
-    caplog.set_level(logging.WARNING, logger="services.auditor.service")
+    caplog.set_level(logging.WARNING, logger="fedllm.services.auditor.service")
     async with Running(settings, f"auditor-fault-{uuid.uuid4().hex[:8]}") as auditor:
         producer = asyncio.create_task(steady_stream())
         await asyncio.sleep(3)
@@ -115,8 +136,11 @@ async def test_postgres_outage_loses_and_duplicates_nothing(
         while True:
             try:
                 with engine.connect() as conn:  # only this test's events: the topic is shared
-                    stored = conn.scalar(select(func.count()).select_from(audit_log).where(
-                        audit_log.c.request_id.like(f"{tag}-%")))
+                    stored = conn.scalar(
+                        select(func.count())
+                        .select_from(audit_log)
+                        .where(audit_log.c.request_id.like(f"{tag}-%"))
+                    )
             except Exception:
                 stored = -1
             if stored == sent or time.monotonic() > deadline:
@@ -126,11 +150,16 @@ async def test_postgres_outage_loses_and_duplicates_nothing(
     retries = [r for r in caplog.records if "retrying" in r.getMessage()]
     assert retries, "the auditor should have retried while Postgres was down"
     with engine.connect() as conn:
-        ids = list(conn.scalars(select(audit_log.c.request_id).where(
-            audit_log.c.request_id.like(f"{tag}-%"))))
+        ids = list(
+            conn.scalars(
+                select(audit_log.c.request_id).where(audit_log.c.request_id.like(f"{tag}-%"))
+            )
+        )
         seqs = list(conn.scalars(select(audit_log.c.seq).order_by(audit_log.c.seq)))
     assert sorted(ids) == sorted(f"{tag}-{i}" for i in range(sent)), "lost or duplicated"
     assert seqs == list(range(1, len(seqs) + 1))  # contiguous, other events included
     assert verify(engine).ok
-    print(f"{sent} events, Postgres down {DOWN_S:.0f} s (outage window {outage:.0f} s), "
-          f"{len(retries)} retries, all stored once")
+    print(
+        f"{sent} events, Postgres down {DOWN_S:.0f} s (outage window {outage:.0f} s), "
+        f"{len(retries)} retries, all stored once"
+    )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, exc, insert, select, text
 
-from services.auditor.models import audit_log, checkpoints
-from services.auditor.purge import RetentionError, purge
-from services.auditor.settings import AuditorSettings
-from services.auditor.store import append
-from services.auditor.verify import verify
+from fedllm.services.auditor.models import audit_log, checkpoints
+from fedllm.services.auditor.purge import RetentionError, purge
+from fedllm.services.auditor.settings import AuditorSettings
+from fedllm.services.auditor.store import append
+from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import event, rows, ts
 
 NOW = ts(2031, 6, 1)
@@ -33,8 +33,11 @@ def test_purge_cuts_the_prefix_keeps_verify_green_and_is_audited(engine: Engine)
     assert report.chains[0].start_seq == 9 and report.chains[0].head_seq == 16
     with engine.connect() as conn:
         cp = conn.execute(select(checkpoints)).mappings().one()
-        last = conn.execute(select(audit_log).order_by(audit_log.c.seq.desc()).limit(1)
-                            ).mappings().one()
+        last = (
+            conn.execute(select(audit_log).order_by(audit_log.c.seq.desc()).limit(1))
+            .mappings()
+            .one()
+        )
     assert (cp["cut_seq"], cp["cut_hash"], cp["purged_rows"]) == (8, done.cut_hash, 8)
     assert last["action"] == "audit.purged" and last["user_id"] == "dpo@test"
     assert last["details"]["cut_hash"] == done.cut_hash and last["event_id"] == cp["purge_event_id"]
@@ -67,8 +70,15 @@ def test_forged_checkpoint_is_detected(pg_engine: Engine) -> None:
         h = conn.scalar(select(audit_log.c.row_hash).where(audit_log.c.seq == 3))
         conn.execute(text("SELECT set_config('fedllm.purge', 'on', true)"))
         conn.execute(text("DELETE FROM audit_log WHERE seq <= 3"))
-        conn.execute(insert(checkpoints).values(chain="main", cut_seq=3, cut_hash=h,
-                                                purged_rows=3, before=ts(2024),
-                                                purge_event_id="forged"))
+        conn.execute(
+            insert(checkpoints).values(
+                chain="main",
+                cut_seq=3,
+                cut_hash=h,
+                purged_rows=3,
+                before=ts(2024),
+                purge_event_id="forged",
+            )
+        )
     report = verify(pg_engine)
     assert not report.ok and "forged checkpoint" in report.chains[0].problem

@@ -9,8 +9,8 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from fedllm.common.audit import prompt_hmac
-from services.auditor.records import InvalidEvent, Protection, event_to_row
-from services.auditor.settings import AuditorSettings
+from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.settings import AuditorSettings
 from tests.auditor.helpers import NO_KEYS, event
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -33,7 +33,9 @@ def test_clear_text_is_hmaced_and_sealed(monkeypatch: pytest.MonkeyPatch) -> Non
     assert row["prompt_hmac"] == row["details"]["prompt_hmac"]
     assert row["key_id"] == "k2031"
     assert json.loads(prot.sealer.open(row["event_id"], row["sealed_text"])) == {
-        "answer": "consider troponin", "prompt": "chest pain, 54 y/o"}
+        "answer": "consider troponin",
+        "prompt": "chest pain, 54 y/o",
+    }
     # Deterministic (replays match) and bound to the event id.
     assert event_to_row(ev, prot)["sealed_text"] == row["sealed_text"]
     with pytest.raises(InvalidTag):

@@ -21,12 +21,12 @@ from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer
 from fedllm.common.lifecycle import ready_path
-from services.auditor import cli, service
-from services.auditor.models import audit_log
-from services.auditor.records import Protection
-from services.auditor.replay import replay
-from services.auditor.settings import AuditorSettings
-from services.auditor.verify import verify
+from fedllm.services.auditor import cli, service
+from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.records import Protection
+from fedllm.services.auditor.replay import replay
+from fedllm.services.auditor.settings import AuditorSettings
+from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import NO_KEYS, as_superuser_untriggered
 from tests.kafka_helpers import collect
 
@@ -34,8 +34,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def make_settings(bootstrap: str, db_url: str, data_dir: Path) -> Settings:
-    return Settings(KAFKA_BOOTSTRAP=bootstrap, DATABASE_URL=db_url, data_dir=data_dir,
-                    session_timeout_ms=6_000)
+    return Settings(
+        KAFKA_BOOTSTRAP=bootstrap, DATABASE_URL=db_url, data_dir=data_dir, session_timeout_ms=6_000
+    )
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
@@ -88,9 +89,18 @@ async def bus(kafka_bootstrap: str) -> AsyncIterator[Bus]:
 
 async def emit_many(bus: Bus, tag: str, n: int, start: int = 0, **kw: Any) -> None:
     for i in range(start, start + n):
-        await emit(bus, action="request.received", service="gateway", id_parts=(tag, i),
-                   request_id=f"{tag}-{i}", user_id="u1", role="clinician",
-                   department="cardiology", hospital_id="st_mary", **kw)
+        await emit(
+            bus,
+            action="request.received",
+            service="gateway",
+            id_parts=(tag, i),
+            request_id=f"{tag}-{i}",
+            user_id="u1",
+            role="clinician",
+            department="cardiology",
+            hospital_id="st_mary",
+            **kw,
+        )
 
 
 async def committed_offset(settings: Settings, group: str) -> int | None:
@@ -103,7 +113,8 @@ async def committed_offset(settings: Settings, group: str) -> int | None:
 
 
 async def test_stores_commits_dead_letters_and_replays(
-        bus: Bus, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path) -> None:
+    bus: Bus, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path
+) -> None:
     settings = make_settings(kafka_bootstrap, fresh_database_url, tmp_path)
     engine = make_engine(fresh_database_url)
     tag, group = f"svc-{uuid.uuid4().hex[:8]}", f"auditor-test-{uuid.uuid4().hex[:8]}"
@@ -111,10 +122,14 @@ async def test_stores_commits_dead_letters_and_replays(
         await emit_many(bus, tag, 40, prompt="free text that must not be stored")
         await emit_many(bus, tag, 10)  # replayed events: same ids
         garbage = uuid.uuid4().hex.encode()
-        await bus.producer.send_and_wait(topics.AUDIT, value=garbage,
-                                         headers=[("fedllm-fp", b"nope")])
-        await bus.send(topics.AUDIT, "AuditEvent", {"event_id": "", "action": "x",
-                                                    "service": "t", "occurred_at_ms": 0})
+        await bus.producer.send_and_wait(
+            topics.AUDIT, value=garbage, headers=[("fedllm-fp", b"nope")]
+        )
+        await bus.send(
+            topics.AUDIT,
+            "AuditEvent",
+            {"event_id": "", "action": "x", "service": "t", "occurred_at_ms": 0},
+        )
         await emit_many(bus, tag, 20, start=40)  # after the bad ones: the service kept going
         await wait_for(lambda: count(engine, tag) == 60, what="60 stored rows")
         await asyncio.sleep(0.5)
@@ -127,8 +142,13 @@ async def test_stores_commits_dead_letters_and_replays(
     with engine.connect() as conn:
         last = conn.scalar(select(func.max(audit_log.c.source_offset)))
     assert await committed_offset(settings, group) == last + 1
-    dlq = await collect(settings, topics.dlq(topics.AUDIT), raw=True, timeout_s=20,
-                        until=lambda ms: sum(m.value == garbage for m in ms) >= 1)
+    dlq = await collect(
+        settings,
+        topics.dlq(topics.AUDIT),
+        raw=True,
+        timeout_s=20,
+        until=lambda ms: sum(m.value == garbage for m in ms) >= 1,
+    )
     mine = [m for m in dlq if m.value == garbage]
     assert len(mine) == 1 and dict(mine[0].headers)["dlq-service"] == b"auditor"
     assert any(b"invalid AuditEvent" in dict(m.headers)["dlq-error"] for m in dlq)
@@ -141,8 +161,9 @@ async def test_stores_commits_dead_letters_and_replays(
 
     # Replay from offset 0 into an empty DB: row for row the same store, same hashes.
     target = make_engine(f"sqlite:///{tmp_path / 'replay.db'}")
-    rep = await replay(settings, live=engine, target=target, protection=NO_KEYS, from_offset=0,
-                       idle_s=1.0)
+    rep = await replay(
+        settings, live=engine, target=target, protection=NO_KEYS, from_offset=0, idle_s=1.0
+    )
     assert rep.ok, rep.lines()
     assert rep.hashes_identical and rep.undecodable == 2 and not rep.purged_in_live
     assert count(target, tag) == 65
@@ -150,12 +171,14 @@ async def test_stores_commits_dead_letters_and_replays(
     # Tampering with the live store shows up as a mismatch.
     with engine.connect() as conn:
         seq = conn.scalar(select(audit_log.c.seq).where(audit_log.c.request_id == f"{tag}-3"))
-    as_superuser_untriggered(engine, "UPDATE audit_log SET outcome = 'forged' WHERE seq = :s",
-                             s=seq)
+    as_superuser_untriggered(
+        engine, "UPDATE audit_log SET outcome = 'forged' WHERE seq = :s", s=seq
+    )
     as_superuser_untriggered(engine, "DELETE FROM audit_log WHERE request_id = :r", r=f"{tag}-7")
     target2 = make_engine(f"sqlite:///{tmp_path / 'replay2.db'}")
-    rep2 = await replay(settings, live=engine, target=target2, protection=NO_KEYS,
-                        from_offset=0, idle_s=1.0)
+    rep2 = await replay(
+        settings, live=engine, target=target2, protection=NO_KEYS, from_offset=0, idle_s=1.0
+    )
     assert not rep2.ok and len(rep2.differing) == 1 and len(rep2.missing_in_live) == 1
 
     # The CLI: `audit replay --from-time` into a non-empty DB is refused; into an empty one runs.
@@ -170,16 +193,38 @@ async def test_stores_commits_dead_letters_and_replays(
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        assert await asyncio.to_thread(run_cli, "audit", "replay", "--from-offset", "0",
-                                       "--database-url", f"sqlite:///{tmp_path / 'replay.db'}") == 2
+        assert (
+            await asyncio.to_thread(
+                run_cli,
+                "audit",
+                "replay",
+                "--from-offset",
+                "0",
+                "--database-url",
+                f"sqlite:///{tmp_path / 'replay.db'}",
+            )
+            == 2
+        )
         assert await asyncio.to_thread(run_cli, "audit", "verify") == 1
-        assert await asyncio.to_thread(
-            run_cli, "audit", "replay", "--from-time", "2000-01-01T00:00:00Z", "--idle", "1",
-            "--database-url", f"sqlite:///{tmp_path / 'replay3.db'}") == 1  # tampered live
+        assert (
+            await asyncio.to_thread(
+                run_cli,
+                "audit",
+                "replay",
+                "--from-time",
+                "2000-01-01T00:00:00Z",
+                "--idle",
+                "1",
+                "--database-url",
+                f"sqlite:///{tmp_path / 'replay3.db'}",
+            )
+            == 1
+        )  # tampered live
 
 
 async def test_replay_from_time_covers_only_the_window(
-        bus: Bus, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path) -> None:
+    bus: Bus, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path
+) -> None:
     settings = make_settings(kafka_bootstrap, fresh_database_url, tmp_path)
     engine = make_engine(fresh_database_url)
     tag = f"win-{uuid.uuid4().hex[:8]}"
@@ -187,13 +232,20 @@ async def test_replay_from_time_covers_only_the_window(
         await emit_many(bus, tag, 10)
         await asyncio.sleep(1.1)
         from datetime import UTC, datetime
+
         cut = datetime.now(UTC)
         await asyncio.sleep(0.1)
         await emit_many(bus, tag, 10, start=10)
         await wait_for(lambda: count(engine, tag) == 20, what="20 stored rows")
     target = make_engine(f"sqlite:///{tmp_path / 'window.db'}")
-    rep = await replay(settings, live=engine, target=target,
-                       protection=Protection(None, None), from_time=cut, idle_s=1.0)
+    rep = await replay(
+        settings,
+        live=engine,
+        target=target,
+        protection=Protection(None, None),
+        from_time=cut,
+        idle_s=1.0,
+    )
     assert rep.ok, rep.lines()
     assert count(target, tag) == 10 and rep.live_rows_compared == 10
     assert rep.hashes_identical is None  # a window: chain positions differ, contents match

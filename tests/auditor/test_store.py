@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, exc, select, text
 
-from services.auditor.models import audit_log
-from services.auditor.store import append
-from services.auditor.verify import verify
+from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.store import append
+from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import as_superuser_untriggered, event, rows
 
 
 def _stored(engine: Engine) -> list[tuple[int, str]]:
     with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(
-            select(audit_log.c.seq, audit_log.c.event_id).order_by(audit_log.c.seq))]
+        return [
+            tuple(r)
+            for r in conn.execute(
+                select(audit_log.c.seq, audit_log.c.event_id).order_by(audit_log.c.seq)
+            )
+        ]
 
 
 def test_replayed_events_are_stored_once(engine: Engine) -> None:
@@ -30,8 +34,10 @@ def test_replayed_events_are_stored_once(engine: Engine) -> None:
 
 def test_trigger_rejects_update_and_delete(engine: Engine) -> None:
     append(engine, rows([event(i) for i in range(3)]))
-    for sql in ("UPDATE audit_log SET action = 'x' WHERE seq = 2",
-                "DELETE FROM audit_log WHERE seq = 2"):
+    for sql in (
+        "UPDATE audit_log SET action = 'x' WHERE seq = 2",
+        "DELETE FROM audit_log WHERE seq = 2",
+    ):
         with pytest.raises(exc.DBAPIError, match="append-only"), engine.begin() as conn:
             conn.execute(text(sql))
     assert len(_stored(engine)) == 3
@@ -87,23 +93,29 @@ def test_verify_detects_deleted_tail(ten: Engine) -> None:
 
 def test_rehashed_forgery_breaks_the_next_link(ten: Engine) -> None:
     """Altering a row and recomputing its own hash still breaks its successor's prev_hash."""
-    from services.auditor.chain import row_hash
+    from fedllm.services.auditor.chain import row_hash
 
     with ten.connect() as conn:
         row = dict(conn.execute(select(audit_log).where(audit_log.c.seq == 5)).mappings().one())
     row["action"] = "request.completed"
-    as_superuser_untriggered(ten, "UPDATE audit_log SET action = :a, row_hash = :h WHERE seq = 5",
-                             a=row["action"], h=row_hash(row["prev_hash"], row))
+    as_superuser_untriggered(
+        ten,
+        "UPDATE audit_log SET action = :a, row_hash = :h WHERE seq = 5",
+        a=row["action"],
+        h=row_hash(row["prev_hash"], row),
+    )
     seq, problem = _bad(ten)
     assert seq == 6 and "prev_hash does not match" in problem
 
 
 def test_per_hospital_chains(pg_engine: Engine) -> None:
-    from services.auditor.records import Protection
+    from fedllm.services.auditor.records import Protection
 
     prot = Protection(hmac_key=None, sealer=None, chain_by="hospital")
     append(pg_engine, rows([event(i) for i in range(6)], prot))
     report = verify(pg_engine)
     assert report.ok and [c.chain for c in report.chains] == [
-        "hospital:northside", "hospital:st_mary"]
+        "hospital:northside",
+        "hospital:st_mary",
+    ]
     assert [c.head_seq for c in report.chains] == [3, 3]

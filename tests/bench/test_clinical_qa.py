@@ -14,15 +14,23 @@ from bench.clinical_qa import (
     score,
     subset,
 )
-from services.node_worker.cohort import Cohort, Diagnosis, Medication, PatientRecord
+from fedllm.services.node_worker.cohort import Cohort, Diagnosis, Medication, PatientRecord
 
-HTN, DM, OBES = Diagnosis("I10", "Essential (primary) hypertension"), Diagnosis(
-    "E11.9", "Type 2 diabetes mellitus without complications"), Diagnosis("E66.9", "Obesity")
-AML, MET, ATO = Medication("Amlodipine", "17767"), Medication("Metformin", "6809"), Medication(
-    "Atorvastatin", "83367")
+HTN, DM, OBES = (
+    Diagnosis("I10", "Essential (primary) hypertension"),
+    Diagnosis("E11.9", "Type 2 diabetes mellitus without complications"),
+    Diagnosis("E66.9", "Obesity"),
+)
+AML, MET, ATO = (
+    Medication("Amlodipine", "17767"),
+    Medication("Metformin", "6809"),
+    Medication("Atorvastatin", "83367"),
+)
 
 
-def patient(i: int, age: int, dx: tuple[Diagnosis, ...], rx: tuple[Medication, ...]) -> PatientRecord:
+def patient(
+    i: int, age: int, dx: tuple[Diagnosis, ...], rx: tuple[Medication, ...]
+) -> PatientRecord:
     return PatientRecord(f"p{i}", age, "F" if i % 2 else "M", dx, rx, 1)
 
 

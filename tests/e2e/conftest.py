@@ -59,15 +59,21 @@ def client(pipeline: Pipeline) -> Iterator[httpx.Client]:
 
 
 def bearer(pipeline: Pipeline, user_id: str, department: str, role: str = "doctor") -> dict:
-    from services.gateway.tokens import mint_token
+    from fedllm.services.gateway.tokens import mint_token
 
     token = mint_token(pipeline.settings, user_id=user_id, department=department, role=role)
     return {"Authorization": f"Bearer {token}"}
 
 
 def ask_body(prompt: str, *, epsilon: float, department: str, max_tokens: int = 8, **kw) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
-            "privacy_budget": epsilon, "require_consensus": False, "priority": "normal",
-            "department": department}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "privacy_budget": epsilon,
+        "require_consensus": False,
+        "priority": "normal",
+        "department": department,
+    }
     body.update(kw)
     return body

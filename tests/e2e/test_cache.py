@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from fedllm.launcher import Pipeline
-from services.gateway.settings import CacheSettings, GatewaySettings
+from fedllm.services.gateway.settings import CacheSettings, GatewaySettings
 from tests.e2e.conftest import ask_body, bearer
 from tests.e2e.test_pipeline import sql
 from tests.gateway.peers import running_gateway
@@ -22,15 +22,22 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope=
 COUNT = {"op": "count", "where": {"age_min": 40}}
 
 
-async def test_repeats_are_served_from_the_cache_and_charge_no_ledger(pipeline: Pipeline,
-                                                                      redis_url: str) -> None:
+async def test_repeats_are_served_from_the_cache_and_charge_no_ledger(
+    pipeline: Pipeline, redis_url: str
+) -> None:
     user = f"e2e-cache-{uuid.uuid4().hex[:8]}"
     settings = pipeline.settings.model_copy(update={"redis_url": redis_url})
-    gw = GatewaySettings(redis_prefix=f"fedllm:e2e:{uuid.uuid4().hex[:8]}",
-                         cache=CacheSettings(timeout_s=2.0))  # a loaded machine is no outage
+    gw = GatewaySettings(
+        redis_prefix=f"fedllm:e2e:{uuid.uuid4().hex[:8]}", cache=CacheSettings(timeout_s=2.0)
+    )  # a loaded machine is no outage
     headers = bearer(pipeline, user, "cardiology")
-    aggregate = ask_body(json.dumps(COUNT), epsilon=1.0, department="cardiology",
-                         kind="aggregate", hospitals=["st_mary"])
+    aggregate = ask_body(
+        json.dumps(COUNT),
+        epsilon=1.0,
+        department="cardiology",
+        kind="aggregate",
+        hospitals=["st_mary"],
+    )
     text = ask_body("What is triage?", epsilon=2.0, department="cardiology", max_tokens=3)
     async with running_gateway(settings, gateway_settings=gw) as (_, client):
         client.timeout = 180
@@ -49,15 +56,21 @@ async def test_repeats_are_served_from_the_cache_and_charge_no_ledger(pipeline: 
 
     # The ledger holds the two fresh releases only, and exactly what they spent.
     spent = fresh_agg["privacy_cost"] + fresh_text["privacy_cost"]
-    assert sql(pipeline, "SELECT count(*), sum(spent_epsilon) FROM budget_entries "
-                         "WHERE user_id = :u", u=user) == [(2, pytest.approx(spent))]
+    assert sql(
+        pipeline,
+        "SELECT count(*), sum(spent_epsilon) FROM budget_entries WHERE user_id = :u",
+        u=user,
+    ) == [(2, pytest.approx(spent))]
     # Each hit is in the audit trail as an answer: received, then completed with ε 0 and the
     # release it re-served; nothing reserved or charged.
     for hit in (hit_agg, hit_text):
         deadline = time.monotonic() + 30
         while True:
-            rows = sql(pipeline, "SELECT action, epsilon, details FROM audit_log "
-                                 "WHERE request_id = :r ORDER BY seq", r=hit["request_id"])
+            rows = sql(
+                pipeline,
+                "SELECT action, epsilon, details FROM audit_log WHERE request_id = :r ORDER BY seq",
+                r=hit["request_id"],
+            )
             if len(rows) >= 2 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)

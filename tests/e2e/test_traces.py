@@ -42,25 +42,47 @@ def records_of(pipeline: Pipeline, topic: str, request_id: str) -> list:
                 continue
         return out
 
-    return mine(asyncio.run(collect(pipeline.settings, topic, raw=True, timeout_s=20,
-                                    until=lambda msgs: bool(mine(msgs)))))
+    return mine(
+        asyncio.run(
+            collect(
+                pipeline.settings,
+                topic,
+                raw=True,
+                timeout_s=20,
+                until=lambda msgs: bool(mine(msgs)),
+            )
+        )
+    )
 
 
 def ask(pipeline: Pipeline, client: httpx.Client, user: str, **headers: str) -> dict:
-    r = client.post("/v1/inference", headers=bearer(pipeline, user, "cardiology") | headers,
-                    json=ask_body("What is the usual treatment for angina?", epsilon=1.0,
-                                  department="cardiology", max_tokens=2))
+    r = client.post(
+        "/v1/inference",
+        headers=bearer(pipeline, user, "cardiology") | headers,
+        json=ask_body(
+            "What is the usual treatment for angina?",
+            epsilon=1.0,
+            department="cardiology",
+            max_tokens=2,
+        ),
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def test_one_trace_id_spans_every_hop(pipeline: Pipeline, client: httpx.Client,
-                                      otlp_collector: Collector) -> None:
+def test_one_trace_id_spans_every_hop(
+    pipeline: Pipeline, client: httpx.Client, otlp_collector: Collector
+) -> None:
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
     body = ask(pipeline, client, "e2e-trace", traceparent=f"00-{trace_id}-{client_span}-01")
     rid, node = body["request_id"], body["node_id"]
-    hops = [topics.REQUESTS, topics.DECISIONS, topics.hospital_requests(node),
-            topics.NODE_RESULTS, topics.RESULTS]
+    hops = [
+        topics.REQUESTS,
+        topics.DECISIONS,
+        topics.hospital_requests(node),
+        topics.NODE_RESULTS,
+        topics.RESULTS,
+    ]
     for topic in hops:
         recs = records_of(pipeline, topic, rid)
         assert recs, f"no record of {rid} on {topic}"
@@ -73,8 +95,12 @@ def test_one_trace_id_spans_every_hop(pipeline: Pipeline, client: httpx.Client,
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         spans = [s for s in otlp_collector.spans() if s.trace_id == trace_id]
-        seen = {(svc, s.name) for s in spans for svc, name in EXPECTED_SPANS
-                if s.service.startswith(svc) and s.name == name}
+        seen = {
+            (svc, s.name)
+            for s in spans
+            for svc, name in EXPECTED_SPANS
+            if s.service.startswith(svc) and s.name == name
+        }
         if seen == EXPECTED_SPANS:
             break
         time.sleep(0.5)
@@ -82,15 +108,19 @@ def test_one_trace_id_spans_every_hop(pipeline: Pipeline, client: httpx.Client,
     time.sleep(2)  # stragglers: spans that end after the ones above
     spans = [s for s in otlp_collector.spans() if s.trace_id == trace_id]
     ids = {s.span_id for s in spans}
-    orphans = [(s.service, s.name, s.parent_id) for s in spans
-               if s.parent_id not in ids and s.parent_id != client_span]
+    orphans = [
+        (s.service, s.name, s.parent_id)
+        for s in spans
+        if s.parent_id not in ids and s.parent_id != client_span
+    ]
     assert not orphans, f"spans outside the request's tree: {orphans}"
     roots = [(s.service, s.name) for s in spans if s.parent_id == client_span]
     assert len(roots) == 1 and roots[0][0] == "fedllm-gateway", roots  # one tree
 
 
-def test_the_gateway_starts_a_trace_when_the_client_sends_none(pipeline: Pipeline,
-                                                               client: httpx.Client) -> None:
+def test_the_gateway_starts_a_trace_when_the_client_sends_none(
+    pipeline: Pipeline, client: httpx.Client
+) -> None:
     body = ask(pipeline, client, "e2e-trace-2")
     first = records_of(pipeline, topics.REQUESTS, body["request_id"])
     trace_id = trace_id_of(first[0].headers)

@@ -16,9 +16,9 @@ from fastapi import FastAPI
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer, now_ms
-from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
-from services.gateway.tokens import mint_token
+from fedllm.services.gateway.app import create_app
+from fedllm.services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.tokens import mint_token
 
 SECRET = "test-gateway-secret-0123456789abcdefghijklmnop"
 
@@ -37,8 +37,14 @@ def make_settings(kafka_bootstrap: str, **kw: Any) -> Settings:
     return Settings(**base)
 
 
-def token(settings: Settings, user_id: str, *, department: str = "cardiology",
-          role: str = "doctor", **kw: Any) -> dict[str, str]:
+def token(
+    settings: Settings,
+    user_id: str,
+    *,
+    department: str = "cardiology",
+    role: str = "doctor",
+    **kw: Any,
+) -> dict[str, str]:
     t = mint_token(settings, user_id=user_id, department=department, role=role, kid="k1", **kw)
     return {"Authorization": f"Bearer {t}"}
 
@@ -63,16 +69,29 @@ def ok_result(request: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return result
 
 
-def budget_status(user_id: str, department: str, *, spent: float, limit: float = 10.0,
-                  dept_limit: float = 15.0, dept_remaining: float = 12.0,
-                  window_start: int | None = None, window_seconds: int = 86_400
-                  ) -> dict[str, Any]:
+def budget_status(
+    user_id: str,
+    department: str,
+    *,
+    spent: float,
+    limit: float = 10.0,
+    dept_limit: float = 15.0,
+    dept_remaining: float = 12.0,
+    window_start: int | None = None,
+    window_seconds: int = 86_400,
+) -> dict[str, Any]:
     ws = window_start if window_start is not None else int(time.time()) - 60
     return {
-        "user_id": user_id, "department": department, "window_start": ws,
-        "window_seconds": window_seconds, "delta": 1e-5, "user_limit_epsilon": limit,
-        "user_spent_epsilon": spent, "user_remaining_epsilon": limit - spent,
-        "department_limit_epsilon": dept_limit, "department_remaining_epsilon": dept_remaining,
+        "user_id": user_id,
+        "department": department,
+        "window_start": ws,
+        "window_seconds": window_seconds,
+        "delta": 1e-5,
+        "user_limit_epsilon": limit,
+        "user_spent_epsilon": spent,
+        "user_remaining_epsilon": limit - spent,
+        "department_limit_epsilon": dept_limit,
+        "department_remaining_epsilon": dept_remaining,
         "updated_at_ms": now_ms(),
     }
 
@@ -97,8 +116,10 @@ class FakeAccountant:
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
         await self.consumer.topics()
-        tps = [TopicPartition(topics.REQUESTS, p)
-               for p in sorted(self.consumer.partitions_for_topic(topics.REQUESTS) or [])]
+        tps = [
+            TopicPartition(topics.REQUESTS, p)
+            for p in sorted(self.consumer.partitions_for_topic(topics.REQUESTS) or [])
+        ]
         assert tps, "requests topic has no partitions"
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
@@ -118,8 +139,9 @@ class FakeAccountant:
                     results = result if isinstance(result, list) else [result]
                     for res in results:
                         if res is not None:
-                            await self.bus.send(topics.RESULTS, "InferenceResult", res,
-                                                key=req["request_id"])
+                            await self.bus.send(
+                                topics.RESULTS, "InferenceResult", res, key=req["request_id"]
+                            )
 
     async def publish_budget(self, status: dict[str, Any]) -> None:
         await self.bus.send(topics.BUDGETS, "BudgetStatus", status, key=status["user_id"])
@@ -135,16 +157,20 @@ class FakeAccountant:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    settings: Settings, *, gateway_settings: GatewaySettings | None = None,
-    client_address: str = "10.0.0.1", **kw: Any
+    settings: Settings,
+    *,
+    gateway_settings: GatewaySettings | None = None,
+    client_address: str = "10.0.0.1",
+    **kw: Any,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """A gateway app with its lifespan running and an httpx client speaking ASGI to it."""
     gw = gateway_settings if gateway_settings is not None else GatewaySettings()
     app = create_app(settings, gateway_settings=gw, **kw)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=(client_address, 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway",
-                                     timeout=30) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gateway", timeout=30
+        ) as client:
             yield app, client
 
 
@@ -159,16 +185,19 @@ class AuditTap:
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
         await self.consumer.topics()
-        tps = [TopicPartition(topics.AUDIT, p)
-               for p in sorted(self.consumer.partitions_for_topic(topics.AUDIT) or [])]
+        tps = [
+            TopicPartition(topics.AUDIT, p)
+            for p in sorted(self.consumer.partitions_for_topic(topics.AUDIT) or [])
+        ]
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:
             await self.consumer.position(tp)
         return self
 
-    async def wait_for(self, match: Callable[[dict[str, Any]], bool],
-                       timeout_s: float = 5.0) -> dict[str, Any] | None:
+    async def wait_for(
+        self, match: Callable[[dict[str, Any]], bool], timeout_s: float = 5.0
+    ) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout_s
         while True:
             for ev in self.events:

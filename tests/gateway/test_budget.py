@@ -29,11 +29,13 @@ async def eventually(fn, timeout_s: float = 5.0):
 async def test_unknown_user_gets_full_budget(settings):
     user, dept = uid(), uid()  # a department no other test on the shared broker has charged
     budget = settings.budget.model_copy(
-        update={"department_epsilon": {**settings.budget.department_epsilon, dept: 7.5}})
+        update={"department_epsilon": {**settings.budget.department_epsilon, dept: 7.5}}
+    )
     settings = settings.model_copy(update={"budget": budget})
     async with running_gateway(settings) as (_, c):
-        r = await c.get(f"/v1/privacy/budget/{user}",
-                        headers=token(settings, user, department=dept))
+        r = await c.get(
+            f"/v1/privacy/budget/{user}", headers=token(settings, user, department=dept)
+        )
     assert r.status_code == 200
     body = r.json()
     assert body["user_id"] == user and body["department"] == dept
@@ -46,11 +48,12 @@ async def test_unknown_user_gets_full_budget(settings):
 
 async def test_latest_snapshot_is_served(settings):
     user = uid()
-    async with FakeAccountant(settings, lambda r: None) as acct, \
-            running_gateway(settings) as (_, c):
+    async with (
+        FakeAccountant(settings, lambda r: None) as acct,
+        running_gateway(settings) as (_, c),
+    ):
         await acct.publish_budget(budget_status(user, "cardiology", spent=1.0))
-        await acct.publish_budget(budget_status(user, "cardiology", spent=2.5,
-                                                dept_remaining=11.0))
+        await acct.publish_budget(budget_status(user, "cardiology", spent=2.5, dept_remaining=11.0))
 
         async def read():
             r = await c.get(f"/v1/privacy/budget/{user}", headers=token(settings, user))
@@ -67,8 +70,9 @@ async def test_snapshot_from_an_older_window_means_full_budget(settings):
     user = uid()
     old_start = int(time.time()) - 3 * 86_400
     async with FakeAccountant(settings, lambda r: None) as acct:
-        await acct.publish_budget(budget_status(user, "cardiology", spent=9.0,
-                                                window_start=old_start))
+        await acct.publish_budget(
+            budget_status(user, "cardiology", spent=9.0, window_start=old_start)
+        )
         # A fresh gateway reads BUDGETS from the current window's start and skips snapshots
         # of spent windows (test_budget_startup.py), so the old snapshot is never served.
         async with running_gateway(settings) as (app, c):
@@ -90,15 +94,19 @@ async def test_reading_someone_elses_budget_is_403(settings):
 async def test_admin_reads_anyone(settings):
     user = uid()
     async with running_gateway(settings) as (_, c):
-        r = await c.get(f"/v1/privacy/budget/{user}",
-                        headers=token(settings, "root", role="admin", department="admin"))
+        r = await c.get(
+            f"/v1/privacy/budget/{user}",
+            headers=token(settings, "root", role="admin", department="admin"),
+        )
     assert r.status_code == 200 and r.json()["user_id"] == user
 
 
 async def test_dept_head_reads_own_department_only(settings):
     mine, theirs = uid(), uid()
-    async with FakeAccountant(settings, lambda r: None) as acct, \
-            running_gateway(settings) as (app, c):
+    async with (
+        FakeAccountant(settings, lambda r: None) as acct,
+        running_gateway(settings) as (app, c),
+    ):
         await acct.publish_budget(budget_status(mine, "cardiology", spent=1.0))
         await acct.publish_budget(budget_status(theirs, "radiology", spent=1.0))
         view = app.state.gateway.budgets

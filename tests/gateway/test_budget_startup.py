@@ -10,7 +10,7 @@ import pytest
 
 from fedllm.common import codec, topics
 from fedllm.common.kafka import make_producer
-from services.gateway.correlator import BudgetView
+from fedllm.services.gateway.correlator import BudgetView
 from tests.gateway.peers import budget_status, prepare_topics
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -24,15 +24,22 @@ async def test_budget_view_skips_spent_windows(settings):
     producer = make_producer(settings)
     await producer.start()
     try:
-        old = budget_status(old_user, "cardiology", spent=3.0, window_start=yesterday,
-                            window_seconds=day)
+        old = budget_status(
+            old_user, "cardiology", spent=3.0, window_start=yesterday, window_seconds=day
+        )
         value, headers = codec.encode("BudgetStatus", old)
-        await producer.send_and_wait(topics.BUDGETS, value=value, key=old_user.encode(),
-                                     headers=headers, timestamp_ms=(yesterday + 60) * 1000)
+        await producer.send_and_wait(
+            topics.BUDGETS,
+            value=value,
+            key=old_user.encode(),
+            headers=headers,
+            timestamp_ms=(yesterday + 60) * 1000,
+        )
         new = budget_status(new_user, "cardiology", spent=1.0)
         value, headers = codec.encode("BudgetStatus", new)
-        await producer.send_and_wait(topics.BUDGETS, value=value, key=new_user.encode(),
-                                     headers=headers)
+        await producer.send_and_wait(
+            topics.BUDGETS, value=value, key=new_user.encode(), headers=headers
+        )
     finally:
         await producer.stop()
     view = BudgetView(settings)

@@ -19,8 +19,11 @@ async def test_request_event_carries_the_callers_token(settings):
     user = f"u-{uuid.uuid4().hex[:10]}"
     headers = token(settings, user)
     async with FakeAccountant(settings, ok_result), running_gateway(settings) as (_, c):
-        r = await c.post("/v1/inference", headers=headers, json={
-            "prompt": "q", "max_tokens": 4, "temperature": 0.2, "privacy_budget": 0.5})
+        r = await c.post(
+            "/v1/inference",
+            headers=headers,
+            json={"prompt": "q", "max_tokens": 4, "temperature": 0.2, "privacy_budget": 0.5},
+        )
         assert r.status_code == 200, r.text
     rid = r.json()["request_id"]
 
@@ -34,6 +37,9 @@ async def test_request_event_carries_the_callers_token(settings):
                 continue
         return out
 
-    [msg] = mine(await collect(settings, topics.REQUESTS, raw=True,
-                               until=lambda ms: bool(mine(ms)), timeout_s=20))
+    [msg] = mine(
+        await collect(
+            settings, topics.REQUESTS, raw=True, until=lambda ms: bool(mine(ms)), timeout_s=20
+        )
+    )
     assert bearer_from_headers(msg.headers) == headers["Authorization"].split(" ", 1)[1]

@@ -14,8 +14,14 @@ from tests.gateway.peers import FakeAccountant, ok_result, running_gateway, toke
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-BODY = {"prompt": "Typical troponin trend after STEMI?", "max_tokens": 64, "temperature": 0.2,
-        "privacy_budget": 0.5, "require_consensus": False, "priority": "normal"}
+BODY = {
+    "prompt": "Typical troponin trend after STEMI?",
+    "max_tokens": 64,
+    "temperature": 0.2,
+    "privacy_budget": 0.5,
+    "require_consensus": False,
+    "priority": "normal",
+}
 
 
 def uid() -> str:
@@ -72,8 +78,14 @@ async def test_request_is_keyed_by_user_and_audited_without_prompt(settings):
 
 async def test_budget_refused_is_403_with_reason_and_remaining(settings):
     def refuse(req):
-        return ok_result(req, status="rejected", reason="user budget exhausted",
-                         response="", remaining_budget=0.25, privacy_cost=0.0)
+        return ok_result(
+            req,
+            status="rejected",
+            reason="user budget exhausted",
+            response="",
+            remaining_budget=0.25,
+            privacy_cost=0.0,
+        )
 
     async with FakeAccountant(settings, refuse), running_gateway(settings) as (_, c):
         r = await c.post("/v1/inference", json=BODY, headers=token(settings, uid()))
@@ -106,10 +118,12 @@ async def test_concurrent_requests_are_correlated(settings):
 
     async with FakeAccountant(settings, echo), running_gateway(settings) as (_, c):
         hdrs = token(settings, uid())
-        rs = await asyncio.gather(*[
-            c.post("/v1/inference", json={**BODY, "prompt": f"q{i}"}, headers=hdrs)
-            for i in range(10)
-        ])
+        rs = await asyncio.gather(
+            *[
+                c.post("/v1/inference", json={**BODY, "prompt": f"q{i}"}, headers=hdrs)
+                for i in range(10)
+            ]
+        )
     assert [r.json()["response"] for r in rs] == [f"for q{i}" for i in range(10)]
 
 
@@ -119,10 +133,20 @@ async def test_duplicate_and_unknown_results_are_ignored(settings):
 
     async with FakeAccountant(settings, twice) as acct, running_gateway(settings) as (_, c):
         # A result for nobody, and a duplicate of a settled one: neither disturbs the gateway.
-        await acct.bus.send(topics.RESULTS, "InferenceResult",
-                            ok_result({"request_id": "nobody", "user_id": "x",
-                                       "department": "general", "kind": "generate",
-                                       "epsilon": 1.0, "delta": 1e-5}))
+        await acct.bus.send(
+            topics.RESULTS,
+            "InferenceResult",
+            ok_result(
+                {
+                    "request_id": "nobody",
+                    "user_id": "x",
+                    "department": "general",
+                    "kind": "generate",
+                    "epsilon": 1.0,
+                    "delta": 1e-5,
+                }
+            ),
+        )
         r1 = await c.post("/v1/inference", json=BODY, headers=token(settings, uid()))
         r2 = await c.post("/v1/inference", json=BODY, headers=token(settings, uid()))
     assert r1.status_code == r2.status_code == 200
@@ -133,8 +157,16 @@ async def test_duplicate_and_unknown_results_are_ignored(settings):
 async def test_aggregate_kind_and_hospitals_reach_the_request(settings):
     query = json.dumps({"metric": "count", "condition": "I21"})
     async with FakeAccountant(settings, ok_result) as acct, running_gateway(settings) as (_, c):
-        r = await c.post("/v1/inference", headers=token(settings, uid()), json={
-            **BODY, "prompt": query, "kind": "aggregate", "hospitals": ["st_mary", "northside"]})
+        r = await c.post(
+            "/v1/inference",
+            headers=token(settings, uid()),
+            json={
+                **BODY,
+                "prompt": query,
+                "kind": "aggregate",
+                "hospitals": ["st_mary", "northside"],
+            },
+        )
         assert r.status_code == 200, r.text
         [req] = [q for q in acct.seen if q["request_id"] == r.json()["request_id"]]
     assert req["kind"] == "aggregate" and req["hospitals"] == ["st_mary", "northside"]

@@ -9,9 +9,9 @@ import pytest
 
 from fedllm.common.lifecycle import ready_path
 from fedllm.embedded import free_port
-from services.gateway.app import create_app
-from services.gateway.service import run
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.app import create_app
+from fedllm.services.gateway.service import run
+from fedllm.services.gateway.settings import GatewaySettings
 from tests.gateway.peers import FakeAccountant, make_settings, ok_result, running_gateway, token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -40,8 +40,9 @@ async def test_not_ready_before_lifespan(settings):
 async def test_metrics_count_requests_by_status(settings):
     async with FakeAccountant(settings, ok_result), running_gateway(settings) as (_, c):
         body = {"prompt": "p", "max_tokens": 8, "temperature": 0.1, "privacy_budget": 0.1}
-        assert (await c.post("/v1/inference", json=body,
-                             headers=token(settings, "m1"))).status_code == 200
+        assert (
+            await c.post("/v1/inference", json=body, headers=token(settings, "m1"))
+        ).status_code == 200
         assert (await c.post("/v1/inference", json=body)).status_code == 401
         text = (await c.get("/metrics")).text
     assert 'fedllm_gateway_http_requests_total{route="/v1/inference",status="200"} 1.0' in text

@@ -70,27 +70,35 @@ async def test_missing_budget_is_422(client, settings):
 
 
 async def test_not_json_is_422(client, settings):
-    r = await client.post("/v1/inference", content=b"{not json", headers={
-        **token(settings, "u1"), "content-type": "application/json"})
+    r = await client.post(
+        "/v1/inference",
+        content=b"{not json",
+        headers={**token(settings, "u1"), "content-type": "application/json"},
+    )
     assert r.status_code == 422
 
 
 async def test_aggregate_prompt_must_be_json_object(client, settings):
-    r = await client.post("/v1/inference", headers=token(settings, "u1"),
-                          json={**BODY, "kind": "aggregate", "prompt": "count patients"})
+    r = await client.post(
+        "/v1/inference",
+        headers=token(settings, "u1"),
+        json={**BODY, "kind": "aggregate", "prompt": "count patients"},
+    )
     assert r.status_code == 422
 
 
 async def test_other_department_is_403(client, settings):
-    r = await client.post("/v1/inference", headers=token(settings, "u1"),
-                          json={**BODY, "department": "radiology"})
+    r = await client.post(
+        "/v1/inference", headers=token(settings, "u1"), json={**BODY, "department": "radiology"}
+    )
     assert r.status_code == 403
     assert "own department" in r.json()["detail"]
 
 
 async def test_token_department_not_configured_is_422(client, settings):
-    r = await client.post("/v1/inference", json=BODY,
-                          headers=token(settings, "u1", department="dermatology"))
+    r = await client.post(
+        "/v1/inference", json=BODY, headers=token(settings, "u1", department="dermatology")
+    )
     assert r.status_code == 422
 
 
@@ -109,8 +117,11 @@ UNRENDERABLE = {
 
 @pytest.mark.parametrize("body", UNRENDERABLE.values(), ids=UNRENDERABLE.keys())
 async def test_unrenderable_bad_body_is_422_without_echo(client, settings, body):
-    r = await client.post("/v1/inference", content=body, headers={
-        **token(settings, "u1"), "content-type": "application/json"})
+    r = await client.post(
+        "/v1/inference",
+        content=body,
+        headers={**token(settings, "u1"), "content-type": "application/json"},
+    )
     assert r.status_code == 422, r.text
     errors = r.json()["detail"]
     assert errors and all(set(e) == {"type", "loc", "msg"} for e in errors)

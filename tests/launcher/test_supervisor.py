@@ -56,18 +56,25 @@ def _wait_for(check, timeout_s: float, what: str):  # type: ignore[no-untyped-de
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_up_restarts_a_crashed_service_and_a_signal_stops_every_child(tmp_path: Path,
-                                                                      sig: int) -> None:
+def test_up_restarts_a_crashed_service_and_a_signal_stops_every_child(
+    tmp_path: Path, sig: int
+) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL")}
-    env.update(FEDLLM_HOSPITALS='[{"id": "h1", "departments": ["cardiology"]}]',
-               FEDLLM_MODE="demo")
-    up = subprocess.Popen([sys.executable, "-m", "fedllm", "up", "--data-dir", str(tmp_path),
-                           "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP", "DATABASE_URL", "REDIS_URL")
+    }
+    env.update(FEDLLM_HOSPITALS='[{"id": "h1", "departments": ["cardiology"]}]', FEDLLM_MODE="demo")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "fedllm", "up", "--data-dir", str(tmp_path), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     status = tmp_path / "run" / "services.json"
     try:
+
         def running() -> dict | None:
             try:
                 s = json.loads(status.read_text())
@@ -84,8 +91,11 @@ def test_up_restarts_a_crashed_service_and_a_signal_stops_every_child(tmp_path: 
         def restarted() -> dict | None:
             h = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=5).json()
             r = (h.get("services") or {}).get("router", {})
-            return h if r.get("restarts", 0) >= 1 and r.get("pid") != router_pid \
-                and r.get("ready") else None
+            return (
+                h
+                if r.get("restarts", 0) >= 1 and r.get("pid") != router_pid and r.get("ready")
+                else None
+            )
 
         health = _wait_for(restarted, 60, "the router restarted and reported in /v1/health")
         assert health["services"]["router"]["last_exit"] == -signal.SIGKILL

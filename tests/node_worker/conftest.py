@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.node_worker.clinosim_data import ensure_clinosim
-from services.node_worker.model import LoadedModel, tiny_model
+from fedllm.services.node_worker.clinosim_data import ensure_clinosim
+from fedllm.services.node_worker.model import LoadedModel, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FEDLLM_TEST_CACHE", REPO / ".fedllm"))

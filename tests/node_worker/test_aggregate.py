@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.aggregate import (
+from fedllm.services.node_worker.aggregate import (
     AggregateAnswer,
     answer_aggregate,
     answer_on_cohort,
     combine,
     parse_query,
 )
-from services.node_worker.cohort import (
+from fedllm.services.node_worker.cohort import (
     Cohort,
     Diagnosis,
     Medication,
@@ -345,8 +345,8 @@ def test_combine_of_one_is_the_answer() -> None:
 
 @pytest.mark.slow
 def test_on_clinosim_output(tmp_path: Path) -> None:
-    from services.node_worker.clinosim_data import ensure_clinosim
-    from services.node_worker.cohort import load_cohort
+    from fedllm.services.node_worker.clinosim_data import ensure_clinosim
+    from fedllm.services.node_worker.cohort import load_cohort
 
     d = ensure_clinosim(tmp_path / "h", seed=11, population=20)
     n = answer_aggregate(

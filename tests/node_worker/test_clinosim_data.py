@@ -9,13 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from services.node_worker.clinosim_data import _run_with_progress, ensure_clinosim, estimate_seconds
+from fedllm.services.node_worker.clinosim_data import (
+    _run_with_progress,
+    ensure_clinosim,
+    estimate_seconds,
+)
 
 
 def test_progress_shows_stage_elapsed_and_estimate() -> None:
     out = io.StringIO()
-    cmd = [sys.executable, "-c",
-           "import time; print('Simulating inpatient 5/10', flush=True); time.sleep(1.6)"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import time; print('Simulating inpatient 5/10', flush=True); time.sleep(1.6)",
+    ]
     _run_with_progress(cmd, label="h1", population=4000, stream=out)
     text = out.getvalue()
     assert "generating h1: clinosim population 4000" in text
@@ -25,8 +32,12 @@ def test_progress_shows_stage_elapsed_and_estimate() -> None:
 
 def test_progress_raises_when_clinosim_fails() -> None:
     with pytest.raises(subprocess.CalledProcessError):
-        _run_with_progress([sys.executable, "-c", "raise SystemExit(3)"], label="h",
-                           population=1, stream=io.StringIO())
+        _run_with_progress(
+            [sys.executable, "-c", "raise SystemExit(3)"],
+            label="h",
+            population=1,
+            stream=io.StringIO(),
+        )
 
 
 def test_estimate_grows_with_population() -> None:

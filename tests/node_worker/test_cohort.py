@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.node_worker.cohort import (
+from fedllm.services.node_worker.cohort import (
     Medication,
     diagnosis_category,
     diagnosis_vocabulary,

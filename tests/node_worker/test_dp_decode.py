@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.dp_decode import (
+from fedllm.services.node_worker.dp_decode import (
     BatchedDecoder,
     DPDecodeConfig,
     calibrate,
     dp_decode,
 )
-from services.node_worker.model import LoadedModel
+from fedllm.services.node_worker.model import LoadedModel
 
 ORDERS = np.asarray(DEFAULT_ORDERS)
 
@@ -30,14 +30,28 @@ def _prompts(tiny: LoadedModel, m: int) -> tuple[list[int], list[list[int]]]:
     return public, groups
 
 
-def _run(tiny: LoadedModel, *, epsilon: float, m: int = 4, max_tokens: int = 12,
-         seed: int = 0, groups: list[list[int]] | None = None, **cfg: object):
+def _run(
+    tiny: LoadedModel,
+    *,
+    epsilon: float,
+    m: int = 4,
+    max_tokens: int = 12,
+    seed: int = 0,
+    groups: list[list[int]] | None = None,
+    **cfg: object,
+):
     public, gp = _prompts(tiny, m)
     rho = rho_for_epsilon(epsilon=epsilon, delta=1e-5) if epsilon else 0.0
     dec = BatchedDecoder(tiny.model, device=tiny.device, pad_id=tiny.tokenizer.pad_token_id)
     res = dp_decode(
-        dec, public_prompt=public, group_prompts=groups if groups is not None else gp, rho=rho,
-        delta=1e-5, max_tokens=max_tokens, stop_ids=[], config=DPDecodeConfig(**cfg),
+        dec,
+        public_prompt=public,
+        group_prompts=groups if groups is not None else gp,
+        rho=rho,
+        delta=1e-5,
+        max_tokens=max_tokens,
+        stop_ids=[],
+        config=DPDecodeConfig(**cfg),
         rng=random.Random(seed),
     )
     return res, rho
@@ -113,8 +127,15 @@ def test_tokens_the_public_pass_predicts_are_free(tiny: LoadedModel) -> None:
     # Every group sees exactly the public prompt: all agree with the public greedy token, so
     # with a generous budget the SVT releases (almost) everything for free.
     public, _ = _prompts(tiny, 8)
-    res, rho = _run(tiny, epsilon=10.0, m=8, groups=[public] * 8, max_tokens=12,
-                    svt_threshold=1.0, svt_share=0.9)
+    res, rho = _run(
+        tiny,
+        epsilon=10.0,
+        m=8,
+        groups=[public] * 8,
+        max_tokens=12,
+        svt_threshold=1.0,
+        svt_share=0.9,
+    )
     assert res.free_tokens >= 6
     # Free tokens are the public greedy continuation.
     dec = BatchedDecoder(tiny.model, device=tiny.device, pad_id=0)

@@ -14,25 +14,42 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.engine import Engine
-from services.node_worker.model import LoadedModel
-from services.node_worker.service import result_record
+from fedllm.services.node_worker.engine import Engine
+from fedllm.services.node_worker.model import LoadedModel
+from fedllm.services.node_worker.service import result_record
 
 
-def routed(*, prompt: str, kind: str = "generate", epsilon: float = 5.0,
-           max_tokens: int = 8) -> dict[str, Any]:
+def routed(
+    *, prompt: str, kind: str = "generate", epsilon: float = 5.0, max_tokens: int = 8
+) -> dict[str, Any]:
     rid = f"req-1-{uuid.uuid4().hex[:8]}"  # a fresh request: the node's store is per request
     inner = {
-        "request_id": rid, "user_id": "u1", "role": "doctor", "department": "cardiology",
-        "kind": kind, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
-        "epsilon": epsilon, "delta": 1e-5, "require_consensus": False, "priority": "normal",
-        "hospitals": [], "source_address": "", "created_at_ms": now_ms(),
+        "request_id": rid,
+        "user_id": "u1",
+        "role": "doctor",
+        "department": "cardiology",
+        "kind": kind,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+        "epsilon": epsilon,
+        "delta": 1e-5,
+        "require_consensus": False,
+        "priority": "normal",
+        "hospitals": [],
+        "source_address": "",
+        "created_at_ms": now_ms(),
         "deadline_ms": now_ms() + 60_000,
     }
     return {
-        "request_id": rid, "hospital_id": "st_mary", "attempt": 1,
-        "reserved_epsilon": epsilon, "delta": 1e-5, "deadline_ms": now_ms() + 60_000,
-        "routed_at_ms": now_ms(), "request": inner,
+        "request_id": rid,
+        "hospital_id": "st_mary",
+        "attempt": 1,
+        "reserved_epsilon": epsilon,
+        "delta": 1e-5,
+        "deadline_ms": now_ms() + 60_000,
+        "routed_at_ms": now_ms(),
+        "request": inner,
     }
 
 
@@ -82,13 +99,12 @@ def test_aggregate_bad_json_fails(engine: Engine) -> None:
 def test_real_model_answers_in_english(hospital_data_dir: Path, models_dir: Path) -> None:
     import torch
 
-    from services.node_worker.model import cache_dir_for, load_model
+    from fedllm.services.node_worker.model import cache_dir_for, load_model
 
     torch.set_num_threads(1)
     lm = load_model(cache_dir=cache_dir_for(models_dir.parent), device=torch.device("cpu"))
     settings = Settings(data_dir=hospital_data_dir)
-    eng = Engine(settings, "st_mary", model=lm, groups=4, max_note_chars=300,
-                 rng=random.Random(0))
+    eng = Engine(settings, "st_mary", model=lm, groups=4, max_note_chars=300, rng=random.Random(0))
     out = eng.answer(routed(prompt="What is hypertension?", epsilon=10.0, max_tokens=12))
     assert out["status"] == "ok" and out["is_private"]
     words = out["response"].split()

@@ -16,42 +16,70 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.engine import Engine
-from services.node_worker.model import LoadedModel
-from services.node_worker.service import result_record
+from fedllm.services.node_worker.engine import Engine
+from fedllm.services.node_worker.model import LoadedModel
+from fedllm.services.node_worker.service import result_record
 
 DELTA = 1e-5
 
 
-def routed(query: dict[str, Any] | str, *, kind: str = "aggregate", epsilon: float = 1.0,
-           share: float = 1.0, parts: int = 1) -> dict[str, Any]:
+def routed(
+    query: dict[str, Any] | str,
+    *,
+    kind: str = "aggregate",
+    epsilon: float = 1.0,
+    share: float = 1.0,
+    parts: int = 1,
+) -> dict[str, Any]:
     rid = f"req-f-{uuid.uuid4().hex[:8]}"  # a fresh request: the node's store is per request
     inner = {
-        "request_id": rid, "user_id": "u1", "role": "doctor", "department": "cardiology",
-        "kind": kind, "prompt": query if isinstance(query, str) else json.dumps(query),
-        "max_tokens": 8, "temperature": 1.0, "epsilon": epsilon, "delta": DELTA,
-        "require_consensus": False, "priority": "normal", "hospitals": ["st_mary", "other"],
-        "source_address": "", "created_at_ms": now_ms(), "deadline_ms": now_ms() + 60_000,
+        "request_id": rid,
+        "user_id": "u1",
+        "role": "doctor",
+        "department": "cardiology",
+        "kind": kind,
+        "prompt": query if isinstance(query, str) else json.dumps(query),
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "epsilon": epsilon,
+        "delta": DELTA,
+        "require_consensus": False,
+        "priority": "normal",
+        "hospitals": ["st_mary", "other"],
+        "source_address": "",
+        "created_at_ms": now_ms(),
+        "deadline_ms": now_ms() + 60_000,
     }
     return {
-        "request_id": rid, "hospital_id": "st_mary", "attempt": 1,
-        "reserved_epsilon": epsilon, "delta": DELTA, "deadline_ms": now_ms() + 60_000,
-        "routed_at_ms": now_ms(), "request": inner, "budget_share": share, "parts": parts,
+        "request_id": rid,
+        "hospital_id": "st_mary",
+        "attempt": 1,
+        "reserved_epsilon": epsilon,
+        "delta": DELTA,
+        "deadline_ms": now_ms() + 60_000,
+        "routed_at_ms": now_ms(),
+        "request": inner,
+        "budget_share": share,
+        "parts": parts,
     }
 
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
-    return Engine(Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4,
-                  rng=random.Random(5))
+    return Engine(
+        Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(5)
+    )
 
 
-@pytest.mark.parametrize("query", [
-    {"op": "count"},
-    {"op": "sum", "field": "age"},
-    {"op": "mean", "field": "encounters"},
-    {"op": "histogram", "field": "diagnosis"},
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"op": "count"},
+        {"op": "sum", "field": "age"},
+        {"op": "mean", "field": "encounters"},
+        {"op": "histogram", "field": "diagnosis"},
+    ],
+)
 @pytest.mark.parametrize("share", [0.5, 1 / 3])
 def test_part_answers_partial_within_its_share(engine: Engine, query: dict, share: float) -> None:
     out = engine.answer(routed(query, epsilon=1.0, share=share, parts=round(1 / share)))

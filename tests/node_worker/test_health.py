@@ -9,14 +9,27 @@ import pytest
 
 from fedllm.common import codec
 from fedllm.common.config import Settings
-from services.node_worker.health import EWMA_ALPHA, NodeHealth, budget_room_level
-from services.node_worker.service import NodeState, heartbeat_record
+from fedllm.services.node_worker.health import EWMA_ALPHA, NodeHealth, budget_room_level
+from fedllm.services.node_worker.service import NodeState, heartbeat_record
 
 
-@pytest.mark.parametrize(("room", "level"), [
-    (None, -1), (math.nan, 0), (-0.5, 0), (0.0, 0), (0.009, 0), (0.01, 1), (0.2499, 1),
-    (0.25, 2), (0.5, 3), (0.7499, 3), (0.75, 4), (1.0, 4),
-])
+@pytest.mark.parametrize(
+    ("room", "level"),
+    [
+        (None, -1),
+        (math.nan, 0),
+        (-0.5, 0),
+        (0.0, 0),
+        (0.009, 0),
+        (0.01, 1),
+        (0.2499, 1),
+        (0.25, 2),
+        (0.5, 3),
+        (0.7499, 3),
+        (0.75, 4),
+        (1.0, 4),
+    ],
+)
 def test_budget_room_is_a_coarse_level(room: float | None, level: int) -> None:
     assert budget_room_level(room) == level
 

@@ -19,12 +19,12 @@ from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker.engine import Engine
-from services.node_worker.ledger import NodeLedger
-from services.node_worker.model import LoadedModel
-from services.node_worker.records import person_of
-from services.node_worker.service import run, wait_ready
-from services.node_worker.settings import NodeSettings
+from fedllm.services.node_worker.engine import Engine
+from fedllm.services.node_worker.ledger import NodeLedger
+from fedllm.services.node_worker.model import LoadedModel
+from fedllm.services.node_worker.records import person_of
+from fedllm.services.node_worker.service import run, wait_ready
+from fedllm.services.node_worker.settings import NodeSettings
 from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, with_grant
 from tests.node_worker.test_engine import routed
 
@@ -32,17 +32,22 @@ QUESTION = "Which patients had chest pain or hypertension?"
 RHO1 = rho_for_epsilon(epsilon=1.0, delta=1e-5)
 
 
-def make_engine(data_dir: Path, tiny: LoadedModel, *, routes: bool = False, **node: Any
-                ) -> Engine:
+def make_engine(data_dir: Path, tiny: LoadedModel, *, routes: bool = False, **node: Any) -> Engine:
     """An engine on the decoding path (`routes=True`: with the answer-level routes too)."""
-    return Engine(Settings(data_dir=data_dir, answer_routes=routes), "st_mary", model=tiny,
-                  groups=4, rng=random.Random(2), node_settings=NodeSettings(**node))
+    return Engine(
+        Settings(data_dir=data_dir, answer_routes=routes),
+        "st_mary",
+        model=tiny,
+        groups=4,
+        rng=random.Random(2),
+        node_settings=NodeSettings(**node),
+    )
 
 
 def spends(engine: Engine) -> dict[str, float]:
     from sqlalchemy import select
 
-    from services.node_worker.ledger import person_spend
+    from fedllm.services.node_worker.ledger import person_spend
 
     with engine.ledger.engine.connect() as conn:
         return {r.person_id: r.rho_spent for r in conn.execute(select(person_spend))}
@@ -54,15 +59,17 @@ def test_lifetime_budget_refuses_before_any_record_is_read(
     eng = make_engine(hospital_data_dir, tiny, lifetime_epsilon=1.2, max_query_epsilon=1.0)
     assert eng.answer(routed(prompt=QUESTION, epsilon=1.0, max_tokens=2))["status"] == "ok"
     monkeypatch.setattr(eng.records, "retrieve", lambda *a, **k: pytest.fail("records read"))
-    monkeypatch.setattr("services.node_worker.engine.load_cohort",
-                        lambda *a: pytest.fail("records read"))
+    monkeypatch.setattr(
+        "fedllm.services.node_worker.engine.load_cohort", lambda *a: pytest.fail("records read")
+    )
     for kind, prompt in (("generate", QUESTION), ("aggregate", json.dumps({"op": "count"}))):
         out = eng.answer(routed(prompt=prompt, kind=kind, epsilon=1.0))
         assert out["status"] == "failed" and "lifetime" in out["reason"]
         assert not out.get("rdp_epsilons")  # nothing started: nothing charged
     s = eng.ledger.summary(query_rho=RHO1)
     assert s.rho_spent == pytest.approx(RHO1) and s.rho_cap == pytest.approx(
-        rho_for_epsilon(epsilon=1.2, delta=1e-5))
+        rho_for_epsilon(epsilon=1.2, delta=1e-5)
+    )
 
 
 def test_no_reset_path_reopening_cannot_raise_the_cap(tmp_path: Path) -> None:
@@ -78,8 +85,9 @@ def test_no_reset_path_reopening_cannot_raise_the_cap(tmp_path: Path) -> None:
 def test_person_filter_charges_matched_groups_and_drops_persons_at_cap(
     hospital_data_dir: Path, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    eng = make_engine(hospital_data_dir, tiny, person_epsilon=1.2, max_query_epsilon=1.0,
-                      lifetime_epsilon=100.0)
+    eng = make_engine(
+        hospital_data_dir, tiny, person_epsilon=1.2, max_query_epsilon=1.0, lifetime_epsilon=100.0
+    )
     hits = eng.records.retrieve(QUESTION, per_group=1)
     matched = {g for g, notes in enumerate(hits) if notes}
     expect = set().union(*(eng.records.persons(g) for g in matched))
@@ -103,10 +111,11 @@ def test_person_filter_charges_matched_groups_and_drops_persons_at_cap(
     assert eng.ledger.summary(query_rho=RHO1).persons_at_cap == len(expect)
 
 
-def test_aggregate_charges_only_matching_persons(hospital_data_dir: Path,
-                                                 tiny: LoadedModel) -> None:
-    from services.node_worker.aggregate import parse_query
-    from services.node_worker.cohort import load_cohort
+def test_aggregate_charges_only_matching_persons(
+    hospital_data_dir: Path, tiny: LoadedModel
+) -> None:
+    from fedllm.services.node_worker.aggregate import parse_query
+    from fedllm.services.node_worker.cohort import load_cohort
 
     eng = make_engine(hospital_data_dir, tiny, person_epsilon=1.2, lifetime_epsilon=100.0)
     query = {"op": "count", "where": {"sex": "F"}}
@@ -119,8 +128,9 @@ def test_aggregate_charges_only_matching_persons(hospital_data_dir: Path,
     assert set(spends(eng)) == women
 
 
-def test_started_but_unreleased_fails_closed_and_charged(hospital_data_dir: Path,
-                                                         tiny: LoadedModel) -> None:
+def test_started_but_unreleased_fails_closed_and_charged(
+    hospital_data_dir: Path, tiny: LoadedModel
+) -> None:
     eng = make_engine(hospital_data_dir, tiny)
     req = routed(prompt=QUESTION, epsilon=1.0)
     assert eng.ledger.begin(req["request_id"], req["attempt"], rho=RHO1) is None  # then "crash"
@@ -129,9 +139,12 @@ def test_started_but_unreleased_fails_closed_and_charged(hospital_data_dir: Path
     np.testing.assert_allclose(out["rdp_epsilons"], RHO1 * np.asarray(DEFAULT_ORDERS))
 
 
-def test_privacy_ledger_cli(hospital_data_dir: Path, tiny: LoadedModel,
-                            monkeypatch: pytest.MonkeyPatch,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_privacy_ledger_cli(
+    hospital_data_dir: Path,
+    tiny: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     eng = make_engine(hospital_data_dir, tiny, person_epsilon=1.2)
     eng.answer(routed(prompt=QUESTION, epsilon=1.0, max_tokens=2))
     monkeypatch.setenv("FEDLLM_DATA_DIR", str(hospital_data_dir))
@@ -150,10 +163,14 @@ async def test_restarted_node_resends_the_same_release(
     store, redeliver the request: the same release goes out and no mechanism runs again."""
     hid = f"h{uuid.uuid4().hex[:8]}"
     shutil.copytree(clinosim_source, tmp_path / "hospitals" / hid / "clinosim")
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, data_dir=tmp_path,
-                        heartbeat_interval_s=0.3, reservation_verify_key=GRANT_PUBLIC,
-                        answer_routes=False,
-                        hospitals=[HospitalConfig(id=hid, departments=["cardiology"])])
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        data_dir=tmp_path,
+        heartbeat_interval_s=0.3,
+        reservation_verify_key=GRANT_PUBLIC,
+        answer_routes=False,
+        hospitals=[HospitalConfig(id=hid, departments=["cardiology"])],
+    )
     await ensure_topics(settings, {**topics.all_topics([hid])})
     runs: list[int] = []
 
@@ -177,8 +194,14 @@ async def test_restarted_node_resends_the_same_release(
             def mine(rs: list[dict]) -> list[dict]:
                 return [r for r in rs if r.get("request_id") == req["request_id"]]
 
-            return mine(await collect(settings, topics.NODE_RESULTS,
-                                      until=lambda rs: len(mine(rs)) >= expected, timeout_s=60))
+            return mine(
+                await collect(
+                    settings,
+                    topics.NODE_RESULTS,
+                    until=lambda rs: len(mine(rs)) >= expected,
+                    timeout_s=60,
+                )
+            )
         finally:
             stop.set()
             await asyncio.wait_for(task, timeout=30)
@@ -221,13 +244,14 @@ def test_budget_balance_feeds_the_hospital_gauges_and_room_level(
     """Operators see the lifetime budget as ε (limit, remaining); the heartbeat's coarse level
     follows the same ρ share. Both move only with admitted reservations."""
     from fedllm.privacy.accountant import PrivacyCurve
-    from services.node_worker.health import budget_room_level
+    from fedllm.services.node_worker.health import budget_room_level
 
     eng = make_engine(hospital_data_dir, tiny, lifetime_epsilon=3.0, max_query_epsilon=1.0)
     limit, remaining = eng.budget_balance()
     rho_cap = eng.ledger.lifetime()[1]
-    assert limit == pytest.approx(PrivacyCurve.from_rho(rho_cap, eng.orders).epsilon(
-        delta=eng.delta))
+    assert limit == pytest.approx(
+        PrivacyCurve.from_rho(rho_cap, eng.orders).epsilon(delta=eng.delta)
+    )
     assert remaining == pytest.approx(limit) and budget_room_level(eng.budget_room()) == 4
     assert eng.answer(routed(prompt=QUESTION, epsilon=1.0, max_tokens=2))["status"] == "ok"
     spent, _ = eng.ledger.lifetime()
@@ -240,8 +264,9 @@ def test_answer_level_routes_charge_every_person_and_stop_while_anyone_is_capped
 ) -> None:
     """The population/entity routes read every person's records, so every person is charged;
     they cannot drop a capped person, so they do not run while anyone is at the cap."""
-    eng = make_engine(hospital_data_dir, tiny, routes=True, person_epsilon=1.2,
-                      max_query_epsilon=1.0)
+    eng = make_engine(
+        hospital_data_dir, tiny, routes=True, person_epsilon=1.2, max_query_epsilon=1.0
+    )
     question = "How many of our patients are over 65?"
     assert eng.routes is not None and eng.routes.applies(question)
     assert eng.answer(routed(prompt=question, epsilon=1.0, max_tokens=2))["status"] == "ok"

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from services.node_worker import model as model_mod
+from fedllm.services.node_worker import model as model_mod
 
 
-def test_cache_is_built_once_under_concurrency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                               ) -> None:
+def test_cache_is_built_once_under_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     builds: list[int] = []
 
     def fake_build(cache: Path) -> None:

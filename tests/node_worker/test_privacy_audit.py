@@ -6,10 +6,10 @@ many times in each; an event E gives P[E | in] ≤ e^ε·P[E | out] + δ for any
 with Clopper–Pearson bounds at 95 % ε_lb = log((P_in_lo − δ)/P_out_hi) must stay ≤ the claimed ε.
 A deliberately under-noised variant (σ/10) must be caught (ε_lb > claimed ε).
 
-* aggregate path: :func:`services.node_worker.aggregate.answer_on_cohort` (count of a rare
+* aggregate path: :func:`fedllm.services.node_worker.aggregate.answer_on_cohort` (count of a rare
   diagnosis) on the real clinosim cohort plus a canary row; E = "noisy count ≥ T".
 * text path: the engine's own retrieval and fixed-length prompts with a canary note, then
-  :func:`services.node_worker.dp_decode.dp_decode` releasing one paid token (the model's
+  :func:`fedllm.services.node_worker.dp_decode.dp_decode` releasing one paid token (the model's
   forward passes are deterministic, so they are memoised; the vote and the noise run each time);
   E = "token t is released" for the token t and direction chosen on a separate selection split.
 """
@@ -27,13 +27,13 @@ from scipy.stats import beta
 
 from fedllm.common.config import Settings
 from fedllm.privacy.rdp import rho_for_epsilon
-from services.node_worker import aggregate as agg
-from services.node_worker import dp_decode as dpd
-from services.node_worker.cohort import Diagnosis, PatientRecord, load_cohort
-from services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, SplitDecoder
-from services.node_worker.engine import Engine
-from services.node_worker.model import LoadedModel
-from services.node_worker.records import HospitalRecords, Note
+from fedllm.services.node_worker import aggregate as agg
+from fedllm.services.node_worker import dp_decode as dpd
+from fedllm.services.node_worker.cohort import Diagnosis, PatientRecord, load_cohort
+from fedllm.services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, SplitDecoder
+from fedllm.services.node_worker.engine import Engine
+from fedllm.services.node_worker.model import LoadedModel
+from fedllm.services.node_worker.records import HospitalRecords, Note
 
 pytestmark = [pytest.mark.privacy_audit, pytest.mark.slow]
 
@@ -60,26 +60,38 @@ def eps_lb(hits_in: int, n_in: int, hits_out: int, n_out: int) -> float:
 
 def _aggregate_audit(clinosim_source: Path, *, under_noised: bool, seed: int) -> float:
     cohort = load_cohort(clinosim_source)
-    canary = PatientRecord(patient_id="pt-canary", age=40, sex="F",
-                           diagnoses=(Diagnosis("T66", "radiation sickness"),), medications=(),
-                           encounters=1, person_id="CANARY")
-    world_in = type(cohort)(patients=(*cohort.patients, canary),
-                            snapshot_date=cohort.snapshot_date)
+    canary = PatientRecord(
+        patient_id="pt-canary",
+        age=40,
+        sex="F",
+        diagnoses=(Diagnosis("T66", "radiation sickness"),),
+        medications=(),
+        encounters=1,
+        person_id="CANARY",
+    )
+    world_in = type(cohort)(patients=(*cohort.patients, canary), snapshot_date=cohort.snapshot_date)
     query = agg.parse_query({"op": "count", "where": {"diagnosis": "T66"}})
     rng = random.Random(seed)
 
     def runs(world, n: int) -> np.ndarray:  # noqa: ANN001
-        return np.array([agg.answer_on_cohort(query=query, cohort=world, epsilon=CLAIMED,
-                                              delta=DELTA, rng=rng).noisy_count
-                         for _ in range(n)])
+        return np.array(
+            [
+                agg.answer_on_cohort(
+                    query=query, cohort=world, epsilon=CLAIMED, delta=DELTA, rng=rng
+                ).noisy_count
+                for _ in range(n)
+            ]
+        )
 
     real = agg.noisy_count
     if under_noised:
         agg.noisy_count = lambda *, value, sigma, rng: real(value=value, sigma=sigma / 10, rng=rng)
     try:
         sel_in, sel_out = runs(world_in, 1000), runs(cohort, 1000)
-        best = max(range(int(sel_out.min()), int(sel_in.max()) + 2), key=lambda t: eps_lb(
-            int((sel_in >= t).sum()), 1000, int((sel_out >= t).sum()), 1000))
+        best = max(
+            range(int(sel_out.min()), int(sel_in.max()) + 2),
+            key=lambda t: eps_lb(int((sel_in >= t).sum()), 1000, int((sel_out >= t).sum()), 1000),
+        )
         ev_in, ev_out = runs(world_in, 4000), runs(cohort, 4000)
     finally:
         agg.noisy_count = real
@@ -123,8 +135,7 @@ def _text_audit(engine: Engine, *, under_noised: bool, seed: int) -> float:
         canary = Note("canary-note", "CANARY", text)
         in_recs = HospitalRecords([*notes, canary], key=key, groups=m)
         prompts_in = [engine.encode(QUESTION, c) for c in in_recs.retrieve(QUESTION, per_group=1)]
-        prompts_out = [engine.encode(QUESTION, c) for c in out_recs.retrieve(QUESTION,
-                                                                             per_group=1)]
+        prompts_out = [engine.encode(QUESTION, c) for c in out_recs.retrieve(QUESTION, per_group=1)]
         dec = Memo(BatchedDecoder(engine.lm.model, device=engine.lm.device, pad_id=0))
         pub, gin = dec.prefill(engine.encode(QUESTION, None), prompts_in)
         _, gout = dec.prefill(engine.encode(QUESTION, None), prompts_out)
@@ -137,8 +148,9 @@ def _text_audit(engine: Engine, *, under_noised: bool, seed: int) -> float:
             break
     assert canary_text is not None, "no canary note moved its group's vote"
     rho = rho_for_epsilon(epsilon=CLAIMED, delta=DELTA)
-    cfg = DPDecodeConfig(use_svt=False, target_paid_tokens=1, vote_temperature=0.0,
-                         public_confidence=0.0)
+    cfg = DPDecodeConfig(
+        use_svt=False, target_paid_tokens=1, vote_temperature=0.0, public_confidence=0.0
+    )
     rng = random.Random(seed)
     real = dpd.sample_discrete_gaussian
 
@@ -148,9 +160,17 @@ def _text_audit(engine: Engine, *, under_noised: bool, seed: int) -> float:
     def released(prompts: list[list[int]], n: int) -> np.ndarray:
         out = []
         for _ in range(n):
-            res = dpd.dp_decode(dec, public_prompt=engine.encode(QUESTION, None),
-                                group_prompts=prompts, rho=rho, delta=DELTA, max_tokens=1,
-                                stop_ids=[], config=cfg, rng=rng)
+            res = dpd.dp_decode(
+                dec,
+                public_prompt=engine.encode(QUESTION, None),
+                group_prompts=prompts,
+                rho=rho,
+                delta=DELTA,
+                max_tokens=1,
+                stop_ids=[],
+                config=cfg,
+                rng=rng,
+            )
             out.append(res.token_ids[0])
         return np.array(out)
 
@@ -179,8 +199,9 @@ def _text_audit(engine: Engine, *, under_noised: bool, seed: int) -> float:
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
     # Two groups: the canary's group is pivotal, the strongest case for the auditor.
-    return Engine(Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=2,
-                  rng=random.Random(0))
+    return Engine(
+        Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=2, rng=random.Random(0)
+    )
 
 
 def test_text_audit_stays_under_claimed_epsilon(engine: Engine) -> None:

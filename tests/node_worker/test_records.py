@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from services.node_worker.records import (
+from fedllm.services.node_worker.records import (
     GroupIndex,
     HospitalRecords,
     Note,

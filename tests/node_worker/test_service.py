@@ -15,7 +15,7 @@ from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics, now_ms
 from fedllm.common.lifecycle import ready_path
-from services.node_worker.service import run, wait_ready
+from fedllm.services.node_worker.service import run, wait_ready
 from tests.kafka_helpers import (
     GRANT_PUBLIC,
     collect,
@@ -38,27 +38,47 @@ class StubEngine:
         if request["request"]["prompt"] == "boom":
             raise RuntimeError("model exploded")
         time.sleep(1.5)  # long enough for heartbeats to be due meanwhile
-        return {"status": "ok", "response": "fine", "is_private": True, "privacy_cost": 0.5,
-                "delta": 1e-5, "rdp_orders": [2.0], "rdp_epsilons": [0.1], "tokens": 3,
-                "records_used": 2, "model_time_ms": 1500.0}
+        return {
+            "status": "ok",
+            "response": "fine",
+            "is_private": True,
+            "privacy_cost": 0.5,
+            "delta": 1e-5,
+            "rdp_orders": [2.0],
+            "rdp_epsilons": [0.1],
+            "tokens": 3,
+            "records_used": 2,
+            "model_time_ms": 1500.0,
+        }
 
 
-def routed(hid: str, *, prompt: str = "q", deadline_ms: int | None = None,
-           granted: bool = True) -> dict[str, Any]:
+def routed(
+    hid: str, *, prompt: str = "q", deadline_ms: int | None = None, granted: bool = True
+) -> dict[str, Any]:
     req = inference_request(prompt=prompt, epsilon=1.0)
-    out = {"request_id": req["request_id"], "hospital_id": hid, "attempt": 1,
-           "reserved_epsilon": 1.0, "delta": 1e-5,
-           "deadline_ms": deadline_ms if deadline_ms is not None else now_ms() + 60_000,
-           "routed_at_ms": now_ms(), "request": req}
+    out = {
+        "request_id": req["request_id"],
+        "hospital_id": hid,
+        "attempt": 1,
+        "reserved_epsilon": 1.0,
+        "delta": 1e-5,
+        "deadline_ms": deadline_ms if deadline_ms is not None else now_ms() + 60_000,
+        "routed_at_ms": now_ms(),
+        "request": req,
+    }
     return with_grant(out) if granted else out
 
 
 @pytest.fixture
 def settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
     hid = f"h{uuid.uuid4().hex[:8]}"
-    return Settings(kafka_bootstrap=kafka_bootstrap, data_dir=tmp_path, heartbeat_interval_s=0.3,
-                    reservation_verify_key=GRANT_PUBLIC,
-                    hospitals=[HospitalConfig(id=hid, departments=["cardiology", "general"])])
+    return Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        data_dir=tmp_path,
+        heartbeat_interval_s=0.3,
+        reservation_verify_key=GRANT_PUBLIC,
+        hospitals=[HospitalConfig(id=hid, departments=["cardiology", "general"])],
+    )
 
 
 async def test_node_loop_end_to_end(settings: Settings) -> None:
@@ -70,7 +90,11 @@ async def test_node_loop_end_to_end(settings: Settings) -> None:
     task = asyncio.create_task(run(settings, hid, stop=stop, engine_factory=lambda s, h: stub))
     try:
         await wait_ready(settings, hid, timeout_s=60)
-        ok, late, boom = routed(hid), routed(hid, deadline_ms=now_ms() - 1), routed(hid, prompt="boom")
+        ok, late, boom = (
+            routed(hid),
+            routed(hid, deadline_ms=now_ms() - 1),
+            routed(hid, prompt="boom"),
+        )
         await produce(settings, topic, "RoutedRequest", ok, key=hid)
         await produce_raw(settings, topic, b"garbage", [("fedllm-fp", b"nope")])
         await produce(settings, topic, "RoutedRequest", late, key=hid)
@@ -81,8 +105,11 @@ async def test_node_loop_end_to_end(settings: Settings) -> None:
         def mine(rs: list[dict]) -> list[dict]:
             return [r for r in rs if r.get("request_id") in ids]
 
-        results = mine(await collect(settings, topics.NODE_RESULTS,
-                                     until=lambda rs: len(mine(rs)) >= 4, timeout_s=60))
+        results = mine(
+            await collect(
+                settings, topics.NODE_RESULTS, until=lambda rs: len(mine(rs)) >= 4, timeout_s=60
+            )
+        )
         by_id: dict[str, list[dict]] = {}
         for r in results:
             by_id.setdefault(r["request_id"], []).append(r)
@@ -99,24 +126,37 @@ async def test_node_loop_end_to_end(settings: Settings) -> None:
         assert by_id[boom["request_id"]][0]["status"] == "failed"
         assert "model exploded" in by_id[boom["request_id"]][0]["reason"]
 
-        dlq = await collect(settings, topics.dlq(topic), until=lambda rs: len(rs) >= 1,
-                            timeout_s=20, raw=True)
+        dlq = await collect(
+            settings, topics.dlq(topic), until=lambda rs: len(rs) >= 1, timeout_s=20, raw=True
+        )
         assert dlq and dlq[0].value == b"garbage"
 
-        beats = [b for b in await collect(
-            settings, topics.HEARTBEATS, until=lambda rs: sum(
-                b["hospital_id"] == hid for b in rs) >= 5, timeout_s=20)
-            if b["hospital_id"] == hid]
+        beats = [
+            b
+            for b in await collect(
+                settings,
+                topics.HEARTBEATS,
+                until=lambda rs: sum(b["hospital_id"] == hid for b in rs) >= 5,
+                timeout_s=20,
+            )
+            if b["hospital_id"] == hid
+        ]
         assert beats[-1]["healthy"] and beats[-1]["model"] == "stub"
         assert all(b["recent_latency_ms"] == 0.0 for b in beats)
         assert beats[-1]["departments"] == ["cardiology", "general"]
         # Heartbeats kept flowing while a request was being answered.
         assert any(b["in_flight"] == 1 for b in beats)
 
-        audits = [a for a in await collect(
-            settings, topics.AUDIT, until=lambda rs: len([a for a in rs
-                                                          if a["request_id"] in ids]) >= 3,
-            timeout_s=20) if a["request_id"] in ids]
+        audits = [
+            a
+            for a in await collect(
+                settings,
+                topics.AUDIT,
+                until=lambda rs: len([a for a in rs if a["request_id"] in ids]) >= 3,
+                timeout_s=20,
+            )
+            if a["request_id"] in ids
+        ]
         actions = {a["request_id"]: a["action"] for a in audits}
         assert actions[ok["request_id"]] == "node.answered"
         assert actions[boom["request_id"]] == "node.failed"
@@ -153,19 +193,30 @@ async def test_node_refuses_routed_requests_without_a_valid_grant(settings: Sett
         for r in [*bad, good]:
             await produce(settings, topic, "RoutedRequest", r, key=hid)
         ids = {r["request_id"] for r in [*bad, good]}
-        results = {r["request_id"]: r for r in await collect(
-            settings, topics.NODE_RESULTS, until=lambda rs: len(
-                {x["request_id"] for x in rs} & ids) >= len(ids), timeout_s=60)
-            if r["request_id"] in ids}
+        results = {
+            r["request_id"]: r
+            for r in await collect(
+                settings,
+                topics.NODE_RESULTS,
+                until=lambda rs: len({x["request_id"] for x in rs} & ids) >= len(ids),
+                timeout_s=60,
+            )
+            if r["request_id"] in ids
+        }
         assert results[good["request_id"]]["status"] == "ok"
         for r in bad:
             out = results[r["request_id"]]
             assert out["status"] == "failed" and out["reason"].startswith("refused:"), out
             assert not out["is_private"] and out["privacy_cost"] == 0.0
         assert stub.calls == [good["request_id"]]  # the engine never saw a refused request
-        audits = await collect(settings, topics.AUDIT, until=lambda rs: sum(
-            a["action"] == "node.grant_refused" and a["request_id"] in ids for a in rs) >= 5,
-            timeout_s=20)
+        audits = await collect(
+            settings,
+            topics.AUDIT,
+            until=lambda rs: (
+                sum(a["action"] == "node.grant_refused" and a["request_id"] in ids for a in rs) >= 5
+            ),
+            timeout_s=20,
+        )
         refused = {a["request_id"] for a in audits if a["action"] == "node.grant_refused"}
         assert refused == {r["request_id"] for r in bad}
     finally:

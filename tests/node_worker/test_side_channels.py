@@ -17,8 +17,8 @@ import torch
 
 from fedllm.common.config import Settings
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from services.node_worker import dp_decode as dpd
-from services.node_worker.dp_decode import (
+from fedllm.services.node_worker import dp_decode as dpd
+from fedllm.services.node_worker.dp_decode import (
     BatchedDecoder,
     DPDecodeConfig,
     NonFiniteVotes,
@@ -26,9 +26,9 @@ from services.node_worker.dp_decode import (
     calibrate,
     clip_votes,
 )
-from services.node_worker.engine import Engine
-from services.node_worker.model import LoadedModel
-from services.node_worker.records import HospitalRecords, group_of, person_of
+from fedllm.services.node_worker.engine import Engine
+from fedllm.services.node_worker.model import LoadedModel
+from fedllm.services.node_worker.records import HospitalRecords, group_of, person_of
 from tests.node_worker.test_engine import routed
 
 QUESTION = "Which patients had chest pain or hypertension?"
@@ -36,9 +36,13 @@ QUESTION = "Which patients had chest pain or hypertension?"
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
-    return Engine(Settings(data_dir=hospital_data_dir, answer_routes=False), "st_mary",
-                  model=tiny, groups=4,
-                  rng=random.Random(1))
+    return Engine(
+        Settings(data_dir=hospital_data_dir, answer_routes=False),
+        "st_mary",
+        model=tiny,
+        groups=4,
+        rng=random.Random(1),
+    )
 
 
 def _logits(engine: Engine, records: HospitalRecords) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +81,9 @@ def test_neighbouring_datasets_public_bit_identical_other_groups_identical(
     cand = torch.topk(pub_full, k=32).indices
     votes_full = dpd._votes(grp_full, cand, temperature=1.0, granularity=1000)
     for person in persons[:3]:
-        less = HospitalRecords([n for n in notes if person_of(n.patient_id) != person],
-                               key=key, groups=4)
+        less = HospitalRecords(
+            [n for n in notes if person_of(n.patient_id) != person], key=key, groups=4
+        )
         pub, grp = _logits(engine, less)
         assert torch.equal(pub, pub_full)  # bit-identical
         votes = dpd._votes(grp, cand, temperature=1.0, granularity=1000)
@@ -114,8 +119,9 @@ def test_retrieval_statistics_are_per_group(engine: Engine) -> None:
     full = HospitalRecords(notes, key=key, groups=4)
     ref = [idx.scores(QUESTION) for idx in full.indexes]
     for person in sorted({person_of(n.patient_id) for n in notes})[:6]:
-        less = HospitalRecords([n for n in notes if person_of(n.patient_id) != person],
-                               key=key, groups=4)
+        less = HospitalRecords(
+            [n for n in notes if person_of(n.patient_id) != person], key=key, groups=4
+        )
         mine = group_of(person, key=key, groups=4)
         for g in range(4):
             if g != mine:
@@ -153,7 +159,9 @@ def test_vote_sensitivity_covers_the_worst_neighbour() -> None:
     # and the token's RDP is the Gaussian curve at that sensitivity
     np.testing.assert_allclose(
         cal.token_rdp(DEFAULT_ORDERS),
-        np.asarray(DEFAULT_ORDERS) * (math.sqrt(2) * g) ** 2 / (2 * cal.sigma**2), rtol=1e-12)
+        np.asarray(DEFAULT_ORDERS) * (math.sqrt(2) * g) ** 2 / (2 * cal.sigma**2),
+        rtol=1e-12,
+    )
 
 
 def test_votes_are_clipped_to_l1_g() -> None:
@@ -211,7 +219,9 @@ def test_non_finite_logits_fail_closed_and_charge(
     np.testing.assert_allclose(out["rdp_epsilons"], rho * np.asarray(DEFAULT_ORDERS))
 
 
-def test_svt_noise_scales_match_lyu_su_li(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_svt_noise_scales_match_lyu_su_li(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Alg. 1 of Lyu, Su & Li (c = 1, Δ = g): threshold noise Lap(2Δ/ε), query noise Lap(4Δ/ε)."""
     scales: list[float] = []
     real = dpd.sample_discrete_laplace
@@ -226,9 +236,17 @@ def test_svt_noise_scales_match_lyu_su_li(tiny: LoadedModel, monkeypatch: pytest
     groups = [public] * 4
     cfg = DPDecodeConfig(public_confidence=0.0)
     rho = rho_for_epsilon(epsilon=2.0, delta=1e-5)
-    res = dpd.dp_decode(BatchedDecoder(tiny.model, device=tiny.device, pad_id=0),
-                        public_prompt=public, group_prompts=groups, rho=rho, delta=1e-5,
-                        max_tokens=4, stop_ids=[], config=cfg, rng=random.Random(0))
+    res = dpd.dp_decode(
+        BatchedDecoder(tiny.model, device=tiny.device, pad_id=0),
+        public_prompt=public,
+        group_prompts=groups,
+        rho=rho,
+        delta=1e-5,
+        max_tokens=4,
+        stop_ids=[],
+        config=cfg,
+        rng=random.Random(0),
+    )
     cal = res.calibration
     assert res.svt_rounds >= 1 and cal is not None
     g, eps = cal.granularity, cal.eps_svt

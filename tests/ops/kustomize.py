@@ -15,8 +15,14 @@ from typing import Any
 
 import yaml
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
-                  "StorageClass", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "CustomResourceDefinition",
+}
 
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
@@ -46,8 +52,12 @@ def merge(base: Any, patch: Any) -> Any:
             else:
                 out[key] = copy.deepcopy(value)
         return out
-    if (isinstance(base, list) and isinstance(patch, list) and patch
-            and all(_merge_key(i) for i in base + patch)):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and patch
+        and all(_merge_key(i) for i in base + patch)
+    ):
         out = [copy.deepcopy(i) for i in base]
         for item in patch:
             for n, existing in enumerate(out):

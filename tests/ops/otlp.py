@@ -54,12 +54,21 @@ class Collector:
         req = ExportTraceServiceRequest.FromString(body)
         got = []
         for rs in req.resource_spans:
-            service = next((a.value.string_value for a in rs.resource.attributes
-                            if a.key == "service.name"), "")
+            service = next(
+                (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"),
+                "",
+            )
             for ss in rs.scope_spans:
                 for s in ss.spans:
-                    got.append(ReceivedSpan(service, s.name, s.trace_id.hex(), s.span_id.hex(),
-                                            s.parent_span_id.hex()))
+                    got.append(
+                        ReceivedSpan(
+                            service,
+                            s.name,
+                            s.trace_id.hex(),
+                            s.span_id.hex(),
+                            s.parent_span_id.hex(),
+                        )
+                    )
         with self._lock:
             self._spans.extend(got)
 

@@ -16,18 +16,20 @@ from fedllm.cli import main
 from fedllm.common.config import BudgetConfig
 from fedllm.common.db import make_engine
 from fedllm.privacy.accountant import RdpAccountant
-from services.accountant.ledger import Ledger
-from services.auditor import migrate, store
-from services.auditor.anchor import AnchorSettings, check_anchors, verify_and_anchor
-from services.auditor.chain import row_hash
-from services.auditor.models import audit_log
-from services.auditor.verify import verify
+from fedllm.services.accountant.ledger import Ledger
+from fedllm.services.auditor import migrate, store
+from fedllm.services.auditor.anchor import AnchorSettings, check_anchors, verify_and_anchor
+from fedllm.services.auditor.chain import row_hash
+from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import as_superuser_untriggered, event, rows
 from tests.conftest import scratch_database
 from tests.kafka_helpers import inference_request
 
-pytestmark = pytest.mark.skipif(shutil.which("pg_dump") is None or shutil.which("pg_restore")
-                                is None, reason="PostgreSQL client tools not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("pg_dump") is None or shutil.which("pg_restore") is None,
+    reason="PostgreSQL client tools not installed",
+)
 KEY = "anchor-key-for-tests-only-0123456789abcdef"
 
 
@@ -50,13 +52,19 @@ def populate(url: str, n: int = 12) -> Engine:
 
 def counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        return {t: conn.scalar(text(f'SELECT count(*) FROM "{t}"'))
-                for t in inspect(engine).get_table_names()}
+        return {
+            t: conn.scalar(text(f'SELECT count(*) FROM "{t}"'))
+            for t in inspect(engine).get_table_names()
+        }
 
 
 def test_backup_restores_into_an_empty_database_and_verifies(
-        fresh_database_url: str, postgres_admin_url: str, anchors: AnchorSettings,
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fresh_database_url: str,
+    postgres_admin_url: str,
+    anchors: AnchorSettings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     source = populate(fresh_database_url)
     assert verify_and_anchor(source, anchors)
     out = tmp_path / "backup"
@@ -75,8 +83,10 @@ def test_backup_restores_into_an_empty_database_and_verifies(
             printed = capsys.readouterr().out
             assert "OK chain main: 12 rows" in printed and "OK anchors" in printed
             # the append-only trigger came back with the restore
-            with pytest.raises(Exception, match="append-only|not allowed|audit"), \
-                    target.begin() as conn:
+            with (
+                pytest.raises(Exception, match="append-only|not allowed|audit"),
+                target.begin() as conn,
+            ):
                 conn.execute(text("DELETE FROM audit_log WHERE seq = 1"))
             # a second restore into the now non-empty database is refused
             assert main(["restore", "--from", str(out), "--database-url", target_url]) == 2
@@ -86,8 +96,12 @@ def test_backup_restores_into_an_empty_database_and_verifies(
     source.dispose()
 
 
-def test_a_corrupted_dump_is_refused(fresh_database_url: str, postgres_admin_url: str,
-                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_corrupted_dump_is_refused(
+    fresh_database_url: str,
+    postgres_admin_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     populate(fresh_database_url, n=3).dispose()
     out = tmp_path / "backup"
     assert main(["backup", "--out", str(out), "--database-url", fresh_database_url]) == 0
@@ -105,27 +119,35 @@ def rewrite_chain_from(engine: Engine, seq: int, reason: str) -> None:
     """What an insider with database rights could do: alter row `seq` and recompute every hash
     after it, and the chain head, so the chain itself is consistent again."""
     with engine.connect() as conn:
-        chain = [dict(r) for r in conn.execute(
-            select(audit_log).where(audit_log.c.chain == "main").order_by(audit_log.c.seq)
-        ).mappings()]
+        chain = [
+            dict(r)
+            for r in conn.execute(
+                select(audit_log).where(audit_log.c.chain == "main").order_by(audit_log.c.seq)
+            ).mappings()
+        ]
     prev = chain[seq - 2]["row_hash"] if seq > 1 else "0" * 64
-    for row in chain[seq - 1:]:
+    for row in chain[seq - 1 :]:
         if row["seq"] == seq:
             row["reason"] = reason
         row["prev_hash"] = prev
         row["row_hash"] = prev = row_hash(prev, row)
         as_superuser_untriggered(
-            engine, "UPDATE audit_log SET reason = :reason, prev_hash = :p, row_hash = :h "
-                    "WHERE id = :id", reason=row["reason"], p=row["prev_hash"],
-            h=row["row_hash"], id=row["id"])
+            engine,
+            "UPDATE audit_log SET reason = :reason, prev_hash = :p, row_hash = :h WHERE id = :id",
+            reason=row["reason"],
+            p=row["prev_hash"],
+            h=row["row_hash"],
+            id=row["id"],
+        )
     with engine.begin() as conn:
-        conn.execute(text("UPDATE audit_chain_heads SET row_hash = :h WHERE chain = 'main'"),
-                     {"h": prev})
+        conn.execute(
+            text("UPDATE audit_chain_heads SET row_hash = :h WHERE chain = 'main'"), {"h": prev}
+        )
 
 
 def test_a_consistently_rewritten_chain_is_caught_by_the_anchor(
-        fresh_database_url: str, anchors: AnchorSettings,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    fresh_database_url: str, anchors: AnchorSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
     engine = populate(fresh_database_url)
     assert verify_and_anchor(engine, anchors)
     assert REGISTRY.get_sample_value("fedllm_audit_verify_ok") == 1
@@ -143,7 +165,8 @@ def test_a_consistently_rewritten_chain_is_caught_by_the_anchor(
 
 
 def test_rows_appended_after_the_anchor_are_fine_but_a_truncated_tail_is_not(
-        fresh_database_url: str, anchors: AnchorSettings) -> None:
+    fresh_database_url: str, anchors: AnchorSettings
+) -> None:
     engine = populate(fresh_database_url, n=5)
     assert verify_and_anchor(engine, anchors)
     store.append(engine, rows([event(i, tag="later") for i in range(3)]))
@@ -151,15 +174,18 @@ def test_rows_appended_after_the_anchor_are_fine_but_a_truncated_tail_is_not(
     assert verify_and_anchor(engine, anchors)  # anchors the new head (seq 8)
     as_superuser_untriggered(engine, "DELETE FROM audit_log WHERE seq > 6")
     with engine.begin() as conn:
-        conn.execute(text("UPDATE audit_chain_heads SET seq = 6, row_hash = "
-                          "(SELECT row_hash FROM audit_log WHERE seq = 6) WHERE chain = 'main'"))
+        conn.execute(
+            text(
+                "UPDATE audit_chain_heads SET seq = 6, row_hash = "
+                "(SELECT row_hash FROM audit_log WHERE seq = 6) WHERE chain = 'main'"
+            )
+        )
     assert verify(engine).ok
     assert any("missing" in p for p in check_anchors(engine, anchors))
     engine.dispose()
 
 
-def test_a_forged_anchor_line_is_refused(fresh_database_url: str,
-                                         anchors: AnchorSettings) -> None:
+def test_a_forged_anchor_line_is_refused(fresh_database_url: str, anchors: AnchorSettings) -> None:
     engine = populate(fresh_database_url, n=4)
     assert verify_and_anchor(engine, anchors)
     path = anchors.path()

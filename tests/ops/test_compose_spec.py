@@ -25,8 +25,9 @@ class _Plain(yaml.SafeDumper):
 
 def example_env() -> dict[str, str]:
     """Every variable named in env.example, with a stand-in value."""
-    names = re.findall(r"^([A-Z_][A-Z0-9_]*)=", (ROOT / "compose" / "env.example").read_text(),
-                       re.MULTILINE)
+    names = re.findall(
+        r"^([A-Z_][A-Z0-9_]*)=", (ROOT / "compose" / "env.example").read_text(), re.MULTILINE
+    )
     return {name: f"stand-in-{name.lower()}" for name in names}
 
 
@@ -63,8 +64,19 @@ def loaded() -> dict[str, Any]:
 
 def test_compose_file_is_valid_compose_spec() -> None:
     compose = parse(loaded())
-    assert {"gateway", "accountant", "router", "auditor", "kafka", "postgres", "redis",
-            "prometheus", "grafana", "topics", "migrate"} <= set(compose.service_names())
+    assert {
+        "gateway",
+        "accountant",
+        "router",
+        "auditor",
+        "kafka",
+        "postgres",
+        "redis",
+        "prometheus",
+        "grafana",
+        "topics",
+        "migrate",
+    } <= set(compose.service_names())
 
 
 def test_every_required_variable_is_in_the_env_example() -> None:
@@ -77,13 +89,16 @@ def test_every_required_variable_is_in_the_env_example() -> None:
         interpolate(yaml.safe_load(COMPOSE.read_text()), env)
 
 
-@pytest.mark.parametrize("mutation", [
-    ("services", "gateway", "restart", "sometimes"),
-    ("services", "gateway", "portz", ["8080:8080"]),
-    ("services", "kafka", "healthcheck", "interval", "5 parsecs"),
-    ("services", "gateway", "ports", ["not-a-port"]),
-    ("services", "gateway", "depends_on", "kafka", "condition", "service_whenever"),
-])
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("services", "gateway", "restart", "sometimes"),
+        ("services", "gateway", "portz", ["8080:8080"]),
+        ("services", "kafka", "healthcheck", "interval", "5 parsecs"),
+        ("services", "gateway", "ports", ["not-a-port"]),
+        ("services", "gateway", "depends_on", "kafka", "condition", "service_whenever"),
+    ],
+)
 def test_the_validation_has_teeth(mutation: tuple[Any, ...]) -> None:
     doc = copy.deepcopy(loaded())
     *path, key, value = mutation

@@ -58,8 +58,9 @@ def test_every_kustomization_entry_exists(root: Path) -> None:
     listed = {(root / r).resolve() for r in k.get("resources", [])}
     for manifest in root.glob("*.yaml"):  # no orphan manifest silently left out of the build
         if manifest.name != "kustomization.yaml" and manifest.resolve() not in listed:
-            assert manifest.resolve() in {(root / p["path"]).resolve()
-                                          for p in k.get("patches", [])}, manifest
+            assert manifest.resolve() in {
+                (root / p["path"]).resolve() for p in k.get("patches", [])
+            }, manifest
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -131,7 +132,9 @@ def test_containers_are_non_root_read_only_and_probed(target: str) -> None:
                 get = c[probe]["httpGet"]
                 assert get["port"] in ports
             gateway = doc["metadata"]["name"] == "gateway"
-            assert c["livenessProbe"]["httpGet"]["path"] == ("/v1/health" if gateway else "/healthz")
+            assert c["livenessProbe"]["httpGet"]["path"] == (
+                "/v1/health" if gateway else "/healthz"
+            )
             assert c["readinessProbe"]["httpGet"]["path"] == ("/v1/ready" if gateway else "/readyz")
 
 
@@ -157,7 +160,7 @@ def test_secrets_only_by_reference(target: str) -> None:
 
 
 def test_the_gateway_serves_the_probed_paths() -> None:
-    from services.gateway.app import create_app
+    from fedllm.services.gateway.app import create_app
 
     paths = {getattr(r, "path", "") for r in create_app(Settings(mode="demo")).routes}
     assert {"/v1/health", "/v1/ready", "/metrics"} <= paths
@@ -196,17 +199,22 @@ def test_autoscaling_gateway_on_cpu_consumers_on_lag() -> None:
     from fedllm.common import topics
 
     docs = rendered("base")
-    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
     assert set(hpas) == {"gateway", "accountant"}
     assert hpas["gateway"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     metric = hpas["accountant"]["spec"]["metrics"][0]
     assert metric["type"] == "External"
     assert metric["external"]["metric"]["name"] == "kafka_consumergroup_lag"
-    assert metric["external"]["metric"]["selector"]["matchLabels"]["consumergroup"] == \
-        "fedllm-accountant"  # the faust app id (services/accountant/app.py)
+    assert (
+        metric["external"]["metric"]["selector"]["matchLabels"]["consumergroup"]
+        == "fedllm-accountant"
+    )  # the faust app id (services/accountant/app.py)
     # more consumers than partitions would idle: the bound is the partition count
     assert hpas["accountant"]["spec"]["maxReplicas"] <= min(
-        topics.PARTITIONS[topics.REQUESTS], topics.PARTITIONS[topics.NODE_RESULTS])
+        topics.PARTITIONS[topics.REQUESTS], topics.PARTITIONS[topics.NODE_RESULTS]
+    )
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -215,8 +223,11 @@ def test_every_disruption_budget_covers_a_workload(target: str) -> None:
     workloads = of_kind(docs, "Deployment", "StatefulSet")
     covered = set()
     for pdb in of_kind(docs, "PodDisruptionBudget"):
-        hits = [w["metadata"]["name"] for w in workloads
-                if selects(pdb["spec"]["selector"], pod_labels(w))]
+        hits = [
+            w["metadata"]["name"]
+            for w in workloads
+            if selects(pdb["spec"]["selector"], pod_labels(w))
+        ]
         assert hits, pdb["metadata"]["name"]
         covered.update(hits)
     assert covered == {w["metadata"]["name"] for w in workloads}
@@ -261,8 +272,10 @@ def test_prod_nodes_request_a_gpu_and_dev_does_not() -> None:
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert c["image"].split(":")[0].endswith("fedllm-cuda")
     for sts in of_kind(rendered("dev"), "StatefulSet"):
-        assert "nvidia.com/gpu" not in sts["spec"]["template"]["spec"]["containers"][0][
-            "resources"]["limits"]
+        assert (
+            "nvidia.com/gpu"
+            not in sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        )
     for dep in of_kind(rendered("dev"), "Deployment"):
         assert dep["spec"]["replicas"] == 1
 
@@ -286,8 +299,13 @@ def _normal(value: Any) -> Any:
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_the_test_renderer_agrees_with_kubectl_kustomize(target: str) -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(TARGETS[target])], check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(TARGETS[target])],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     theirs = {_key(d): d for d in yaml.safe_load_all(out) if d}
     ours = {_key(d): d for d in rendered(target)}
     assert theirs.keys() == ours.keys()

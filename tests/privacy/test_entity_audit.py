@@ -21,8 +21,8 @@ from scipy.stats import beta
 
 from fedllm.privacy.entity_histogram import release_entity_votes
 from fedllm.privacy.rdp import rho_for_epsilon
-from services.node_worker.answer_dp import AnswerPlan, EntityAnswerer
-from services.node_worker.records import Note, group_of
+from fedllm.services.node_worker.answer_dp import AnswerPlan, EntityAnswerer
+from fedllm.services.node_worker.records import Note, group_of
 
 pytestmark = [pytest.mark.privacy_audit, pytest.mark.slow]
 
@@ -35,19 +35,25 @@ VOCAB = ("acetaminophen", "amlodipine")  # the two coordinates the distinguisher
 
 def worlds() -> tuple[list[list[int]], list[list[int]]]:
     """Votes (indices into VOCAB) without and with the canary."""
-    base = [Note(f"n{i}", f"P{i}", "Essential hypertension; continue amlodipine.")
-            for i in range(40)]
-    sizes = [sum(group_of(n.patient_id, key=KEY, groups=GROUPS) == g for n in base)
-             for g in range(GROUPS)]
+    base = [
+        Note(f"n{i}", f"P{i}", "Essential hypertension; continue amlodipine.") for i in range(40)
+    ]
+    sizes = [
+        sum(group_of(n.patient_id, key=KEY, groups=GROUPS) == g for n in base)
+        for g in range(GROUPS)
+    ]
     target = sizes.index(1)  # a group with one amlodipine patient: the canary ties and wins
-    canary = next(f"C{i}" for i in range(10_000)
-                  if group_of(f"C{i}", key=KEY, groups=GROUPS) == target)
+    canary = next(
+        f"C{i}" for i in range(10_000) if group_of(f"C{i}", key=KEY, groups=GROUPS) == target
+    )
     with_canary = [*base, Note("c", canary, "Essential hypertension; on acetaminophen.")]
 
     def votes(notes: list[Note]) -> list[list[int]]:
         a = EntityAnswerer(notes, key=KEY, groups=GROUPS)
-        return [[VOCAB.index(k) for k in a.group_vote(g, PLAN, max_entities=1) if k in VOCAB]
-                for g in range(GROUPS)]
+        return [
+            [VOCAB.index(k) for k in a.group_vote(g, PLAN, max_entities=1) if k in VOCAB]
+            for g in range(GROUPS)
+        ]
 
     out, inn = votes(base), votes(with_canary)
     assert sum(a != b for a, b in zip(out, inn, strict=True)) == 1  # one group flipped
@@ -72,13 +78,16 @@ def audit(rho: float, seed: int) -> float:
     out, inn = worlds()
 
     def stats(votes: list[list[int]], n: int) -> np.ndarray:
-        res = [release_entity_votes(votes, vocab_size=2, max_entities=1, rho=rho, rng=rng)
-               for _ in range(n)]
+        res = [
+            release_entity_votes(votes, vocab_size=2, max_entities=1, rho=rho, rng=rng)
+            for _ in range(n)
+        ]
         return np.array([int(r.counts[0]) - int(r.counts[1]) for r in res])
 
     sel_in, sel_out = stats(inn, SELECTION), stats(out, SELECTION)
-    best = max(range(int(sel_out.min()), int(sel_in.max()) + 2),
-               key=lambda t: eps_lb(sel_in, sel_out, t))
+    best = max(
+        range(int(sel_out.min()), int(sel_in.max()) + 2), key=lambda t: eps_lb(sel_in, sel_out, t)
+    )
     return eps_lb(stats(inn, EVALUATION), stats(out, EVALUATION), best)
 
 

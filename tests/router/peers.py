@@ -83,17 +83,22 @@ class FakeNode:
             await self.producer.stop()
 
     async def _beat(self) -> None:
-        await self.bus.send(topics.HEARTBEATS, "NodeHeartbeat", {
-            "hospital_id": self.hospital_id,
-            "departments": list(self.departments),
-            "queue_depth": self.load,
-            "in_flight": 0,
-            "recent_latency_ms": 5.0,
-            "model": "fake",
-            "device": "cpu",
-            "healthy": True,
-            "sent_at_ms": now_ms(),
-        }, key=self.hospital_id)
+        await self.bus.send(
+            topics.HEARTBEATS,
+            "NodeHeartbeat",
+            {
+                "hospital_id": self.hospital_id,
+                "departments": list(self.departments),
+                "queue_depth": self.load,
+                "in_flight": 0,
+                "recent_latency_ms": 5.0,
+                "model": "fake",
+                "device": "cpu",
+                "healthy": True,
+                "sent_at_ms": now_ms(),
+            },
+            key=self.hospital_id,
+        )
 
     async def _heartbeats(self) -> None:
         while True:
@@ -116,41 +121,57 @@ class FakeNode:
         if routed["parts"] > 1:
             await self._answer_part(routed)
             return
-        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
-            "request_id": req["request_id"],
-            "user_id": req["user_id"],
-            "department": req["department"],
-            "status": "ok",
-            "response": f"answer from {self.hospital_id}",
-            "node_id": self.hospital_id,
-            "attempt": routed["attempt"],
-            "finished_at_ms": now_ms(),
-        }, key=req["user_id"])
+        await self.bus.send(
+            topics.NODE_RESULTS,
+            "InferenceResult",
+            {
+                "request_id": req["request_id"],
+                "user_id": req["user_id"],
+                "department": req["department"],
+                "status": "ok",
+                "response": f"answer from {self.hospital_id}",
+                "node_id": self.hospital_id,
+                "attempt": routed["attempt"],
+                "finished_at_ms": now_ms(),
+            },
+            key=req["user_id"],
+        )
 
     async def _answer_part(self, routed: dict[str, Any]) -> None:
         req = routed["request"]
         rho = routed["budget_share"] * rho_for_epsilon(
-            epsilon=routed["reserved_epsilon"], delta=routed["delta"])
+            epsilon=routed["reserved_epsilon"], delta=routed["delta"]
+        )
         curve = PrivacyCurve.from_rho(rho)
-        release = {"op": "count", "field": None, "query_key": '{"op":"count"}',
-                   "noisy_count": self.count, "count_sd": 1.5}
-        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", {
-            "request_id": req["request_id"],
-            "user_id": req["user_id"],
-            "department": req["department"],
-            "status": "partial",
-            "response": "",
-            "node_id": self.hospital_id,
-            "attempt": routed["attempt"],
-            "is_private": True,
-            "privacy_cost": curve.epsilon(delta=routed["delta"]),
-            "delta": routed["delta"],
-            "rdp_orders": list(curve.orders),
-            "rdp_epsilons": list(curve.values),
-            "records_used": 20,
-            "aggregate_json": json.dumps(release),
-            "finished_at_ms": now_ms(),
-        }, key=req["user_id"])
+        release = {
+            "op": "count",
+            "field": None,
+            "query_key": '{"op":"count"}',
+            "noisy_count": self.count,
+            "count_sd": 1.5,
+        }
+        await self.bus.send(
+            topics.NODE_RESULTS,
+            "InferenceResult",
+            {
+                "request_id": req["request_id"],
+                "user_id": req["user_id"],
+                "department": req["department"],
+                "status": "partial",
+                "response": "",
+                "node_id": self.hospital_id,
+                "attempt": routed["attempt"],
+                "is_private": True,
+                "privacy_cost": curve.epsilon(delta=routed["delta"]),
+                "delta": routed["delta"],
+                "rdp_orders": list(curve.orders),
+                "rdp_epsilons": list(curve.values),
+                "records_used": 20,
+                "aggregate_json": json.dumps(release),
+                "finished_at_ms": now_ms(),
+            },
+            key=req["user_id"],
+        )
 
 
 class Watcher:
@@ -198,4 +219,3 @@ class Watcher:
                 return found[0]
             await asyncio.sleep(0.02)
         raise AssertionError(f"nothing matching on {topic} within {timeout_s}s")
-

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from fedllm.common import topics
-from services.router.dispatcher import Action, Audit, Dispatcher, Send
-from services.router.least_load import DepartmentLeastLoad
-from services.router.registry import NodeRegistry
+from fedllm.services.router.dispatcher import Action, Audit, Dispatcher, Send
+from fedllm.services.router.least_load import DepartmentLeastLoad
+from fedllm.services.router.registry import NodeRegistry
 from tests.router.helpers import decision, heartbeat, node_result, request
 
 
 def make(node_timeout_s: float = 1.0, ttl_s: float = 5.0) -> Dispatcher:
-    d = Dispatcher(registry=NodeRegistry(ttl_s=ttl_s), strategy=DepartmentLeastLoad(),
-                   node_timeout_s=node_timeout_s)
+    d = Dispatcher(
+        registry=NodeRegistry(ttl_s=ttl_s),
+        strategy=DepartmentLeastLoad(),
+        node_timeout_s=node_timeout_s,
+    )
     d.on_heartbeat(heartbeat("a", departments=("cardiology",), sent_at_ms=0), now_ms=0)
-    d.on_heartbeat(heartbeat("b", departments=("cardiology",), queue_depth=1, sent_at_ms=0),
-                   now_ms=0)
+    d.on_heartbeat(
+        heartbeat("b", departments=("cardiology",), queue_depth=1, sent_at_ms=0), now_ms=0
+    )
     return d
 
 
@@ -60,10 +64,15 @@ def test_silent_node_is_retried_once_elsewhere_then_fails() -> None:
     assert send.topic == topics.hospital_requests("b") and send.record["attempt"] == 2
     assert audits(retry) == ["request.retried", "request.routed"]
     # attempt 1's late failure is stale; attempt 2's failure ends it
-    assert d.on_node_result(
-        node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=1100), now_ms=1100) == []
+    assert (
+        d.on_node_result(
+            node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=1100), now_ms=1100
+        )
+        == []
+    )
     fail = d.on_node_result(
-        node_result(REQ, status="failed", node_id="b", attempt=2, at_ms=1200), now_ms=1200)
+        node_result(REQ, status="failed", node_id="b", attempt=2, at_ms=1200), now_ms=1200
+    )
     (result,) = sends(fail)
     assert result.topic == topics.NODE_RESULTS and result.key == "u1"
     assert result.record["status"] == "failed" and result.record["attempt"] == 2
@@ -75,10 +84,13 @@ def test_failed_answer_triggers_retry_and_late_ok_still_closes() -> None:
     d = make()
     d.on_decision(decision(REQ, at_ms=0), now_ms=0)
     retry = d.on_node_result(
-        node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=10), now_ms=10)
+        node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=10), now_ms=10
+    )
     assert sends(retry)[0].record["hospital_id"] == "b"
-    assert d.on_node_result(
-        node_result(REQ, status="ok", node_id="b", attempt=2, at_ms=20), now_ms=20) == []
+    assert (
+        d.on_node_result(node_result(REQ, status="ok", node_id="b", attempt=2, at_ms=20), now_ms=20)
+        == []
+    )
     assert d.in_flight == {}
 
 
@@ -87,8 +99,11 @@ def test_failure_after_a_mechanism_started_ends_the_request_without_retry() -> N
     retrying it would spend again, so the router just finishes it."""
     d = make()
     d.on_decision(decision(REQ, at_ms=0), now_ms=0)
-    spent = dict(node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=10),
-                 rdp_orders=[2.0, 4.0], rdp_epsilons=[0.002, 0.004])
+    spent = dict(
+        node_result(REQ, status="failed", node_id="a", attempt=1, at_ms=10),
+        rdp_orders=[2.0, 4.0],
+        rdp_epsilons=[0.002, 0.004],
+    )
     assert d.on_node_result(spent, now_ms=10) == []
     assert d.in_flight == {} and d.is_finished("r1")
     assert sends(d.tick(now_ms=4_000)) == []  # no retry, no route failure later either
@@ -120,17 +135,27 @@ def test_burst_spreads_across_equal_nodes() -> None:
     d = make()
     d.on_heartbeat(heartbeat("b", departments=("cardiology",), sent_at_ms=1), now_ms=1)
     targets = [
-        sends(d.on_decision(decision(request(f"q{i}", department="cardiology", created_ms=0,
-                                             deadline_ms=10_000), at_ms=2), now_ms=2))[0]
-        .record["hospital_id"]
+        sends(
+            d.on_decision(
+                decision(
+                    request(f"q{i}", department="cardiology", created_ms=0, deadline_ms=10_000),
+                    at_ms=2,
+                ),
+                now_ms=2,
+            )
+        )[0].record["hospital_id"]
         for i in range(4)
     ]
     assert sorted(targets) == ["a", "a", "b", "b"]
 
 
 def test_finished_memory_is_bounded() -> None:
-    d = Dispatcher(registry=NodeRegistry(ttl_s=5), strategy=DepartmentLeastLoad(),
-                   node_timeout_s=1, finished_memory=2)
+    d = Dispatcher(
+        registry=NodeRegistry(ttl_s=5),
+        strategy=DepartmentLeastLoad(),
+        node_timeout_s=1,
+        finished_memory=2,
+    )
     for i in range(3):
         d.on_decision(decision(request(f"x{i}", created_ms=0, deadline_ms=10), at_ms=0), now_ms=0)
     assert not d.is_finished("x0") and d.is_finished("x1") and d.is_finished("x2")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.registry import NodeRegistry
+from fedllm.services.router.registry import NodeRegistry
 from tests.router.helpers import heartbeat
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from fedllm.common import topics
-from services.router.assignment import BatchAssignment
-from services.router.dispatcher import HEDGE_MIN_SAMPLES, Action, Audit, Dispatcher, Send
-from services.router.metrics import RouterMetrics
-from services.router.privacy_aware import PrivacyAware
-from services.router.registry import NodeRegistry
-from services.router.response_time import WeightedResponseTime
+from fedllm.services.router.assignment import BatchAssignment
+from fedllm.services.router.dispatcher import HEDGE_MIN_SAMPLES, Action, Audit, Dispatcher, Send
+from fedllm.services.router.metrics import RouterMetrics
+from fedllm.services.router.privacy_aware import PrivacyAware
+from fedllm.services.router.registry import NodeRegistry
+from fedllm.services.router.response_time import WeightedResponseTime
 from tests.router.helpers import decision, heartbeat, node_result, request
 
 
@@ -54,8 +54,9 @@ def test_routed_epsilon_is_counted_per_hospital_and_survives_heartbeats() -> Non
 
 
 def test_a_node_reporting_failures_leaves_the_candidate_set_and_comes_back() -> None:
-    d = Dispatcher(registry=NodeRegistry(ttl_s=5), strategy=WeightedResponseTime(),
-                   node_timeout_s=10)
+    d = Dispatcher(
+        registry=NodeRegistry(ttl_s=5), strategy=WeightedResponseTime(), node_timeout_s=10
+    )
     d.on_heartbeat(heartbeat("a", sent_at_ms=0, error_rate=0.8), now_ms=0)
     req = request("r1", created_ms=0, deadline_ms=60_000)
     (failed,) = sends(d.on_decision(decision(req, at_ms=0), now_ms=0))
@@ -78,14 +79,14 @@ def test_routed_audit_names_the_strategy_and_the_candidate_set() -> None:
 
 
 def test_a_batch_strategy_places_a_window_of_decisions_jointly() -> None:
-    d = Dispatcher(registry=NodeRegistry(ttl_s=5), strategy=BatchAssignment(),
-                   node_timeout_s=10)
+    d = Dispatcher(registry=NodeRegistry(ttl_s=5), strategy=BatchAssignment(), node_timeout_s=10)
     d.on_heartbeat(heartbeat("fast", sent_at_ms=0, ewma_latency_ms=100), now_ms=0)
     d.on_heartbeat(heartbeat("slower", sent_at_ms=0, ewma_latency_ms=150), now_ms=0)
     normal = request("n", created_ms=0, deadline_ms=60_000)
     high = request("h", created_ms=0, deadline_ms=60_000, priority="high")
-    actions = d.on_decisions([decision(normal, at_ms=0), decision(high, at_ms=0),
-                              decision(normal, at_ms=0)], now_ms=0)  # a duplicate in the window
+    actions = d.on_decisions(
+        [decision(normal, at_ms=0), decision(high, at_ms=0), decision(normal, at_ms=0)], now_ms=0
+    )  # a duplicate in the window
     placed = {s.record["request_id"]: s.record["hospital_id"] for s in sends(actions)}
     assert placed == {"h": "fast", "n": "slower"}
     assert len(sends(actions)) == 2
@@ -95,8 +96,12 @@ def test_a_batch_strategy_places_a_window_of_decisions_jointly() -> None:
 
 
 def hedging_dispatcher(*, hedge: bool) -> Dispatcher:
-    d = Dispatcher(registry=NodeRegistry(ttl_s=60), strategy=WeightedResponseTime(),
-                   node_timeout_s=30, hedge=hedge)
+    d = Dispatcher(
+        registry=NodeRegistry(ttl_s=60),
+        strategy=WeightedResponseTime(),
+        node_timeout_s=30,
+        hedge=hedge,
+    )
     d.on_heartbeat(heartbeat("a", sent_at_ms=0, ewma_latency_ms=100), now_ms=0)
     d.on_heartbeat(heartbeat("b", sent_at_ms=0, ewma_latency_ms=200), now_ms=0)
     for i in range(HEDGE_MIN_SAMPLES):  # answer times 100 … 119 ms: p95 = 119
@@ -113,8 +118,7 @@ def test_hedging_is_off_by_default() -> None:
     assert sends(d.tick(now_ms=5000)) == []
 
 
-def test_a_slow_high_priority_attempt_is_hedged_once_and_charged_as_a_second_reservation(
-) -> None:
+def test_a_slow_high_priority_attempt_is_hedged_once_and_charged_as_a_second_reservation() -> None:
     d = hedging_dispatcher(hedge=True)
     assert d.hedge_after_ms() == 119
     high = request("h1", created_ms=1000, deadline_ms=60_000, priority="high")
@@ -127,8 +131,10 @@ def test_a_slow_high_priority_attempt_is_hedged_once_and_charged_as_a_second_res
     assert hedge.record["request_id"] == "h1" and hedge.record["attempt"] == 2
     assert hedge.record["hospital_id"] != first.record["hospital_id"]
     (audit,) = audits(actions, "request.hedged")
-    assert audit.fields["epsilon"] == high["epsilon"] and "second reservation" in audit.fields[
-        "reason"]
+    assert (
+        audit.fields["epsilon"] == high["epsilon"]
+        and "second reservation" in audit.fields["reason"]
+    )
     assert audit.fields["strategy"] == "response_time"
     assert sends(d.tick(now_ms=3000)) == []  # hedged once
     # the hedge answers first: closed; the first attempt's later answer changes nothing
@@ -159,8 +165,9 @@ def test_metrics_count_decisions_per_strategy_and_bounded_hospital_label() -> No
     d = Dispatcher(registry=NodeRegistry(ttl_s=5), strategy=PrivacyAware(), node_timeout_s=1)
     d.on_heartbeat(heartbeat("a", sent_at_ms=0), now_ms=0)
     d.on_heartbeat(heartbeat("zz", sent_at_ms=0, queue_depth=9), now_ms=0)
-    actions = d.on_decision(decision(request("r1", created_ms=0, deadline_ms=60_000), at_ms=0),
-                            now_ms=0)
+    actions = d.on_decision(
+        decision(request("r1", created_ms=0, deadline_ms=60_000), at_ms=0), now_ms=0
+    )
     actions += d.tick(now_ms=1000)  # a misses the deadline: retried on zz (not configured)
     actions += d.tick(now_ms=2000)  # and zz too: failed
     for action in actions:
@@ -170,11 +177,14 @@ def test_metrics_count_decisions_per_strategy_and_bounded_hospital_label() -> No
     def value(hospital: str, outcome: str) -> float | None:
         return registry.get_sample_value(
             "fedllm_router_decisions_total",
-            {"strategy": "privacy_aware", "hospital": hospital, "outcome": outcome})
+            {"strategy": "privacy_aware", "hospital": hospital, "outcome": outcome},
+        )
 
     assert value("a", "routed") == 1.0
     assert value("other", "routed") == 1.0 and value("other", "retried") == 1.0
     assert value("other", "failed") == 1.0
     assert value("zz", "routed") is None  # never a label outside the configuration
-    assert registry.get_sample_value(
-        "fedllm_router_candidates_count", {"strategy": "privacy_aware"}) == 2.0
+    assert (
+        registry.get_sample_value("fedllm_router_candidates_count", {"strategy": "privacy_aware"})
+        == 2.0
+    )

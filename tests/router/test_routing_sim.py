@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 
 from fedllm.common.config import Settings
-from services.router.strategies import STRATEGIES
+from fedllm.services.router.strategies import STRATEGIES
 
 SIM_PATH = Path(__file__).resolve().parents[2] / "bench" / "routing_sim.py"
 
@@ -35,7 +35,8 @@ def test_every_strategy_runs_every_trace_and_accounts_for_every_request(
     assert set(traces) == {"steady", "bursty", "skewed", "slow_node", "node_dies", "budget_cap"}
     outcomes = sim.run_all(duration_s=60, seed=1, window_ms=50, hedged="privacy_aware")
     assert {(o.trace, o.strategy) for o in outcomes} == {
-        (t, s) for t in traces for s in [*STRATEGIES, "privacy_aware+hedge"]}
+        (t, s) for t in traces for s in [*STRATEGIES, "privacy_aware+hedge"]
+    }
     for o in outcomes:
         n = len(traces[o.trace].arrivals)
         assert len(o.completion_s) + o.failed == n, (o.trace, o.strategy)
@@ -48,8 +49,9 @@ def test_every_strategy_runs_every_trace_and_accounts_for_every_request(
     # round-robin ignores load: on the skewed trace least load does better at the tail
     assert by["skewed", "least_load"].pct(0.95) < by["skewed", "round_robin"].pct(0.95)
     # the near-cap hospital is spared by the privacy-aware strategy
-    assert by["budget_cap", "privacy_aware"].spent["h2"] < by["budget_cap", "round_robin"].spent[
-        "h2"]
+    assert (
+        by["budget_cap", "privacy_aware"].spent["h2"] < by["budget_cap", "round_robin"].spent["h2"]
+    )
     winner = sim.report(outcomes, default=Settings().router_strategy)
     printed = capsys.readouterr().out
     assert "winner:" in printed and "round_robin" in printed

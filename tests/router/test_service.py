@@ -22,7 +22,7 @@ from fedllm.common.kafka import Bus, ensure_topics, make_producer, now_ms
 from fedllm.common.lifecycle import ready_path
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import rho_for_epsilon
-from services.router.service import RouterService
+from fedllm.services.router.service import RouterService
 from tests.router.helpers import decision, request
 from tests.router.peers import FakeNode, Watcher
 
@@ -84,8 +84,9 @@ async def nodes(router: RouterService, *peers: FakeNode) -> list[FakeNode]:
     for peer in peers:
         await peer.start()
     deadline = time.monotonic() + 10
-    while any(router.dispatcher.registry.get(p.hospital_id, now_ms=now_ms()) is None
-              for p in peers):
+    while any(
+        router.dispatcher.registry.get(p.hospital_id, now_ms=now_ms()) is None for p in peers
+    ):
         assert time.monotonic() < deadline, "router did not register the nodes"
         await asyncio.sleep(0.02)
     return list(peers)
@@ -93,19 +94,28 @@ async def nodes(router: RouterService, *peers: FakeNode) -> list[FakeNode]:
 
 async def submit(bus: Bus, department: str, hospitals: list[str], kind: str = "generate") -> dict:
     now = now_ms()
-    req = request(f"req-{uuid.uuid4().hex[:8]}", department=department,
-                  hospitals=tuple(hospitals), created_ms=now, deadline_ms=now + 60_000)
+    req = request(
+        f"req-{uuid.uuid4().hex[:8]}",
+        department=department,
+        hospitals=tuple(hospitals),
+        created_ms=now,
+        deadline_ms=now + 60_000,
+    )
     if kind == "aggregate":
         req.update(kind="aggregate", prompt='{"op": "count"}')
-    await bus.send(topics.DECISIONS, "BudgetDecision", decision(req, at_ms=now),
-                   key=req["request_id"])
+    await bus.send(
+        topics.DECISIONS, "BudgetDecision", decision(req, at_ms=now), key=req["request_id"]
+    )
     return req
 
 
 def of(req: dict, status: str | None = None) -> Callable[[Any], bool]:
     rid = req["request_id"]
-    return lambda r: isinstance(r, dict) and r.get("request_id") == rid and (
-        status is None or r.get("status") == status)
+    return lambda r: (
+        isinstance(r, dict)
+        and r.get("request_id") == rid
+        and (status is None or r.get("status") == status)
+    )
 
 
 def audit_of(req: dict, action: str) -> Callable[[Any], bool]:
@@ -146,8 +156,9 @@ async def test_routes_to_department_matching_least_loaded_node(
         assert routed_b["deadline_ms"] <= now_ms() + NODE_TIMEOUT_S * 1000
         assert mine(a, req) == [] and mine(c, req) == []
         # a replayed decision is ignored
-        await bus.send(topics.DECISIONS, "BudgetDecision", decision(req, at_ms=now_ms()),
-                       key=req["request_id"])
+        await bus.send(
+            topics.DECISIONS, "BudgetDecision", decision(req, at_ms=now_ms()), key=req["request_id"]
+        )
         await asyncio.sleep(0.5)
         assert len(mine(b, req)) == 1
     finally:
@@ -245,13 +256,16 @@ async def test_undecodable_decision_is_dead_lettered_and_routing_goes_on(
     (node,) = await nodes(router, FakeNode(settings, "rt_j", ("general",)))
     try:
         # valid schema headers over a corrupt body, and a message with no headers at all
-        _, headers = codec.encode("BudgetDecision", decision(
-            request("garbage", created_ms=0, deadline_ms=1), at_ms=0))
+        _, headers = codec.encode(
+            "BudgetDecision", decision(request("garbage", created_ms=0, deadline_ms=1), at_ms=0)
+        )
         await bus.producer.send_and_wait(
-            topics.DECISIONS, value=b"\xff\x00not avro", headers=headers, key=b"garbage")
+            topics.DECISIONS, value=b"\xff\x00not avro", headers=headers, key=b"garbage"
+        )
         await bus.producer.send_and_wait(topics.DECISIONS, value=b"no headers at all")
         await watcher.wait_for(
-            topics.dlq(topics.DECISIONS), lambda r: r == b"no headers at all", timeout_s=5)
+            topics.dlq(topics.DECISIONS), lambda r: r == b"no headers at all", timeout_s=5
+        )
         assert watcher.records(topics.dlq(topics.DECISIONS), lambda r: r == b"\xff\x00not avro")
         req = await submit(bus, "general", ["rt_j"])
         result = await watcher.wait_for(topics.NODE_RESULTS, of(req, "ok"), timeout_s=5)
@@ -273,8 +287,9 @@ async def test_aggregate_over_two_hospitals_is_combined_into_one_result(
         result = await watcher.wait_for(topics.NODE_RESULTS, of(req, "ok"), timeout_s=5)
         assert result["node_id"] == "rt_l,rt_m" and result["is_private"]
         assert "About 42 patients" in result["response"]
-        half = PrivacyCurve.from_rho(0.5 * rho_for_epsilon(epsilon=req["epsilon"],
-                                                           delta=req["delta"]))
+        half = PrivacyCurve.from_rho(
+            0.5 * rho_for_epsilon(epsilon=req["epsilon"], delta=req["delta"])
+        )
         assert result["rdp_epsilons"] == pytest.approx(list((2 * half).values))
         assert result["privacy_cost"] <= req["epsilon"] + 1e-9
         parts = watcher.records(topics.NODE_RESULTS, of(req, "partial"))
@@ -302,12 +317,14 @@ async def test_aggregate_with_a_silent_hospital_fails_carrying_the_answered_curv
     try:
         req = await submit(bus, "general", ["rt_n", "rt_o"], kind="aggregate")
         result = await watcher.wait_for(
-            topics.NODE_RESULTS, of(req, "failed"), timeout_s=NODE_TIMEOUT_S + 5)
+            topics.NODE_RESULTS, of(req, "failed"), timeout_s=NODE_TIMEOUT_S + 5
+        )
         assert result["node_id"] == ""
         assert "rt_o did not answer in time" in result["reason"]
         assert "partial release" in result["reason"]
-        half = PrivacyCurve.from_rho(0.5 * rho_for_epsilon(epsilon=req["epsilon"],
-                                                           delta=req["delta"]))
+        half = PrivacyCurve.from_rho(
+            0.5 * rho_for_epsilon(epsilon=req["epsilon"], delta=req["delta"])
+        )
         assert result["rdp_epsilons"] == pytest.approx(list(half.values))
         assert result["privacy_cost"] == pytest.approx(half.epsilon(delta=req["delta"]))
         assert len(mine(silent, req)) == 1  # no retry: the answered part already spent

@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from services.router.assignment import PRIORITY_WEIGHT, BatchAssignment
-from services.router.power_of_two import PowerOfTwoChoices
-from services.router.privacy_aware import PrivacyAware, budget_pressures, level_pressure
-from services.router.registry import NodeInfo, NodeRegistry
-from services.router.response_time import WeightedResponseTime
-from services.router.round_robin import RoundRobin
-from services.router.strategies import STRATEGIES, build_strategy
-from services.router.strategy import BatchRoutingStrategy, candidates
+from fedllm.services.router.assignment import PRIORITY_WEIGHT, BatchAssignment
+from fedllm.services.router.power_of_two import PowerOfTwoChoices
+from fedllm.services.router.privacy_aware import PrivacyAware, budget_pressures, level_pressure
+from fedllm.services.router.registry import NodeInfo, NodeRegistry
+from fedllm.services.router.response_time import WeightedResponseTime
+from fedllm.services.router.round_robin import RoundRobin
+from fedllm.services.router.strategies import STRATEGIES, build_strategy
+from fedllm.services.router.strategy import BatchRoutingStrategy, candidates
 from tests.router.helpers import heartbeat, request
 
 
@@ -46,15 +46,21 @@ def chosen(strategy: Any, req: dict[str, Any], nodes: list[NodeInfo], **kw: Any)
 
 def test_candidates_leave_out_failing_exhausted_unhealthy_excluded_and_unnamed_nodes() -> None:
     nodes = pool(
-        node("ok"), node("failing", error_rate=0.5), node("exhausted", budget_room=0),
-        node("down", healthy=False), node("tried"), node("general", departments=("general",)),
-        node("low_room", budget_room=1), node("flaky", error_rate=0.49),
+        node("ok"),
+        node("failing", error_rate=0.5),
+        node("exhausted", budget_room=0),
+        node("down", healthy=False),
+        node("tried"),
+        node("general", departments=("general",)),
+        node("low_room", budget_room=1),
+        node("flaky", error_rate=0.49),
     )
     got = candidates(CARDIO, nodes, exclude={"tried"})
     assert got is not None and got.serve_department
     assert got.ids == ("flaky", "low_room", "ok")
-    named = request("r2", department="cardiology", hospitals=("general", "failing"),
-                    created_ms=0, deadline_ms=1)
+    named = request(
+        "r2", department="cardiology", hospitals=("general", "failing"), created_ms=0, deadline_ms=1
+    )
     only_general = candidates(named, nodes)
     assert only_general is not None and only_general.ids == ("general",)
     assert not only_general.serve_department
@@ -65,8 +71,12 @@ def test_candidates_leave_out_failing_exhausted_unhealthy_excluded_and_unnamed_n
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_respects_the_candidate_set(name: str) -> None:
     strategy = build_strategy(name)
-    nodes = pool(node("a", error_rate=0.9), node("b"), node("c", departments=("general",)),
-                 node("d", budget_room=0))
+    nodes = pool(
+        node("a", error_rate=0.9),
+        node("b"),
+        node("c", departments=("general",)),
+        node("d", budget_room=0),
+    )
     for _ in range(5):
         choice = strategy.choose(CARDIO, nodes)
         assert choice is not None and choice.node.hospital_id == "b"
@@ -108,15 +118,22 @@ def test_response_time_weighs_latency_by_load() -> None:
 def test_response_time_prefers_ewma_and_costs_unknown_latency_at_the_mean() -> None:
     wrt = WeightedResponseTime()
     # recent mean says b is fast, its EWMA says slow: the EWMA wins
-    nodes = pool(node("a", latency_ms=50, ewma_latency_ms=50),
-                 node("b", latency_ms=1, ewma_latency_ms=500))
+    nodes = pool(
+        node("a", latency_ms=50, ewma_latency_ms=50), node("b", latency_ms=1, ewma_latency_ms=500)
+    )
     assert chosen(wrt, CARDIO, nodes) == "a"
     # c has no latency yet: costed at the mean of a and b (60), so it beats a (20 × 6) and b
-    nodes = pool(node("a", ewma_latency_ms=20, latency_ms=0, queue_depth=5),
-                 node("b", ewma_latency_ms=100, latency_ms=0), node("c", latency_ms=0))
+    nodes = pool(
+        node("a", ewma_latency_ms=20, latency_ms=0, queue_depth=5),
+        node("b", ewma_latency_ms=100, latency_ms=0),
+        node("c", latency_ms=0),
+    )
     assert chosen(wrt, CARDIO, nodes) == "c"
-    nodes = pool(node("a", ewma_latency_ms=20, latency_ms=0, queue_depth=1),
-                 node("b", ewma_latency_ms=100, latency_ms=0), node("c", latency_ms=0))
+    nodes = pool(
+        node("a", ewma_latency_ms=20, latency_ms=0, queue_depth=1),
+        node("b", ewma_latency_ms=100, latency_ms=0),
+        node("c", latency_ms=0),
+    )
     assert chosen(wrt, CARDIO, nodes) == "a"  # 40 < 60
 
 
@@ -148,24 +165,31 @@ def test_privacy_aware_prefers_room_then_trades_it_against_speed() -> None:
     nodes = pool(node("full", budget_room=4), node("lower", budget_room=3))
     assert chosen(pa, CARDIO, nodes) == "full"
     # a level less room (pressure 3) wins only when its wait is three times shorter
-    nodes = pool(node("full", budget_room=4, ewma_latency_ms=100, queue_depth=2),
-                 node("lower", budget_room=3, ewma_latency_ms=100))
+    nodes = pool(
+        node("full", budget_room=4, ewma_latency_ms=100, queue_depth=2),
+        node("lower", budget_room=3, ewma_latency_ms=100),
+    )
     assert chosen(pa, CARDIO, nodes) == "full"  # 300 × 1 vs 100 × 3: tie → more room
-    nodes = pool(node("full", budget_room=4, ewma_latency_ms=100, queue_depth=3),
-                 node("lower", budget_room=3, ewma_latency_ms=100))
+    nodes = pool(
+        node("full", budget_room=4, ewma_latency_ms=100, queue_depth=3),
+        node("lower", budget_room=3, ewma_latency_ms=100),
+    )
     assert chosen(pa, CARDIO, nodes) == "lower"  # 400 vs 300
 
 
 def test_privacy_aware_spreads_by_routed_share_within_a_level() -> None:
     pa = PrivacyAware()
-    nodes = pool(node("a", budget_room=4, ewma_latency_ms=100),
-                 node("b", budget_room=4, ewma_latency_ms=150),
-                 routed={"a": 100.0, "b": 20.0})
+    nodes = pool(
+        node("a", budget_room=4, ewma_latency_ms=100),
+        node("b", budget_room=4, ewma_latency_ms=150),
+        routed={"a": 100.0, "b": 20.0},
+    )
     pressures = budget_pressures(nodes)
-    assert pressures["b"] == 1.0 and pressures["a"] > 1.5 ** 3  # a holds 110/70 of the mean
+    assert pressures["b"] == 1.0 and pressures["a"] > 1.5**3  # a holds 110/70 of the mean
     assert chosen(pa, CARDIO, nodes) == "b"  # slower, but a's patients have paid more
-    even = pool(node("a", budget_room=4, ewma_latency_ms=100),
-                node("b", budget_room=4, ewma_latency_ms=150))
+    even = pool(
+        node("a", budget_room=4, ewma_latency_ms=100), node("b", budget_room=4, ewma_latency_ms=150)
+    )
     assert chosen(pa, CARDIO, even) == "a"
 
 
@@ -197,15 +221,19 @@ def test_assignment_gives_the_high_priority_request_the_earliest_slot() -> None:
 
 def test_assignment_keeps_each_request_in_its_candidate_set() -> None:
     opt = BatchAssignment()
-    nodes = pool(node("cardio_slow", ewma_latency_ms=5000),
-                 node("general_fast", departments=("general",), ewma_latency_ms=10))
+    nodes = pool(
+        node("cardio_slow", ewma_latency_ms=5000),
+        node("general_fast", departments=("general",), ewma_latency_ms=10),
+    )
     cardio = request("c", department="cardiology", created_ms=0, deadline_ms=1)
     general = request("g", department="general", created_ms=0, deadline_ms=1)
-    nowhere = request("x", department="general", hospitals=("gone",), created_ms=0,
-                      deadline_ms=1)
+    nowhere = request("x", department="general", hospitals=("gone",), created_ms=0, deadline_ms=1)
     choices = opt.choose_batch([cardio, general, nowhere], nodes)
     assert [c.node.hospital_id if c else None for c in choices] == [
-        "cardio_slow", "general_fast", None]
+        "cardio_slow",
+        "general_fast",
+        None,
+    ]
 
 
 def _brute_force(requests: list[dict[str, Any]], nodes: list[NodeInfo]) -> float:
@@ -214,8 +242,14 @@ def _brute_force(requests: list[dict[str, Any]], nodes: list[NodeInfo]) -> float
     for placement in itertools.product(nodes, repeat=len(requests)):
         total = 0.0
         for n in nodes:
-            mine = sorted((PRIORITY_WEIGHT[r["priority"]] for r, p in zip(
-                requests, placement, strict=True) if p is n), reverse=True)
+            mine = sorted(
+                (
+                    PRIORITY_WEIGHT[r["priority"]]
+                    for r, p in zip(requests, placement, strict=True)
+                    if p is n
+                ),
+                reverse=True,
+            )
             total += sum(w * n.latency_ms * (n.load + j + 1) for j, w in enumerate(mine))
         best = min(best, total)
     return best
@@ -223,11 +257,16 @@ def _brute_force(requests: list[dict[str, Any]], nodes: list[NodeInfo]) -> float
 
 def test_assignment_total_cost_matches_brute_force() -> None:
     opt = BatchAssignment(privacy_weight=0.0)
-    nodes = pool(node("a", ewma_latency_ms=100, queue_depth=2),
-                 node("b", ewma_latency_ms=250), node("c", ewma_latency_ms=400, in_flight=1))
+    nodes = pool(
+        node("a", ewma_latency_ms=100, queue_depth=2),
+        node("b", ewma_latency_ms=250),
+        node("c", ewma_latency_ms=400, in_flight=1),
+    )
     prios = ["high", "normal", "low", "normal", "high"]
-    reqs = [request(f"r{i}", department="cardiology", created_ms=0, deadline_ms=1, priority=p)
-            for i, p in enumerate(prios)]
+    reqs = [
+        request(f"r{i}", department="cardiology", created_ms=0, deadline_ms=1, priority=p)
+        for i, p in enumerate(prios)
+    ]
     choices = opt.choose_batch(reqs, nodes)
     assert all(c is not None for c in choices)
     placed: dict[str, list[float]] = {}
@@ -236,14 +275,17 @@ def test_assignment_total_cost_matches_brute_force() -> None:
     by_id = {n.hospital_id: n for n in nodes}
     total = sum(
         w * by_id[h].latency_ms * (by_id[h].load + j + 1)
-        for h, ws in placed.items() for j, w in enumerate(sorted(ws, reverse=True))
+        for h, ws in placed.items()
+        for j, w in enumerate(sorted(ws, reverse=True))
     )
     assert total == pytest.approx(_brute_force(reqs, nodes))
 
 
 def test_assignment_privacy_pressure_moves_work_off_a_low_room_hospital() -> None:
-    nodes = pool(node("low", budget_room=1, ewma_latency_ms=100),
-                 node("full", budget_room=4, ewma_latency_ms=300))
+    nodes = pool(
+        node("low", budget_room=1, ewma_latency_ms=100),
+        node("full", budget_room=4, ewma_latency_ms=300),
+    )
     assert chosen(BatchAssignment(privacy_weight=0.0), CARDIO, nodes) == "low"
     assert chosen(BatchAssignment(privacy_weight=1.0), CARDIO, nodes) == "full"
     with pytest.raises(ValueError):

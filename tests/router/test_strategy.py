@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from services.router.least_load import DepartmentLeastLoad
-from services.router.registry import NodeInfo, NodeRegistry
-from services.router.strategy import RoutingStrategy
+from fedllm.services.router.least_load import DepartmentLeastLoad
+from fedllm.services.router.registry import NodeInfo, NodeRegistry
+from fedllm.services.router.strategy import RoutingStrategy
 from tests.router.helpers import heartbeat, request
 
 
@@ -32,10 +32,22 @@ def test_department_match_beats_lower_load() -> None:
 def test_least_load_among_matching_then_latency() -> None:
     pool = nodes(
         heartbeat("a", departments=("cardiology",), queue_depth=2, in_flight=1, sent_at_ms=0),
-        heartbeat("b", departments=("cardiology",), queue_depth=0, in_flight=2, latency_ms=50,
-                  sent_at_ms=0),
-        heartbeat("c", departments=("cardiology",), queue_depth=1, in_flight=1, latency_ms=20,
-                  sent_at_ms=0),
+        heartbeat(
+            "b",
+            departments=("cardiology",),
+            queue_depth=0,
+            in_flight=2,
+            latency_ms=50,
+            sent_at_ms=0,
+        ),
+        heartbeat(
+            "c",
+            departments=("cardiology",),
+            queue_depth=1,
+            in_flight=1,
+            latency_ms=20,
+            sent_at_ms=0,
+        ),
     )
     choice = STRATEGY.choose(REQ, pool)
     assert choice is not None and choice.node.hospital_id == "c"
@@ -49,8 +61,9 @@ def test_excluded_unhealthy_and_unnamed_nodes_are_not_eligible() -> None:
         heartbeat("d", departments=("cardiology",), sent_at_ms=0),
     )
     assert STRATEGY.choose(REQ, pool, exclude={"a"}).node.hospital_id == "d"  # type: ignore[union-attr]
-    named = request("r2", department="cardiology", hospitals=("b", "c"), created_ms=0,
-                    deadline_ms=1)
+    named = request(
+        "r2", department="cardiology", hospitals=("b", "c"), created_ms=0, deadline_ms=1
+    )
     choice = STRATEGY.choose(named, pool)
     assert choice is not None and choice.node.hospital_id == "c"
     assert "no eligible node serves cardiology" in choice.reason

@@ -6,8 +6,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from fedllm.common.config import Settings
-from services.gateway.auth import PasswordChecker
-from services.gateway.settings import GatewaySettings, UserRecord
+from fedllm.services.gateway.auth import PasswordChecker
+from fedllm.services.gateway.settings import GatewaySettings, UserRecord
 from tests.gateway.peers import make_settings, prepare_topics
 
 PASSWORDS = {
@@ -30,8 +30,10 @@ def users() -> list[UserRecord]:
     # Cheap argon2 parameters keep the suite fast; production hashes use argon2's defaults.
     checker = PasswordChecker()
     checker.hasher = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
-    return [UserRecord(username=u, department=d, role=r, password_hash=checker.hash(p))
-            for u, (d, r, p) in PASSWORDS.items()]
+    return [
+        UserRecord(username=u, department=d, role=r, password_hash=checker.hash(p))
+        for u, (d, r, p) in PASSWORDS.items()
+    ]
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from services.gateway import cli
-from services.gateway.auth import PasswordChecker
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway import cli
+from fedllm.services.gateway.auth import PasswordChecker
+from fedllm.services.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -34,16 +34,23 @@ async def test_yaml_gateway_section_and_env_override(tmp_path, monkeypatch):
 
 
 async def test_users_from_env_json(monkeypatch):
-    monkeypatch.setenv("FEDLLM_GATEWAY_USERS", json.dumps(
-        [{"username": "b", "department": "general", "role": "doctor", "password_hash": HASH}]))
+    monkeypatch.setenv(
+        "FEDLLM_GATEWAY_USERS",
+        json.dumps(
+            [{"username": "b", "department": "general", "role": "doctor", "password_hash": HASH}]
+        ),
+    )
     assert GatewaySettings().user("b").department == "general"
 
 
-@pytest.mark.parametrize("bad", [
-    {"password_hash": "plaintext"},
-    {"password_hash": "$2b$12$bcrypt-is-not-accepted"},
-    {"role": "wizard"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"password_hash": "plaintext"},
+        {"password_hash": "$2b$12$bcrypt-is-not-accepted"},
+        {"role": "wizard"},
+    ],
+)
 async def test_bad_user_records_are_refused(bad):
     user = {"username": "c", "department": "general", "role": "doctor", "password_hash": HASH}
     with pytest.raises(ValueError):

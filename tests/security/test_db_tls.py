@@ -22,8 +22,9 @@ def test_sslmode_is_passed_through_and_enforced(database_url: str) -> None:
     try:
         if server_has_tls:
             with engine.connect() as conn:
-                assert conn.execute(text(
-                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")).scalar()
+                assert conn.execute(
+                    text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                ).scalar()
         else:
             with pytest.raises(OperationalError, match="SSL"), engine.connect():
                 pass

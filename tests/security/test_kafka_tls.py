@@ -14,7 +14,7 @@ import pytest
 
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_producer, ssl_context
-from services.accountant.app import create_app
+from fedllm.services.accountant.app import create_app
 from tests.security.test_tls import load_gen_dev_certs
 
 
@@ -47,13 +47,16 @@ async def mtls_listener(certs: dict[str, Path]) -> tuple[asyncio.Server, int, li
 def tls_settings(certs: dict[str, Path], client: str | None) -> Settings:
     kw = {"kafka_security_protocol": "SSL", "kafka_ssl_cafile": str(certs["ca"])}
     if client:
-        kw.update(kafka_ssl_certfile=str(certs[client]), kafka_ssl_keyfile=str(certs[client + "-key"]))
+        kw.update(
+            kafka_ssl_certfile=str(certs[client]), kafka_ssl_keyfile=str(certs[client + "-key"])
+        )
     return Settings(**kw)
 
 
 async def handshake(ctx: ssl.SSLContext, port: int) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                                   server_hostname="localhost")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+    )
     try:
         return await asyncio.wait_for(reader.read(2), 5)
     finally:

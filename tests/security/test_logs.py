@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.settings import GatewaySettings
 from tests.gateway.peers import FakeAccountant, ok_result, running_gateway, token
 from tests.security.conftest import PASSWORDS
 
@@ -25,24 +25,41 @@ async def test_no_secrets_or_clinical_text_in_logs(settings, users, caplog):
     def answer(req):
         return ok_result(req, response=ANSWER)
 
-    async with FakeAccountant(settings, answer), \
-            running_gateway(settings, gateway_settings=gw) as (_, c):
-        r = await c.post("/v1/inference", headers=hdrs,
-                         json={"prompt": PROMPT, "privacy_budget": 0.1})
+    async with (
+        FakeAccountant(settings, answer),
+        running_gateway(settings, gateway_settings=gw) as (_, c),
+    ):
+        r = await c.post(
+            "/v1/inference", headers=hdrs, json={"prompt": PROMPT, "privacy_budget": 0.1}
+        )
         assert r.status_code == 200 and r.json()["response"] == ANSWER
-        assert (await c.post("/v1/inference", json={"prompt": PROMPT, "privacy_budget": 0.1},
-                             headers={"Authorization": bad_token})).status_code == 401
-        issued = await c.post("/v1/auth/token", json={"username": "dr_grey",
-                                                      "password": PASSWORDS["dr_grey"][2]})
+        assert (
+            await c.post(
+                "/v1/inference",
+                json={"prompt": PROMPT, "privacy_budget": 0.1},
+                headers={"Authorization": bad_token},
+            )
+        ).status_code == 401
+        issued = await c.post(
+            "/v1/auth/token", json={"username": "dr_grey", "password": PASSWORDS["dr_grey"][2]}
+        )
         assert issued.status_code == 200
         for _ in range(3):
-            await c.post("/v1/auth/token", json={"username": "dr_grey",
-                                                 "password": "WRONG-PASSWORD-CANARY"})
+            await c.post(
+                "/v1/auth/token", json={"username": "dr_grey", "password": "WRONG-PASSWORD-CANARY"}
+            )
     text = caplog.text + "".join(str(rec.args) for rec in caplog.records)
     assert caplog.records, "expected some log output at DEBUG"
-    for secret in (PROMPT, ANSWER, PASSWORDS["dr_grey"][2], "WRONG-PASSWORD-CANARY",
-                   hdrs["Authorization"].split()[1], bad_token.split()[1],
-                   issued.json()["access_token"], settings.jwt_secret.get_secret_value()):
+    for secret in (
+        PROMPT,
+        ANSWER,
+        PASSWORDS["dr_grey"][2],
+        "WRONG-PASSWORD-CANARY",
+        hdrs["Authorization"].split()[1],
+        bad_token.split()[1],
+        issued.json()["access_token"],
+        settings.jwt_secret.get_secret_value(),
+    ):
         assert secret not in text
 
 
@@ -64,10 +81,13 @@ async def test_json_lines_carry_service_and_request_id_and_no_secrets(settings, 
     root.setLevel(logging.DEBUG)
     hdrs = token(settings, "dr_grey")
     try:
-        async with FakeAccountant(settings, lambda req: ok_result(req, response=ANSWER)), \
-                running_gateway(settings, gateway_settings=GatewaySettings(users=users)) as (_, c):
-            r = await c.post("/v1/inference", headers=hdrs,
-                             json={"prompt": PROMPT, "privacy_budget": 0.1})
+        async with (
+            FakeAccountant(settings, lambda req: ok_result(req, response=ANSWER)),
+            running_gateway(settings, gateway_settings=GatewaySettings(users=users)) as (_, c),
+        ):
+            r = await c.post(
+                "/v1/inference", headers=hdrs, json={"prompt": PROMPT, "privacy_budget": 0.1}
+            )
             assert r.status_code == 200
         log = logging.getLogger("fedllm.test")
 
@@ -89,12 +109,19 @@ async def test_json_lines_carry_service_and_request_id_and_no_secrets(settings, 
         assert line["service"] == "gateway" and line["level"] and "msg" in line
     routed = [line for line in lines if line["msg"].startswith("routed ")]
     assert {(line["msg"][7:], line["request_id"]) for line in routed} == {
-        ("req-A", "req-A"), ("req-B", "req-B")}
+        ("req-A", "req-A"),
+        ("req-B", "req-B"),
+    }
     outside = next(line for line in lines if line["msg"] == "outside any request")
     assert "request_id" not in outside
     inference_id = r.json()["request_id"]
-    assert any(line.get("request_id") == inference_id for line in lines), \
+    assert any(line.get("request_id") == inference_id for line in lines), (
         "the gateway's lines for an inference carry its request id"
-    for secret in (PROMPT, ANSWER, hdrs["Authorization"].split()[1],
-                   settings.jwt_secret.get_secret_value()):
+    )
+    for secret in (
+        PROMPT,
+        ANSWER,
+        hdrs["Authorization"].split()[1],
+        settings.jwt_secret.get_secret_value(),
+    ):
         assert secret not in text

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from services.gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter, Window
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.ratelimit import MemoryRateLimiter, RedisRateLimiter, Window
+from fedllm.services.gateway.settings import GatewaySettings
 from tests.gateway.peers import AuditTap, FakeAccountant, ok_result, running_gateway, token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -23,11 +23,15 @@ async def test_two_gateways_share_one_redis_window(settings, redis_url):
     s = settings.model_copy(update={"redis_url": redis_url})
     gw = GatewaySettings(rate_limit_user=3, rate_limit_address=100, redis_prefix=prefix())
     hdrs = token(s, f"rl-{uuid.uuid4().hex[:6]}")
-    async with FakeAccountant(s, ok_result), \
-            running_gateway(s, gateway_settings=gw) as (_, a), \
-            running_gateway(s, gateway_settings=gw) as (_, b):
-        codes = [(await cl.post("/v1/inference", json=BODY, headers=hdrs)).status_code
-                 for cl in (a, b, a)]
+    async with (
+        FakeAccountant(s, ok_result),
+        running_gateway(s, gateway_settings=gw) as (_, a),
+        running_gateway(s, gateway_settings=gw) as (_, b),
+    ):
+        codes = [
+            (await cl.post("/v1/inference", json=BODY, headers=hdrs)).status_code
+            for cl in (a, b, a)
+        ]
         assert codes == [200, 200, 200]
         async with AuditTap(s) as tap:
             r = await b.post("/v1/inference", json=BODY, headers=hdrs)
@@ -36,17 +40,22 @@ async def test_two_gateways_share_one_redis_window(settings, redis_url):
             assert 1 <= int(r.headers["retry-after"]) <= gw.rate_window_s
             assert await tap.wait_for(lambda e: e["action"] == "rate.limited") is not None
         # Another user is unaffected.
-        assert (await a.post("/v1/inference", json=BODY,
-                             headers=token(s, "someone-else"))).status_code == 200
+        assert (
+            await a.post("/v1/inference", json=BODY, headers=token(s, "someone-else"))
+        ).status_code == 200
 
 
 async def test_address_limit_across_users(settings, redis_url):
     s = settings.model_copy(update={"redis_url": redis_url})
     gw = GatewaySettings(rate_limit_user=100, rate_limit_address=2, redis_prefix=prefix())
-    async with FakeAccountant(s, ok_result), \
-            running_gateway(s, gateway_settings=gw, client_address="192.0.2.7") as (_, c):
-        codes = [(await c.post("/v1/inference", json=BODY,
-                               headers=token(s, f"user{i}"))).status_code for i in range(3)]
+    async with (
+        FakeAccountant(s, ok_result),
+        running_gateway(s, gateway_settings=gw, client_address="192.0.2.7") as (_, c),
+    ):
+        codes = [
+            (await c.post("/v1/inference", json=BODY, headers=token(s, f"user{i}"))).status_code
+            for i in range(3)
+        ]
     assert codes == [200, 200, 429]
 
 
@@ -54,11 +63,14 @@ async def test_in_process_limiter_without_redis(settings):
     assert settings.redis_url == ""
     gw = GatewaySettings(rate_limit_user=2, rate_limit_address=100)
     hdrs = token(settings, f"mem-{uuid.uuid4().hex[:6]}")
-    async with FakeAccountant(settings, ok_result), \
-            running_gateway(settings, gateway_settings=gw) as (app, c):
+    async with (
+        FakeAccountant(settings, ok_result),
+        running_gateway(settings, gateway_settings=gw) as (app, c),
+    ):
         assert isinstance(app.state.gateway.limiter, MemoryRateLimiter)
-        codes = [(await c.post("/v1/inference", json=BODY, headers=hdrs)).status_code
-                 for _ in range(3)]
+        codes = [
+            (await c.post("/v1/inference", json=BODY, headers=hdrs)).status_code for _ in range(3)
+        ]
         assert codes == [200, 200, 429]
 
 

@@ -18,8 +18,8 @@ import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from fedllm.embedded import free_port
-from services.gateway.service import make_server
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.service import make_server
+from fedllm.services.gateway.settings import GatewaySettings
 from tests.gateway.peers import FakeAccountant, make_settings, ok_result, prepare_topics, token
 from tests.security.conftest import PASSWORDS
 
@@ -30,12 +30,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDep
 @pytest.fixture(scope="module")
 def live_gateway(kafka_bootstrap: str, users) -> Iterator[tuple[str, dict[str, str]]]:
     settings = make_settings(kafka_bootstrap, request_timeout_s=10.0)
-    gw = GatewaySettings(users=users, rate_limit_user=1_000_000,
-                         rate_limit_address=1_000_000, lockout_user_failures=1_000_000,
-                         lockout_address_failures=1_000_000)
+    gw = GatewaySettings(
+        users=users,
+        rate_limit_user=1_000_000,
+        rate_limit_address=1_000_000,
+        lockout_user_failures=1_000_000,
+        lockout_address_failures=1_000_000,
+    )
     port = free_port()
-    server = make_server(settings, gateway_settings=gw, host="127.0.0.1", port=port,
-                         request_timeout_s=10.0)
+    server = make_server(
+        settings, gateway_settings=gw, host="127.0.0.1", port=port, request_timeout_s=10.0
+    )
     loop = asyncio.new_event_loop()
     stopped = threading.Event()
 
@@ -81,8 +86,9 @@ SEMANTIC_422 = ("an aggregate prompt must be a JSON object",)
 
 @pytest.mark.slow
 @schema.parametrize()
-@hypothesis.settings(max_examples=40, deadline=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck)
+)
 def test_api_conforms_and_never_5xx(case, live_gateway):
     _, doctor, admin = live_gateway
     # The admin API is fuzzed as an admin (a doctor gets 403 before any validation there).
@@ -90,8 +96,9 @@ def test_api_conforms_and_never_5xx(case, live_gateway):
     # Every default check runs (no 5xx, documented status codes, content types, headers and
     # response schemas, negative data rejected) except the blanket "schema-valid data must
     # be accepted", which is replaced by the narrower assertion below.
-    response = case.call_and_validate(headers=headers, timeout=30,
-                                      excluded_checks=[positive_data_acceptance])
+    response = case.call_and_validate(
+        headers=headers, timeout=30, excluded_checks=[positive_data_acceptance]
+    )
     assert response.status_code < 500
     meta = case.meta
     if meta is not None and meta.generation.mode.is_positive and response.status_code == 422:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from fedllm.embedded import free_port
-from services.gateway.service import make_server
-from services.gateway.settings import GatewaySettings
+from fedllm.services.gateway.service import make_server
+from fedllm.services.gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_gen_dev_certs():
-    spec = importlib.util.spec_from_file_location("gen_dev_certs",
-                                                  ROOT / "scripts" / "gen_dev_certs.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_dev_certs", ROOT / "scripts" / "gen_dev_certs.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -87,8 +88,9 @@ async def test_https_serves_and_plain_http_does_not(settings, certs):
             r = await c.get(f"{url}/v1/health")
             assert r.status_code == 200
         # A client that does not trust the dev CA refuses the server.
-        async with httpx.AsyncClient(verify=client_ctx(certs["rogue-server"].with_name(
-                "ca.pem"))) as c:
+        async with httpx.AsyncClient(
+            verify=client_ctx(certs["rogue-server"].with_name("ca.pem"))
+        ) as c:
             with pytest.raises(httpx.ConnectError):
                 await c.get(f"{url}/v1/health")
         async with httpx.AsyncClient() as c:
@@ -97,17 +99,24 @@ async def test_https_serves_and_plain_http_does_not(settings, certs):
 
 
 async def test_mtls_requires_a_client_certificate_from_the_ca(settings, certs):
-    gw = GatewaySettings(tls_certfile=str(certs["server"]), tls_keyfile=str(certs["server_key"]),
-                         tls_client_ca=str(certs["ca"]), mtls_required=True)
+    gw = GatewaySettings(
+        tls_certfile=str(certs["server"]),
+        tls_keyfile=str(certs["server_key"]),
+        tls_client_ca=str(certs["ca"]),
+        mtls_required=True,
+    )
     async with tls_gateway(settings, gw) as url:
         good = client_ctx(certs["ca"], certs["client-st_mary"], certs["client-st_mary-key"])
         async with httpx.AsyncClient(verify=good) as c:
             assert (await c.get(f"{url}/v1/health")).status_code == 200
-        for ctx in (client_ctx(certs["ca"]),  # no client certificate
-                    client_ctx(certs["ca"], certs["rogue-client"], certs["rogue-client-key"])):
+        for ctx in (
+            client_ctx(certs["ca"]),  # no client certificate
+            client_ctx(certs["ca"], certs["rogue-client"], certs["rogue-client-key"]),
+        ):
             async with httpx.AsyncClient(verify=ctx) as c:
-                with pytest.raises((httpx.ConnectError, httpx.ReadError,
-                                    httpx.RemoteProtocolError)):
+                with pytest.raises(
+                    (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)
+                ):
                     await c.get(f"{url}/v1/health")
 
 

@@ -1,11 +1,11 @@
-"""Alembic environment: always handed a live connection by services.auditor.migrate."""
+"""Alembic environment: always handed a live connection by fedllm.services.auditor.migrate."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from services.auditor.migrate import VERSION_TABLE
-from services.auditor.models import Base
+from fedllm.services.auditor.migrate import VERSION_TABLE
+from fedllm.services.auditor.models import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

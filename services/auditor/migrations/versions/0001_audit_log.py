@@ -51,8 +51,18 @@ SQLITE_TRIGGERS = [
 
 def upgrade() -> None:
     text_cols = [
-        "action", "service", "request_id", "user_id", "role", "department", "source_address",
-        "hospital_id", "outcome", "reason", "rdp_summary", "prompt_hmac",
+        "action",
+        "service",
+        "request_id",
+        "user_id",
+        "role",
+        "department",
+        "source_address",
+        "hospital_id",
+        "outcome",
+        "reason",
+        "rdp_summary",
+        "prompt_hmac",
     ]
     op.create_table(
         "audit_log",
@@ -73,8 +83,9 @@ def upgrade() -> None:
         sa.Column("row_hash", sa.String(64), nullable=False),
         sa.Column("source_partition", sa.Integer, nullable=True),
         sa.Column("source_offset", sa.BigInteger, nullable=True),
-        sa.Column("stored_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
-                  nullable=False),
+        sa.Column(
+            "stored_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
         sa.UniqueConstraint("chain", "seq", name="uq_audit_log_chain_seq"),
     )
     op.create_index("ix_audit_log_occurred_at", "audit_log", ["occurred_at"])
@@ -95,8 +106,9 @@ def upgrade() -> None:
         sa.Column("purged_rows", sa.BigInteger, nullable=False),
         sa.Column("before", sa.DateTime(timezone=True), nullable=False),
         sa.Column("purge_event_id", sa.String(200), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
-                  nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
     )
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":
