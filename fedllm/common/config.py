@@ -125,6 +125,15 @@ class Settings(BaseSettings):
 
     # Kafka client tuning (see shared BROKER notes: short fetch waits, explicit topics).
     fetch_max_wait_ms: int = 10
+    # Consumers off a request's path (router and gateway heartbeat/budget readers, the
+    # auditor): on a broker that does not wake a waiting fetch, every consumer makes
+    # 1000/fetch_max_wait_ms round trips a second while idle, so these wait longer.
+    background_fetch_max_wait_ms: int = 250
+    # Every consumer's fetch wait once none of its fetches brought data for `idle_after_ms`
+    # (fedllm.common.fetch_wait): an idle pipeline then polls the broker 10× less; the first
+    # request after an idle spell pays up to this much per hop. ≤ the fetch wait: off.
+    idle_fetch_max_wait_ms: int = 100
+    idle_after_ms: int = 1_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
 
@@ -135,11 +144,23 @@ class Settings(BaseSettings):
     node_ttl_s: float = 5.0
     max_tokens_limit: int = 256
 
+    # Accountant (faust): events per ledger transaction, how long a partial batch waits for
+    # more (a lone request pays up to this), and offsets acked between two commits besides the
+    # periodic commit every `accountant_commit_interval_s` (replays are no-ops by request id,
+    # so committing per message only adds a broker round trip before each one).
+    accountant_batch_max: int = 256
+    accountant_batch_window_ms: int = 10
+    accountant_commit_every: int = 1_000
+    accountant_commit_interval_s: float = 0.5
+
     # Router: strategy by name (services/router/strategies.py; default = the winner of
     # bench/routing_sim.py), the batching window a batch strategy places jointly, and hedging of
     # high-priority requests (a hedge is a second charge: docs/routing.md).
     router_strategy: str = "privacy_aware"
     router_batch_window_ms: int = 50
+    # The window is waited only when one poll already brought this many decisions (load is
+    # there to place jointly); a lone decision under light load is placed at once.
+    router_batch_min: int = 2
     router_hedge: bool = False
     # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
     # with a terminal outcome, and the exponential backoff between attempts.

@@ -383,6 +383,7 @@ async def run(
                 ready = True
                 log.info("node %s ready: %s", hospital_id, sorted(consumer.assignment()))
             pending = sum(len(v) for v in batches.values())
+            handled: dict[TopicPartition, int] = {}
             for tp, msgs in batches.items():
                 for msg in msgs:
                     pending -= 1
@@ -403,7 +404,10 @@ async def run(
                             on_dead=lambda r, m=msg: worker.fail(m, r),
                             stop=stop,
                         )
-                    await _commit(consumer, tp, msg.offset + 1)
+                    handled[tp] = msg.offset + 1
+            # One commit per poll, after every result of it was sent (a replay of an
+            # uncommitted one re-sends its stored release).
+            await _commit(consumer, handled)
             state.queue_depth = 0
             metrics.record_node_queue(hospital_id, 0)
     finally:
@@ -418,11 +422,15 @@ async def run(
         log.info("node %s stopped", hospital_id)
 
 
-async def _commit(consumer: Any, tp: TopicPartition, offset: int) -> None:
-    """Commit after the result is sent. A failed commit (the group rebalanced while the model
+async def _commit(consumer: Any, offsets: dict[TopicPartition, int]) -> None:
+    """Commit after the results are sent. A failed commit (the group rebalanced while the model
     worked) is not fatal: the request is re-delivered and answered from the replay cache."""
+    if not offsets:
+        return
     try:
-        await consumer.commit({TopicPartition(tp.topic, tp.partition): offset})
+        await consumer.commit(
+            {TopicPartition(tp.topic, tp.partition): off for tp, off in offsets.items()}
+        )
     except (CommitFailedError, KafkaError, IllegalStateError) as exc:
         log.warning("offset commit failed (the result was sent; a replay is idempotent): %r", exc)
 

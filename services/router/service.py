@@ -98,7 +98,9 @@ class RouterService:
         self.producer = make_producer(settings)
         self.bus = Bus(self.producer)
         self.decisions = make_consumer(settings, group_id=SERVICE)
-        self.heartbeats = make_consumer(settings, group_id=None)
+        self.heartbeats = make_consumer(
+            settings, group_id=None, fetch_max_wait_ms=settings.background_fetch_max_wait_ms
+        )
         self.node_results = make_consumer(settings, group_id=None)
         self._assigned = asyncio.Event()
         self.traces = tracing.TraceMemory()
@@ -158,7 +160,9 @@ class RouterService:
     async def _drain_heartbeats(self) -> None:
         """Read the recent heartbeats before routing anything, so the registry is warm."""
         while True:
-            batch = await self.heartbeats.getmany(timeout_ms=50)
+            batch = await self.heartbeats.getmany(
+                timeout_ms=2 * self.settings.background_fetch_max_wait_ms
+            )
             if not batch:
                 return
             await self._on_heartbeats(batch)
@@ -183,7 +187,9 @@ class RouterService:
         while True:
             batch = await self.decisions.getmany(timeout_ms=POLL_MS)
             metrics.record_lag(SERVICE, self.decisions, batch)
-            if batch and self.batch_window_ms > 0:  # let the window fill, then place jointly
+            if self.batch_window_ms > 0 and (
+                sum(map(len, batch.values())) >= self.settings.router_batch_min
+            ):  # under load: let the window fill, then place jointly
                 await asyncio.sleep(self.batch_window_ms / 1000)
                 for tp, msgs in (await self.decisions.getmany(timeout_ms=0)).items():
                     batch.setdefault(tp, []).extend(msgs)
