@@ -14,11 +14,13 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from fedllm.common import logs, topics
+from fedllm.common.aggregate_query import parse_query
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
 from fedllm.services.gateway.cached_answers import request_key, serve_hit
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
+from fedllm.services.gateway.errors import printable
 from fedllm.services.gateway.models import (
     BudgetRefused,
     ErrorBody,
@@ -35,7 +37,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "body is not parseable"},
     401: {"model": ErrorBody, "description": "missing or invalid token"},
     403: {"model": BudgetRefused, "description": "role not allowed, or privacy budget refused"},
-    422: {"description": "invalid body"},
+    422: {"description": "invalid body, or an aggregate query the nodes' grammar refuses"},
     429: {"model": ErrorBody, "description": "rate limited (see Retry-After)"},
     502: {"model": ErrorBody, "description": "the pipeline failed the request"},
     503: {"model": ErrorBody, "description": "broker or rate-limit store unavailable"},
@@ -64,12 +66,14 @@ async def authorise(
             requested_department=department,
         )
     if body.kind == "aggregate":
-        try:
+        try:  # the node's own grammar: a bad query is refused here, before any charge
             query = json.loads(body.prompt)
-        except ValueError:
-            raise HTTPException(422, "an aggregate prompt must be a JSON object") from None
-        if not isinstance(query, dict):
-            raise HTTPException(422, "an aggregate prompt must be a JSON object")
+            if not isinstance(query, dict):
+                raise ValueError("an aggregate prompt must be a JSON object")
+            parse_query(query)
+        except (ValueError, RecursionError) as exc:
+            detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+            raise HTTPException(422, f"invalid aggregate query: {printable(detail)}") from None
         if principal.can("deidentified_only"):
             banned = {f.lower() for f in state.gw.identifying_fields}
             named = identifying_terms(query, banned)
