@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = 5.0
     # Longest model work a node worker may do between two polls before its group evicts it.
     node_max_poll_interval_s: float = 1800.0
+    # Fetched requests a node holds in its priority queue (services/node_worker/intake.py): a
+    # high request overtakes queued normal/low work among these.
+    node_intake_capacity: int = 32
 
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).

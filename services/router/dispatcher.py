@@ -47,6 +47,10 @@ HEDGE_PERCENTILE = 0.95
 SERVICE = "router"
 
 
+#: Order in which a batch of decisions is routed (stable within a priority).
+PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
+
+
 @dataclass(frozen=True, slots=True)
 class Send:
     """Produce `record` (Avro `schema`) to `topic` with `key`."""
@@ -150,6 +154,8 @@ class Dispatcher:
                 entries.append(admitted)
             else:
                 actions += admitted
+        # Priority: a window's high requests are placed (and sent) first, on the best nodes.
+        entries.sort(key=lambda e: PRIORITY_ORDER.get(str(e.request.get("priority")), 1))
         choices: Sequence[Choice | None] = [None] * len(entries)
         routable = [e for e in entries if now_ms < int(e.request["deadline_ms"])]
         if isinstance(self.strategy, BatchRoutingStrategy) and len(routable) > 1:
