@@ -38,6 +38,9 @@ class HospitalConfig(BaseModel):
     population: int = 20
     # Public label of the data set (e.g. its load date); bump it on new data or an erasure.
     data_version: str = ""
+    # Where the hospital's data and processing are (e.g. "EU", "US"); "" = unspecified, which
+    # no residency-restricted request may use (fedllm/common/residency.py).
+    region: str = ""
 
 
 class BudgetConfig(BaseModel):
@@ -163,6 +166,11 @@ class Settings(BaseSettings):
 
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     hospitals: list[HospitalConfig] = Field(default_factory=default_hospitals)
+    # Data residency: department -> regions its requests may be routed to (missing or empty:
+    # any region). A user's own `regions` narrow this further (docs/residency.md).
+    department_regions: dict[str, list[str]] = Field(default_factory=dict)
+    # Consensus (require_consensus): how many hospitals serving the department answer (k >= 2).
+    consensus_k: int = Field(default=2, ge=2)
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080

@@ -18,6 +18,7 @@ from fedllm.common.aggregate_query import parse_query
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
+from fedllm.common.residency import RegionPolicy
 from fedllm.services.gateway.cached_answers import request_key, serve_hit
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
 from fedllm.services.gateway.errors import printable
@@ -64,6 +65,17 @@ async def authorise(
             principal,
             "queries may only be made for the caller's own department",
             requested_department=department,
+        )
+    residency = RegionPolicy.from_settings(state.settings)
+    scope = {"department": department, "allowed_regions": list(principal.regions)}
+    outside = residency.outside(scope, body.hospitals)
+    if outside:
+        raise await deny(
+            state,
+            request,
+            principal,
+            f"data residency: {', '.join(outside)} outside the {residency.describe(scope)} "
+            "this user may use",
         )
     if body.kind == "aggregate":
         try:  # the node's own grammar: a bad query is refused here, before any charge
@@ -169,6 +181,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             "require_consensus": body.require_consensus,
             "priority": body.priority,
             "hospitals": list(body.hospitals),
+            "allowed_regions": list(principal.regions),
             "source_address": address,
             "created_at_ms": created,
             "deadline_ms": created + int(settings.request_timeout_s * 1000),

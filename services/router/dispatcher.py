@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
+from fedllm.common.residency import RegionPolicy
 from fedllm.services.router.combine import combine_parts, parse_part, part_curve, total_curve
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
 from fedllm.services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy
@@ -118,6 +119,7 @@ class Dispatcher:
         node_timeout_s: float,
         finished_memory: int = 100_000,
         hedge: bool = False,
+        regions: RegionPolicy | None = None,
     ) -> None:
         if node_timeout_s <= 0:
             raise ValueError(f"node_timeout_s must be positive, got {node_timeout_s}")
@@ -131,6 +133,7 @@ class Dispatcher:
         self.fan_outs: dict[str, FanOut] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.hedge = hedge
+        self.regions = regions or RegionPolicy()  # default: no residency restriction
         self._answer_ms: deque[int] = deque(maxlen=256)  # recent answer times, for the p95
 
     # -- inputs ---------------------------------------------------------------------------
@@ -157,7 +160,11 @@ class Dispatcher:
         # Priority: a window's high requests are placed (and sent) first, on the best nodes.
         entries.sort(key=lambda e: PRIORITY_ORDER.get(str(e.request.get("priority")), 1))
         choices: Sequence[Choice | None] = [None] * len(entries)
-        routable = [e for e in entries if now_ms < int(e.request["deadline_ms"])]
+        routable = [  # residency-restricted requests are placed one by one, on their nodes
+            e
+            for e in entries
+            if now_ms < int(e.request["deadline_ms"]) and self.regions.allowed(e.request) is None
+        ]
         if isinstance(self.strategy, BatchRoutingStrategy) and len(routable) > 1:
             placed = self.strategy.choose_batch(
                 [e.request for e in routable], self.registry.alive(now_ms)
@@ -321,9 +328,13 @@ class Dispatcher:
         if entry.attempt >= MAX_ATTEMPTS:
             return self._fail(entry, "failed", f"{why}; no attempts left", now_ms=now_ms)
         if choice is None:
-            choice = self.strategy.choose(request, self.registry.alive(now_ms), exclude=entry.tried)
+            choice = self.strategy.choose(
+                request, self._nodes(request, now_ms), exclude=entry.tried
+            )
         if choice is None:
             reason = "no eligible node"
+            if self.regions.allowed(request) is not None:
+                reason += f" in {self.regions.describe(request)} (data residency)"
             if request.get("hospitals"):
                 reason += f" among {','.join(request['hospitals'])}"
             if entry.tried:
@@ -420,7 +431,7 @@ class Dispatcher:
     def _send_hedge(self, entry: InFlight, *, after_ms: int, now_ms: int) -> list[Action]:
         request = entry.request
         request_id = request["request_id"]
-        choice = self.strategy.choose(request, self.registry.alive(now_ms), exclude=entry.tried)
+        choice = self.strategy.choose(request, self._nodes(request, now_ms), exclude=entry.tried)
         if choice is None:
             return []
         node = choice.node
@@ -508,13 +519,19 @@ class Dispatcher:
 
     # -- fan-out ---------------------------------------------------------------------------
 
+    def _nodes(self, request: Mapping[str, Any], now_ms: int) -> list[NodeInfo]:
+        """The live nodes `request` may be routed to (data residency applied)."""
+        return [
+            n for n in self.registry.alive(now_ms) if self.regions.permits(request, n.hospital_id)
+        ]
+
     def _fan_out_targets(self, request: Mapping[str, Any], *, now_ms: int) -> list[str] | None:
         """The hospitals an aggregate request fans out to, or None for a single-node route."""
         if request.get("kind") != "aggregate":
             return None
         wanted = list(dict.fromkeys(request.get("hospitals") or ()))
         if "*" in wanted:
-            alive = sorted(n.hospital_id for n in self.registry.alive(now_ms) if n.healthy)
+            alive = sorted(n.hospital_id for n in self._nodes(request, now_ms) if n.healthy)
             return alive if len(alive) >= 2 else None
         return wanted if len(wanted) >= 2 else None
 
@@ -525,6 +542,13 @@ class Dispatcher:
         if now_ms >= int(request["deadline_ms"]):
             return self._fail_fan_out(
                 fan, "request deadline passed before routing", now_ms=now_ms, status="timeout"
+            )
+        outside = self.regions.outside(request, fan.hospitals)
+        if outside:
+            return self._fail_fan_out(
+                fan,
+                f"data residency: {','.join(outside)} outside {self.regions.describe(request)}",
+                now_ms=now_ms,
             )
         down = [
             h
