@@ -113,6 +113,19 @@ class InferenceResponse(BaseModel):
     tokens: int
     cached: bool = Field(False, description="true: an earlier release served from the cache")
     cached_release: CachedReleaseInfo | None = None
+    success: bool = Field(True, description="true: the request was answered")
+    consensus_reached: bool = Field(
+        False,
+        description="require_consensus: the hospitals' DP releases agree (docs/consensus.md); "
+        "false when consensus was not requested",
+    )
+    confidence_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="require_consensus: agreement of the hospitals' DP releases in [0, 1], "
+        "computed from DP releases and public configuration only; null otherwise",
+    )
 
 
 class ErrorBody(BaseModel):

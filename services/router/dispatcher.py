@@ -39,6 +39,7 @@ from typing import Any
 from fedllm.common import topics
 from fedllm.common.residency import RegionPolicy
 from fedllm.services.router.combine import combine_parts, parse_part, part_curve, total_curve
+from fedllm.services.router.consensus import consensus_of
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
 from fedllm.services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy
 
@@ -120,6 +121,8 @@ class Dispatcher:
         finished_memory: int = 100_000,
         hedge: bool = False,
         regions: RegionPolicy | None = None,
+        consensus_k: int = 2,
+        population: Mapping[str, int] | None = None,
     ) -> None:
         if node_timeout_s <= 0:
             raise ValueError(f"node_timeout_s must be positive, got {node_timeout_s}")
@@ -134,6 +137,10 @@ class Dispatcher:
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.hedge = hedge
         self.regions = regions or RegionPolicy()  # default: no residency restriction
+        if consensus_k < 2:
+            raise ValueError("consensus_k must be at least 2")
+        self.consensus_k = consensus_k
+        self.population = dict(population or {})  # public, configured: consensus rates
         self._answer_ms: deque[int] = deque(maxlen=256)  # recent answer times, for the p95
 
     # -- inputs ---------------------------------------------------------------------------
@@ -187,6 +194,19 @@ class Dispatcher:
             or request_id in self._finished
         ):
             return []
+        if request.get("require_consensus"):
+            targets, why = self._consensus_targets(request, now_ms=now_ms)
+            fan = FanOut(
+                request=request,
+                reserved_epsilon=float(decision["reserved_epsilon"]),
+                delta=float(decision["delta"]),
+                hospitals=targets,
+                deadline_ms=min(now_ms + self.node_timeout_ms, int(request["deadline_ms"])),
+                routed_at_ms=now_ms,
+            )
+            if why:  # never a silent single answer
+                return self._fail_fan_out(fan, why, now_ms=now_ms)
+            return self._fan_out(fan, now_ms=now_ms)
         targets = self._fan_out_targets(request, now_ms=now_ms)
         if targets is not None:
             fan = FanOut(
@@ -525,6 +545,33 @@ class Dispatcher:
             n for n in self.registry.alive(now_ms) if self.regions.permits(request, n.hospital_id)
         ]
 
+    def _consensus_targets(
+        self, request: Mapping[str, Any], *, now_ms: int
+    ) -> tuple[list[str], str]:
+        """The k least-loaded eligible hospitals serving the department (in region, among the
+        named ones if any), or the reason there are fewer than k."""
+        k, department = self.consensus_k, str(request.get("department", ""))
+        if request.get("kind") != "aggregate":
+            return [], (
+                "consensus unavailable: only aggregate queries can be combined across "
+                "hospitals (docs/consensus.md)"
+            )
+        wanted = {h for h in request.get("hospitals") or () if h != "*"}
+        pool = [
+            n
+            for n in self._nodes(request, now_ms)
+            if n.eligible
+            and department in n.departments
+            and (not wanted or n.hospital_id in wanted)
+        ]
+        if len(pool) < k:
+            return [], (
+                f"consensus unavailable: needs {k} eligible hospitals serving {department} "
+                f"({self.regions.describe(request)}); {len(pool)} eligible"
+            )
+        pool.sort(key=lambda n: (n.load, n.hospital_id))
+        return sorted(n.hospital_id for n in pool[:k]), ""
+
     def _fan_out_targets(self, request: Mapping[str, Any], *, now_ms: int) -> list[str] | None:
         """The hospitals an aggregate request fans out to, or None for a single-node route."""
         if request.get("kind") != "aggregate":
@@ -620,9 +667,15 @@ class Dispatcher:
         request = fan.request
         request_id = request["request_id"]
         try:
-            combined = combine_parts([parse_part(fan.parts[h]) for h in fan.hospitals])
+            parts = [parse_part(fan.parts[h]) for h in fan.hospitals]
+            combined = combine_parts(parts)
         except ValueError as exc:
             return self._fail_fan_out(fan, f"cannot combine the parts: {exc}", now_ms=now_ms)
+        agreed = (
+            consensus_of(parts, population=self.population)
+            if request.get("require_consensus")
+            else None
+        )
         self._finish(request_id)
         result = {
             "request_id": request_id,
@@ -645,6 +698,14 @@ class Dispatcher:
             "aggregate_json": json.dumps(combined.release, separators=(",", ":")),
             "finished_at_ms": now_ms,
         }
+        if agreed is not None:
+            result["consensus_reached"] = agreed.reached
+            result["confidence_score"] = agreed.confidence
+            result["response"] += (
+                f" Consensus across {len(parts)} hospitals: "
+                f"{'reached' if agreed.reached else 'not reached'} (confidence "
+                f"{agreed.confidence:.2f}, {agreed.method}; from the DP releases only)."
+            )
         return [
             Send(topics.NODE_RESULTS, "InferenceResult", result, request["user_id"]),
             Audit(

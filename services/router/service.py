@@ -90,6 +90,8 @@ class RouterService:
             node_timeout_s=settings.node_timeout_s,
             hedge=settings.router_hedge,
             regions=RegionPolicy.from_settings(settings),
+            consensus_k=settings.consensus_k,
+            population={h.id: h.population for h in settings.hospitals},
         )
         self.metrics = metrics or process_metrics(hospitals=[h.id for h in settings.hospitals])
         self.batch_window_ms = (
