@@ -81,14 +81,12 @@ async def authorise(
     if body.require_consensus:
         _check_consensus(state, body, scope, residency)
     if body.kind == "aggregate":
-        try:  # the node's own grammar: a bad query is refused here, before any charge
+        try:
             query = json.loads(body.prompt)
-            if not isinstance(query, dict):
-                raise ValueError("an aggregate prompt must be a JSON object")
-            parse_query(query)
-        except (ValueError, RecursionError) as exc:
-            detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-            raise HTTPException(422, f"invalid aggregate query: {printable(detail)}") from None
+        except (ValueError, RecursionError):
+            raise HTTPException(422, "invalid aggregate query: not valid JSON") from None
+        if not isinstance(query, dict):
+            raise HTTPException(422, "invalid aggregate query: must be a JSON object")
         if principal.can("deidentified_only"):
             banned = {f.lower() for f in state.gw.identifying_fields}
             named = identifying_terms(query, banned)
@@ -100,6 +98,11 @@ async def authorise(
                     "role may only use de-identified fields; query names "
                     + ", ".join(sorted(named)),
                 )
+        try:  # the node's own grammar: a bad query is refused here, before any charge
+            parse_query(query)
+        except (ValueError, RecursionError) as exc:
+            detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+            raise HTTPException(422, f"invalid aggregate query: {printable(detail)}") from None
     return department
 
 
