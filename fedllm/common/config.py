@@ -38,6 +38,9 @@ class HospitalConfig(BaseModel):
     population: int = 20
     # Public label of the data set (e.g. its load date); bump it on new data or an erasure.
     data_version: str = ""
+    # Where the hospital's data and processing are (e.g. "EU", "US"); "" = unspecified, which
+    # no residency-restricted request may use (fedllm/common/residency.py).
+    region: str = ""
 
 
 class BudgetConfig(BaseModel):
@@ -169,6 +172,9 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = 5.0
     # Longest model work a node worker may do between two polls before its group evicts it.
     node_max_poll_interval_s: float = 1800.0
+    # Fetched requests a node holds in its priority queue (services/node_worker/intake.py): a
+    # high request overtakes queued normal/low work among these.
+    node_intake_capacity: int = 32
 
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
@@ -181,6 +187,11 @@ class Settings(BaseSettings):
 
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     hospitals: list[HospitalConfig] = Field(default_factory=default_hospitals)
+    # Data residency: department -> regions its requests may be routed to (missing or empty:
+    # any region). A user's own `regions` narrow this further (docs/residency.md).
+    department_regions: dict[str, list[str]] = Field(default_factory=dict)
+    # Consensus (require_consensus): how many hospitals serving the department answer (k >= 2).
+    consensus_k: int = Field(default=2, ge=2)
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080

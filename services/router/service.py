@@ -28,6 +28,7 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
+from fedllm.common.residency import RegionPolicy
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
 from fedllm.services.router.metrics import RouterMetrics, process_metrics
 from fedllm.services.router.registry import NodeRegistry
@@ -88,6 +89,9 @@ class RouterService:
             strategy=strategy or build_strategy(settings.router_strategy),
             node_timeout_s=settings.node_timeout_s,
             hedge=settings.router_hedge,
+            regions=RegionPolicy.from_settings(settings),
+            consensus_k=settings.consensus_k,
+            population={h.id: h.population for h in settings.hospitals},
         )
         self.metrics = metrics or process_metrics(hospitals=[h.id for h in settings.hospitals])
         self.batch_window_ms = (
