@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     router_strategy: str = "privacy_aware"
     router_batch_window_ms: int = 50
     router_hedge: bool = False
+    # This router instance's stable name (one per replica): its RoutedRequests carry it, and on
+    # a restart it re-adopts only the requests it routed (services/router/recovery.py).
+    router_id: str = "router"
     # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
     # with a terminal outcome, and the exponential backoff between attempts.
     delivery_attempts: int = 5

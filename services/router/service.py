@@ -5,11 +5,12 @@ Consumers:
   With a batch strategy (the assignment optimiser) a batch is what arrives within
   `router_batch_window_ms` of its first decision, placed jointly.
 - `fedllm.heartbeats` and `fedllm.node-results`, all partitions by `assign()` without a group
-  (every router instance needs every heartbeat and every answer). In-flight state lives in
-  memory, so there is nothing to resume on these: heartbeats are read from `node_ttl_s` ago,
-  node results from the end. After a crash the accountant's deadline backstop settles whatever
-  this router was supervising; a replayed decision is routed again (node results are kept
-  first-wins by the accountant).
+  (every router instance needs every heartbeat and every answer). Heartbeats are read
+  from `node_ttl_s` ago. In-flight and fan-out state lives in memory and is re-derived on start
+  (`services/router/recovery.py`): the RoutedRequests this instance sent (`router_id` header)
+  and the node results of the last `request_timeout_s`, read before any decision is routed;
+  node results are then consumed live from where that read ended. A decision replayed by the
+  group is recognised as in flight; the accountant keeps node results first-wins.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
+from fedllm.services.router import recovery
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
 from fedllm.services.router.metrics import RouterMetrics, process_metrics
 from fedllm.services.router.registry import NodeRegistry
@@ -37,6 +39,7 @@ from fedllm.services.router.strategy import BatchRoutingStrategy, RoutingStrateg
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
+RECOVERY_MARGIN_MS = 5_000  # read routed requests and answers this far before the oldest live one
 
 
 class _Assigned(ConsumerRebalanceListener):
@@ -103,6 +106,8 @@ class RouterService:
         self._assigned = asyncio.Event()
         self.traces = tracing.TraceMemory()
         self.policy = RetryPolicy.from_settings(settings)
+        self._tag = [(recovery.ROUTER_HEADER, settings.router_id.encode())]
+        self.restored = 0  # requests re-adopted on start (services/router/recovery.py)
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
     async def execute(self, actions: list[Action]) -> None:
@@ -112,7 +117,11 @@ class RouterService:
                 try:
                     with self.traces.resume(action.record.get("request_id"), "router dispatch"):
                         await self.bus.send(
-                            action.topic, action.schema, action.record, key=action.key
+                            action.topic,
+                            action.schema,
+                            action.record,
+                            key=action.key,
+                            headers=self._tag if action.schema == "RoutedRequest" else None,
                         )
                 except KafkaError as exc:
                     if action.schema != "RoutedRequest":
@@ -149,11 +158,46 @@ class RouterService:
         await _seek_to_time(
             self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000)
         )
+        await self._drain_heartbeats()
+        await self._recover()
+
+    async def _recover(self) -> None:
+        """Re-adopt what this router was supervising before a restart (from the topics), and
+        leave the node-results consumer where that read ended, so no answer is skipped."""
+        since = now_ms() - int(self.settings.request_timeout_s * 1000) - RECOVERY_MARGIN_MS
+        hospitals = {h.id for h in self.settings.hospitals}
+        hospitals |= {n.hospital_id for n in self.dispatcher.registry.alive(now_ms())}
+        reader = make_consumer(self.settings, group_id=None)
+        await reader.start()
+        try:
+            await reader.topics()
+            wanted = [topics.hospital_requests(h) for h in sorted(hospitals)]
+            tps = [
+                TopicPartition(t, p)
+                for t in wanted
+                for p in sorted(reader.partitions_for_topic(t) or ())
+            ]
+            reader.assign(tps)
+            routed = await recovery.read_since(
+                reader, tps, since, "RoutedRequest", router_id=self.settings.router_id
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+        self.restored = recovery.restore(self.dispatcher, routed, now_ms=now_ms())
         nr_tps = await _assign_all(self.node_results, topics.NODE_RESULTS)
-        await self.node_results.seek_to_end(*nr_tps)
+        results = await recovery.read_since(self.node_results, nr_tps, since, "InferenceResult")
         for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
             await self.node_results.position(tp)
-        await self._drain_heartbeats()
+        actions = recovery.replay_results(self.dispatcher, results, now_ms=now_ms())
+        await self.execute(actions)
+        if self.restored:
+            log.info(
+                "router %s re-adopted %d requests (%d still open) from the topics",
+                self.settings.router_id,
+                self.restored,
+                len(self.dispatcher.in_flight) + len(self.dispatcher.fan_outs),
+            )
 
     async def _drain_heartbeats(self) -> None:
         """Read the recent heartbeats before routing anything, so the registry is warm."""
