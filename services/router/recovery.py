@@ -2,15 +2,15 @@
 
 The router's supervision state is in memory, but everything it is made of is on the broker:
 every attempt it started is a `RoutedRequest` on a `hospital.<id>.requests` topic (tagged with
-the `fedllm-router` header naming the router instance), and every answer — a node's, or the
-router's own verdict — is an `InferenceResult` on `fedllm.node-results`. On start, before any
-decision is routed, the router reads both from `lookback` ago:
+the `fedllm-router` header naming the deployment's routers, `router_id`), and every answer — a
+node's, or the router's own verdict — is an `InferenceResult` on `fedllm.node-results`. When a
+router is assigned decisions partitions (on start, or when it takes over from a dead replica),
+before it routes anything, it reads both from `request_timeout_s` ago:
 
 1. :func:`restore` rebuilds an `InFlight` (latest attempt, every hospital tried) or a `FanOut`
    (all k hospitals; a fan-out whose parts were not all sent before the crash keeps placeholders
    for the unsent ones, so it can never be combined from a subset and fails at its deadline,
-   charging the parts that answered) for each request this instance routed whose deadline has
-   not passed;
+   charging the parts that answered) for each request routed whose deadline has not passed;
 2. :func:`replay_results` feeds the answers through the dispatcher in offset order: a router
    verdict (`node_id` empty, or the joined hospitals of a combined result) ends the request with
    nothing sent; a node's answer does what it would have done live — answered fan-out parts are
