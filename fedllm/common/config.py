@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = 5.0
     # Longest model work a node worker may do between two polls before its group evicts it.
     node_max_poll_interval_s: float = 1800.0
+    # False: the node loads no language model and answers aggregate queries only (generate
+    # requests fail before anything is drawn, uncharged); for aggregate-only sites and tests.
+    node_load_model: bool = True
 
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
