@@ -64,6 +64,7 @@ class Caller:
     terminal: str = ""  # ok | rejected | failed | timeout ("" = never read one)
     privacy_cost: float = 0.0
     resends: int = 0
+    reason: str = ""  # the detail of a non-ok terminal answer
 
 
 @dataclass
@@ -102,6 +103,7 @@ async def call(
             caller.terminal = TERMINAL_HTTP[r.status_code]
             caller.request_id = data.get("request_id", caller.request_id)
             caller.privacy_cost = float(data.get("privacy_cost", 0.0) or 0.0)
+            caller.reason = str(data.get("detail", ""))[:80]
             return
         caller.resends += 1  # 503 (no broker / gateway starting), 429, ...
         await asyncio.sleep(0.5)
@@ -481,6 +483,14 @@ class Report:
             f"{self.faults.replayed} deliveries duplicated in reverse order; "
             f"{sum(c.resends for c in self.callers)} caller re-sends"
         )
+        reasons: dict[str, int] = {}
+        for c in self.callers:
+            if c.terminal not in ("ok", ""):
+                reasons[f"{c.terminal}: {c.reason}"] = (
+                    reasons.get(f"{c.terminal}: {c.reason}", 0) + 1
+                )
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {n} × {reason}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
