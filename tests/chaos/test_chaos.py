@@ -12,6 +12,8 @@ Bounded: 40 requests, 6 kills over 40 s; ≤ 3 minutes.
 from __future__ import annotations
 
 import os
+import socket
+from urllib.parse import urlparse
 
 import pytest
 
@@ -21,7 +23,18 @@ from tests.pg_cluster import PG_BIN
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 
+def _redis_up() -> bool:
+    """The gateway's result store must survive a gateway kill: Redis (REDIS_URL or local)."""
+    url = urlparse(os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    try:
+        socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), 2).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not (PG_BIN / "initdb").exists(), reason=f"no initdb under {PG_BIN}")
+@pytest.mark.skipif(not _redis_up(), reason="no Redis for the gateway result store")
 def test_every_request_ends_once_and_is_charged_once_under_kills_outages_and_replays() -> None:
     report = run(
         requests=int(os.environ.get("FEDLLM_CHAOS_REQUESTS", "40")),
