@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     # there to place jointly); a lone decision under light load is placed at once.
     router_batch_min: int = 2
     router_hedge: bool = False
+    # This router instance's stable name (one per replica): its RoutedRequests carry it, and on
+    # a restart it re-adopts only the requests it routed (services/router/recovery.py).
+    router_id: str = "router"
     # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
     # with a terminal outcome, and the exponential backoff between attempts.
     delivery_attempts: int = 5
@@ -175,6 +178,9 @@ class Settings(BaseSettings):
     # Fetched requests a node holds in its priority queue (services/node_worker/intake.py): a
     # high request overtakes queued normal/low work among these.
     node_intake_capacity: int = 32
+    # False: the node loads no language model and answers aggregate queries only (generate
+    # requests fail before anything is drawn, uncharged); for aggregate-only sites and tests.
+    node_load_model: bool = True
 
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).

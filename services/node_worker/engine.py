@@ -157,14 +157,17 @@ class Engine:
             if settings.answer_routes
             else None
         )
-        self.lm = model or load_model(data_dir=settings.data_dir)
+        # FEDLLM_NODE_LOAD_MODEL=false: an aggregate-only node (no model; generate refused).
+        self.lm = model or (
+            load_model(data_dir=settings.data_dir) if settings.node_load_model else None
+        )
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",
             hospital_id,
             self.records.n_notes,
             groups,
-            self.lm.name,
-            self.lm.device,
+            self.model_name,
+            self.device,
         )
 
     def budget_room(self) -> float:
@@ -190,11 +193,11 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return self.lm.name
+        return self.lm.name if self.lm is not None else "none (aggregates only)"
 
     @property
     def device(self) -> str:
-        return str(self.lm.device)
+        return str(self.lm.device) if self.lm is not None else "cpu"
 
     # ------------------------------------------------------------------ prompts
 
@@ -268,6 +271,8 @@ class Engine:
         if parts > 1 and kind != "aggregate":
             return failed("only aggregate queries can be answered in parts")
         temperature, query = 0.0, None
+        if kind == "generate" and self.lm is None:
+            return failed("this node answers aggregate queries only (no model loaded)")
         if kind == "generate":
             try:
                 temperature = check_temperature(float(inner.get("temperature", 1.0)))

@@ -5,11 +5,13 @@ Consumers:
   With a batch strategy (the assignment optimiser) a batch is what arrives within
   `router_batch_window_ms` of its first decision, placed jointly.
 - `fedllm.heartbeats` and `fedllm.node-results`, all partitions by `assign()` without a group
-  (every router instance needs every heartbeat and every answer). In-flight state lives in
-  memory, so there is nothing to resume on these: heartbeats are read from `node_ttl_s` ago,
-  node results from the end. After a crash the accountant's deadline backstop settles whatever
-  this router was supervising; a replayed decision is routed again (node results are kept
-  first-wins by the accountant).
+  (every router instance needs every heartbeat and every answer). Heartbeats are read
+  from `node_ttl_s` ago, node results from the end. In-flight and fan-out state lives in memory;
+  supervision goes with the decisions partitions: a member that is assigned some re-derives it
+  before routing anything (`services/router/recovery.py`: the RoutedRequests tagged with this
+  deployment's `router_id` and the node results of the last `request_timeout_s`; live answers
+  wait meanwhile), and one that loses them drops it. A decision replayed by the group is
+  recognised as in flight; the accountant keeps node results first-wins.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.common.residency import RegionPolicy
+from fedllm.services.router import recovery
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
 from fedllm.services.router.metrics import RouterMetrics, process_metrics
 from fedllm.services.router.registry import NodeRegistry
@@ -38,19 +41,32 @@ from fedllm.services.router.strategy import BatchRoutingStrategy, RoutingStrateg
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
+RECOVERY_MARGIN_MS = 5_000  # read routed requests and answers this far before the oldest live one
 
 
 class _Assigned(ConsumerRebalanceListener):
-    """Sets `event` once the group has given this member its (possibly empty) assignment."""
+    """Hands supervision over with the decisions partitions: a member that gets some re-adopts
+    what was in flight (from the topics) before it routes anything; one that loses them drops
+    its state (the new owner adopts it). Sets `event` once the first assignment is in."""
 
-    def __init__(self, event: asyncio.Event) -> None:
-        self.event = event
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        return None
+        if revoked:
+            self.service.recovered.clear()
+            self.service.dispatcher.in_flight.clear()
+            self.service.dispatcher.fan_outs.clear()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.event.set()
+        if assigned:
+            try:
+                await self.service.recover()
+            except Exception as exc:  # the group swallows listener errors: fail the router
+                log.exception("re-adopting the in-flight requests failed")
+                self.service.recovery_error = exc
+        self.service.recovered.set()
+        self.service._assigned.set()
 
 
 async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
@@ -109,6 +125,13 @@ class RouterService:
         self._assigned = asyncio.Event()
         self.traces = tracing.TraceMemory()
         self.policy = RetryPolicy.from_settings(settings)
+        self._tag = [(recovery.ROUTER_HEADER, settings.router_id.encode())]
+        self.restored = 0  # requests re-adopted on assignments so far (recovery.py)
+        self.recovery_error: Exception | None = None
+        # Fetching starts before the assignment listener has re-adopted the in-flight state:
+        # decisions wait for it, so none is routed twice.
+        self.recovered = asyncio.Event()
+        self._answers = asyncio.Lock()  # live node results wait while state is re-adopted
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
     async def execute(self, actions: list[Action]) -> None:
@@ -118,7 +141,11 @@ class RouterService:
                 try:
                     with self.traces.resume(action.record.get("request_id"), "router dispatch"):
                         await self.bus.send(
-                            action.topic, action.schema, action.record, key=action.key
+                            action.topic,
+                            action.schema,
+                            action.record,
+                            key=action.key,
+                            headers=self._tag if action.schema == "RoutedRequest" else None,
                         )
                 except KafkaError as exc:
                     if action.schema != "RoutedRequest":
@@ -150,7 +177,7 @@ class RouterService:
         await self.producer.start()
         for consumer in (self.decisions, self.heartbeats, self.node_results):
             await consumer.start()
-        self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self._assigned))
+        self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self))
         hb_tps = await _assign_all(self.heartbeats, topics.HEARTBEATS)
         await _seek_to_time(
             self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000)
@@ -160,6 +187,46 @@ class RouterService:
         for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
             await self.node_results.position(tp)
         await self._drain_heartbeats()
+
+    async def recover(self) -> None:
+        """Re-adopt what this deployment's routers were supervising (from the topics) before
+        routing anything; live node results wait meanwhile, so none falls in a gap."""
+        async with self._answers:
+            since = now_ms() - int(self.settings.request_timeout_s * 1000) - RECOVERY_MARGIN_MS
+            hospitals = {h.id for h in self.settings.hospitals}
+            hospitals |= {n.hospital_id for n in self.dispatcher.registry.alive(now_ms())}
+            reader = make_consumer(self.settings, group_id=None)
+            await reader.start()
+            try:
+                await reader.topics()
+                wanted = [topics.hospital_requests(h) for h in sorted(hospitals)]
+                tps = [
+                    TopicPartition(t, p)
+                    for t in wanted
+                    for p in sorted(reader.partitions_for_topic(t) or ())
+                ]
+                nr_tps = [
+                    TopicPartition(topics.NODE_RESULTS, p)
+                    for p in sorted(reader.partitions_for_topic(topics.NODE_RESULTS) or ())
+                ]
+                reader.assign(tps + nr_tps)
+                routed = await recovery.read_since(
+                    reader, tps, since, "RoutedRequest", router_id=self.settings.router_id
+                )
+                results = await recovery.read_since(reader, nr_tps, since, "InferenceResult")
+            finally:
+                with contextlib.suppress(Exception):
+                    await reader.stop()
+            self.restored += recovery.restore(self.dispatcher, routed, now_ms=now_ms())
+            actions = recovery.replay_results(self.dispatcher, results, now_ms=now_ms())
+            await self.execute(actions)
+        if self.restored:
+            log.info(
+                "router %s re-adopted %d requests (%d still open) from the topics",
+                self.settings.router_id,
+                self.restored,
+                len(self.dispatcher.in_flight) + len(self.dispatcher.fan_outs),
+            )
 
     async def _drain_heartbeats(self) -> None:
         """Read the recent heartbeats before routing anything, so the registry is warm."""
@@ -190,6 +257,10 @@ class RouterService:
     async def route_decisions(self) -> None:
         while True:
             batch = await self.decisions.getmany(timeout_ms=POLL_MS)
+            if batch:
+                await self.recovered.wait()
+            if self.recovery_error is not None:
+                raise self.recovery_error  # crash before routing: the supervisor restarts us
             metrics.record_lag(SERVICE, self.decisions, batch)
             if self.batch_window_ms > 0 and (
                 sum(map(len, batch.values())) >= self.settings.router_batch_min
@@ -267,21 +338,18 @@ class RouterService:
     async def close_answered(self) -> None:
         while True:
             batch = await self.node_results.getmany(timeout_ms=POLL_MS)
-            for msgs in batch.values():
-                for msg in msgs:
-                    result = await self.bus.decode_or_dead_letter(
-                        msg, "InferenceResult", service=SERVICE
-                    )
-                    if result is not None:
-                        with metrics.stage(
-                            SERVICE,
-                            "InferenceResult",
-                            headers=msg.headers,
-                            request_id=result["request_id"],
-                        ):
-                            await self.execute(
-                                self.dispatcher.on_node_result(result, now_ms=now_ms())
-                            )
+            async with self._answers:
+                for msgs in batch.values():
+                    for msg in msgs:
+                        await self._on_answer(msg)
+
+    async def _on_answer(self, msg: ConsumerRecord) -> None:
+        result = await self.bus.decode_or_dead_letter(msg, "InferenceResult", service=SERVICE)
+        if result is not None:
+            with metrics.stage(
+                SERVICE, "InferenceResult", headers=msg.headers, request_id=result["request_id"]
+            ):
+                await self.execute(self.dispatcher.on_node_result(result, now_ms=now_ms()))
 
     async def supervise(self) -> None:
         while True:
