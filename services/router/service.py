@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -229,8 +230,10 @@ class RouterService:
             )
 
     async def _drain_heartbeats(self) -> None:
-        """Read the recent heartbeats before routing anything, so the registry is warm."""
-        while True:
+        """Read the recent heartbeats before routing anything, so the registry is warm. Bounded
+        in time: live nodes keep sending, so "until a fetch comes back empty" may never end."""
+        deadline = time.monotonic() + max(1.0, self.settings.node_ttl_s)
+        while time.monotonic() < deadline:
             batch = await self.heartbeats.getmany(
                 timeout_ms=2 * self.settings.background_fetch_max_wait_ms
             )
