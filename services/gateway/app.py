@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
@@ -145,7 +146,9 @@ def create_app(
             if state.cache is not None:
                 await state.cache.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI / ReDoc from the gateway itself (no CDN:
+    # hospital networks are often offline).
+    app = FastAPIOffline(
         title="fedllm gateway",
         version="1.0.0",
         description="Federated, differentially private LLM queries for hospitals.",
