@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     router_strategy: str = "privacy_aware"
     router_batch_window_ms: int = 50
     router_hedge: bool = False
+    # Which nodes the router admits: "configured" (the hospitals below, plus those an admin
+    # approves via POST /v1/admin/nodes) or "open" (any node that sends heartbeats).
+    node_admission: Literal["configured", "open"] = "configured"
     # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
     # with a terminal outcome, and the exponential backoff between attempts.
     delivery_attempts: int = 5

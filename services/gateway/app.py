@@ -17,7 +17,14 @@ from fastapi_offline import FastAPIOffline
 from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
-from fedllm.services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
+from fedllm.services.gateway import (
+    control_plane,
+    routes_admin,
+    routes_auth,
+    routes_budget,
+    routes_emergency,
+    routes_inference,
+)
 from fedllm.services.gateway.auth import PasswordChecker
 from fedllm.services.gateway.cached_answers import make_answer_cache
 from fedllm.services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
@@ -38,6 +45,7 @@ GATEWAY_TOPICS = (
     topics.AUDIT,
     topics.HEARTBEATS,
     topics.ADMIN,
+    topics.CONTROL,
 )
 
 
@@ -118,6 +126,7 @@ def create_app(
         await state.budgets.start()
         await state.nodes.start()
         await state.archiver.start()
+        await control_plane.start(state)
         try:
             await asyncio.wait_for(
                 asyncio.gather(
@@ -134,6 +143,7 @@ def create_app(
         try:
             yield
         finally:
+            await control_plane.stop(state)
             await state.correlator.stop()
             await state.budgets.stop()
             await state.nodes.stop()
@@ -156,6 +166,7 @@ def create_app(
     )
     app.state.gateway = state
     app.add_exception_handler(RequestValidationError, invalid_request)
+    control_plane.install(app, state)  # lockdown / halt, before routing and authentication
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -179,7 +190,9 @@ def create_app(
             services = json.loads(status.read_text())
         except (OSError, ValueError):
             services = None
-        return Health(status="alive", services=services)
+        ctl = state.extra.get(control_plane.EXTRA_KEY)
+        emergency = ctl.state.view() if ctl is not None else None
+        return Health(status="alive", services=services, emergency=emergency)
 
     @app.get(
         "/v1/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
@@ -203,4 +216,5 @@ def create_app(
     app.include_router(routes_inference.build_router(inference_body_model(settings)))
     app.include_router(routes_budget.router)
     app.include_router(routes_admin.build_router(settings))
+    app.include_router(routes_emergency.build_router())
     return app
