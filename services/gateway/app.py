@@ -24,6 +24,7 @@ from fedllm.services.gateway import (
     routes_budget,
     routes_emergency,
     routes_inference,
+    routes_nodes_config,
 )
 from fedllm.services.gateway.auth import PasswordChecker
 from fedllm.services.gateway.cached_answers import make_answer_cache
@@ -217,4 +218,5 @@ def create_app(
     app.include_router(routes_budget.router)
     app.include_router(routes_admin.build_router(settings))
     app.include_router(routes_emergency.build_router())
+    app.include_router(routes_nodes_config.build_router())
     return app
