@@ -22,6 +22,7 @@ from fedllm.services.gateway import (
     routes_admin,
     routes_auth,
     routes_budget,
+    routes_console,
     routes_emergency,
     routes_inference,
     routes_nodes_config,
@@ -128,6 +129,7 @@ def create_app(
         await state.nodes.start()
         await state.archiver.start()
         await control_plane.start(state)
+        await routes_console.start(state)  # samples the ledgers the console plots
         try:
             await asyncio.wait_for(
                 asyncio.gather(
@@ -144,6 +146,7 @@ def create_app(
         try:
             yield
         finally:
+            await routes_console.stop(state)
             await control_plane.stop(state)
             await state.correlator.stop()
             await state.budgets.stop()
@@ -219,4 +222,5 @@ def create_app(
     app.include_router(routes_admin.build_router(settings))
     app.include_router(routes_emergency.build_router())
     app.include_router(routes_nodes_config.build_router())
+    app.include_router(routes_console.build_router())
     return app

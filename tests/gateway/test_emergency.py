@@ -13,7 +13,7 @@ from tests.gateway.test_admin import Tap, admin
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-QUERY = {"prompt": "How is chest pain triaged?", "epsilon": 0.5}
+QUERY = {"prompt": "How is chest pain triaged?", "privacy_budget": 0.5}
 
 
 def doctor(settings) -> dict[str, str]:
@@ -51,7 +51,7 @@ async def test_lockdown_serves_only_admins_and_is_audited(settings) -> None:
                 headers=adm,
             )
             assert r.status_code == 200 and r.json()["lockdown"] is True
-            r = await client.get("/v1/budget", headers=doctor(settings))
+            r = await client.get("/v1/privacy/budget/dr-x", headers=token(settings, "dr-x"))
             assert r.status_code == 503
             assert r.json()["detail"] == "security lockdown: suspected credential leak"
             r = await client.post("/v1/inference", json=QUERY, headers=doctor(settings))
@@ -71,7 +71,7 @@ async def test_lockdown_serves_only_admins_and_is_audited(settings) -> None:
                 headers=adm,
             )
         assert r.status_code == 200 and r.json()["lockdown"] is False
-        r = await client.get("/v1/budget", headers=doctor(settings))
+        r = await client.get("/v1/privacy/budget/dr-x", headers=token(settings, "dr-x"))
         assert r.status_code != 503
 
 
