@@ -18,6 +18,7 @@ from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
 from fedllm.services.gateway import (
+    allow_header,
     control_plane,
     routes_admin,
     routes_auth,
@@ -171,6 +172,7 @@ def create_app(
     app.state.gateway = state
     app.add_exception_handler(RequestValidationError, invalid_request)
     control_plane.install(app, state)  # lockdown / halt, before routing and authentication
+    allow_header.install(app)  # 405: every method of the path, across routers
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -115,19 +115,21 @@ async def issue(
     return record
 
 
-def _is_admin(state: GatewayState, request: Request) -> bool:
+def _caller(state: GatewayState, request: Request) -> Principal | None:
+    """The bearer token's principal, or None (the route's own check then answers 401)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
     try:
-        return state.verifier.verify(token.strip()).can("admin")
+        return state.verifier.verify(token.strip())
     except AuthError:
-        return False
+        return None
 
 
 def install(app: FastAPI, state: GatewayState) -> None:
-    """The lockdown / halt middleware (runs before routing and authentication)."""
+    """The lockdown / halt middleware (runs before routing and authentication). During a
+    lockdown a caller with a valid non-admin token gets 503 with the reason."""
 
     @app.middleware("http")
     async def emergency_gate(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -135,7 +137,10 @@ def install(app: FastAPI, state: GatewayState) -> None:
         current = ctl.state if ctl is not None else None
         path = request.url.path
         if current is not None and current.lockdown is not None:
-            if not path.startswith(LOCKDOWN_OPEN) and not _is_admin(state, request):
+            caller = None if path.startswith(LOCKDOWN_OPEN) else _caller(state, request)
+            # Authenticated non-admins get the reason; without a valid token the route
+            # answers 401 as always (and serves nothing).
+            if caller is not None and not caller.can("admin"):
                 state.metrics.denied.labels("lockdown").inc()
                 return JSONResponse(
                     status_code=503,

@@ -10,29 +10,27 @@
 
 # No `from __future__ import annotations`: FastAPI must see the body models.
 
-import re
-
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedllm.services.gateway import control_plane
 from fedllm.services.gateway.deps import State
+from fedllm.services.gateway.models import ErrorBody
 from fedllm.services.gateway.routes_admin import AUTH_RESPONSES, AdminPrincipal
 
 HOSPITAL_ID = r"^[A-Za-z0-9_.-]{1,64}$"
-_HOSPITAL = re.compile(HOSPITAL_ID)
 
 
 class Switch(BaseModel):
     """Turn an emergency state on (with the reason shown to callers) or off."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool
     reason: str = Field(min_length=3, max_length=500)
 
 
 class Breaker(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     open: bool
     reason: str = Field(min_length=3, max_length=500)
 
@@ -45,7 +43,11 @@ class EmergencyView(BaseModel):
     open_breakers: dict[str, str]
 
 
-RESPONSES = {**AUTH_RESPONSES, 503: {"description": "broker unavailable"}}
+RESPONSES = {
+    **AUTH_RESPONSES,
+    400: {"model": ErrorBody, "description": "body is not parseable"},
+    503: {"model": ErrorBody, "description": "broker unavailable"},
+}
 
 
 def build_router() -> APIRouter:

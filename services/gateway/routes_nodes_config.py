@@ -11,8 +11,7 @@
 # No `from __future__ import annotations`: FastAPI must see the body models.
 
 import json
-import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,10 +27,13 @@ DEPARTMENT = r"^[a-z][a-z0-9_-]{0,63}$"
 
 
 class NodeCommand(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     action: Literal["register", "approve", "drain", "remove"]
     hospital_id: str = Field(pattern=HOSPITAL_ID)
-    departments: list[str] = Field(default_factory=list, max_length=64)
+    # The departments a registered node will serve (used by `register`, ignored otherwise).
+    departments: list[Annotated[str, Field(pattern=DEPARTMENT)]] = Field(
+        default_factory=list, max_length=64
+    )
     reason: str = Field(min_length=3, max_length=500)
 
 
@@ -42,9 +44,20 @@ class NodeAdmissionView(BaseModel):
     departments: list[str]
 
 
+class RuntimeSettings(BaseModel):
+    """The settings to change (at least one); null resets one to its default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1})
+    router_strategy: Literal[control.STRATEGY_NAMES] | None = None  # type: ignore[valid-type]
+    cache_enabled: bool | None = None
+    breaker_error_rate: float | None = Field(None, gt=0, le=1)
+    breaker_latency_ms: float | None = Field(None, ge=0, le=3_600_000)
+    breaker_cooldown_s: float | None = Field(None, ge=0, le=86_400)
+
+
 class ConfigChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    settings: dict[str, Any] = Field(min_length=1, max_length=len(control.RUNTIME_CONFIG))
+    model_config = ConfigDict(extra="forbid", strict=True)
+    settings: RuntimeSettings
     reason: str = Field(min_length=3, max_length=500)
 
 
@@ -94,6 +107,7 @@ def build_router() -> APIRouter:
     router = APIRouter(tags=["admin"])
     responses = {
         **AUTH_RESPONSES,
+        400: {"model": ErrorBody, "description": "body is not parseable, or no setting given"},
         409: {"model": ErrorBody, "description": "not allowed from the node's current status"},
         503: {"model": ErrorBody, "description": "broker unavailable"},
     }
@@ -112,11 +126,6 @@ def build_router() -> APIRouter:
         request: Request, state: State, principal: AdminPrincipal, body: NodeCommand
     ) -> NodeAdmissionView:
         """Register, approve, drain or remove a hospital node."""
-        bad = [d for d in body.departments if not re.fullmatch(DEPARTMENT, d)]
-        if bad:
-            raise HTTPException(422, f"invalid department names: {', '.join(map(repr, bad))}")
-        if body.departments and body.action != "register":
-            raise HTTPException(422, "departments go with action register only")
         current = control_plane.control_state(state)
         status = current.admission(body.hospital_id)
         if status not in _TRANSITIONS[body.action]:
@@ -146,7 +155,10 @@ def build_router() -> APIRouter:
     @router.put(
         "/v1/admin/config",
         response_model=ConfigApplied,
-        responses={**responses, 422: {"description": "unknown setting or invalid value"}},
+        responses={
+            **responses,
+            422: {"description": "unknown setting or invalid value"},
+        },
     )
     async def change_config(
         request: Request, state: State, principal: AdminPrincipal, body: ConfigChange
@@ -154,12 +166,17 @@ def build_router() -> APIRouter:
         """Validate all the changes, then apply each through `fedllm.control`; every change
         is audited with its old and new value."""
         current = control_plane.control_state(state)
+        given = body.settings.model_fields_set
+        if not given:
+            raise HTTPException(400, "no setting to change")
         validated: dict[str, Any] = {}
-        for key, value in body.settings.items():
-            try:
-                validated[key] = control.validate_config(key, value)
-            except ValueError as exc:
-                raise HTTPException(422, str(exc)) from None
+        for key in sorted(given):
+            value = getattr(body.settings, key)
+            validated[key] = (
+                control.RUNTIME_CONFIG[key].default
+                if value is None and key != "router_strategy"
+                else control.validate_config(key, value)
+            )
         changed: dict[str, Any] = {}
         for key, value in validated.items():
             old = current.setting(key)

@@ -57,6 +57,8 @@ async def test_lockdown_serves_only_admins_and_is_audited(settings) -> None:
             r = await client.post("/v1/inference", json=QUERY, headers=doctor(settings))
             assert r.status_code == 503
             assert (await client.get("/v1/admin/config", headers=adm)).status_code == 200
+            r = await client.get("/v1/privacy/budget/dr-x")  # no token: 401 as always
+            assert r.status_code == 401
             health = (await client.get("/v1/health")).json()
             assert health["emergency"]["lockdown_reason"] == "suspected credential leak"
             event = await audit.wait_for(lambda e: e["action"] == "admin.control.lockdown")
