@@ -132,3 +132,30 @@ def test_config_validation_refuses_bad_values() -> None:
     ]:
         with pytest.raises(ValueError):
             validate_config(key, value)
+
+
+class RecordingBus:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict]] = []
+
+    async def send(self, topic: str, schema: str, record: dict, key=None) -> None:
+        self.sent.append((topic, schema, record))
+
+
+async def test_router_fails_decisions_while_halted(tmp_path) -> None:
+    from fedllm.common import topics
+    from fedllm.common.config import Settings
+    from fedllm.services.router.service import RouterService
+
+    router = RouterService(Settings(kafka_bootstrap="127.0.0.1:1", data_dir=tmp_path))
+    bus = RecordingBus()
+    router.bus = bus  # type: ignore[assignment]
+    router.control.apply(cmd("halt", reason="incident 7"))
+    req = request("rq-halt", created_ms=0, deadline_ms=10**13)
+    await router.route_batch([(None, decision(req, at_ms=0))])  # type: ignore[list-item]
+    ((topic, schema, record),) = bus.sent
+    assert (topic, schema) == (topics.NODE_RESULTS, "InferenceResult")
+    assert record["status"] == "failed" and record["reason"] == "processing halted: incident 7"
+    assert not record.get("rdp_orders")  # nothing started: the accountant refunds
+    assert router.dispatcher.in_flight == {}  # nothing routed
+    await router.stop()
