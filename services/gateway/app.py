@@ -129,7 +129,9 @@ def create_app(
         await state.budgets.start()
         await state.nodes.start()
         await state.archiver.start()
-        await control_plane.start(state)
+        # The control log (lockdown, halt, config) is folded while the readers get assigned;
+        # both are done before the first request is served.
+        control_started = asyncio.create_task(control_plane.start(state))
         await routes_console.start(state)  # samples the ledgers the console plots
         try:
             await asyncio.wait_for(
@@ -144,6 +146,7 @@ def create_app(
             log.warning(
                 "gateway consumers not assigned after %.0fs; /v1/ready says 503", assignment_wait_s
             )
+        await control_started
         try:
             yield
         finally:
