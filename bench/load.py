@@ -431,6 +431,45 @@ def ledger_decisions(*, history: int, batches: int, batch: int) -> None:
     )
 
 
+# --------------------------------------------------------------------------- broker decay
+
+
+async def decay_windows(
+    pipeline: Pipeline, users: list[tuple[str, str]], *, seconds: float, window_s: float
+) -> None:
+    """1 request in flight for `seconds` on one broker: req/s and p95 per window, so the
+    embedded broker's decay with stored history (BROKER notes) shows against requests served."""
+    served = 0
+    t_end = time.perf_counter() + seconds
+    w = 0
+    while time.perf_counter() < t_end:
+        st = Stats(f"window {w}", 1)
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=120) as client:
+            while time.perf_counter() - t0 < window_s:
+                user, token = users[served % len(users)]
+                s0 = time.perf_counter()
+                r = await client.post(
+                    "/v1/inference",
+                    json={
+                        "prompt": AGGREGATE,
+                        "kind": "aggregate",
+                        "max_tokens": 1,
+                        "temperature": 0.0,
+                        "privacy_budget": EPSILON,
+                    },
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                served += 1
+                if r.status_code == 200:
+                    st.total.append((time.perf_counter() - s0) * 1000)
+                else:
+                    st.failures += 1
+        st.rate = len(st.total) / (time.perf_counter() - t0)
+        print(f"{st.line()}   requests served so far {served}", flush=True)
+        w += 1
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -513,6 +552,14 @@ def main() -> None:
         default=".fedllm",
         help="service data (the model's de-quantised cache is reused from here)",
     )
+    ap.add_argument(
+        "--decay",
+        type=float,
+        default=0.0,
+        help="only measure 1-in-flight throughput per window over this many seconds on one "
+        "fresh broker (the embedded broker's decay with history)",
+    )
+    ap.add_argument("--decay-window", type=float, default=30.0)
     args = ap.parse_args()
     args.requests = args.requests or (300 if args.quick else 2000)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -529,6 +576,15 @@ def main() -> None:
     def pipeline() -> Pipeline:  # a fresh broker each time; the same ledger
         return Pipeline(data_dir=data_dir, database_url=database_url, env=env)
 
+    if args.decay:
+        p = pipeline()
+        try:
+            p.start(timeout_s=900)
+            users = tokens_for(p, args.users)
+            asyncio.run(decay_windows(p, users, seconds=args.decay, window_s=args.decay_window))
+        finally:
+            p.stop()
+        return
     t_start = time.perf_counter()
     ledger_decisions(history=args.history, batches=20 if args.quick else 100, batch=64)
     p = pipeline()

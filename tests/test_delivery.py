@@ -220,3 +220,33 @@ async def test_relay_sends_committed_messages_and_a_replay_sends_identical_bytes
     assert [m.value for m in got] == [m.value for m in msgs] * 2
     assert [m.key for m in got] == [m.key for m in msgs] * 2
     assert [list(m.headers) for m in got[:3]] == [list(m.headers) for m in got[3:]]
+
+
+async def test_relay_marks_only_what_was_acked_when_a_page_fails(
+    settings: Settings,
+    fresh_database_url: str,
+) -> None:
+    """A page is sent pipelined; a message the producer refuses stops it there: what was acked
+    before it is marked sent, it and the rest stay pending, and the error is raised."""
+    from sqlalchemy.orm import Session
+
+    topic = f"t.outbox.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, {topic: 1})
+    engine = make_engine(fresh_database_url)
+    outbox.create_table(engine)
+    small = [Message(topic, f"k{i}".encode(), f"v{i}".encode(), ()) for i in range(3)]
+    big = Message(topic, b"big", b"x" * 20_000, ())
+    with Session(engine) as s, s.begin():
+        outbox.add(s, [*small[:2], big, small[2]])
+    producer = make_producer(settings, max_request_size=10_000)
+    await producer.start()
+    try:
+        relay = outbox.Relay(engine, producer)
+        with pytest.raises(Exception, match="(?i)size|large"):
+            await relay.flush()
+        assert [m.value for _, m in outbox.pending(engine)] == [big.value, small[2].value]
+    finally:
+        await producer.stop()
+        engine.dispose()
+    got = await collect(settings, topic, until=lambda r: len(r) >= 2, raw=True, timeout_s=20)
+    assert [m.value for m in got] == [b"v0", b"v1"]

@@ -38,6 +38,9 @@ class HospitalConfig(BaseModel):
     population: int = 20
     # Public label of the data set (e.g. its load date); bump it on new data or an erasure.
     data_version: str = ""
+    # Where the hospital's data and processing are (e.g. "EU", "US"); "" = unspecified, which
+    # no residency-restricted request may use (fedllm/common/residency.py).
+    region: str = ""
 
 
 class BudgetConfig(BaseModel):
@@ -125,6 +128,15 @@ class Settings(BaseSettings):
 
     # Kafka client tuning (see shared BROKER notes: short fetch waits, explicit topics).
     fetch_max_wait_ms: int = 10
+    # Consumers off a request's path (router and gateway heartbeat/budget readers, the
+    # auditor): on a broker that does not wake a waiting fetch, every consumer makes
+    # 1000/fetch_max_wait_ms round trips a second while idle, so these wait longer.
+    background_fetch_max_wait_ms: int = 250
+    # Every consumer's fetch wait once none of its fetches brought data for `idle_after_ms`
+    # (fedllm.common.fetch_wait): an idle pipeline then polls the broker 10× less; the first
+    # request after an idle spell pays up to this much per hop. ≤ the fetch wait: off.
+    idle_fetch_max_wait_ms: int = 100
+    idle_after_ms: int = 1_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
 
@@ -135,11 +147,23 @@ class Settings(BaseSettings):
     node_ttl_s: float = 5.0
     max_tokens_limit: int = 256
 
+    # Accountant (faust): events per ledger transaction, how long a partial batch waits for
+    # more (a lone request pays up to this), and offsets acked between two commits besides the
+    # periodic commit every `accountant_commit_interval_s` (replays are no-ops by request id,
+    # so committing per message only adds a broker round trip before each one).
+    accountant_batch_max: int = 256
+    accountant_batch_window_ms: int = 10
+    accountant_commit_every: int = 1_000
+    accountant_commit_interval_s: float = 0.5
+
     # Router: strategy by name (services/router/strategies.py; default = the winner of
     # bench/routing_sim.py), the batching window a batch strategy places jointly, and hedging of
     # high-priority requests (a hedge is a second charge: docs/routing.md).
     router_strategy: str = "privacy_aware"
     router_batch_window_ms: int = 50
+    # The window is waited only when one poll already brought this many decisions (load is
+    # there to place jointly); a lone decision under light load is placed at once.
+    router_batch_min: int = 2
     router_hedge: bool = False
     # Which nodes the router admits: "configured" (the hospitals below, plus those an admin
     # approves via POST /v1/admin/nodes) or "open" (any node that sends heartbeats).
@@ -151,6 +175,9 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = 5.0
     # Longest model work a node worker may do between two polls before its group evicts it.
     node_max_poll_interval_s: float = 1800.0
+    # Fetched requests a node holds in its priority queue (services/node_worker/intake.py): a
+    # high request overtakes queued normal/low work among these.
+    node_intake_capacity: int = 32
 
     # Node worker: DP decoding over `dp_groups` disjoint patient groups; torch CPU threads
     # (0 = torch's default; 1 when several nodes share one machine, as in the embedded default).
@@ -163,6 +190,11 @@ class Settings(BaseSettings):
 
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     hospitals: list[HospitalConfig] = Field(default_factory=default_hospitals)
+    # Data residency: department -> regions its requests may be routed to (missing or empty:
+    # any region). A user's own `regions` narrow this further (docs/residency.md).
+    department_regions: dict[str, list[str]] = Field(default_factory=dict)
+    # Consensus (require_consensus): how many hospitals serving the department answer (k >= 2).
+    consensus_k: int = Field(default=2, ge=2)
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080

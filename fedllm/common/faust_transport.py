@@ -4,7 +4,7 @@ faust-streaming hard-codes `fetch_max_wait_ms=1500` for its worker consumer. On 
 not wake a waiting fetch when data arrives (the local Tansu broker), that costs ~750 ms a hop.
 This transport is faust's aiokafka driver with that one value taken from config
 (`Settings.fetch_max_wait_ms`). It is registered as the `fastfetch://` URL scheme through the
-`faust.transports` entry point.
+`faust.transports` entry point. Its fetch wait lengthens while idle (`fedllm.common.fetch_wait`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from fedllm.common import fetch_wait
 from fedllm.common.config import get_settings
 
 SCHEME = "fastfetch"
@@ -27,8 +28,20 @@ class FastFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """faust's consumer thread with `fetch_max_wait_ms` from settings."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
+        settings = get_settings()
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = get_settings().fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
+        start = consumer.start
+
+        async def start_then_adapt() -> None:  # longer waits while idle (fetch_wait)
+            await start()
+            fetch_wait.adapt(
+                consumer,
+                idle_ms=settings.idle_fetch_max_wait_ms,
+                idle_after_ms=settings.idle_after_ms,
+            )
+
+        consumer.start = start_then_adapt
         return consumer
 
 

@@ -95,6 +95,7 @@ class Principal:
     department: str
     role: str
     permissions: frozenset[str]
+    regions: tuple[str, ...] = ()  # empty: the department's regions (data residency)
 
     def can(self, permission: str) -> bool:
         return permission in self.permissions
@@ -165,7 +166,16 @@ class TokenVerifier:
         perms = self.roles.get(role)
         if perms is None:
             raise AuthError("unknown role")
-        return Principal(user_id=sub, department=dept, role=role, permissions=perms)
+        regions = claims.get("regions", [])
+        if not (
+            isinstance(regions, list)
+            and len(regions) <= 16
+            and all(isinstance(r, str) and 0 < len(r) <= 32 for r in regions)
+        ):
+            raise AuthError("malformed regions claim")
+        return Principal(
+            user_id=sub, department=dept, role=role, permissions=perms, regions=tuple(regions)
+        )
 
 
 class IdentitySettings(BaseSettings):
@@ -226,8 +236,10 @@ def mint_token(
     ttl_s: int = 1800,
     kid: str | None = None,
     secret: str | None = None,
+    regions: Sequence[str] = (),
 ) -> str:
-    """A signed token for `user_id`; `kid`/`secret` default to the current key."""
+    """A signed token for `user_id`; `kid`/`secret` default to the current key; `regions`
+    (optional claim) narrows where the user's requests may be routed."""
     now = int(time.time())
     claims = {
         "sub": user_id,
@@ -240,6 +252,8 @@ def mint_token(
         "exp": now + int(ttl_s),
         "jti": uuid.uuid4().hex,
     }
+    if regions:
+        claims["regions"] = list(regions)
     key = secret if secret is not None else settings.require_jwt_secret()
     kid = kid if kid is not None else IdentitySettings().jwt_kid
     return jwt.encode(claims, key, algorithm=settings.jwt_algorithm, headers={"kid": kid})

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from fedllm.common import codec, metrics, topics, tracing
+from fedllm.common import codec, fetch_wait, metrics, topics, tracing
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,25 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**kw)
 
 
+class Consumer(AIOKafkaConsumer):
+    """An aiokafka consumer whose fetch wait lengthens while it is idle
+    (`fedllm.common.fetch_wait`)."""
+
+    def __init__(self, *topics: str, idle_fetch: tuple[int, int], **kw: Any) -> None:
+        super().__init__(*topics, **kw)
+        self._idle_fetch = idle_fetch
+
+    async def start(self) -> None:
+        await super().start()
+        idle_ms, idle_after_ms = self._idle_fetch
+        fetch_wait.adapt(self, idle_ms=idle_ms, idle_after_ms=idle_after_ms)
+
+
 def make_consumer(
     settings: Settings, *topic_names: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
-    """A consumer with manual commits and a short fetch wait (see BROKER notes)."""
+    """A consumer with manual commits and a short fetch wait (see BROKER notes), longer while
+    idle (`idle_fetch_max_wait_ms`)."""
     kw: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "group_id": group_id,
@@ -69,7 +84,8 @@ def make_consumer(
         **_security(settings),
     }
     kw.update(overrides)
-    return AIOKafkaConsumer(*topic_names, **kw)
+    idle = (settings.idle_fetch_max_wait_ms, settings.idle_after_ms)
+    return Consumer(*topic_names, idle_fetch=idle, **kw)
 
 
 def admin_client(settings: Settings) -> AIOKafkaAdminClient:

@@ -136,19 +136,39 @@ class Relay:
         self._lock = asyncio.Lock()
 
     async def flush(self) -> int:
-        """Send every unsent message (acked one by one, in order); returns how many."""
+        """Send every unsent message; returns how many. A page of messages is handed to the
+        producer in order and its acks awaited together (one broker round trip per page, not
+        per message); the acked ones are marked sent, and if any failed the error is raised
+        after that, leaving the rest for the next flush (at-least-once: consumers dedupe)."""
         sent = 0
         async with self._lock:
             while True:
                 rows = await asyncio.to_thread(pending, self.engine, limit=self.batch)
                 if not rows:
                     return sent
+                acks = []
+                error: BaseException | None = None
                 for _, m in rows:
-                    await self.producer.send_and_wait(
-                        m.topic, value=m.value, key=m.key, headers=list(m.headers)
-                    )
-                await asyncio.to_thread(mark_sent, self.engine, [i for i, _ in rows])
-                sent += len(rows)
+                    try:
+                        acks.append(
+                            await self.producer.send(
+                                m.topic, value=m.value, key=m.key, headers=list(m.headers)
+                            )
+                        )
+                    except Exception as exc:  # not even queued: stop this page here
+                        error = exc
+                        break
+                results = await asyncio.gather(*acks, return_exceptions=True)
+                done = [
+                    i
+                    for (i, _), r in zip(rows, results, strict=False)
+                    if not isinstance(r, BaseException)
+                ]
+                await asyncio.to_thread(mark_sent, self.engine, done)
+                sent += len(done)
+                failed = next((r for r in results if isinstance(r, BaseException)), error)
+                if failed is not None:
+                    raise failed
 
 
 def _now_ms() -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedllm.privacy.rdp import _MIN_ORDER_FOR_CONVERSION as MIN_ORDER_FOR_CONVERSION
 from fedllm.privacy.rdp import (
     DEFAULT_ORDERS,
     eps_from_rdp,
@@ -385,9 +386,29 @@ RHO_UNITS_PER_RHO = 10**15
 _MAX_UNITS = 2**63 - 1  # a BIGINT column
 
 
+@functools.lru_cache(maxsize=16)
+def _conversion_terms(
+    delta: float, orders: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The order-only terms of :func:`eps_from_rdp` at δ: (α, log1p(−1/α), log(δα)/(α−1),
+    usable order mask), computed once per (δ, grid)."""
+    a = np.asarray(orders, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return a, np.log1p(-1.0 / a), np.log(delta * a) / (a - 1.0), a > MIN_ORDER_FOR_CONVERSION
+
+
 @functools.lru_cache(maxsize=4096)
 def _eps_of_rho(rho: float, delta: float, orders: tuple[float, ...]) -> float:
-    return eps_from_rdp(orders=orders, rdp=zcdp_rdp(orders=orders, rho=rho), delta=delta)[0]
+    """``eps_from_rdp`` of the curve ρ·α (ρ ≥ 0, 0 < δ < 1), with its order-only terms taken
+    from :func:`_conversion_terms`: the same floating-point operations in the same order, so
+    the same ε bit for bit (tested), at a fraction of the cost (a budget decision makes four)."""
+    a, log1p_term, delta_term, usable = _conversion_terms(delta, orders)
+    r = rho * a
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        kl = delta**2 + np.expm1(-r) > 0
+        improved = r + log1p_term - delta_term
+    eps = np.where(kl, 0.0, np.where(usable, improved, np.inf))
+    return max(0.0, float(eps[int(np.argmin(eps))]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,13 @@ SERVICE = "accountant"
 _MAX_ID = 64
 
 
+class _Unread:
+    """`admit`'s default: the replay check reads the ledger entry itself."""
+
+
+UNREAD = _Unread()
+
+
 class Admission:
     """Verifies a request event's credential and normalises the request, or rejects it."""
 
@@ -49,10 +56,28 @@ class Admission:
         self.identifying_fields = list(identity.identifying_fields)
         self.grant_key = grants.signing_key(settings)
 
+    async def admit_many(
+        self, requests: Sequence[tuple[dict[str, Any], Sequence[tuple[str, bytes]] | None]]
+    ) -> list[dict[str, Any]]:
+        """The admitted requests of a batch (normalised in place), with one ledger read for the
+        whole batch's replay check."""
+        ids = [str(r.get("request_id", "")) for r, _ in requests]
+        known = await asyncio.to_thread(self.ledger.entries, ids)
+        return [
+            r
+            for r, headers in requests
+            if await self.admit(r, headers, existing=known.get(str(r.get("request_id", ""))))
+        ]
+
     async def admit(
-        self, request: dict[str, Any], headers: Sequence[tuple[str, bytes]] | None
+        self,
+        request: dict[str, Any],
+        headers: Sequence[tuple[str, bytes]] | None,
+        *,
+        existing: dict[str, Any] | None | _Unread = UNREAD,
     ) -> bool:
-        """True when `request` (normalised in place) may be reserved; else it was rejected."""
+        """True when `request` (normalised in place) may be reserved; else it was rejected.
+        `existing`: its ledger entry if the caller read it already (None: there is none)."""
         principal: Principal | None = None
         try:
             token = bearer_from_headers(headers)
@@ -62,7 +87,8 @@ class Admission:
             reason = self._normalise(request, principal)
         except AuthError as exc:
             reason = exc.reason
-        existing = await asyncio.to_thread(self.ledger.entry, request["request_id"])
+        if isinstance(existing, _Unread):
+            existing = await asyncio.to_thread(self.ledger.entry, request["request_id"])
         if existing is not None and (reason or existing["user_id"] != request["user_id"]):
             # A replay whose credential no longer holds, or someone else's request id: that
             # request already has (or will have) its own terminal result; nothing happens here.

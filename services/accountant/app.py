@@ -2,8 +2,8 @@
 
 - `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
 - `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
-  both take events in batches (`stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)`), one
-  ledger transaction per batch;
+  both take events in batches (`stream.noack_take(accountant_batch_max,
+  within=accountant_batch_window_ms)`), one ledger transaction per batch;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
 - `relay_replies` over fedllm.results copies each terminal result to its owner's reply topic;
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
@@ -21,6 +21,7 @@ instead of crashing the agent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,11 +44,6 @@ from fedllm.services.accountant.ledger import Ledger
 from fedllm.services.accountant.replies import ReplyRelay
 
 log = logging.getLogger(__name__)
-
-#: Events per ledger transaction, and how long a partial batch waits for more (also the
-#: latency a lone request pays, on average half of it).
-BATCH_MAX = 256
-BATCH_WITHIN_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +73,8 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
-        broker_commit_every=1,
-        broker_commit_interval=0.5,
+        broker_commit_every=settings.accountant_commit_every,
+        broker_commit_interval=settings.accountant_commit_interval_s,
         producer_linger_ms=0,
     )
     requests_topic = app.topic(
@@ -103,18 +99,25 @@ def create_app(settings: Settings) -> faust.App:
         topics.ADMIN, key_type=bytes, value_type=bytes, partitions=topics.PARTITIONS[topics.ADMIN]
     )
     state: dict[str, Any] = {}
+    building = asyncio.Lock()  # the timers and agents may all ask for it first at once
+    batch_max = settings.accountant_batch_max
+    within_s = settings.accountant_batch_window_ms / 1000
 
     async def accountant() -> Accountant:
         """The Accountant, built on first use inside the worker's event loop."""
         if "accountant" not in state:
-            producer: AIOKafkaProducer = make_producer(settings)
-            await producer.start()
-            ledger = Ledger(
-                make_engine(settings.resolved_database_url()), settings.budget, RdpAccountant()
-            )
-            state["producer"] = producer
-            state["accountant"] = Accountant(settings, ledger, Bus(producer))
-            state["replies"] = ReplyRelay(settings, Bus(producer))
+            async with building:  # one producer, however many ask first at once
+                if "accountant" not in state:
+                    producer: AIOKafkaProducer = make_producer(settings)
+                    await producer.start()
+                    ledger = Ledger(
+                        make_engine(settings.resolved_database_url()),
+                        settings.budget,
+                        RdpAccountant(),
+                    )
+                    state["producer"] = producer
+                    state["replies"] = ReplyRelay(settings, Bus(producer))
+                    state["accountant"] = Accountant(settings, ledger, Bus(producer))
         return state["accountant"]
 
     policy = RetryPolicy.from_settings(settings)
@@ -216,12 +219,12 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in stream.noack_take(batch_max, within=within_s):
             await handle(list(events), "InferenceRequest")
 
     @app.agent(node_results_topic, name="settle_budget")
     async def settle_budget(stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in stream.noack_take(batch_max, within=within_s):
             await handle(list(events), "InferenceResult")
 
     @app.agent(admin_topic, name="apply_adjustment")

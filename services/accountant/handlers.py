@@ -64,7 +64,7 @@ class Accountant:
     async def on_requests(self, requests: list[tuple[dict[str, Any], Headers | None]]) -> None:
         """Admit a batch by credential (a refusal spends nothing), reserve the admitted ones in
         one transaction that also records their decisions in the outbox, and relay them."""
-        admitted = [r for r, headers in requests if await self.admission.admit(r, headers)]
+        admitted = await self.admission.admit_many(requests)
         if not admitted:
             return
         by_id: dict[str, dict[str, Any]] = {}

@@ -190,6 +190,16 @@ class Ledger:
             row = s.get(BudgetEntry, request_id)
             return _as_dict(row) if row else None
 
+    def entries(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The entries of `request_ids` that exist, by request id (one query for a batch)."""
+        if not request_ids:
+            return {}
+        with Session(self.engine) as s:
+            rows = s.scalars(
+                select(BudgetEntry).where(BudgetEntry.request_id.in_(set(request_ids)))
+            ).all()
+            return {r.request_id: _as_dict(r) for r in rows}
+
     # -- transactions and locking ----------------------------------------------------------
 
     def _run(self, work: Callable[[Session], T]) -> T:

@@ -157,7 +157,9 @@ async def run(
     except Stopped:
         engine.dispose()
         return
-    consumer = make_consumer(settings, group_id=cfg.group_id)
+    consumer = make_consumer(
+        settings, group_id=cfg.group_id, fetch_max_wait_ms=settings.background_fetch_max_wait_ms
+    )
     consumer.subscribe([topics.AUDIT], listener=_ReadyOnAssignment(settings))
     producer = make_producer(settings)
     await producer.start()

@@ -32,9 +32,10 @@ class _AssignedReader:
     topic: str = ""
     from_end: bool = True
     schema: str = ""
-    #: None: the shared short fetch wait (request/reply latency). Readers whose records are not
-    #: on a request's path wait longer, so an idle gateway does not poll the broker 100×/s.
-    fetch_max_wait_ms: int | None = None
+    #: False: the shared short fetch wait (request/reply latency). Readers whose records are
+    #: not on a request's path use `background_fetch_max_wait_ms`, so an idle gateway does not
+    #: poll the broker 100×/s.
+    background = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -61,7 +62,9 @@ class _AssignedReader:
 
     async def _assign(self) -> AIOKafkaConsumer:
         overrides = (
-            {} if self.fetch_max_wait_ms is None else {"fetch_max_wait_ms": self.fetch_max_wait_ms}
+            {"fetch_max_wait_ms": self.settings.background_fetch_max_wait_ms}
+            if self.background
+            else {}
         )
         consumer = make_consumer(self.settings, group_id=None, **overrides)
         await consumer.start()
@@ -194,7 +197,7 @@ class BudgetView(_AssignedReader):
     topic = topics.BUDGETS
     from_end = False
     schema = "BudgetStatus"
-    fetch_max_wait_ms = 250
+    background = True
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -229,7 +232,7 @@ class NodeView(_AssignedReader):
 
     topic = topics.HEARTBEATS
     schema = "NodeHeartbeat"
-    fetch_max_wait_ms = 500
+    background = True
 
     def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
         super().__init__(settings)

@@ -113,6 +113,19 @@ class InferenceResponse(BaseModel):
     tokens: int
     cached: bool = Field(False, description="true: an earlier release served from the cache")
     cached_release: CachedReleaseInfo | None = None
+    success: bool = Field(True, description="true: the request was answered")
+    consensus_reached: bool = Field(
+        False,
+        description="require_consensus: the hospitals' DP releases agree (docs/consensus.md); "
+        "false when consensus was not requested",
+    )
+    confidence_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="require_consensus: agreement of the hospitals' DP releases in [0, 1], "
+        "computed from DP releases and public configuration only; null otherwise",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -144,6 +157,28 @@ class BudgetResponse(BaseModel):
     remaining: float
     department_remaining: float | None
     window_start: int = Field(description="epoch seconds")
+    # Seed shapes of the design (additive; the same figures under the design's names).
+    success: bool = True
+    total_budget: float | None = Field(None, description="= limit (epsilon per window)")
+    consumed: float | None = Field(None, description="= spent (epsilon in this window)")
+    daily_limit: float | None = Field(
+        None, description="epsilon per day at this window length: limit × 86400 / window"
+    )
+    last_refresh: int | None = Field(None, description="epoch seconds the window began")
+    next_refresh: int | None = Field(None, description="epoch seconds the budget renews")
+
+
+class PrivacyStatus(BaseModel):
+    """GET /v1/privacy/status: the caller's budget and the deployment's public privacy terms."""
+
+    success: bool = True
+    accounting: str = Field(description="how spends compose (docs/privacy.md)")
+    delta: float
+    window_seconds: int
+    max_query_epsilon: float
+    user: BudgetResponse
+    department_limit: float | None
+    department_remaining: float | None
 
 
 class TokenRequest(BaseModel):

@@ -113,6 +113,7 @@ async def issue_token(body: TokenRequest, request: Request, state: State) -> Tok
         role=user.role,
         ttl_s=gw.token_ttl_s,
         kid=gw.jwt_kid,
+        regions=user.regions,
     )
     await state.audit(
         action="auth.token_issued",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Request
 
 from fedllm.services.gateway.auth import Principal
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, deny
-from fedllm.services.gateway.models import BudgetResponse, ErrorBody
+from fedllm.services.gateway.models import BudgetResponse, ErrorBody, PrivacyStatus
 
 router = APIRouter(tags=["budget"])
 
@@ -34,6 +34,23 @@ def _known_department(state: GatewayState, user_id: str, principal: Principal) -
 
 
 def budget_of(
+    *, state: GatewayState, user_id: str, department: str, now_s: float
+) -> BudgetResponse:
+    """The user's budget, with the design's seed fields filled from the same figures."""
+    b = _budget_of(state=state, user_id=user_id, department=department, now_s=now_s)
+    window = state.settings.budget.window_seconds
+    return b.model_copy(
+        update={
+            "total_budget": b.limit,
+            "consumed": b.spent,
+            "daily_limit": b.limit * 86_400 / window,
+            "last_refresh": b.window_start,
+            "next_refresh": b.window_start + window,
+        }
+    )
+
+
+def _budget_of(
     *, state: GatewayState, user_id: str, department: str, now_s: float
 ) -> BudgetResponse:
     budget = state.settings.budget
@@ -88,3 +105,28 @@ async def read_budget(
             state, request, principal, "may not read another user's budget", target_user=user_id
         )
     return budget_of(state=state, user_id=user_id, department=department, now_s=time.time())
+
+
+@router.get(
+    "/v1/privacy/status",
+    response_model=PrivacyStatus,
+    responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+)
+async def privacy_status(request: Request, state: State, principal: CurrentPrincipal) -> Any:
+    """The caller's own budget and the public privacy parameters it is spent under."""
+    if not principal.can("budget.read.self"):
+        raise await deny(state, request, principal, "may not read budgets")
+    budget = state.settings.budget
+    mine = budget_of(
+        state=state, user_id=principal.user_id, department=principal.department, now_s=time.time()
+    )
+    return PrivacyStatus(
+        accounting="Rényi DP per person, composed over the window; fan-out parts sum "
+        "(docs/privacy.md)",
+        delta=budget.delta,
+        window_seconds=budget.window_seconds,
+        max_query_epsilon=budget.max_query_epsilon,
+        user=mine,
+        department_limit=budget.department_epsilon.get(principal.department),
+        department_remaining=mine.department_remaining,
+    )

@@ -14,11 +14,14 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from fedllm.common import logs, topics
+from fedllm.common.aggregate_query import parse_query
 from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
+from fedllm.common.residency import RegionPolicy
 from fedllm.services.gateway.cached_answers import request_key, serve_hit
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
+from fedllm.services.gateway.errors import printable
 from fedllm.services.gateway.models import (
     BudgetRefused,
     ErrorBody,
@@ -35,7 +38,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "body is not parseable"},
     401: {"model": ErrorBody, "description": "missing or invalid token"},
     403: {"model": BudgetRefused, "description": "role not allowed, or privacy budget refused"},
-    422: {"description": "invalid body"},
+    422: {"description": "invalid body, or an aggregate query the nodes' grammar refuses"},
+    409: {"model": ErrorBody, "description": "consensus unavailable: too few eligible hospitals"},
     429: {"model": ErrorBody, "description": "rate limited (see Retry-After)"},
     502: {"model": ErrorBody, "description": "the pipeline failed the request"},
     503: {"model": ErrorBody, "description": "broker or rate-limit store unavailable"},
@@ -63,13 +67,26 @@ async def authorise(
             "queries may only be made for the caller's own department",
             requested_department=department,
         )
+    residency = RegionPolicy.from_settings(state.settings)
+    scope = {"department": department, "allowed_regions": list(principal.regions)}
+    outside = residency.outside(scope, body.hospitals)
+    if outside:
+        raise await deny(
+            state,
+            request,
+            principal,
+            f"data residency: {', '.join(outside)} outside the {residency.describe(scope)} "
+            "this user may use",
+        )
+    if body.require_consensus:
+        _check_consensus(state, body, scope, residency)
     if body.kind == "aggregate":
         try:
             query = json.loads(body.prompt)
-        except ValueError:
-            raise HTTPException(422, "an aggregate prompt must be a JSON object") from None
+        except (ValueError, RecursionError):
+            raise HTTPException(422, "invalid aggregate query: not valid JSON") from None
         if not isinstance(query, dict):
-            raise HTTPException(422, "an aggregate prompt must be a JSON object")
+            raise HTTPException(422, "invalid aggregate query: must be a JSON object")
         if principal.can("deidentified_only"):
             banned = {f.lower() for f in state.gw.identifying_fields}
             named = identifying_terms(query, banned)
@@ -81,7 +98,40 @@ async def authorise(
                     "role may only use de-identified fields; query names "
                     + ", ".join(sorted(named)),
                 )
+        try:  # the node's own grammar: a bad query is refused here, before any charge
+            parse_query(query)
+        except (ValueError, RecursionError) as exc:
+            detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+            raise HTTPException(422, f"invalid aggregate query: {printable(detail)}") from None
     return department
+
+
+def _check_consensus(
+    state: GatewayState, body: InferenceBodyBase, scope: dict[str, Any], residency: RegionPolicy
+) -> None:
+    """422 when consensus cannot be had: a text query, or fewer than k configured hospitals
+    serving the department in the caller's regions (the router re-checks the live ones)."""
+    k = state.settings.consensus_k
+    if body.kind != "aggregate":
+        raise HTTPException(
+            422,
+            "require_consensus is available for aggregate queries only: free-text answers "
+            "cannot be combined privately across hospitals yet (docs/consensus.md)",
+        )
+    named = {h for h in body.hospitals if h != "*"}
+    eligible = [
+        h.id
+        for h in state.settings.hospitals
+        if scope["department"] in h.departments
+        and residency.permits(scope, h.id)
+        and (not named or h.id in named)
+    ]
+    if len(eligible) < k:
+        raise HTTPException(
+            422,
+            f"consensus needs {k} hospitals serving {scope['department']} "
+            f"({residency.describe(scope)}); {len(eligible)} configured",
+        )
 
 
 async def rate_limit(*, state: GatewayState, user_id: str, address: str) -> None:
@@ -132,7 +182,13 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         address = client_address(request)
         department = await authorise(state=state, request=request, principal=principal, body=body)
         await rate_limit(state=state, user_id=principal.user_id, address=address)
-        cache_key = request_key(state, body, department)  # None: no answer cache
+        # No answer cache for consensus (its fields are per release) or for a user with their
+        # own regions (a cached release may come from a hospital outside them).
+        cache_key = (
+            None
+            if body.require_consensus or principal.regions
+            else request_key(state, body, department)
+        )  # None: no answer cache
         if cache_key is not None and state.cache is not None:
             hit = await state.cache.lookup(cache_key, wait_s=state.request_timeout_s / 2)
             if hit is not None:
@@ -165,6 +221,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             "require_consensus": body.require_consensus,
             "priority": body.priority,
             "hospitals": list(body.hospitals),
+            "allowed_regions": list(principal.regions),
             "source_address": address,
             "created_at_ms": created,
             "deadline_ms": created + int(settings.request_timeout_s * 1000),
@@ -315,6 +372,8 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
             model_time=result["model_time_ms"],
             is_private=result["is_private"],
             tokens=result["tokens"],
+            consensus_reached=bool(result.get("consensus_reached") or False),
+            confidence_score=result.get("confidence_score"),
         )
     if status == "rejected":
         return JSONResponse(
@@ -332,9 +391,7 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
                 "request_id": request_id,
             },
         )
-    return JSONResponse(
-        status_code=502,
-        content={
-            "detail": result["reason"] or f"request {status}",
-        },
-    )
+    reason = result["reason"] or f"request {status}"
+    if reason.startswith("consensus unavailable"):  # too few eligible hospitals: nothing ran
+        return JSONResponse(status_code=409, content={"detail": reason})
+    return JSONResponse(status_code=502, content={"detail": reason})

@@ -35,6 +35,8 @@ class UserRecord(BaseModel):
     department: str
     role: str
     disabled: bool = False
+    # Data residency: regions this user's requests may go to (empty: the department's).
+    regions: list[str] = Field(default_factory=list)
 
     @field_validator("password_hash")
     @classmethod

@@ -1,6 +1,7 @@
 """Differentially private aggregate queries over one hospital's per-patient table.
 
-Query (the request's prompt when ``kind == "aggregate"``; a dict or its JSON text)::
+Query grammar and validation: :mod:`fedllm.common.aggregate_query` (shared with the gateway,
+which refuses a bad query before anything is charged). Query::
 
     {"op": "count" | "sum" | "mean" | "histogram",
      "field": "age" | "encounters" | "diagnoses" | "medications"   # sum/mean
@@ -44,6 +45,14 @@ from typing import Any
 
 import numpy as np
 
+from fedllm.common.aggregate_query import (
+    FIELD_BOUNDS,
+    HISTOGRAM_FIELDS,
+    OPS,
+    WHERE_KEYS,
+    AggregateQuery,
+    parse_query,
+)
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.mechanisms import noisy_count, sample_discrete_gaussian
 from fedllm.privacy.rdp import rho_for_epsilon
@@ -74,166 +83,11 @@ __all__ = [
 
 Rng = random.Random | np.random.Generator
 
-OPS = ("count", "sum", "mean", "histogram")
-#: Numeric fields and their default public clipping range [lo, hi] (grid step 1: all integers).
-FIELD_BOUNDS: dict[str, tuple[float, float]] = {
-    "age": (0, 100),
-    "encounters": (0, 25),
-    "diagnoses": (0, 20),
-    "medications": (0, 30),
-}
 GRANULARITY = 1
-#: Histogram fields and their default contribution cap K.
-HISTOGRAM_FIELDS: dict[str, int] = {"diagnosis": 8, "medication": 8}
 #: Share of ρ spent on the centred sum of a mean; the rest goes to the count. The variance of
 #: the mean is ≈ (Δ_s²/ρ_s + (μ − m)²/ρ_c)/(2C²), minimised at ρ_s/ρ_c = Δ_s/|μ − m|; with the
 #: centred sum |μ − m| ≤ Δ_s, and 3/4 is optimal for |μ − m| = Δ_s/3 (fixed a priori, no data).
 MEAN_SUM_SHARE = 0.75
-_WHERE_KEYS = ("diagnosis", "medication", "age_min", "age_max", "sex")
-_QUERY_KEYS = ("op", "field", "where", "bounds", "top", "max_per_patient")
-_SEXES = ("F", "M", "O", "U")
-_MAX_TEXT = 200
-
-
-# --------------------------------------------------------------------------- query
-
-
-@dataclass(frozen=True, slots=True)
-class AggregateQuery:
-    """A validated query (see the module docstring)."""
-
-    op: str
-    field: str | None = None
-    diagnosis: str | None = None
-    medication: str | None = None
-    age_min: int | None = None
-    age_max: int | None = None
-    sex: str | None = None
-    bounds: tuple[float, float] | None = None
-    top: int = 5
-    max_per_patient: int | None = None
-
-    @property
-    def key(self) -> str:
-        """Canonical JSON of the query: answers to the same query can be combined."""
-        return json.dumps(
-            {s: getattr(self, s) for s in self.__slots__ if s != "top"},
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-
-    def matches(self, p: PatientRecord) -> bool:
-        """Whether a patient satisfies the ``where`` filters."""
-        if self.sex is not None and p.sex != self.sex:
-            return False
-        if self.age_min is not None or self.age_max is not None:
-            if p.age is None:
-                return False
-            if self.age_min is not None and p.age < self.age_min:
-                return False
-            if self.age_max is not None and p.age > self.age_max:
-                return False
-        if self.diagnosis is not None:
-            q = self.diagnosis.casefold()
-            if not any(
-                d.code.casefold().startswith(q) or q in d.name.casefold() for d in p.diagnoses
-            ):
-                return False
-        if self.medication is not None:
-            q = self.medication.casefold()
-            if not any(q in m.name.casefold() for m in p.medications):
-                return False
-        return True
-
-
-def _text(where: str, key: str, v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"{where}.{key} must be a non-empty string")
-    if len(v) > _MAX_TEXT:
-        raise ValueError(f"{where}.{key} is longer than {_MAX_TEXT} characters")
-    return v.strip()
-
-
-def _int(where: str, key: str, v: Any, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{where}.{key} must be an integer in [{lo}, {hi}]; got {v!r}")
-    return v
-
-
-def _unknown(what: str, got: Iterable[str], allowed: Sequence[str]) -> None:
-    extra = sorted(set(got) - set(allowed))
-    if extra:
-        raise ValueError(f"unknown {what} {extra}; allowed: {list(allowed)}")
-
-
-def parse_query(query: Mapping[str, Any] | str) -> AggregateQuery:
-    """Validate a query dict (or its JSON text); raises ``ValueError`` naming the problem."""
-    if isinstance(query, str):
-        try:
-            query = json.loads(query)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"aggregate query is not valid JSON: {exc.msg}") from exc
-    if not isinstance(query, Mapping):
-        raise ValueError("aggregate query must be a JSON object")
-    _unknown("query key(s)", query, _QUERY_KEYS)
-    op = query.get("op")
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; allowed: {list(OPS)}")
-    field = query.get("field")
-    bounds: tuple[float, float] | None = None
-    if op == "count":
-        if field is not None:
-            raise ValueError("op 'count' takes no field")
-    elif op in ("sum", "mean"):
-        if field not in FIELD_BOUNDS:
-            raise ValueError(f"unknown field {field!r} for {op}; allowed: {list(FIELD_BOUNDS)}")
-        bounds = _bounds(query.get("bounds", FIELD_BOUNDS[field]))
-    elif field not in HISTOGRAM_FIELDS:
-        raise ValueError(
-            f"unknown field {field!r} for histogram; allowed: {list(HISTOGRAM_FIELDS)}"
-        )
-    if op != "histogram" and ("top" in query or "max_per_patient" in query):
-        raise ValueError("'top' and 'max_per_patient' apply to op 'histogram' only")
-    if op not in ("sum", "mean") and "bounds" in query:
-        raise ValueError("'bounds' applies to ops 'sum' and 'mean' only")
-    top = _int("query", "top", query.get("top", 5), 1, 50)
-    k = query.get("max_per_patient")
-    if op == "histogram":
-        k = _int("query", "max_per_patient", HISTOGRAM_FIELDS[field] if k is None else k, 1, 50)
-
-    where = query.get("where") or {}
-    if not isinstance(where, Mapping):
-        raise ValueError("where must be a JSON object")
-    _unknown("filter(s)", where, _WHERE_KEYS)
-    f: dict[str, Any] = {}
-    for key in ("diagnosis", "medication"):
-        if key in where:
-            f[key] = _text("where", key, where[key])
-    for key in ("age_min", "age_max"):
-        if key in where:
-            f[key] = _int("where", key, where[key], 0, 150)
-    if "age_min" in f and "age_max" in f and f["age_min"] > f["age_max"]:
-        raise ValueError("where.age_min must be <= where.age_max")
-    if "sex" in where:
-        if where["sex"] not in _SEXES:
-            raise ValueError(f"where.sex must be one of {list(_SEXES)}; got {where['sex']!r}")
-        f["sex"] = where["sex"]
-    return AggregateQuery(op=op, field=field, bounds=bounds, top=top, max_per_patient=k, **f)
-
-
-def _bounds(b: Any) -> tuple[float, float]:
-    ok = (
-        isinstance(b, Sequence)
-        and not isinstance(b, str)
-        and len(b) == 2
-        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in b)
-        and all(math.isfinite(x) and abs(x) <= 1e6 for x in b)
-    )
-    if not ok or not b[0] < b[1]:
-        raise ValueError(
-            f"bounds must be [lo, hi] with finite lo < hi, |lo|,|hi| <= 1e6; got {b!r}"
-        )
-    return float(b[0]), float(b[1])
 
 
 # --------------------------------------------------------------------------- answer
@@ -621,7 +475,7 @@ def combine(
 
 def _query_from_key(key: str) -> dict[str, Any]:
     d = json.loads(key)
-    where = {k: d[k] for k in _WHERE_KEYS if d.get(k) is not None}
+    where = {k: d[k] for k in WHERE_KEYS if d.get(k) is not None}
     out: dict[str, Any] = {"op": d["op"], "where": where}
     if d.get("field") is not None:
         out["field"] = d["field"]

@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     select,
 )
 
@@ -210,24 +211,30 @@ class NodeLedger:
                     select(person_spend).where(person_spend.c.hospital_id == self.hospital_id)
                 )
             }
-            for pid in sorted(persons):
-                if pid in have:
-                    conn.execute(
-                        person_spend.update()
-                        .where(
-                            and_(
-                                person_spend.c.hospital_id == self.hospital_id,
-                                person_spend.c.person_id == pid,
-                            )
+            # One prepared statement each for the update and the insert, run over every person
+            # (executemany): a per-statement round trip per person cost ~0.5 ms, so an aggregate
+            # over a 2,000-patient cohort spent ~1 s here.
+            ordered = sorted(persons)
+            known = [{"pid": pid, "spent": have[pid] + rho} for pid in ordered if pid in have]
+            new = [
+                {"hospital_id": self.hospital_id, "person_id": pid, "rho_spent": rho}
+                for pid in ordered
+                if pid not in have
+            ]
+            if known:
+                conn.execute(
+                    person_spend.update()
+                    .where(
+                        and_(
+                            person_spend.c.hospital_id == self.hospital_id,
+                            person_spend.c.person_id == bindparam("pid"),
                         )
-                        .values(rho_spent=have[pid] + rho)
                     )
-                else:
-                    conn.execute(
-                        person_spend.insert().values(
-                            hospital_id=self.hospital_id, person_id=pid, rho_spent=rho
-                        )
-                    )
+                    .values(rho_spent=bindparam("spent")),
+                    known,
+                )
+            if new:
+                conn.execute(person_spend.insert(), new)
             conn.execute(
                 releases.update().where(self._key(request_id, attempt)).values(persons_charged=True)
             )

@@ -35,6 +35,7 @@ from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.services.node_worker.health import NodeHealth, budget_room_level
+from fedllm.services.node_worker.intake import IntakeQueue, priority_of
 
 log = logging.getLogger(__name__)
 
@@ -383,37 +384,64 @@ async def run(
         while not load_task.done() and not stop.is_set():
             await asyncio.wait({load_task}, timeout=0.2)
         ready = False
+        intake: IntakeQueue[Any] = IntakeQueue()
+        answered: dict[TopicPartition, int] = {}  # committable offsets, committed when idle
+        since_commit = 0
+        capacity = max(1, settings.node_intake_capacity)
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=200)
+            room = capacity - len(intake)
+            if room > 0:  # keep polling (group membership) but fetch only what fits
+                consumer.resume(*consumer.assignment())
+            else:
+                consumer.pause(*consumer.assignment())
+            batches = await consumer.getmany(
+                timeout_ms=0 if len(intake) else 200, max_records=max(1, room)
+            )
             metrics.record_lag(ready_name, consumer, batches)
             if not ready and consumer.assignment() and state.healthy:
                 mark_ready(settings, ready_name)
                 ready = True
                 log.info("node %s ready: %s", hospital_id, sorted(consumer.assignment()))
-            pending = sum(len(v) for v in batches.values())
             for tp, msgs in batches.items():
                 for msg in msgs:
-                    pending -= 1
-                    state.queue_depth = pending  # fetched and waiting behind this one
-                    metrics.record_node_queue(hospital_id, pending)
-                    with metrics.stage(
-                        "node_worker",
-                        "RoutedRequest",
-                        headers=msg.headers,
-                        request_id=(msg.key or b"").decode(errors="replace"),
-                    ):
-                        await deliver(
-                            msg,
-                            lambda m=msg: worker.handle(m),
-                            bus=bus,
-                            service=SERVICE,
-                            policy=policy,
-                            on_dead=lambda r, m=msg: worker.fail(m, r),
-                            stop=stop,
-                        )
-                    await _commit(consumer, tp, msg.offset + 1)
-            state.queue_depth = 0
-            metrics.record_node_queue(hospital_id, 0)
+                    intake.push(tp, msg.offset, _peek_priority(msg), msg)
+            gone = intake.queued_partitions() - set(consumer.assignment())
+            if gone:  # rebalanced away: their new owner answers them
+                log.info("dropped %d queued requests of revoked partitions", intake.drop(gone))
+            if not len(intake):
+                await _commit(consumer, answered)  # one commit per drained queue
+                answered.clear()
+                since_commit = 0
+                state.queue_depth = 0
+                metrics.record_node_queue(hospital_id, 0)
+                continue
+            queued = intake.pop()
+            msg, tp = queued.item, queued.partition
+            state.queue_depth = len(intake)  # fetched and waiting behind this one
+            metrics.record_node_queue(hospital_id, len(intake))
+            with metrics.stage(
+                "node_worker",
+                "RoutedRequest",
+                headers=msg.headers,
+                request_id=(msg.key or b"").decode(errors="replace"),
+            ):
+                await deliver(
+                    msg,
+                    lambda m=msg: worker.handle(m),
+                    bus=bus,
+                    service=SERVICE,
+                    policy=policy,
+                    on_dead=lambda r, m=msg: worker.fail(m, r),
+                    stop=stop,
+                )
+            offset = intake.done(tp, msg.offset)
+            if offset is not None:
+                answered[tp] = offset
+            since_commit += 1
+            if since_commit >= capacity:  # under steady load, at least every `capacity` answers
+                await _commit(consumer, answered)
+                answered.clear()
+                since_commit = 0
     finally:
         clear_ready(settings, ready_name)
         stop.set()
@@ -427,11 +455,25 @@ async def run(
         log.info("node %s stopped", hospital_id)
 
 
-async def _commit(consumer: Any, tp: TopicPartition, offset: int) -> None:
-    """Commit after the result is sent. A failed commit (the group rebalanced while the model
-    worked) is not fatal: the request is re-delivered and answered from the replay cache."""
+def _peek_priority(msg: ConsumerRecord) -> str:
+    """The request's priority, for the intake queue (an undecodable message counts as normal;
+    the handler dead-letters it)."""
     try:
-        await consumer.commit({TopicPartition(tp.topic, tp.partition): offset})
+        return priority_of(codec.decode_expect("RoutedRequest", msg.value, msg.headers))
+    except Exception:
+        return "normal"
+
+
+async def _commit(consumer: Any, offsets: dict[TopicPartition, int]) -> None:
+    """Commit after the results are sent (one round trip for a drained queue, not one per
+    request). A failed commit (the group rebalanced while the model worked) is not fatal: the
+    request is re-delivered and answered from the replay cache."""
+    if not offsets:
+        return
+    try:
+        await consumer.commit(
+            {TopicPartition(tp.topic, tp.partition): off for tp, off in offsets.items()}
+        )
     except (CommitFailedError, KafkaError, IllegalStateError) as exc:
         log.warning("offset commit failed (the result was sent; a replay is idempotent): %r", exc)
 

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
+from fedllm.common.residency import RegionPolicy
 from fedllm.services.router.combine import combine_parts, parse_part, part_curve, total_curve
+from fedllm.services.router.consensus import consensus_of
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
 from fedllm.services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy
 
@@ -45,6 +47,10 @@ MAX_ATTEMPTS = 2
 HEDGE_MIN_SAMPLES = 20  # answer times observed before the p95 is trusted for hedging
 HEDGE_PERCENTILE = 0.95
 SERVICE = "router"
+
+
+#: Order in which a batch of decisions is routed (stable within a priority).
+PRIORITY_ORDER = {"high": 0, "normal": 1, "low": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,9 @@ class Dispatcher:
         node_timeout_s: float,
         finished_memory: int = 100_000,
         hedge: bool = False,
+        regions: RegionPolicy | None = None,
+        consensus_k: int = 2,
+        population: Mapping[str, int] | None = None,
     ) -> None:
         if node_timeout_s <= 0:
             raise ValueError(f"node_timeout_s must be positive, got {node_timeout_s}")
@@ -127,6 +136,11 @@ class Dispatcher:
         self.fan_outs: dict[str, FanOut] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.hedge = hedge
+        self.regions = regions or RegionPolicy()  # default: no residency restriction
+        if consensus_k < 2:
+            raise ValueError("consensus_k must be at least 2")
+        self.consensus_k = consensus_k
+        self.population = dict(population or {})  # public, configured: consensus rates
         self._answer_ms: deque[int] = deque(maxlen=256)  # recent answer times, for the p95
 
     # -- inputs ---------------------------------------------------------------------------
@@ -150,8 +164,14 @@ class Dispatcher:
                 entries.append(admitted)
             else:
                 actions += admitted
+        # Priority: a window's high requests are placed (and sent) first, on the best nodes.
+        entries.sort(key=lambda e: PRIORITY_ORDER.get(str(e.request.get("priority")), 1))
         choices: Sequence[Choice | None] = [None] * len(entries)
-        routable = [e for e in entries if now_ms < int(e.request["deadline_ms"])]
+        routable = [  # residency-restricted requests are placed one by one, on their nodes
+            e
+            for e in entries
+            if now_ms < int(e.request["deadline_ms"]) and self.regions.allowed(e.request) is None
+        ]
         if isinstance(self.strategy, BatchRoutingStrategy) and len(routable) > 1:
             placed = self.strategy.choose_batch(
                 [e.request for e in routable], self.registry.alive(now_ms)
@@ -174,6 +194,19 @@ class Dispatcher:
             or request_id in self._finished
         ):
             return []
+        if request.get("require_consensus"):
+            targets, why = self._consensus_targets(request, now_ms=now_ms)
+            fan = FanOut(
+                request=request,
+                reserved_epsilon=float(decision["reserved_epsilon"]),
+                delta=float(decision["delta"]),
+                hospitals=targets,
+                deadline_ms=min(now_ms + self.node_timeout_ms, int(request["deadline_ms"])),
+                routed_at_ms=now_ms,
+            )
+            if why:  # never a silent single answer
+                return self._fail_fan_out(fan, why, now_ms=now_ms)
+            return self._fan_out(fan, now_ms=now_ms)
         targets = self._fan_out_targets(request, now_ms=now_ms)
         if targets is not None:
             fan = FanOut(
@@ -315,9 +348,13 @@ class Dispatcher:
         if entry.attempt >= MAX_ATTEMPTS:
             return self._fail(entry, "failed", f"{why}; no attempts left", now_ms=now_ms)
         if choice is None:
-            choice = self.strategy.choose(request, self.registry.alive(now_ms), exclude=entry.tried)
+            choice = self.strategy.choose(
+                request, self._nodes(request, now_ms), exclude=entry.tried
+            )
         if choice is None:
             reason = "no eligible node"
+            if self.regions.allowed(request) is not None:
+                reason += f" in {self.regions.describe(request)} (data residency)"
             if request.get("hospitals"):
                 reason += f" among {','.join(request['hospitals'])}"
             if entry.tried:
@@ -414,7 +451,7 @@ class Dispatcher:
     def _send_hedge(self, entry: InFlight, *, after_ms: int, now_ms: int) -> list[Action]:
         request = entry.request
         request_id = request["request_id"]
-        choice = self.strategy.choose(request, self.registry.alive(now_ms), exclude=entry.tried)
+        choice = self.strategy.choose(request, self._nodes(request, now_ms), exclude=entry.tried)
         if choice is None:
             return []
         node = choice.node
@@ -502,13 +539,46 @@ class Dispatcher:
 
     # -- fan-out ---------------------------------------------------------------------------
 
+    def _nodes(self, request: Mapping[str, Any], now_ms: int) -> list[NodeInfo]:
+        """The live nodes `request` may be routed to (data residency applied)."""
+        return [
+            n for n in self.registry.alive(now_ms) if self.regions.permits(request, n.hospital_id)
+        ]
+
+    def _consensus_targets(
+        self, request: Mapping[str, Any], *, now_ms: int
+    ) -> tuple[list[str], str]:
+        """The k least-loaded eligible hospitals serving the department (in region, among the
+        named ones if any), or the reason there are fewer than k."""
+        k, department = self.consensus_k, str(request.get("department", ""))
+        if request.get("kind") != "aggregate":
+            return [], (
+                "consensus unavailable: only aggregate queries can be combined across "
+                "hospitals (docs/consensus.md)"
+            )
+        wanted = {h for h in request.get("hospitals") or () if h != "*"}
+        pool = [
+            n
+            for n in self._nodes(request, now_ms)
+            if n.eligible
+            and department in n.departments
+            and (not wanted or n.hospital_id in wanted)
+        ]
+        if len(pool) < k:
+            return [], (
+                f"consensus unavailable: needs {k} eligible hospitals serving {department} "
+                f"({self.regions.describe(request)}); {len(pool)} eligible"
+            )
+        pool.sort(key=lambda n: (n.load, n.hospital_id))
+        return sorted(n.hospital_id for n in pool[:k]), ""
+
     def _fan_out_targets(self, request: Mapping[str, Any], *, now_ms: int) -> list[str] | None:
         """The hospitals an aggregate request fans out to, or None for a single-node route."""
         if request.get("kind") != "aggregate":
             return None
         wanted = list(dict.fromkeys(request.get("hospitals") or ()))
         if "*" in wanted:
-            alive = sorted(n.hospital_id for n in self.registry.alive(now_ms) if n.healthy)
+            alive = sorted(n.hospital_id for n in self._nodes(request, now_ms) if n.healthy)
             return alive if len(alive) >= 2 else None
         return wanted if len(wanted) >= 2 else None
 
@@ -519,6 +589,13 @@ class Dispatcher:
         if now_ms >= int(request["deadline_ms"]):
             return self._fail_fan_out(
                 fan, "request deadline passed before routing", now_ms=now_ms, status="timeout"
+            )
+        outside = self.regions.outside(request, fan.hospitals)
+        if outside:
+            return self._fail_fan_out(
+                fan,
+                f"data residency: {','.join(outside)} outside {self.regions.describe(request)}",
+                now_ms=now_ms,
             )
         down = [
             h
@@ -590,9 +667,15 @@ class Dispatcher:
         request = fan.request
         request_id = request["request_id"]
         try:
-            combined = combine_parts([parse_part(fan.parts[h]) for h in fan.hospitals])
+            parts = [parse_part(fan.parts[h]) for h in fan.hospitals]
+            combined = combine_parts(parts)
         except ValueError as exc:
             return self._fail_fan_out(fan, f"cannot combine the parts: {exc}", now_ms=now_ms)
+        agreed = (
+            consensus_of(parts, population=self.population)
+            if request.get("require_consensus")
+            else None
+        )
         self._finish(request_id)
         result = {
             "request_id": request_id,
@@ -615,6 +698,14 @@ class Dispatcher:
             "aggregate_json": json.dumps(combined.release, separators=(",", ":")),
             "finished_at_ms": now_ms,
         }
+        if agreed is not None:
+            result["consensus_reached"] = agreed.reached
+            result["confidence_score"] = agreed.confidence
+            result["response"] += (
+                f" Consensus across {len(parts)} hospitals: "
+                f"{'reached' if agreed.reached else 'not reached'} (confidence "
+                f"{agreed.confidence:.2f}, {agreed.method}; from the DP releases only)."
+            )
         return [
             Send(topics.NODE_RESULTS, "InferenceResult", result, request["user_id"]),
             Audit(

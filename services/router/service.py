@@ -28,6 +28,7 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
+from fedllm.common.residency import RegionPolicy
 from fedllm.services.router.admission import ControlledRegistry
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
 from fedllm.services.router.metrics import RouterMetrics, process_metrics
@@ -90,6 +91,9 @@ class RouterService:
             strategy=strategy or build_strategy(settings.router_strategy),
             node_timeout_s=settings.node_timeout_s,
             hedge=settings.router_hedge,
+            regions=RegionPolicy.from_settings(settings),
+            consensus_k=settings.consensus_k,
+            population={h.id: h.population for h in settings.hospitals},
         )
         self.metrics = metrics or process_metrics(hospitals=[h.id for h in settings.hospitals])
         self.batch_window_ms = (
@@ -100,7 +104,9 @@ class RouterService:
         self.producer = make_producer(settings)
         self.bus = Bus(self.producer)
         self.decisions = make_consumer(settings, group_id=SERVICE)
-        self.heartbeats = make_consumer(settings, group_id=None)
+        self.heartbeats = make_consumer(
+            settings, group_id=None, fetch_max_wait_ms=settings.background_fetch_max_wait_ms
+        )
         self.node_results = make_consumer(settings, group_id=None)
         self._assigned = asyncio.Event()
         self.traces = tracing.TraceMemory()
@@ -185,7 +191,9 @@ class RouterService:
     async def _drain_heartbeats(self) -> None:
         """Read the recent heartbeats before routing anything, so the registry is warm."""
         while True:
-            batch = await self.heartbeats.getmany(timeout_ms=50)
+            batch = await self.heartbeats.getmany(
+                timeout_ms=2 * self.settings.background_fetch_max_wait_ms
+            )
             if not batch:
                 return
             await self._on_heartbeats(batch)
@@ -211,7 +219,9 @@ class RouterService:
         while True:
             batch = await self.decisions.getmany(timeout_ms=POLL_MS)
             metrics.record_lag(SERVICE, self.decisions, batch)
-            if batch and self.batch_window_ms > 0:  # let the window fill, then place jointly
+            if self.batch_window_ms > 0 and (
+                sum(map(len, batch.values())) >= self.settings.router_batch_min
+            ):  # under load: let the window fill, then place jointly
                 await asyncio.sleep(self.batch_window_ms / 1000)
                 for tp, msgs in (await self.decisions.getmany(timeout_ms=0)).items():
                     batch.setdefault(tp, []).extend(msgs)

@@ -127,3 +127,22 @@ async def test_budget_needs_a_token(settings):
     async with running_gateway(settings) as (_, c):
         r = await c.get("/v1/privacy/budget/someone")
     assert r.status_code == 401
+
+
+async def test_seed_budget_fields_and_privacy_status(settings):
+    user = uid()
+    async with running_gateway(settings) as (_, c):
+        hdrs = token(settings, user)
+        body = (await c.get(f"/v1/privacy/budget/{user}", headers=hdrs)).json()
+        status = await c.get("/v1/privacy/status", headers=hdrs)
+        unauth = await c.get("/v1/privacy/status")
+    window = settings.budget.window_seconds
+    assert body["success"] is True
+    assert body["total_budget"] == body["limit"] and body["consumed"] == body["spent"] == 0.0
+    assert body["daily_limit"] == pytest.approx(body["limit"] * 86_400 / window)
+    assert body["last_refresh"] == body["window_start"]
+    assert body["next_refresh"] == body["window_start"] + window
+    assert status.status_code == 200 and unauth.status_code == 401
+    s = status.json()
+    assert s["success"] and s["user"]["user_id"] == user and s["delta"] == settings.budget.delta
+    assert s["department_limit"] == settings.budget.department_epsilon["cardiology"]

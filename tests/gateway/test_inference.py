@@ -155,7 +155,7 @@ async def test_duplicate_and_unknown_results_are_ignored(settings):
 
 
 async def test_aggregate_kind_and_hospitals_reach_the_request(settings):
-    query = json.dumps({"metric": "count", "condition": "I21"})
+    query = json.dumps({"op": "count", "where": {"diagnosis": "I21"}})
     async with FakeAccountant(settings, ok_result) as acct, running_gateway(settings) as (_, c):
         r = await c.post(
             "/v1/inference",

@@ -222,3 +222,35 @@ async def test_node_refuses_routed_requests_without_a_valid_grant(settings: Sett
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.mark.slow
+async def test_high_priority_overtakes_queued_work(settings: Settings) -> None:
+    """Requests already queued at the node when it starts: high first, then normal, then low."""
+    hid = settings.hospitals[0].id
+    topic = topics.hospital_requests(hid)
+    await ensure_topics(settings, {**topics.all_topics([hid])})
+    queued = []
+    for prio in ("low", "normal", "low", "high"):
+        r = routed(hid)
+        r["request"]["priority"] = prio
+        queued.append(r)
+        await produce(settings, topic, "RoutedRequest", r, key=hid)
+    stub = StubEngine()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, hid, stop=stop, engine_factory=lambda s, h: stub))
+    try:
+        ids = {r["request_id"] for r in queued}
+        await collect(
+            settings,
+            topics.NODE_RESULTS,
+            until=lambda rs: len([r for r in rs if r.get("request_id") in ids]) >= 4,
+            timeout_s=60,
+        )
+        order = [r["request"]["priority"] for r in queued]
+        by_id = dict(zip([r["request_id"] for r in queued], order, strict=True))
+        assert [by_id[i] for i in stub.calls] == ["high", "normal", "low", "low"]
+        assert stub.calls[2] == queued[0]["request_id"]  # FIFO within a priority
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)

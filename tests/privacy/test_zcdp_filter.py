@@ -87,3 +87,19 @@ def test_units_round_conservatively() -> None:
     assert f.query_units(0.0) == 0 and f.limit_units(0.0) == 0
     with pytest.raises(ValueError):
         f.units_up(float("nan"))
+
+
+def test_fast_zcdp_conversion_equals_the_general_one_bit_for_bit() -> None:
+    """The filter's ε of Σρ (order-only terms precomputed) is exactly eps_from_rdp of ρ·α."""
+    import numpy as np
+
+    from fedllm.privacy.accountant import _eps_of_rho
+    from fedllm.privacy.rdp import eps_from_rdp, zcdp_rdp
+
+    orders = ZcdpFilter(delta=1e-5).orders
+    rng = np.random.default_rng(7)
+    rhos = [0.0, 1e-30, 1e-12] + list(10 ** rng.uniform(-16, 3, 500))
+    for delta in (1e-5, 1e-9, 0.25):
+        for rho in rhos:
+            general = eps_from_rdp(orders=orders, rdp=zcdp_rdp(orders=orders, rho=rho), delta=delta)
+            assert _eps_of_rho.__wrapped__(float(rho), delta, orders) == general[0]

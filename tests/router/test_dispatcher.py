@@ -168,3 +168,17 @@ def test_send_failure_abandons_the_attempt() -> None:
     retry = d.on_send_failed("r1", "a", now_ms=1)
     assert sends(retry)[0].record["hospital_id"] == "b"
     assert "could not send to a" in [a for a in retry if isinstance(a, Audit)][0].fields["reason"]
+
+
+def test_a_batch_routes_high_priority_first_onto_the_best_node() -> None:
+    d = make(node_timeout_s=60)
+    batch = [
+        decision(
+            request(rid, department="cardiology", created_ms=0, deadline_ms=10_000, priority=p),
+            at_ms=1,
+        )
+        for rid, p in (("lo", "low"), ("no", "normal"), ("hi", "high"))
+    ]
+    sent = sends(d.on_decisions(batch, now_ms=1))
+    assert [s.record["request_id"] for s in sent] == ["hi", "no", "lo"]
+    assert sent[0].record["hospital_id"] == "a"  # the idle node goes to the high request

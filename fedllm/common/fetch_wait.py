@@ -1,0 +1,68 @@
+"""A consumer's fetch wait that lengthens while it is idle and snaps back when data flows.
+
+On a broker that does not wake a waiting fetch when data arrives (the local Tansu broker, see
+the BROKER notes), request/reply latency needs a short fetch wait (`fetch_max_wait_ms`, 10 ms),
+but then every idle consumer makes ~100 broker round trips a second. :func:`adapt` makes an
+aiokafka consumer (after `start()`) use `idle_fetch_max_wait_ms` once none of its fetches has
+brought records for `idle_after_ms`, and its configured wait again from the first fetch that
+brings some. Under traffic every consumer stays on the short wait; the first request after an
+idle spell pays up to one idle wait per hop. `idle_fetch_max_wait_ms` ≤ the configured wait
+turns it off. On Apache Kafka a waiting fetch is answered as soon as data arrives, so a long
+wait costs nothing there either way.
+
+It sets the consumer's private fetcher fields (aiokafka 0.14: `Fetcher._fetch_max_wait_ms`,
+read when each fetch request is built, and `Fetcher._proc_fetch_request`, which reports
+whether a fetch brought records); if they are missing it leaves the consumer as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class IdleFetchWait:
+    """The switch for one started consumer's fetcher."""
+
+    def __init__(self, fetcher: Any, *, hot_ms: int, idle_ms: int, idle_after_s: float) -> None:
+        self.fetcher = fetcher
+        self.hot_ms = hot_ms
+        self.idle_ms = idle_ms
+        self.idle_after_s = idle_after_s
+        self.last_data = time.monotonic()
+        self._proc = fetcher._proc_fetch_request
+        fetcher._proc_fetch_request = self._proc_fetch_request
+        fetcher._idle_fetch_wait = self
+
+    @property
+    def idle(self) -> bool:
+        return self.fetcher._fetch_max_wait_ms == self.idle_ms
+
+    async def _proc_fetch_request(self, *args: Any, **kwargs: Any) -> Any:
+        got_records = await self._proc(*args, **kwargs)
+        now = time.monotonic()
+        if got_records:
+            self.last_data = now
+            self.fetcher._fetch_max_wait_ms = self.hot_ms
+        elif now - self.last_data >= self.idle_after_s:
+            self.fetcher._fetch_max_wait_ms = self.idle_ms
+        return got_records
+
+
+def adapt(consumer: Any, *, idle_ms: int, idle_after_ms: int) -> IdleFetchWait | None:
+    """Install the idle switch on a started aiokafka consumer; None when it does not apply."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    hot_ms = getattr(fetcher, "_fetch_max_wait_ms", None)
+    if fetcher is None or hot_ms is None or not hasattr(fetcher, "_proc_fetch_request"):
+        log.warning("consumer without the expected fetcher fields: fetch wait left fixed")
+        return None
+    if idle_ms <= hot_ms:
+        return None
+    if getattr(fetcher, "_idle_fetch_wait", None) is not None:
+        return fetcher._idle_fetch_wait
+    return IdleFetchWait(
+        fetcher, hot_ms=int(hot_ms), idle_ms=idle_ms, idle_after_s=idle_after_ms / 1000
+    )
