@@ -11,6 +11,7 @@ from fedllm.services.accountant import cli as accountant_cli
 from fedllm.services.auditor import cli as auditor_cli
 from fedllm.services.gateway import cli as gateway_cli
 from fedllm.services.node_worker import cli as node_cli
+from fedllm.services.node_worker import erasure
 from fedllm.services.router import cli as router_cli
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (gateway_cli, accountant_cli, router_cli, node_cli, auditor_cli):
         module.register(sub)
     backup.register(sub)
+    erasure.register(sub)  # fedllm patient export|erase
     return parser
 
 

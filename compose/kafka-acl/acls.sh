@@ -19,9 +19,10 @@ clinician() {  # may ask (produce requests) and read only its own reply topic
 
 if [ "${1:-}" = clinician ]; then clinician "$2"; exit 0; fi
 
-# gateway: produces requests, admin adjustments, audit; reads results, budgets, heartbeats.
-write_topics gateway fedllm.requests fedllm.admin fedllm.audit
-read_topics gateway fedllm.results fedllm.budgets fedllm.heartbeats
+# gateway: produces requests, admin adjustments, control commands, audit; reads results,
+# budgets, heartbeats and the control log it folds.
+write_topics gateway fedllm.requests fedllm.admin fedllm.control fedllm.audit
+read_topics gateway fedllm.results fedllm.budgets fedllm.heartbeats fedllm.control
 
 # accountant: the only writer of decisions, terminal results, budgets and reply topics.
 read_topics accountant fedllm.requests fedllm.node-results fedllm.admin fedllm.results
@@ -33,7 +34,7 @@ acl --allow-principal User:accountant --operation All --resource-pattern-type pr
     --topic fedllm-accountant --group fedllm-accountant
 
 # router: the only writer of hospital.<id>.requests.
-read_topics router fedllm.decisions fedllm.heartbeats fedllm.node-results
+read_topics router fedllm.decisions fedllm.heartbeats fedllm.node-results fedllm.control
 acl --allow-principal User:router --operation Read --group router
 acl --allow-principal User:router --operation Write --operation Describe \
     --resource-pattern-type prefixed --topic hospital.
@@ -41,7 +42,7 @@ write_topics router fedllm.node-results fedllm.audit fedllm.decisions.dlq
 
 # each node: reads only its own hospital's requests.
 for h in ${FEDLLM_ACL_HOSPITALS:-st_mary city_general northside}; do
-  read_topics "$h" "hospital.$h.requests"
+  read_topics "$h" "hospital.$h.requests" fedllm.control
   acl --allow-principal "User:$h" --operation Read --group "node-$h"
   write_topics "$h" fedllm.node-results fedllm.heartbeats fedllm.audit "hospital.$h.requests.dlq"
 done

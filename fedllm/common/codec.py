@@ -30,6 +30,7 @@ SCHEMA_FILES = (
     "audit_event.avsc",
     "budget_status.avsc",
     "budget_adjustment.avsc",
+    "control_command.avsc",
 )
 
 Headers = list[tuple[str, bytes]]

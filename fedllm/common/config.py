@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     # This router instance's stable name (one per replica): its RoutedRequests carry it, and on
     # a restart it re-adopts only the requests it routed (services/router/recovery.py).
     router_id: str = "router"
+    # Which nodes the router admits: "configured" (the hospitals below, plus those an admin
+    # approves via POST /v1/admin/nodes) or "open" (any node that sends heartbeats).
+    node_admission: Literal["configured", "open"] = "configured"
     # Delivery (fedllm.common.delivery): handler attempts per event before it is dead-lettered
     # with a terminal outcome, and the exponential backoff between attempts.
     delivery_attempts: int = 5

@@ -13,6 +13,7 @@ HEARTBEATS = "fedllm.heartbeats"  # NodeHeartbeat, key hospital_id; node -> rout
 AUDIT = "fedllm.audit"  # AuditEvent, key request_id or actor; every service -> auditor
 BUDGETS = "fedllm.budgets"  # BudgetStatus, key user_id; accountant -> gateway
 ADMIN = "fedllm.admin"  # BudgetAdjustment, key subject; gateway -> accountant
+CONTROL = "fedllm.control"  # ControlCommand, key target; gateway -> every service (folded)
 
 # Keyed by user so one accountant instance sees all of a user's events in order.
 PARTITIONS: dict[str, int] = {
@@ -24,6 +25,7 @@ PARTITIONS: dict[str, int] = {
     AUDIT: 1,
     BUDGETS: 1,
     ADMIN: 1,
+    CONTROL: 1,
 }
 
 

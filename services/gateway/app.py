@@ -12,11 +12,22 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from fedllm.common import topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
-from fedllm.services.gateway import routes_admin, routes_auth, routes_budget, routes_inference
+from fedllm.services.gateway import (
+    allow_header,
+    control_plane,
+    routes_admin,
+    routes_auth,
+    routes_budget,
+    routes_console,
+    routes_emergency,
+    routes_inference,
+    routes_nodes_config,
+)
 from fedllm.services.gateway.auth import PasswordChecker
 from fedllm.services.gateway.cached_answers import make_answer_cache
 from fedllm.services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
@@ -37,6 +48,7 @@ GATEWAY_TOPICS = (
     topics.AUDIT,
     topics.HEARTBEATS,
     topics.ADMIN,
+    topics.CONTROL,
 )
 
 
@@ -117,6 +129,10 @@ def create_app(
         await state.budgets.start()
         await state.nodes.start()
         await state.archiver.start()
+        # The control log (lockdown, halt, config) is folded while the readers get assigned;
+        # both are done before the first request is served.
+        control_started = asyncio.create_task(control_plane.start(state))
+        await routes_console.start(state)  # samples the ledgers the console plots
         try:
             await asyncio.wait_for(
                 asyncio.gather(
@@ -130,9 +146,12 @@ def create_app(
             log.warning(
                 "gateway consumers not assigned after %.0fs; /v1/ready says 503", assignment_wait_s
             )
+        await control_started
         try:
             yield
         finally:
+            await routes_console.stop(state)
+            await control_plane.stop(state)
             await state.correlator.stop()
             await state.budgets.stop()
             await state.nodes.stop()
@@ -145,7 +164,9 @@ def create_app(
             if state.cache is not None:
                 await state.cache.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI / ReDoc from the gateway itself (no CDN:
+    # hospital networks are often offline).
+    app = FastAPIOffline(
         title="fedllm gateway",
         version="1.0.0",
         description="Federated, differentially private LLM queries for hospitals.",
@@ -153,6 +174,8 @@ def create_app(
     )
     app.state.gateway = state
     app.add_exception_handler(RequestValidationError, invalid_request)
+    control_plane.install(app, state)  # lockdown / halt, before routing and authentication
+    allow_header.install(app)  # 405: every method of the path, across routers
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -176,7 +199,9 @@ def create_app(
             services = json.loads(status.read_text())
         except (OSError, ValueError):
             services = None
-        return Health(status="alive", services=services)
+        ctl = state.extra.get(control_plane.EXTRA_KEY)
+        emergency = ctl.state.view() if ctl is not None else None
+        return Health(status="alive", services=services, emergency=emergency)
 
     @app.get(
         "/v1/ready", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
@@ -200,4 +225,7 @@ def create_app(
     app.include_router(routes_inference.build_router(inference_body_model(settings)))
     app.include_router(routes_budget.router)
     app.include_router(routes_admin.build_router(settings))
+    app.include_router(routes_emergency.build_router())
+    app.include_router(routes_nodes_config.build_router())
+    app.include_router(routes_console.build_router())
     return app

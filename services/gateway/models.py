@@ -200,6 +200,8 @@ class Health(BaseModel):
     status: str
     # Under `fedllm up`: each service's pid, state (running | restarting), restarts, last exit.
     services: dict[str, dict[str, Any]] | None = None
+    # Emergency controls in force: lockdown, halt, manually opened breakers (with reasons).
+    emergency: dict[str, Any] | None = None
 
 
 class Readiness(BaseModel):

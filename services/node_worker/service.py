@@ -29,7 +29,7 @@ from typing import Any
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from fedllm.common import audit, codec, grants, metrics, topics
+from fedllm.common import audit, codec, control, grants, metrics, topics
 from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
@@ -174,6 +174,9 @@ class NodeWorker:
         self._answered: collections.OrderedDict[tuple[str, int], dict[str, Any]] = (
             collections.OrderedDict()
         )
+        # Why processing is halted (fedllm.control), or None: queued work then ends failed
+        # before any mechanism starts, so the accountant refunds it.
+        self.halted: Callable[[], str | None] = lambda: None
 
     async def handle(self, msg: ConsumerRecord) -> None:
         """Decode, answer and publish one message; never leaves a request without a result."""
@@ -199,6 +202,8 @@ class NodeWorker:
             await self._refused(routed, refusal)
         elif fields is not None:
             log.info("replayed request %s attempt %d: re-sending its release", *key)
+        elif (halt := self.halted()) is not None:
+            fields = failed_fields(f"processing halted: {halt}")
         elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
             fields = failed_fields("deadline passed before start")
         else:
@@ -369,6 +374,9 @@ async def run(
         _load_engine(engine_factory or default_engine_factory, settings, hospital_id, state)
     )
     worker = NodeWorker(settings, hospital_id, bus, state)
+    follower = control.ControlFollower(settings)
+    await follower.start()
+    worker.halted = lambda: follower.state.halted
     policy = RetryPolicy.from_settings(settings)
     try:
         await consumer.start()
@@ -439,6 +447,7 @@ async def run(
         stop.set()
         load_task.cancel()
         await asyncio.gather(heartbeat_task, load_task, return_exceptions=True)
+        await follower.stop()
         with contextlib.suppress(Exception):
             await consumer.stop()
         with contextlib.suppress(Exception):

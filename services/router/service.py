@@ -26,16 +26,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fedllm.common import audit, metrics, topics, tracing
+from fedllm.common import audit, control, metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.common.residency import RegionPolicy
 from fedllm.services.router import recovery
+from fedllm.services.router.admission import ControlledRegistry
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
 from fedllm.services.router.metrics import RouterMetrics, process_metrics
-from fedllm.services.router.registry import NodeRegistry
 from fedllm.services.router.strategies import build_strategy
 from fedllm.services.router.strategy import BatchRoutingStrategy, RoutingStrategy
 
@@ -101,8 +101,10 @@ class RouterService:
         metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.control = control.ControlFollower(settings, on_command=self.on_control)
+        self.registry = ControlledRegistry(ttl_s=settings.node_ttl_s, control=self.control.state)
         self.dispatcher = Dispatcher(
-            registry=NodeRegistry(ttl_s=settings.node_ttl_s),
+            registry=self.registry,
             strategy=strategy or build_strategy(settings.router_strategy),
             node_timeout_s=settings.node_timeout_s,
             hedge=settings.router_hedge,
@@ -135,8 +137,32 @@ class RouterService:
         self._answers = asyncio.Lock()  # live node results wait while state is re-adopted
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
+    def on_control(self, record: dict[str, Any]) -> None:
+        """A control command folded in: apply a new routing strategy."""
+        if record["action"] == "config_set" and record["target"] == "router_strategy":
+            name = self.control.state.setting("router_strategy") or self.settings.router_strategy
+            self.dispatcher.strategy = build_strategy(name)
+            self.batch_window_ms = (
+                self.settings.router_batch_window_ms
+                if isinstance(self.dispatcher.strategy, BatchRoutingStrategy)
+                else 0
+            )
+            log.info("routing strategy now %s", name)
+
+    def control_audits(self) -> list[Action]:
+        """Audit events for ignored heartbeats and automatic breakers."""
+        return [
+            Audit(
+                e.action,
+                (e.hospital_id, e.action, now_ms()),
+                {"hospital_id": e.hospital_id, **e.fields},
+            )
+            for e in self.registry.drain_events()
+        ]
+
     async def execute(self, actions: list[Action]) -> None:
         """Send messages first, then their audit events."""
+        actions = actions + self.control_audits()
         for action in actions:
             if isinstance(action, Send):
                 try:
@@ -175,6 +201,7 @@ class RouterService:
 
     async def start(self) -> None:
         await wait_for_broker(self.settings)
+        await self.control.start()  # the control log first: admission gates the heartbeats
         await self.producer.start()
         for consumer in (self.decisions, self.heartbeats, self.node_results):
             await consumer.start()
@@ -242,6 +269,7 @@ class RouterService:
             await self._on_heartbeats(batch)
 
     async def stop(self) -> None:
+        await self.control.stop()
         for consumer in (self.decisions, self.heartbeats, self.node_results):
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -316,7 +344,14 @@ class RouterService:
 
     async def route_batch(self, decisions: list[tuple[ConsumerRecord, dict[str, Any]]]) -> None:
         """Place a batch jointly; if that fails, deliver each decision on its own (retries,
-        then a failure verdict and the DLQ)."""
+        then a failure verdict and the DLQ). While processing is halted, each approved decision
+        ends failed before any node sees it (the accountant refunds it)."""
+        if self.control.state.halted is not None:
+            for _, decision in decisions:
+                await self.fail_decision(
+                    decision, f"processing halted: {self.control.state.halted}"
+                )
+            return
         try:
             await self.execute(
                 self.dispatcher.on_decisions([d for _, d in decisions], now_ms=now_ms())

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 async def test_health_and_ready(settings):
     async with running_gateway(settings) as (app, c):
-        assert (await c.get("/v1/health")).json() == {"status": "alive"}
+        health = (await c.get("/v1/health")).json()
+        assert health["status"] == "alive"
+        assert health["emergency"]["lockdown"] is False and health["emergency"]["halted"] is False
         r = await c.get("/v1/ready")
         assert r.status_code == 200, r.text
         assert r.json()["ready"] is True

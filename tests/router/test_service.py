@@ -41,6 +41,7 @@ async def settings(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactor
         node_timeout_s=NODE_TIMEOUT_S,
         session_timeout_ms=6_000,
         data_dir=Path(tmp_path_factory.mktemp("router")),
+        node_admission="open",  # the rt_* test nodes are not configured hospitals
     )
     await ensure_topics(s, topics.all_topics(HOSPITALS))
     return s

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
@@ -89,6 +90,27 @@ SEMANTIC_422 = (
 )
 
 
+# Control-plane writes change state every later call sees (lockdown, halt, breakers, config):
+# after a fuzzed one, the normal state is restored so each case starts from it.
+CONTROL_WRITES = ("/v1/admin/emergency/", "/v1/admin/nodes/", "/v1/admin/config")
+
+
+def restore_control(base_url: str, admin: dict[str, str], path: str) -> None:
+    reason = {"reason": "schemathesis restores the normal state"}
+    with httpx.Client(base_url=base_url, headers=admin, timeout=30) as client:
+        for switch in ("lockdown", "halt"):
+            r = client.post(f"/v1/admin/emergency/{switch}", json={"enabled": False, **reason})
+            assert r.status_code == 200, r.text
+        if path.endswith("/breaker"):
+            for node in client.get("/v1/admin/emergency").json()["open_breakers"]:
+                client.post(f"/v1/admin/nodes/{node}/breaker", json={"open": False, **reason})
+        runtime = client.get("/v1/admin/config/runtime").json()
+        defaults = {k: v["default"] for k, v in runtime.items() if v["value"] != v["default"]}
+        if defaults:
+            r = client.put("/v1/admin/config", json={"settings": defaults, **reason})
+            assert r.status_code == 200, r.text
+
+
 @pytest.mark.slow
 @schema.parametrize()
 @hypothesis.settings(
@@ -101,9 +123,14 @@ def test_api_conforms_and_never_5xx(case, live_gateway):
     # Every default check runs (no 5xx, documented status codes, content types, headers and
     # response schemas, negative data rejected) except the blanket "schema-valid data must
     # be accepted", which is replaced by the narrower assertion below.
-    response = case.call_and_validate(
-        headers=headers, timeout=30, excluded_checks=[positive_data_acceptance]
-    )
+    base_url = live_gateway[0]
+    try:
+        response = case.call_and_validate(
+            headers=headers, timeout=30, excluded_checks=[positive_data_acceptance]
+        )
+    finally:
+        if case.method.upper() in ("POST", "PUT") and case.path.startswith(CONTROL_WRITES):
+            restore_control(base_url, admin, case.formatted_path)
     assert response.status_code < 500
     meta = case.meta
     if meta is not None and meta.generation.mode.is_positive and response.status_code == 422:
