@@ -14,11 +14,12 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CursorResult,
     Engine,
     Integer,
     LargeBinary,
@@ -49,7 +50,7 @@ class OutboxRow(Base):
     topic: Mapped[str] = mapped_column(String(200))
     key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
-    headers: Mapped[list] = mapped_column(JSON)  # [[name, hex bytes], ...]
+    headers: Mapped[list[list[str]]] = mapped_column(JSON)  # [[name, hex bytes], ...]
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     sent_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
@@ -123,7 +124,8 @@ def mark_sent(engine: Engine, ids: list[int]) -> None:
 def purge_sent(engine: Engine, *, before_ms: int) -> int:
     """Delete messages acknowledged before `before_ms` (retention); returns how many."""
     with Session(engine) as s, s.begin():
-        return s.execute(delete(OutboxRow).where(OutboxRow.sent_at_ms < before_ms)).rowcount
+        result = s.execute(delete(OutboxRow).where(OutboxRow.sent_at_ms < before_ms))
+        return int(cast(CursorResult[Any], result).rowcount)
 
 
 class Relay:

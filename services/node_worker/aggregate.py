@@ -40,7 +40,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -199,7 +199,8 @@ def parse_query(query: Mapping[str, Any] | str) -> AggregateQuery:
     top = _int("query", "top", query.get("top", 5), 1, 50)
     k = query.get("max_per_patient")
     if op == "histogram":
-        k = _int("query", "max_per_patient", HISTOGRAM_FIELDS[field] if k is None else k, 1, 50)
+        default_k = HISTOGRAM_FIELDS[cast(str, field)]  # a histogram always names its field
+        k = _int("query", "max_per_patient", default_k if k is None else k, 1, 50)
 
     where = query.get("where") or {}
     if not isinstance(where, Mapping):
@@ -399,7 +400,7 @@ def answer_on_cohort(
     if rho < full:  # report the ε this release is calibrated to, not the reservation's
         epsilon = min(epsilon, PrivacyCurve.from_rho(rho).epsilon(delta=delta))
     matched = _one_row_per_person(q, cohort)
-    common = dict(
+    common: dict[str, Any] = dict(
         op=q.op,
         field=q.field,
         records_used=len(cohort),

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -230,6 +231,9 @@ class RouterService:
             key=request["user_id"],
         )
 
+    async def route_one(self, decision: dict[str, Any]) -> None:
+        await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
+
     async def route_batch(self, decisions: list[tuple[ConsumerRecord, dict[str, Any]]]) -> None:
         """Place a batch jointly; if that fails, deliver each decision on its own (retries,
         then a failure verdict and the DLQ)."""
@@ -243,11 +247,11 @@ class RouterService:
         for msg, decision in decisions:
             await deliver(
                 msg,
-                lambda d=decision: self.execute(self.dispatcher.on_decision(d, now_ms=now_ms())),
+                functools.partial(self.route_one, decision),
                 bus=self.bus,
                 service=SERVICE,
                 policy=self.policy,
-                on_dead=lambda reason, d=decision: self.fail_decision(d, reason),
+                on_dead=functools.partial(self.fail_decision, decision),
             )
 
     async def track_nodes(self) -> None:
@@ -303,7 +307,9 @@ class RouterService:
         log.info("router ready: %d nodes alive", len(self.dispatcher.registry.alive(now_ms())))
 
 
-async def _until_stopped(stop: asyncio.Event, loops: list[Callable[[], Awaitable[None]]]) -> None:
+async def _until_stopped(
+    stop: asyncio.Event, loops: list[Callable[[], Coroutine[Any, Any, None]]]
+) -> None:
     """Run `loops` until `stop` is set or one of them fails (then re-raise its error)."""
     tasks = {asyncio.create_task(loop()) for loop in loops}
     stopper = asyncio.create_task(stop.wait())
