@@ -23,6 +23,14 @@ LAYOUT = (("fedllm", "fedllm"), ("services", "fedllm/services"), ("schemas", "fe
 MYPY_LAYOUT = REPO / "build" / "mypy-layout"
 
 
+def source_path(installed: str) -> Path:
+    """Where a file of the installed layout (e.g. `fedllm/services/x.py`) lives in the repo."""
+    for src, rel in sorted(LAYOUT, key=lambda pair: -len(pair[1])):
+        if installed == rel or installed.startswith(rel + "/"):
+            return REPO / src / installed[len(rel) :].lstrip("/")
+    return REPO / installed
+
+
 def copy_installed_layout(dst: Path, *, with_tests: bool = False) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for src, rel in LAYOUT + ((("tests", "tests"),) if with_tests else ()):
