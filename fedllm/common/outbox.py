@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.common import codec, tracing
+from fedllm.common.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def create_table(engine: Engine) -> None:
 
 def add(session: Session, messages: Iterable[Message]) -> None:
     """Record `messages` in the caller's open transaction (sent only if it commits)."""
-    now = _now_ms()
+    now = now_ms()
     for m in messages:
         session.add(
             OutboxRow(
@@ -118,7 +118,7 @@ def mark_sent(engine: Engine, ids: list[int]) -> None:
     if not ids:
         return
     with Session(engine) as s, s.begin():
-        s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids)).values(sent_at_ms=_now_ms()))
+        s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids)).values(sent_at_ms=now_ms()))
 
 
 def purge_sent(engine: Engine, *, before_ms: int) -> int:
@@ -151,7 +151,3 @@ class Relay:
                     )
                 await asyncio.to_thread(mark_sent, self.engine, [i for i, _ in rows])
                 sent += len(rows)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from fedllm.common.clock import now_ms
 from fedllm.common.config import BudgetConfig
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, window_start
 from fedllm.services.accountant import decide
@@ -327,7 +328,7 @@ class Ledger:
             spent_rdp=None,
             spent_epsilon=0.0,
             deadline_ms=request["deadline_ms"],
-            created_at_ms=_now_ms(),
+            created_at_ms=now_ms(),
             outcome="",
             reason="",
             node_id="",
@@ -470,7 +471,7 @@ class Ledger:
             self.accountant.epsilon(x.spent, delta=row.delta) if x.spent is not None else 0.0
         )
         row.outcome, row.reason, row.node_id = x.outcome, x.reason, x.node_id
-        row.settled_at_ms = _now_ms()
+        row.settled_at_ms = now_ms()
         return charge.excess
 
     def reset(self, adjustment: dict[str, Any], *, now_s: float | None = None) -> bool:
@@ -498,7 +499,7 @@ class Ledger:
                     adjustment_id=adjustment["adjustment_id"],
                     scope=scope,
                     window_start=window,
-                    reset_at_ms=_now_ms(),
+                    reset_at_ms=now_ms(),
                     actor_user_id=adjustment["actor_user_id"],
                     reason=adjustment["reason"],
                 )
@@ -542,10 +543,6 @@ def _rejected(row: BudgetEntry, reason: str) -> BudgetEntry:
     row.state, row.outcome, row.reason = "rejected", "rejected", reason
     row.settled_at_ms = row.created_at_ms
     return row
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _as_dict(row: BudgetEntry) -> dict[str, Any]:

@@ -27,7 +27,14 @@ from aiokafka.errors import KafkaError
 from fedllm.common import audit, metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
-from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
+from fedllm.common.kafka import (
+    Bus,
+    make_consumer,
+    make_producer,
+    now_ms,
+    seek_to_time,
+    wait_for_broker,
+)
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
 from fedllm.services.router.metrics import RouterMetrics, process_metrics
@@ -62,15 +69,6 @@ async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     consumer.assign(tps)
     return tps
-
-
-async def _seek_to_time(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ts_ms: int) -> None:
-    """Position at the first record at or after `ts_ms` (the end if none)."""
-    found = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
-    ends = await consumer.end_offsets(tps)
-    for tp in tps:
-        hit = found.get(tp)
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
 
 
 class RouterService:
@@ -147,9 +145,7 @@ class RouterService:
             await consumer.start()
         self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self._assigned))
         hb_tps = await _assign_all(self.heartbeats, topics.HEARTBEATS)
-        await _seek_to_time(
-            self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000)
-        )
+        await seek_to_time(self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000))
         nr_tps = await _assign_all(self.node_results, topics.NODE_RESULTS)
         await self.node_results.seek_to_end(*nr_tps)
         for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
