@@ -4,8 +4,8 @@ Order of preference for each: the env var (KAFKA_BOOTSTRAP, DATABASE_URL, REDIS_
 testcontainers container when a Docker engine answers, then the local server / embedded broker.
 Each starts only when a test asks for it (session scope), never at import or collection.
 
-Two speeds: a test that needs none of them (no fixture below in its closure, not e2e, not slow)
-is marked ``unit``; ``python -m pytest -m unit -q`` runs that lane without a broker, database or
+Two speeds: a test that needs none of them (no fixture below in its closure, no model or
+generated hospital, not e2e, not slow) is marked ``unit``; ``python -m pytest -m unit -q`` runs that lane without a broker, database or
 Redis (README, Development).
 """
 
@@ -35,12 +35,14 @@ INFRA_FIXTURES = frozenset(
         "pipeline",
     }
 )
+# Fixtures that are slow to set up though local (a model, generated hospitals): integration lane.
+HEAVY_FIXTURES = frozenset({"tiny", "models_dir", "clinosim_source", "hospital_data_dir"})
 # Parametrised fixtures whose value picks a backend at run time (tests/auditor `engine`).
 INFRA_PARAMS = frozenset({"postgres"})
 
 
 def _needs_infra(item: pytest.Item) -> bool:
-    if INFRA_FIXTURES & set(getattr(item, "fixturenames", ())):
+    if (INFRA_FIXTURES | HEAVY_FIXTURES) & set(getattr(item, "fixturenames", ())):
         return True
     callspec = getattr(item, "callspec", None)
     return callspec is not None and bool(INFRA_PARAMS & set(map(str, callspec.params.values())))
