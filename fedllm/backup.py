@@ -59,8 +59,8 @@ def libpq_env(url: str) -> dict[str, str]:
             env[var] = str(value)
     for key, var in LIBPQ_QUERY.items():
         if key in u.query:
-            value = u.query[key]
-            env[var] = value if isinstance(value, str) else value[-1]
+            query = u.query[key]
+            env[var] = query if isinstance(query, str) else query[-1]
     return env
 
 

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from fedllm.common import topics
 from fedllm.common.config import (
@@ -58,9 +59,9 @@ class Pipeline:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.settings = Settings(kafka_bootstrap=self.bootstrap, **self._settings_overrides())
 
-    def _settings_overrides(self) -> dict[str, object]:
+    def _settings_overrides(self) -> dict[str, Any]:
         env = self.env()
-        overrides: dict[str, object] = {
+        overrides: dict[str, Any] = {
             "data_dir": self.data_dir,
             "mode": env["FEDLLM_MODE"],
             "jwt_secret": env.get("JWT_SECRET", ""),
@@ -292,7 +293,7 @@ def status_path(settings: Settings) -> Path:
     return settings.data_dir / "run" / "services.json"
 
 
-def write_status(settings: Settings, status: dict[str, dict[str, object]]) -> None:
+def write_status(settings: Settings, status: Mapping[str, Mapping[str, object]]) -> None:
     path = status_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

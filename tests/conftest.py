@@ -2,6 +2,11 @@
 
 Order of preference for each: the env var (KAFKA_BOOTSTRAP, DATABASE_URL, REDIS_URL), then a
 testcontainers container when a Docker engine answers, then the local server / embedded broker.
+Each starts only when a test asks for it (session scope), never at import or collection.
+
+Two speeds: a test that needs none of them (no fixture below in its closure, no model or
+generated hospital, not e2e, not slow) is marked ``unit``; ``python -m pytest -m unit -q`` runs that lane without a broker, database or
+Redis (README, Development).
 """
 
 from __future__ import annotations
@@ -17,6 +22,38 @@ from fedllm.embedded import EmbeddedBroker
 
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_REDIS = "redis://127.0.0.1:6379/15"
+
+# Fixtures that reach a broker, Postgres or Redis (directly or through the pipeline).
+INFRA_FIXTURES = frozenset(
+    {
+        "kafka_bootstrap",
+        "postgres_admin_url",
+        "database_url",
+        "fresh_database_url",
+        "redis_url",
+        "pg_engine",
+        "pipeline",
+    }
+)
+# Fixtures that are slow to set up though local (a model, generated hospitals): integration lane.
+HEAVY_FIXTURES = frozenset({"tiny", "models_dir", "clinosim_source", "hospital_data_dir"})
+# Parametrised fixtures whose value picks a backend at run time (tests/auditor `engine`).
+INFRA_PARAMS = frozenset({"postgres"})
+
+
+def _needs_infra(item: pytest.Item) -> bool:
+    if (INFRA_FIXTURES | HEAVY_FIXTURES) & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and bool(INFRA_PARAMS & set(map(str, callspec.params.values())))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the unit lane: no infrastructure fixture, not e2e, not slow."""
+    for item in items:
+        if _needs_infra(item) or item.get_closest_marker("e2e") or item.get_closest_marker("slow"):
+            continue
+        item.add_marker(pytest.mark.unit)
 
 
 def docker_available() -> bool:

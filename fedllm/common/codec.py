@@ -60,6 +60,7 @@ def parse_all(texts: dict[str, dict[str, Any]]) -> dict[str, Schema]:
     out: dict[str, Schema] = {}
     for f in SCHEMA_FILES:
         parsed = parse_schema(texts[f], named_schemas=named)
+        assert isinstance(parsed, dict), f  # every .avsc file is one named record
         fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
         name = parsed["name"]
         short = name.rsplit(".", 1)[-1]

@@ -45,7 +45,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Wait after failed attempt number `attempt` (1-based)."""
-        return min(self.initial_s * 2 ** (attempt - 1), self.max_s)
+        return min(self.initial_s * 2.0 ** (attempt - 1), self.max_s)
 
     @classmethod
     def from_settings(cls, settings: Any) -> RetryPolicy:

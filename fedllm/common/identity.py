@@ -163,6 +163,7 @@ class TokenVerifier:
         sub, role, dept = claims.get("sub"), claims.get("role"), claims.get("department")
         if not all(isinstance(v, str) and v and len(v) <= 128 for v in (sub, role, dept)):
             raise AuthError("malformed identity claims")
+        assert isinstance(sub, str) and isinstance(role, str) and isinstance(dept, str)
         perms = self.roles.get(role)
         if perms is None:
             raise AuthError("unknown role")

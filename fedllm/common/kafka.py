@@ -10,13 +10,15 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from fedllm.common import codec, fetch_wait, metrics, topics, tracing
+from fedllm.common.clock import now_ms as now_ms  # re-exported: services import it from here
 from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -132,8 +134,15 @@ async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
             await admin.close()
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+async def seek_to_time(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], ts_ms: int
+) -> None:
+    """Position each partition at its first record at or after `ts_ms` (the end if none)."""
+    found = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
+    ends = await consumer.end_offsets(list(tps))
+    for tp in tps:
+        hit = found.get(tp)
+        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
 
 
 class Bus:

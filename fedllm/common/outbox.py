@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CursorResult,
     Engine,
     Integer,
     LargeBinary,
@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.common import codec, tracing
+from fedllm.common.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class OutboxRow(Base):
     topic: Mapped[str] = mapped_column(String(200))
     key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
-    headers: Mapped[list] = mapped_column(JSON)  # [[name, hex bytes], ...]
+    headers: Mapped[list[list[str]]] = mapped_column(JSON)  # [[name, hex bytes], ...]
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     sent_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
@@ -79,7 +80,7 @@ def create_table(engine: Engine) -> None:
 
 def add(session: Session, messages: Iterable[Message]) -> None:
     """Record `messages` in the caller's open transaction (sent only if it commits)."""
-    now = _now_ms()
+    now = now_ms()
     for m in messages:
         session.add(
             OutboxRow(
@@ -117,13 +118,14 @@ def mark_sent(engine: Engine, ids: list[int]) -> None:
     if not ids:
         return
     with Session(engine) as s, s.begin():
-        s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids)).values(sent_at_ms=_now_ms()))
+        s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids)).values(sent_at_ms=now_ms()))
 
 
 def purge_sent(engine: Engine, *, before_ms: int) -> int:
     """Delete messages acknowledged before `before_ms` (retention); returns how many."""
     with Session(engine) as s, s.begin():
-        return s.execute(delete(OutboxRow).where(OutboxRow.sent_at_ms < before_ms)).rowcount
+        result = s.execute(delete(OutboxRow).where(OutboxRow.sent_at_ms < before_ms))
+        return int(cast(CursorResult[Any], result).rowcount)
 
 
 class Relay:
@@ -169,7 +171,3 @@ class Relay:
                 failed = next((r for r in results if isinstance(r, BaseException)), error)
                 if failed is not None:
                     raise failed
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

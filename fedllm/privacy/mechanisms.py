@@ -391,7 +391,8 @@ class ExponentialMechanism:
         """The exact selection distribution (softmax of ε·u/(2Δ))."""
         z = self.epsilon * np.asarray(scores, dtype=np.float64) / (2 * self.sensitivity)
         z = np.exp(z - np.max(z))
-        return z / z.sum()
+        out: np.ndarray = z / z.sum()
+        return out
 
     def select(self, scores: Sequence[float] | np.ndarray, rng: Rng) -> int:
         """Index drawn with probability ∝ exp(ε·score/(2Δ)), by Gumbel-max."""

@@ -191,7 +191,10 @@ def laplace_rdp(
 
 
 def _log_comb(n: float | np.ndarray, k: float | np.ndarray) -> float | np.ndarray:
-    return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+    out: float | np.ndarray = (
+        special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+    )
+    return out
 
 
 def _log_add(x: float, y: float) -> float:

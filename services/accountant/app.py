@@ -22,6 +22,7 @@ instead of crashing the agent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def create_app(settings: Settings) -> faust.App:
                 continue
             hdrs = msg.headers or ()
             decoded.append(
-                Decoded(event, record, list(hdrs.items() if isinstance(hdrs, dict) else hdrs))
+                Decoded(event, record, list(hdrs.items() if isinstance(hdrs, dict) else hdrs))  # type: ignore[arg-type]
             )
         return decoded
 
@@ -173,13 +174,11 @@ def create_app(settings: Settings) -> faust.App:
                 for one in decoded:
                     await deliver(
                         one.event.message,
-                        lambda one=one: handler([one]),
+                        functools.partial(handler, [one]),
                         bus=acct.bus,
                         service=SERVICE,
                         policy=policy,
-                        on_dead=None
-                        if on_dead is None
-                        else (lambda reason, one=one: on_dead(one.record, reason)),
+                        on_dead=None if on_dead is None else functools.partial(on_dead, one.record),
                     )
         for event in events:
             event.ack()

@@ -20,7 +20,7 @@ from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.metrics import record_hospital_spend
 from fedllm.common.outbox import Message
 from fedllm.privacy.accountant import PrivacyCurve, window_start
-from fedllm.services.accountant import messages, partials
+from fedllm.services.accountant import decide, messages, partials
 from fedllm.services.accountant.admission import Admission
 from fedllm.services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
 from fedllm.services.accountant.models import BudgetEntry
@@ -240,9 +240,7 @@ class Accountant:
             spent, _, _ = self._charge_for(result)
         except Exception:
             spent = None
-        if result["status"] == "partial" or (
-            result["status"] != "ok" and result.get("node_id") and spent is None
-        ):
+        if result["status"] == "partial" or decide.awaits_router(result, spent):
             return  # not a final verdict: the router or the sweep ends the request
         await self._settle(
             [
@@ -274,7 +272,7 @@ class Accountant:
                 return None
             spent = PrivacyCurve.from_dict(entry["reserved_rdp"])
             reason = f"{reason}; spend reported on unknown orders: the reservation is charged"
-        if result["status"] != "ok" and result.get("node_id") and spent is None:
+        if decide.awaits_router(result, spent):
             # A node's own failure before any mechanism ran does not end the request: the
             # router retries it elsewhere and reports the final failure itself (node_id "");
             # the deadline sweep backs it up. One that reports a spent curve is charged now.
@@ -457,30 +455,10 @@ class Accountant:
         return len(ids)
 
     def _charge_for(self, result: dict[str, Any]) -> tuple[PrivacyCurve | None, str, str]:
-        """What to charge for a node result: (curve or None for a full refund, status, reason)."""
-        status = result["status"]
-        if status != "ok":
-            status = "timeout" if status == "timeout" else "failed"
-            if result.get("rdp_orders"):
-                # The router failed a fan-out after some hospitals had answered their parts:
-                # those releases happened, so their curve is charged (the user gets no answer).
-                spent = self._reported_curve(result)
-                if spent is not None:
-                    return spent, status, result["reason"]
-            return None, status, result["reason"]
-        if not result["is_private"]:
-            return None, "failed", "answer withheld: it was not released by a DP mechanism"
-        spent = self._reported_curve(result)
-        if spent is None:
-            return None, "failed", "answer withheld: privacy cost reported on unknown orders"
-        return spent, "ok", ""
+        return decide.charge_for(result, orders=self.ledger.accountant.orders)
 
     def _reported_curve(self, result: dict[str, Any]) -> PrivacyCurve | None:
-        """The result's spent curve, or None when it is not on the ledger's orders."""
-        orders = tuple(result["rdp_orders"])
-        if orders != tuple(self.ledger.accountant.orders):
-            return None
-        return PrivacyCurve(orders=orders, values=tuple(result["rdp_epsilons"]))
+        return decide.reported_curve(result, orders=self.ledger.accountant.orders)
 
     def _finish_messages(
         self, outcome: Outcome, node_result: dict[str, Any] | None, *, status: str

@@ -24,8 +24,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+from fedllm.common.clock import now_ms
 from fedllm.common.config import BudgetConfig
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, window_start
+from fedllm.services.accountant import decide
+from fedllm.services.accountant.decide import Balance
 from fedllm.services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
 from fedllm.services.accountant.upgrade import upgrade
 
@@ -36,15 +39,6 @@ OutcomeT = TypeVar("OutcomeT", "Outcome", "Outcome | None")
 #: Postgres: serialization_failure, deadlock_detected. Both mean "run the transaction again".
 _RETRY_SQLSTATES = {"40001", "40P01"}
 _MAX_ATTEMPTS = 20
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
-    """An account's position after an operation (ε at the ledger's δ)."""
-
-    limit: float
-    spent: float
-    remaining: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +110,7 @@ class Ledger:
 
     def _balance(self, charged: int, limit: float) -> Balance:
         """Closed form, O(1): ε of Σρ, and the largest ε a query may still reserve."""
-        return Balance(
-            limit=limit,
-            spent=self.filter.epsilon(charged),
-            remaining=self.filter.remaining_epsilon(charged=charged, limit_epsilon=limit),
-        )
+        return decide.balance(self.filter, charged_units=charged, limit_epsilon=limit)
 
     def balances(
         self, user_id: str, department: str, *, window: int | None = None
@@ -348,7 +338,7 @@ class Ledger:
             spent_rdp=None,
             spent_epsilon=0.0,
             deadline_ms=request["deadline_ms"],
-            created_at_ms=_now_ms(),
+            created_at_ms=now_ms(),
             outcome="",
             reason="",
             node_id="",
@@ -358,24 +348,20 @@ class Ledger:
             dept_epoch=0,
         )
         if dept not in self.budget.department_epsilon:
-            return _rejected(row, f"unknown department {dept!r}")
+            return _rejected(row, decide.unknown_department(dept).reason)
         user = accounts[(user_scope(user_id), window)]
         department = accounts[(dept_scope(dept), window)]
-        cost = self.filter.query_units(request["epsilon"])
-        for acct, limit, who in (
-            (user, self.budget.user_epsilon, "user"),
-            (department, self._dept_limit(dept), "department"),
-        ):
-            if not self.filter.admits(charged=acct.charged_units, extra=cost, limit_epsilon=limit):
-                left = self.filter.remaining_epsilon(
-                    charged=acct.charged_units, limit_epsilon=limit
-                )
-                return _rejected(
-                    row,
-                    f"{who} privacy budget exhausted: requested epsilon "
-                    f"{request['epsilon']:g}, remaining {left:.4f} of "
-                    f"{limit:g} this window",
-                )
+        verdict = decide.admit(
+            self.filter,
+            epsilon=request["epsilon"],
+            accounts=(
+                decide.Account("user", user.charged_units, self.budget.user_epsilon),
+                decide.Account("department", department.charged_units, self._dept_limit(dept)),
+            ),
+        )
+        if isinstance(verdict, decide.Refuse):
+            return _rejected(row, verdict.reason)
+        cost = verdict.units
         row.reserved_rdp = self.accountant.query_curve(
             epsilon=request["epsilon"], delta=self.budget.delta
         ).to_dict()
@@ -477,26 +463,26 @@ class Ledger:
     ) -> int:
         """Move a reserved entry to committed/refunded; returns the units charged above the
         reservation (0 when the reservation dominated the report)."""
-        charge = self.filter.charge_units(x.spent) if x.spent is not None else 0
-        if row.reserved_units < charge <= row.reserved_units + row.reserved_units // 10**9 + 1:
-            charge = row.reserved_units  # the full reservation, up to the node's float rounding
-        excess = max(charge - row.reserved_units, 0)
+        charge = decide.charge(self.filter, reserved_units=row.reserved_units, spent=x.spent)
         user = accounts[(user_scope(row.user_id), row.window_start)]
         dept = accounts[(dept_scope(row.department), row.window_start)]
-        delta = charge - row.charged_units
-        if row.user_epoch == user.epoch:
-            user.charged_units += delta
-        if row.dept_epoch == dept.epoch:
-            dept.charged_units += delta
-        row.state = "committed" if x.spent is not None else "refunded"
-        row.charged_units = charge
+        user_delta, dept_delta = decide.account_deltas(
+            new_units=charge.units,
+            old_units=row.charged_units,
+            entry_epochs=(row.user_epoch, row.dept_epoch),
+            account_epochs=(user.epoch, dept.epoch),
+        )
+        user.charged_units += user_delta
+        dept.charged_units += dept_delta
+        row.state = charge.state
+        row.charged_units = charge.units
         row.spent_rdp = x.spent.to_dict() if x.spent is not None else None
         row.spent_epsilon = (
             self.accountant.epsilon(x.spent, delta=row.delta) if x.spent is not None else 0.0
         )
         row.outcome, row.reason, row.node_id = x.outcome, x.reason, x.node_id
-        row.settled_at_ms = _now_ms()
-        return excess
+        row.settled_at_ms = now_ms()
+        return charge.excess
 
     def reset(self, adjustment: dict[str, Any], *, now_s: float | None = None) -> bool:
         """Apply an admin's BudgetAdjustment (action "reset") to the current window, once.
@@ -523,7 +509,7 @@ class Ledger:
                     adjustment_id=adjustment["adjustment_id"],
                     scope=scope,
                     window_start=window,
-                    reset_at_ms=_now_ms(),
+                    reset_at_ms=now_ms(),
                     actor_user_id=adjustment["actor_user_id"],
                     reason=adjustment["reason"],
                 )
@@ -567,10 +553,6 @@ def _rejected(row: BudgetEntry, reason: str) -> BudgetEntry:
     row.state, row.outcome, row.reason = "rejected", "rejected", reason
     row.settled_at_ms = row.created_at_ms
     return row
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _as_dict(row: BudgetEntry) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def es_number(x: float | int) -> str:
     digits = "".join(map(str, digit_tuple)).rstrip("0") or "0"
     strip = len("".join(map(str, digit_tuple))) - len(digits)
     k = len(digits)
-    n = exp + strip + k  # value = 0.digits × 10^n
+    n = int(exp) + strip + k  # value = 0.digits × 10^n
     if k <= n <= 21:
         out = digits + "0" * (n - k)
     elif 0 < n <= 21:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     func,
@@ -94,6 +95,6 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-audit_log = AuditLog.__table__
-chain_heads = ChainHead.__table__
-checkpoints = Checkpoint.__table__
+audit_log = cast(Table, AuditLog.__table__)
+chain_heads = cast(Table, ChainHead.__table__)
+checkpoints = cast(Table, Checkpoint.__table__)

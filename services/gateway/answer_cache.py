@@ -36,7 +36,7 @@ import unicodedata
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -98,6 +98,11 @@ def cache_content(
         "routed_for": "" if hospitals else department,
         "data": [[h, versions.get(h, UNKNOWN_VERSION)] for h in scope],
     }
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (this client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +305,7 @@ class AnswerCache:
             blob = await self.client.get(self._entry(key.digest))
             if blob is not None:
                 await self.client.zadd(self._lru, {key.member: time.time()})
-                return unseal(self.aead, key, blob)
+                return unseal(self.aead, key, blob if isinstance(blob, bytes) else blob.encode())
             lease_ms = max(1000, int(wait_s * 2000) + 5000)
             if await self.client.set(self._lease(key.digest), token, nx=True, px=lease_ms):
                 self._leases[_holder(key)] = token
@@ -316,7 +321,7 @@ class AnswerCache:
             return
         seen = await self.client.mget([self._version(h) for h, _ in known])
         for (hospital, version), old in zip(known, seen, strict=True):
-            if old is None or old.decode() != version:
+            if old is None or _text(old) != version:
                 await self.client.set(self._version(hospital), version)
                 if old is not None:
                     await self.retire(hospital, why="data_version")
@@ -333,7 +338,7 @@ class AnswerCache:
                 await self.store(key, CachedRelease.from_result(result, epsilon=epsilon))
             if token is not None:
                 lease = self._lease(key.digest)
-                if (await self.client.get(lease) or b"").decode() == token:
+                if _text(await self.client.get(lease) or b"") == token:
                     await self.client.delete(lease)
         except Exception as exc:
             self._failed("store", exc)
@@ -346,10 +351,13 @@ class AnswerCache:
         for hospital, _ in key.versions:
             pipe.sadd(self._index(hospital), member)
         pipe.zcard(self._lru)
-        *_, size = await pipe.execute()
+        size = int((await pipe.execute())[-1])
         if size > self.max_entries:
-            evicted = await self.client.zpopmin(self._lru, size - self.max_entries)
-            await self._drop([m.decode() for m, _ in evicted])
+            evicted = cast(
+                list[tuple[bytes, float]],
+                await self.client.zpopmin(self._lru, size - self.max_entries),
+            )
+            await self._drop([_text(m) for m, _ in evicted])
             self.metrics.retired.labels("size_bound").inc(len(evicted))
 
     async def _drop(self, members: list[str]) -> None:
@@ -366,7 +374,7 @@ class AnswerCache:
 
     async def retire(self, hospital: str, *, why: str = "erasure") -> int:
         """Delete every cached release whose scope includes ``hospital``; how many."""
-        members = [m.decode() for m in await self.client.smembers(self._index(hospital))]
+        members = [_text(m) for m in await self.client.smembers(self._index(hospital))]
         await self._drop(members)
         await self.client.delete(self._index(hospital))
         self.metrics.retired.labels(why).inc(len(members))

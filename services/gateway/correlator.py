@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fedllm.common import codec, topics, tracing
 from fedllm.common.config import Settings
-from fedllm.common.kafka import make_consumer
+from fedllm.common.kafka import make_consumer, seek_to_time
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +207,7 @@ class BudgetView(_AssignedReader):
     async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         window = self.settings.budget.window_seconds
         since_ms = int(time.time() // window * window * 1000)
-        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            hit = found.get(tp)
-            consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+        await seek_to_time(consumer, tps, since_ms)
 
     def on_record(self, record: dict[str, Any]) -> None:
         if record["window_start"] + record["window_seconds"] <= time.time():
@@ -250,11 +246,7 @@ class NodeView(_AssignedReader):
     async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         since = int(time.time() * 1000) - int(self.settings.node_ttl_s * 1000)
         self._since_ms = since
-        found = await consumer.offsets_for_times({tp: since for tp in tps})
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            hit = found.get(tp)
-            consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+        await seek_to_time(consumer, tps, since)
 
     def on_record(self, record: dict[str, Any]) -> None:
         hospital = record["hospital_id"]

@@ -77,12 +77,12 @@ def inference_body_model(settings: Settings) -> type[InferenceBodyBase]:
                 description="epsilon to spend on this query",
             ),
         ),
-        department=(
+        department=(  # type: ignore[arg-type]
             Literal[tuple(departments)] | None,  # type: ignore[valid-type]
             Field(default=None, description="defaults to the token's department"),
         ),
-        hospitals=(
-            list[Literal[tuple(hospital_ids)]],  # type: ignore[valid-type]
+        hospitals=(  # type: ignore[arg-type]
+            list[Literal[tuple(hospital_ids)]],  # type: ignore[valid-type, misc]
             Field(
                 default_factory=list,
                 max_length=len(hospital_ids),
@@ -243,8 +243,8 @@ def budget_reset_body(settings: Settings) -> object:
     department_reset = create_model(
         "DepartmentBudgetReset",
         __base__=BudgetResetBase,
-        scope=(Literal["department"], ...),
-        subject=(
+        scope=(Literal["department"], ...),  # type: ignore[arg-type, maybe-unrecognized-str-typeform]
+        subject=(  # type: ignore[arg-type]
             Literal[tuple(departments)],  # type: ignore[valid-type]
             Field(description="a configured department"),
         ),

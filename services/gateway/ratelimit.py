@@ -163,7 +163,7 @@ class RedisRateLimiter:
         self._add = self.client.register_script(_ADD_LUA)
 
     async def hit(self, windows: list[Window]) -> Verdict:
-        args: list[object] = [uuid.uuid4().hex]
+        args: list[str | int] = [uuid.uuid4().hex]
         for w in windows:
             args += [w.limit, w.window_s * 1000]
         allowed, wait_ms, idx = await self._hit(keys=[w.key for w in windows], args=args)

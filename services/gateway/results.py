@@ -23,6 +23,11 @@ from fedllm.common.kafka import make_consumer
 log = logging.getLogger(__name__)
 
 
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text (this client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class ResultStore(Protocol):
     async def claim(self, *, user_id: str, key: str, request_id: str) -> str:
         """Bind (user, Idempotency-Key) to `request_id` unless bound: the bound request id."""
@@ -109,7 +114,7 @@ class RedisResultStore:
         if await self.redis.set(k, request_id, nx=True, ex=self.retention_s):
             return request_id
         bound = await self.redis.get(k)
-        return bound.decode() if bound else request_id
+        return _text(bound) if bound else request_id
 
     async def release(self, *, user_id: str, key: str) -> None:
         await self.redis.delete(_idem(self.prefix, user_id, key))
@@ -119,7 +124,7 @@ class RedisResultStore:
 
     async def owner(self, request_id: str) -> str | None:
         v = await self.redis.get(f"{self.prefix}:owner:{request_id}")
-        return v.decode() if v else None
+        return _text(v) if v else None
 
     async def put(self, record: dict[str, Any]) -> None:
         await self.redis.set(

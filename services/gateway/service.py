@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 
@@ -69,7 +69,7 @@ async def run(
             if serving.done():
                 return
             await asyncio.sleep(0.05)
-        state = server.config.app.state.gateway
+        state = cast(Any, server.config.app).state.gateway
         while not (await is_ready(state)).ready:
             await asyncio.sleep(0.2)
         mark_ready(settings, "gateway")

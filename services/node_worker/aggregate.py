@@ -253,7 +253,7 @@ def answer_on_cohort(
     if rho < full:  # report the ε this release is calibrated to, not the reservation's
         epsilon = min(epsilon, PrivacyCurve.from_rho(rho).epsilon(delta=delta))
     matched = _one_row_per_person(q, cohort)
-    common = dict(
+    common: dict[str, Any] = dict(
         op=q.op,
         field=q.field,
         records_used=len(cohort),

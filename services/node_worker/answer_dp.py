@@ -81,8 +81,7 @@ def plan_question(question: str) -> AnswerPlan | None:
         return None
     named = list(dict.fromkeys((e.key, e.kind) for e in find_entities(question)))
     if len(named) == 2 and named[0][1] == named[1][1] and _OR.search(question):
-        kind = named[0][1]
-        return AnswerPlan(kind=kind, given=(), candidates=(named[0][0], named[1][0]))
+        return AnswerPlan(kind=named[0][1], given=(), candidates=(named[0][0], named[1][0]))
     m = _ASKS.search(question)
     if m is None:
         return None

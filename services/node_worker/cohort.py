@@ -159,9 +159,8 @@ def _condition(resource: dict[str, Any]) -> Diagnosis | None:
     if status[0].get("code") in _EXCLUDED_STATUS:
         return None
     concept = resource.get("code") or {}
-    coding = next(
-        (c for c in concept.get("coding") or [] if "icd-10" in c.get("system", "")), None
-    ) or next(iter(concept.get("coding") or []), {})
+    icd = next((c for c in concept.get("coding") or [] if "icd-10" in c.get("system", "")), None)
+    coding: dict[str, Any] = icd or next(iter(concept.get("coding") or []), {})
     code = str(coding.get("code") or "").strip().upper()
     if not code:
         return None
@@ -175,7 +174,9 @@ def _condition(resource: dict[str, Any]) -> Diagnosis | None:
 
 def _medication(resource: dict[str, Any]) -> Medication | None:
     concept = resource.get("medicationCodeableConcept") or {}
-    coding = next((c for c in concept.get("coding") or [] if "rxnorm" in c.get("system", "")), {})
+    coding: dict[str, Any] = next(
+        (c for c in concept.get("coding") or [] if "rxnorm" in c.get("system", "")), {}
+    )
     name = concept.get("text") or coding.get("display")
     if not name:
         return None

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -43,7 +44,7 @@ SERVICE = "node_worker"
 _REPLAY_CACHE = 1024
 
 
-class EngineLike:  # pragma: no cover - structural type for the factory's product
+class EngineLike(Protocol):  # pragma: no cover - structural type for the factory's product
     model_name: str
     device: str
 
@@ -186,11 +187,11 @@ class NodeWorker:
         started = now_ms()
         priority = str((routed.get("request") or {}).get("priority", "normal"))
         self.state.health.received(priority)
-        key = (routed["request_id"], int(routed.get("attempt", 0)))
+        key: tuple[str, int] = (routed["request_id"], int(routed.get("attempt", 0)))
         refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
         ledger = getattr(self.state.engine, "ledger", None)
         stored = (
-            await asyncio.to_thread(ledger.lookup, *key)
+            await asyncio.to_thread(ledger.lookup, key[0], key[1])
             if ledger is not None and not refusal
             else None
         )
@@ -209,10 +210,12 @@ class NodeWorker:
         else:
             fields = await self._answer(routed)
             if ledger is not None:  # persist before publishing; the stored copy is what goes out
-                fields = await asyncio.to_thread(ledger.release, *key, fields)
+                released = await asyncio.to_thread(ledger.release, key[0], key[1], fields)
+                fields = cast(dict[str, Any], released)
             self._answered[key] = fields
             while len(self._answered) > _REPLAY_CACHE:
                 self._answered.popitem(last=False)
+        assert fields is not None  # every branch above sets it
         record = result_record(routed, fields, hospital_id=self.hospital_id, started_ms=started)
         try:
             await self.bus.send(
@@ -427,11 +430,11 @@ async def run(
             ):
                 await deliver(
                     msg,
-                    lambda m=msg: worker.handle(m),
+                    functools.partial(worker.handle, msg),
                     bus=bus,
                     service=SERVICE,
                     policy=policy,
-                    on_dead=lambda r, m=msg: worker.fail(m, r),
+                    on_dead=functools.partial(worker.fail, msg),
                     stop=stop,
                 )
             offset = intake.done(tp, msg.offset)

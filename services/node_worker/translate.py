@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,7 +61,7 @@ class Translation:
     candidates: tuple[str, ...] = ()  # compare: the two vocabulary keys
 
 
-def _filters(question: str, named: list[tuple[str, str]]) -> dict[str, Any] | None:
+def _filters(question: str, named: Sequence[tuple[str, str]]) -> dict[str, Any] | None:
     where: dict[str, Any] = {}
     dx = [k for k, kind in named if kind == "diagnosis"]
     rx = [k for k, kind in named if kind == "medication"]

@@ -91,9 +91,10 @@ def _sum(parts: Sequence[Part], key: str) -> float | None:
 
 def _sd(parts: Sequence[Part], key: str) -> float | None:
     sq = [p.release.get(key) for p in parts]
-    if any(not isinstance(v, int | float) or isinstance(v, bool) for v in sq):
+    nums = [float(v) for v in sq if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(nums) != len(sq):
         return None
-    return math.sqrt(sum(float(v) ** 2 for v in sq))  # type: ignore[arg-type]
+    return math.sqrt(sum(x**2 for x in nums))
 
 
 def _fmt(x: float) -> str:

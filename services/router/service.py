@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -29,7 +30,14 @@ from aiokafka.errors import KafkaError
 from fedllm.common import audit, control, metrics, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
-from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
+from fedllm.common.kafka import (
+    Bus,
+    make_consumer,
+    make_producer,
+    now_ms,
+    seek_to_time,
+    wait_for_broker,
+)
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.common.residency import RegionPolicy
 from fedllm.services.router import recovery
@@ -79,15 +87,6 @@ async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     consumer.assign(tps)
     return tps
-
-
-async def _seek_to_time(consumer: AIOKafkaConsumer, tps: list[TopicPartition], ts_ms: int) -> None:
-    """Position at the first record at or after `ts_ms` (the end if none)."""
-    found = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
-    ends = await consumer.end_offsets(tps)
-    for tp in tps:
-        hit = found.get(tp)
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
 
 
 class RouterService:
@@ -207,9 +206,7 @@ class RouterService:
             await consumer.start()
         self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self))
         hb_tps = await _assign_all(self.heartbeats, topics.HEARTBEATS)
-        await _seek_to_time(
-            self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000)
-        )
+        await seek_to_time(self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000))
         nr_tps = await _assign_all(self.node_results, topics.NODE_RESULTS)
         await self.node_results.seek_to_end(*nr_tps)
         for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
@@ -342,6 +339,9 @@ class RouterService:
             key=request["user_id"],
         )
 
+    async def route_one(self, decision: dict[str, Any]) -> None:
+        await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
+
     async def route_batch(self, decisions: list[tuple[ConsumerRecord, dict[str, Any]]]) -> None:
         """Place a batch jointly; if that fails, deliver each decision on its own (retries,
         then a failure verdict and the DLQ). While processing is halted, each approved decision
@@ -362,11 +362,11 @@ class RouterService:
         for msg, decision in decisions:
             await deliver(
                 msg,
-                lambda d=decision: self.execute(self.dispatcher.on_decision(d, now_ms=now_ms())),
+                functools.partial(self.route_one, decision),
                 bus=self.bus,
                 service=SERVICE,
                 policy=self.policy,
-                on_dead=lambda reason, d=decision: self.fail_decision(d, reason),
+                on_dead=functools.partial(self.fail_decision, decision),
             )
 
     async def track_nodes(self) -> None:
@@ -419,7 +419,9 @@ class RouterService:
         log.info("router ready: %d nodes alive", len(self.dispatcher.registry.alive(now_ms())))
 
 
-async def _until_stopped(stop: asyncio.Event, loops: list[Callable[[], Awaitable[None]]]) -> None:
+async def _until_stopped(
+    stop: asyncio.Event, loops: list[Callable[[], Coroutine[Any, Any, None]]]
+) -> None:
     """Run `loops` until `stop` is set or one of them fails (then re-raise its error)."""
     tasks = {asyncio.create_task(loop()) for loop in loops}
     stopper = asyncio.create_task(stop.wait())
