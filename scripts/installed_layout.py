@@ -51,7 +51,13 @@ def mypy() -> int:
     shutil.rmtree(MYPY_LAYOUT / "fedllm", ignore_errors=True)
     MYPY_LAYOUT.mkdir(parents=True, exist_ok=True)
     copy_installed_layout(MYPY_LAYOUT)
-    cmd = [sys.executable, "-m", "mypy", "--cache-dir", str(MYPY_LAYOUT / ".mypy_cache")]
+    cmd = [
+        os.path.abspath(sys.executable),
+        "-m",
+        "mypy",
+        "--cache-dir",
+        str(MYPY_LAYOUT / ".mypy_cache"),
+    ]
     return subprocess.run([*cmd, "-p", "fedllm"], cwd=MYPY_LAYOUT).returncode
 
 

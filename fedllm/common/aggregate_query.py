@@ -192,6 +192,7 @@ def parse_query(query: Mapping[str, Any] | str) -> AggregateQuery:
     top = _int("query", "top", query.get("top", 5), 1, 50)
     k = query.get("max_per_patient")
     if op == "histogram":
+        assert field is not None  # a histogram names its field (checked above)
         k = _int("query", "max_per_patient", HISTOGRAM_FIELDS[field] if k is None else k, 1, 50)
 
     where = query.get("where") or {}

@@ -39,7 +39,7 @@ class IdleFetchWait:
 
     @property
     def idle(self) -> bool:
-        return self.fetcher._fetch_max_wait_ms == self.idle_ms
+        return bool(self.fetcher._fetch_max_wait_ms == self.idle_ms)
 
     async def _proc_fetch_request(self, *args: Any, **kwargs: Any) -> Any:
         got_records = await self._proc(*args, **kwargs)
@@ -61,8 +61,9 @@ def adapt(consumer: Any, *, idle_ms: int, idle_after_ms: int) -> IdleFetchWait |
         return None
     if idle_ms <= hot_ms:
         return None
-    if getattr(fetcher, "_idle_fetch_wait", None) is not None:
-        return fetcher._idle_fetch_wait
+    installed: IdleFetchWait | None = getattr(fetcher, "_idle_fetch_wait", None)
+    if installed is not None:
+        return installed
     return IdleFetchWait(
         fetcher, hot_ms=int(hot_ms), idle_ms=idle_ms, idle_after_s=idle_after_ms / 1000
     )

@@ -56,7 +56,7 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**kw)
 
 
-class Consumer(AIOKafkaConsumer):
+class Consumer(AIOKafkaConsumer):  # type: ignore[misc]  # aiokafka is untyped
     """An aiokafka consumer whose fetch wait lengthens while it is idle
     (`fedllm.common.fetch_wait`)."""
 

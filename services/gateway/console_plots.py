@@ -52,7 +52,7 @@ class LedgerHistory:
             current = (
                 status is not None and status["window_start"] + status["window_seconds"] > now_s
             )
-            remaining = status["department_remaining_epsilon"] if current else limit
+            remaining = status["department_remaining_epsilon"] if status and current else limit
             spent[dept] = max(0.0, float(limit) - float(remaining))
         room = {
             h: float(rec.get("budget_room", -1))
@@ -65,7 +65,8 @@ class LedgerHistory:
         """`which` 1: departments, 2: hospitals; name -> [(t, value)]."""
         out: dict[str, list[tuple[float, float]]] = {}
         for sample in self.samples:
-            for name, value in sample[which].items():
+            values: dict[str, float] = sample[which]  # type: ignore[assignment]
+            for name, value in values.items():
                 out.setdefault(name, []).append((sample[0], value))
         return out
 

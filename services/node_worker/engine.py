@@ -158,7 +158,7 @@ class Engine:
             else None
         )
         # FEDLLM_NODE_LOAD_MODEL=false: an aggregate-only node (no model; generate refused).
-        self.lm = model or (
+        self.lm: LoadedModel | None = model or (
             load_model(data_dir=settings.data_dir) if settings.node_load_model else None
         )
         log.info(
@@ -209,11 +209,23 @@ class Engine:
         )
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
         return str(
-            self.lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            self.language_model.tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=True, tokenize=False
+            )
         )
 
+    @property
+    def language_model(self) -> LoadedModel:
+        """The language model (generate only; an aggregate-only node has none)."""
+        if self.lm is None:
+            raise RuntimeError("this node loads no language model (FEDLLM_NODE_LOAD_MODEL=false)")
+        return self.lm
+
     def _ids(self, text: str) -> list[int]:
-        return [int(t) for t in self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return [
+            int(t)
+            for t in self.language_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ]
 
     def _context(self, notes: Sequence[Note]) -> list[int]:
         """The notes as exactly ``context_tokens`` tokens: truncated, or padded with filler."""
@@ -239,7 +251,7 @@ class Engine:
 
     def stop_ids(self) -> list[int]:
         """Tokens that end the answer: EOS, end of turn, start of a new turn."""
-        tok = self.lm.tokenizer
+        tok = self.language_model.tokenizer
         out = {int(tok.eos_token_id)}
         vocab = tok.get_vocab()
         for s in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
@@ -350,8 +362,10 @@ class Engine:
         self.ledger.charge_persons(*key, affected, rho=rho)
         group_prompts = [self.encode(question, notes) for notes in contexts]
         public_prompt = self.encode(question, None)
-        tok = self.lm.tokenizer
-        decoder = BatchedDecoder(self.lm.model, device=self.lm.device, pad_id=tok.pad_token_id)
+        tok = self.language_model.tokenizer
+        decoder = BatchedDecoder(
+            self.language_model.model, device=self.language_model.device, pad_id=tok.pad_token_id
+        )
         res = dp_decode(
             decoder,
             public_prompt=public_prompt,

@@ -88,7 +88,8 @@ def _fhir_lines(root: Path, files: PatientFiles, patient_id: str):  # type: igno
     token = _token(patient_id)
     refs = tuple(f'"Patient/{fid}"' for fid in files.fhir_ids)
     for path in sorted((root / "fhir_r4").glob("*.ndjson")):
-        kept, theirs = [], []
+        kept: list[str] = []
+        theirs: list[str] = []
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue

@@ -56,7 +56,7 @@ def _estimates(
         if op == "mean":
             s_sum, s_cnt = _num(r.get("sum_sd")), _num(r.get("count_sd"))
             total, count = _num(r.get("noisy_sum")), _num(r.get("noisy_count"))
-            bounds = r.get("bounds") or ()
+            bounds: Sequence[float] = r.get("bounds") or ()
             if None in (s_sum, s_cnt, total, count) or len(bounds) != 2:
                 return None
             lo, hi = float(bounds[0]), float(bounds[1])

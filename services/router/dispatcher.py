@@ -207,13 +207,13 @@ class Dispatcher:
             if why:  # never a silent single answer
                 return self._fail_fan_out(fan, why, now_ms=now_ms)
             return self._fan_out(fan, now_ms=now_ms)
-        targets = self._fan_out_targets(request, now_ms=now_ms)
-        if targets is not None:
+        fan_targets = self._fan_out_targets(request, now_ms=now_ms)
+        if fan_targets is not None:
             fan = FanOut(
                 request=request,
                 reserved_epsilon=float(decision["reserved_epsilon"]),
                 delta=float(decision["delta"]),
-                hospitals=targets,
+                hospitals=fan_targets,
                 deadline_ms=min(now_ms + self.node_timeout_ms, int(request["deadline_ms"])),
                 routed_at_ms=now_ms,
             )
