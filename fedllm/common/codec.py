@@ -30,6 +30,9 @@ SCHEMA_FILES = (
     "audit_event.avsc",
     "budget_status.avsc",
     "budget_adjustment.avsc",
+    "fl_round_announcement.avsc",
+    "fl_client_update.avsc",
+    "fl_round_result.avsc",
 )
 
 Headers = list[tuple[str, bytes]]

@@ -13,6 +13,9 @@ HEARTBEATS = "fedllm.heartbeats"  # NodeHeartbeat, key hospital_id; node -> rout
 AUDIT = "fedllm.audit"  # AuditEvent, key request_id or actor; every service -> auditor
 BUDGETS = "fedllm.budgets"  # BudgetStatus, key user_id; accountant -> gateway
 ADMIN = "fedllm.admin"  # BudgetAdjustment, key subject; gateway -> accountant
+FL_ROUNDS = "fedllm.fl.rounds"  # FlRoundAnnouncement, key federation_id; coordinator -> trainers
+FL_UPDATES = "fedllm.fl.updates"  # FlClientUpdate, key federation_id; trainers -> coordinator
+FL_RESULTS = "fedllm.fl.results"  # FlRoundResult, key federation_id; coordinator -> all
 
 # Keyed by user so one accountant instance sees all of a user's events in order.
 PARTITIONS: dict[str, int] = {
@@ -24,6 +27,9 @@ PARTITIONS: dict[str, int] = {
     AUDIT: 1,
     BUDGETS: 1,
     ADMIN: 1,
+    FL_ROUNDS: 1,
+    FL_UPDATES: 1,
+    FL_RESULTS: 1,
 }
 
 
