@@ -34,10 +34,15 @@ def dp_sgd_rdp(
 def dominating_rho(
     *, rdp: Sequence[float] | np.ndarray, orders: Sequence[float] | np.ndarray = DEFAULT_ORDERS
 ) -> float:
-    """Smallest ρ with rdp(α) ≤ ρ·α at every order: the zCDP charge that covers the curve."""
+    """Smallest ρ with rdp(α) ≤ ρ·α at every order where the curve is finite: the zCDP charge
+    that covers the curve. Low fractional orders where the MTZ19 series does not converge are
+    ∞ and skipped (the subsampled Gaussian's ε_α/α grows with α, so the larger orders bind)."""
     r = np.asarray(rdp, dtype=np.float64)
     a = np.asarray(orders, dtype=np.float64)
-    return float(np.max(r / a))
+    finite = np.isfinite(r)
+    if not finite.any():
+        return float("inf")
+    return float(np.max(r[finite] / a[finite]))
 
 
 def dp_sgd_epsilon(
