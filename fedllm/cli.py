@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedllm import backup, launcher
+from fedllm import backup, federate, launcher
 from fedllm.client import cli as client_cli
 from fedllm.services.accountant import cli as accountant_cli
 from fedllm.services.auditor import cli as auditor_cli
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (gateway_cli, accountant_cli, router_cli, node_cli, auditor_cli):
         module.register(sub)
     backup.register(sub)
+    federate.register(sub)
     return parser
 
 
