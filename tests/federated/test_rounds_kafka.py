@@ -94,7 +94,7 @@ async def test_dropout_restarts_round_without_double_charge(
     kafka_bootstrap: str, fl_data_dir: Path
 ) -> None:
     settings = Settings(kafka_bootstrap=kafka_bootstrap, data_dir=fl_data_dir, fetch_max_wait_ms=10)
-    cfg = _cfg(max_rounds=1, round_deadline_s=8.0)
+    cfg = _cfg(max_rounds=1, round_deadline_s=45.0)
     store = f"sqlite:///{fl_data_dir}/rounds.db"
     coord, trainers = _build(settings, cfg, cfg.hospitals, store)
     quitter = trainers[2]
