@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
 
 from fedllm.common.config import Settings
 from fedllm.federate import build_coordinator, build_trainer, run_all
 from fedllm.services.federation.config import FederationConfig
+from fedllm.services.federation.store import rounds
 
 pytestmark = [pytest.mark.federated, pytest.mark.slow]
 
@@ -70,12 +72,8 @@ async def test_secure_rounds_over_the_broker(kafka_bootstrap: str, fl_data_dir: 
         assert t.global_round == 2
         assert np.array_equal(t.global_vec, last.global_vector)
     # the secure sum unmasked to the mean of the stored (unmasked) updates
-    r1 = coord.store.store if False else None  # noqa: F841
     ups = [t.ledger.lookup(cfg.federation_id, 2).update for t in trainers]
     prev = coord.store  # round 1 vector is the base of round 2
-    from sqlalchemy import select
-
-    from fedllm.services.federation.store import rounds
 
     with prev.engine.connect() as conn:
         blob = conn.execute(select(rounds.c.global_blob).where(rounds.c.round == 1)).scalar_one()
@@ -98,14 +96,12 @@ async def test_dropout_restarts_round_without_double_charge(
     store = f"sqlite:///{fl_data_dir}/rounds.db"
     coord, trainers = _build(settings, cfg, cfg.hospitals, store)
     quitter = trainers[2]
-    real = quitter._train_and_send
 
     async def vanish(bus, ann):  # joins (and pays), then never sends its update
         quitter.stopped = True
 
     quitter._train_and_send = vanish  # type: ignore[method-assign]
     reports = await run_all(settings, cfg, coord, trainers)
-    assert real is not None
     assert reports[0].status == "finished"
     assert reports[0].participants == ["h11", "h12"]
     for t in trainers:
