@@ -19,6 +19,7 @@ import torch
 from fedllm.common.config import Settings
 from fedllm.common.kafka import ensure_topics, wait_for_broker
 from fedllm.common.lora_model import eval_loss, get_vector, load_adapted, set_vector
+from fedllm.embedded import EmbeddedBroker
 from fedllm.privacy import rho_for_epsilon
 from fedllm.services.federation.config import FederationConfig, topic_names
 from fedllm.services.federation.coordinator import Coordinator, RoundReport
@@ -217,7 +218,19 @@ def _federate(args: argparse.Namespace) -> int:
             store_url=store,
             on_round=lambda r: print(format_report(r), flush=True),
         )
-    reports = asyncio.run(run_all(settings, cfg, coord, trainers))
+    if settings.kafka_bootstrap:
+        reports = asyncio.run(run_all(settings, cfg, coord, trainers))
+    elif args.role != "all":
+        print("set KAFKA_BOOTSTRAP to run one role alone", file=sys.stderr)
+        return 2
+    else:  # no broker configured: the embedded one, as `fedllm up` does
+        with EmbeddedBroker() as broker:
+            settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+            for t in trainers:
+                t.settings = settings
+            assert coord is not None
+            coord.settings = settings
+            reports = asyncio.run(run_all(settings, cfg, coord, trainers))
     return 0 if reports or args.role == "trainer" else 1
 
 
@@ -236,9 +249,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deadline", type=float, default=600.0, help="per-round update deadline (s)")
     p.add_argument("--rule", default="fedavg", choices=["fedavg", "median", "trimmed_mean", "krum"])
     p.add_argument("--insecure", action="store_true", help="no secure aggregation (robust rules)")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
     p.add_argument("--sample-rate", type=float, default=0.5)
-    p.add_argument("--noise", type=float, default=1.0)
+    p.add_argument("--noise", type=float, default=1.5)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight")

@@ -83,6 +83,9 @@ def load_base(*, models_dir: Path, tiny: bool = False, seed: int = 0) -> tuple[A
         model = AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32)
         return model, tok, "SmolLM2-135M-Instruct"
     tdir = Path(models_dir) / TOKENIZER_SUBDIR
+    if not tdir.exists() and not (full / ".complete").exists():
+        full.parent.mkdir(parents=True, exist_ok=True)
+        _build_cache(full)  # once; the tokenizer is saved with the fp32 copy
     tok = _prepare(AutoTokenizer.from_pretrained(str(tdir if tdir.exists() else full)))
     torch.manual_seed(seed)
     cfg = LlamaConfig(

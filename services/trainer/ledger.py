@@ -150,7 +150,8 @@ class TrainerLedger:
     ) -> RoundCharge | None:
         """Pay ``rho`` for the round from the lifetime budget and from each eligible person's
         filter, atomically, once per (federation, round). Returns the stored charge, or None
-        when the lifetime budget cannot pay (nothing written: the hospital leaves the round).
+        when the lifetime budget cannot pay or no person's filter can (nothing written: the
+        hospital leaves the round).
         Persons whose filter cannot take ``rho`` are dropped from ``persons`` first."""
         with self.engine.begin() as conn:
             row = conn.execute(
@@ -172,6 +173,8 @@ class TrainerLedger:
             eligible = sorted(
                 p for p in set(persons) if have.get(p, 0.0) + rho <= self.person_rho_cap
             )
+            if not eligible:  # nobody left to train on: the hospital leaves, nothing charged
+                return None
             conn.execute(
                 budgets.update()
                 .where(budgets.c.hospital_id == self.hospital_id)

@@ -107,7 +107,7 @@ class Trainer:
         charge = self.ledger.charge_round(
             self.federation_id, ann["round"], rho=rho, rdp=rdp, persons=sorted(self.rows)
         )
-        if charge is None or not charge.persons:
+        if charge is None:
             log.info(
                 "%s declines round %d: the lifetime budget cannot pay ρ=%.4g",
                 self.hospital_id,

@@ -82,6 +82,10 @@ def test_round_charged_once_and_refused_when_budget_cannot_pay(tmp_path) -> None
     # lifetime now 0.8: round 3 at 0.3 would pass the cap of 1.0 -> the hospital leaves
     assert led.charge_round("fed", 3, rho=0.3, rdp=rdp, persons=["p3"]) is None
     assert node.lifetime()[0] == pytest.approx(0.8)
+    # nobody whose filter can pay: refused, and the lifetime budget is not drawn either
+    led2 = TrainerLedger(engine, hospital_id="h2", rho_cap=5.0, person_rho_cap=0.1)
+    assert led2.charge_round("fed", 1, rho=0.3, rdp=rdp, persons=["p9"]) is None
+    assert led2.lifetime()[0] == 0.0
     # the update is stored before it is sent; a restart gets the same bytes back
     u = np.arange(5, dtype=np.float64)
     led.store_update("fed", 1, u, train_loss=2.0)
