@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedllm import backup, launcher
+from fedllm import backup, federate, launcher
 from fedllm.client import cli as client_cli
 from fedllm.services.accountant import cli as accountant_cli
 from fedllm.services.auditor import cli as auditor_cli
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     backup.register(sub)
     erasure.register(sub)  # fedllm patient export|erase
+    federate.register(sub)
     return parser
 
 

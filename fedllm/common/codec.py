@@ -31,6 +31,9 @@ SCHEMA_FILES = (
     "budget_status.avsc",
     "budget_adjustment.avsc",
     "control_command.avsc",
+    "fl_round_announcement.avsc",
+    "fl_client_update.avsc",
+    "fl_round_result.avsc",
 )
 
 Headers = list[tuple[str, bytes]]

@@ -14,6 +14,9 @@ AUDIT = "fedllm.audit"  # AuditEvent, key request_id or actor; every service -> 
 BUDGETS = "fedllm.budgets"  # BudgetStatus, key user_id; accountant -> gateway
 ADMIN = "fedllm.admin"  # BudgetAdjustment, key subject; gateway -> accountant
 CONTROL = "fedllm.control"  # ControlCommand, key target; gateway -> every service (folded)
+FL_ROUNDS = "fedllm.fl.rounds"  # FlRoundAnnouncement, key federation_id; coordinator -> trainers
+FL_UPDATES = "fedllm.fl.updates"  # FlClientUpdate, key federation_id; trainers -> coordinator
+FL_RESULTS = "fedllm.fl.results"  # FlRoundResult, key federation_id; coordinator -> all
 
 # Keyed by user so one accountant instance sees all of a user's events in order.
 PARTITIONS: dict[str, int] = {
@@ -26,6 +29,9 @@ PARTITIONS: dict[str, int] = {
     BUDGETS: 1,
     ADMIN: 1,
     CONTROL: 1,
+    FL_ROUNDS: 1,
+    FL_UPDATES: 1,
+    FL_RESULTS: 1,
 }
 
 
