@@ -159,7 +159,7 @@ async def run_all(
 def _federate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    settings = Settings(**({"data_dir": Path(args.data_dir)} if args.data_dir else {}))
+    settings = Settings(data_dir=Path(args.data_dir)) if args.data_dir else Settings()
     hospitals = args.hospitals.split(",") if args.hospitals else [h.id for h in settings.hospitals]
     seeds = {h.id: h.seed for h in settings.hospitals}
     cfg = FederationConfig(

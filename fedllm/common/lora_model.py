@@ -157,11 +157,11 @@ def row_losses(model: Any, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (tok * tmask).sum(dim=1) / tmask.sum(dim=1).clamp(min=1.0)
 
 
-@torch.no_grad()
 def eval_loss(model: Any, rows: torch.Tensor, *, pad_id: int, batch: int = 16) -> float:
     """Mean per-row loss over ``rows`` (e.g. the coordinator's public held-out notes)."""
     model.eval()
-    parts = [row_losses(model, rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
+    with torch.no_grad():
+        parts = [row_losses(model, rows[i : i + batch], pad_id) for i in range(0, len(rows), batch)]
     return float(torch.cat(parts).mean()) if parts else math.nan
 
 
