@@ -57,7 +57,7 @@ def test_heldout_loss_drops_tiny_model(fl_sources, tmp_path) -> None:
         fl_sources[11].parents[1] / "models" / "smollm2-tokenizer"
     )
     cfg = DpSgdConfig(
-        steps=2, sample_rate=0.5, noise_multiplier=1.0, clip_norm=1.0, learning_rate=0.5
+        steps=4, sample_rate=0.5, noise_multiplier=0.3, clip_norm=1.0, learning_rate=0.5
     )
     srcs = {s: fl_sources[s] for s in (11, 12, 14)}
     base, losses = _rounds(
