@@ -357,14 +357,24 @@ class Accountant:
         ]
 
     async def on_adjustment(self, adjustment: dict[str, Any]) -> None:
-        """Apply an admin's budget reset; audited with the admin as the actor."""
+        """Apply an admin's budget reset; audited with the admin as the actor. An applied
+        reset's audit record goes into the outbox in the reset's own transaction; a replay or
+        a refusal changes no ledger row and is audited directly (redelivery re-sends it)."""
+        applied = _audit(**_adjustment_audit(adjustment, "applied", ""))
         try:
-            changed = await asyncio.to_thread(self.ledger.reset, adjustment)
-            outcome, reason = ("applied" if changed else "replayed"), ""
+            changed = await asyncio.to_thread(
+                self.ledger.reset, adjustment, then=lambda s: outbox.add(s, [applied])
+            )
         except (KeyError, ValueError) as exc:
-            outcome, reason = "rejected", f"invalid adjustment: {exc}"
-        await self._audit_adjustment(adjustment, outcome=outcome, reason=reason)
-        if outcome == "applied" and adjustment["scope"] == "user":
+            await self._audit_adjustment(
+                adjustment, outcome="rejected", reason=f"invalid adjustment: {exc}"
+            )
+            return
+        if changed:
+            await self.relay_outbox()
+        else:
+            await self._audit_adjustment(adjustment, outcome="replayed", reason="")
+        if adjustment["scope"] == "user":  # a replay re-publishes a status a crash lost
             await self._publish_user_budget(adjustment["subject"])
 
     async def fail_adjustment(self, adjustment: dict[str, Any], reason: str) -> None:
@@ -375,18 +385,7 @@ class Accountant:
         self, adjustment: dict[str, Any], *, outcome: str, reason: str
     ) -> None:
         await audit.emit(
-            self.bus,
-            action="budget.reset",
-            service=SERVICE,
-            id_parts=(adjustment["adjustment_id"],),
-            user_id=adjustment["actor_user_id"],
-            role=adjustment["actor_role"],
-            source_address=adjustment["source_address"],
-            department=adjustment["subject"] if adjustment["scope"] == "department" else "",
-            outcome=outcome,
-            reason=reason or adjustment["reason"],
-            scope=adjustment["scope"],
-            subject=adjustment["subject"],
+            self.bus, service=SERVICE, **_adjustment_audit(adjustment, outcome, reason)
         )
 
     async def _publish_user_budget(self, user_id: str) -> None:
@@ -549,6 +548,22 @@ def _recorder(build: Callable[[Outcome], list[Message]]) -> Then:
         outbox.add(s, build(outcome))
 
     return record
+
+
+def _adjustment_audit(adjustment: dict[str, Any], outcome: str, reason: str) -> dict[str, Any]:
+    """The fields of an adjustment's `budget.reset` audit record (the admin is the actor)."""
+    return dict(
+        action="budget.reset",
+        id_parts=(adjustment["adjustment_id"],),
+        user_id=adjustment["actor_user_id"],
+        role=adjustment["actor_role"],
+        source_address=adjustment["source_address"],
+        department=adjustment["subject"] if adjustment["scope"] == "department" else "",
+        outcome=outcome,
+        reason=reason or adjustment["reason"],
+        scope=adjustment["scope"],
+        subject=adjustment["subject"],
+    )
 
 
 def _audit(**kw: Any) -> Message:

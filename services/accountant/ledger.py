@@ -484,8 +484,15 @@ class Ledger:
         row.settled_at_ms = now_ms()
         return charge.excess
 
-    def reset(self, adjustment: dict[str, Any], *, now_s: float | None = None) -> bool:
-        """Apply an admin's BudgetAdjustment (action "reset") to the current window, once.
+    def reset(
+        self,
+        adjustment: dict[str, Any],
+        *,
+        now_s: float | None = None,
+        then: Callable[[Session], None] | None = None,
+    ) -> bool:
+        """Apply an admin's BudgetAdjustment (action "reset") to the current window, once;
+        `then(session)` runs in the same transaction when it applies (the outbox).
 
         Returns False for a replay (same adjustment id). Raises KeyError for an unknown
         department and ValueError for an unknown scope or action.
@@ -514,6 +521,8 @@ class Ledger:
                     reason=adjustment["reason"],
                 )
             )
+            if then is not None:
+                then(s)
             return True
 
         return self._run(work)

@@ -134,3 +134,27 @@ def test_admin_reset_forgives_the_window_once(ledger: Ledger) -> None:
 def test_reset_rejects_unknown_department(ledger: Ledger) -> None:
     with pytest.raises(KeyError):
         ledger.reset(adjustment("department", "astrology"))
+
+
+def test_an_applied_reset_writes_its_outbox_message_in_its_own_transaction(ledger: Ledger) -> None:
+    """The reset and its audit record commit together (a crash between the two cannot lose the
+    record); a replay writes nothing, and a hook that fails rolls the reset back."""
+    from fedllm.common import outbox
+    from fedllm.common.outbox import Message
+
+    outbox.create_table(ledger.engine)
+    before = len(outbox.pending(ledger.engine))
+    adj = adjustment("department", "research")
+    msg = Message(topic="t", key=b"k", value=adj["adjustment_id"].encode(), headers=())
+    assert ledger.reset(adj, then=lambda s: outbox.add(s, [msg])) is True
+    assert ledger.reset(adj, then=lambda s: outbox.add(s, [msg])) is False  # replay
+    sent = [m for _, m in outbox.pending(ledger.engine)]
+    assert len(sent) == before + 1 and sent[-1].value == msg.value
+
+    def boom(_: object) -> None:
+        raise RuntimeError("hook failed")
+
+    other = adjustment("department", "research")
+    with pytest.raises(RuntimeError):
+        ledger.reset(other, then=boom)
+    assert ledger.reset(other) is True  # the failed attempt left no reset behind
