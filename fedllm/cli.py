@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedllm import backup, federate, launcher
+from fedllm import adapter_cli, backup, federate, launcher
 from fedllm.client import cli as client_cli
 from fedllm.services.accountant import cli as accountant_cli
 from fedllm.services.auditor import cli as auditor_cli
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.register(sub)
     erasure.register(sub)  # fedllm patient export|erase
     federate.register(sub)
+    adapter_cli.register(sub)  # fedllm adapter publish|approve|reject|list
     return parser
 
 

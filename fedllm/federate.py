@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fedllm.adapter_cli import describe, publish_from_store
+from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.config import Settings
 from fedllm.common.kafka import ensure_topics, wait_for_broker
 from fedllm.common.lora_model import eval_loss, get_vector, load_adapted, set_vector
@@ -231,6 +233,19 @@ def _federate(args: argparse.Namespace) -> int:
             assert coord is not None
             coord.settings = settings
             reports = asyncio.run(run_all(settings, cfg, coord, trainers))
+    if reports and coord is not None and not args.no_publish:
+        # the final global adapter, pending until an admin approves it (fedllm adapter approve)
+        deltas = [t.delta for t in trainers]
+        version = publish_from_store(
+            AdapterRegistry.for_data_dir(settings.data_dir),
+            coord.store,
+            cfg.federation_id,
+            delta=max(deltas) if deltas else TrainerSettings().delta,
+            base_model="tiny-llama-test" if args.tiny else "SmolLM2-135M-Instruct",
+            lora_rank=cfg.lora_rank,
+            lora_seed=cfg.seed,
+        )
+        print(f"published (pending approval): {describe(version)}", flush=True)
     return 0 if reports or args.role == "trainer" else 1
 
 
@@ -264,6 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="random 2-layer test model")
     p.add_argument("--report-train-loss", action="store_true", help="send train loss (not DP)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-publish", action="store_true", help="do not register the adapter")
     p.set_defaults(func=_federate)
 
 

@@ -44,6 +44,7 @@ class InferenceBodyBase(BaseModel):
     department: str | None = None
     kind: Kind = "generate"
     hospitals: list[str] = Field(default_factory=list)
+    use_adapter: bool = False
 
     _prompt_unicode = field_validator("prompt")(_encodable)
 
@@ -118,6 +119,16 @@ class InferenceResponse(BaseModel):
         False,
         description="require_consensus: the hospitals' DP releases agree (docs/consensus.md); "
         "false when consensus was not requested",
+    )
+    adapter_hash: str = Field(
+        "",
+        description="use_adapter: sha256 of the approved federated adapter that answered "
+        "(docs/federated.md); empty otherwise",
+    )
+    adapter_epsilon: float = Field(
+        0.0,
+        description="use_adapter: that adapter's training epsilon (max over the hospitals); "
+        "the answer itself spent none",
     )
     confidence_score: float | None = Field(
         None,

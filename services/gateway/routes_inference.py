@@ -80,6 +80,10 @@ async def authorise(
         )
     if body.require_consensus:
         _check_consensus(state, body, scope, residency)
+    if body.use_adapter and (body.kind != "generate" or body.require_consensus):
+        raise HTTPException(
+            422, "use_adapter answers single generate questions only (docs/federated.md)"
+        )
     if body.kind == "aggregate":
         try:
             query = json.loads(body.prompt)
@@ -186,7 +190,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         # own regions (a cached release may come from a hospital outside them).
         cache_key = (
             None
-            if body.require_consensus or principal.regions
+            if body.require_consensus or principal.regions or body.use_adapter
             else request_key(state, body, department)
         )  # None: no answer cache
         if cache_key is not None and state.cache is not None:
@@ -219,6 +223,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             "epsilon": body.privacy_budget,
             "delta": settings.budget.delta,
             "require_consensus": body.require_consensus,
+            "use_adapter": body.use_adapter,
             "priority": body.priority,
             "hospitals": list(body.hospitals),
             "allowed_regions": list(principal.regions),
@@ -374,6 +379,8 @@ def _respond(state: GatewayState, request_id: str, result: dict[str, Any], start
             tokens=result["tokens"],
             consensus_reached=bool(result.get("consensus_reached") or False),
             confidence_score=result.get("confidence_score"),
+            adapter_hash=str(result.get("adapter_hash") or ""),
+            adapter_epsilon=float(result.get("adapter_epsilon") or 0.0),
         )
     if status == "rejected":
         return JSONResponse(

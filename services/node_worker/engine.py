@@ -15,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.config import Settings
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
+from fedllm.services.node_worker.adapter_serving import AdapterServer
 from fedllm.services.node_worker.aggregate import (
     AggregateQuery,
     affected_persons,
@@ -126,6 +128,7 @@ class Engine:
         orders: Sequence[float] = DEFAULT_ORDERS,
         node_settings: NodeSettings | None = None,
         ledger: NodeLedger | None = None,
+        adapter_check_s: float = 5.0,
     ) -> None:
         self.settings = settings
         self.hospital_id = hospital_id
@@ -160,6 +163,13 @@ class Engine:
         # FEDLLM_NODE_LOAD_MODEL=false: an aggregate-only node (no model; generate refused).
         self.lm: LoadedModel | None = model or (
             load_model(data_dir=settings.data_dir) if settings.node_load_model else None
+        )
+        # The approved federated adapter (docs/federated.md), loaded on first use, re-checked
+        # between requests at most every adapter_check_s.
+        self.adapters = AdapterServer(
+            AdapterRegistry.for_data_dir(settings.data_dir),
+            models_dir=settings.data_dir / "models",
+            check_interval_s=adapter_check_s,
         )
         log.info(
             "engine ready for %s: %d notes in %d groups, model %s on %s",
@@ -282,6 +292,10 @@ class Engine:
         rho = min(rho, self.query_rho_cap)
         if parts > 1 and kind != "aggregate":
             return failed("only aggregate queries can be answered in parts")
+        if bool(inner.get("use_adapter", False)):
+            if kind != "generate":
+                return failed("use_adapter answers generate requests only")
+            return self._adapter_answer(inner, delta=delta)
         temperature, query = 0.0, None
         if kind == "generate" and self.lm is None:
             return failed("this node answers aggregate queries only (no model loaded)")
@@ -394,6 +408,22 @@ class Engine:
             delta=delta,
             tokens=len(res.token_ids),
         )
+
+    def _adapter_answer(self, inner: dict[str, Any], *, delta: float) -> dict[str, Any]:
+        """The approved adapter's answer to the question alone: no record is read, and the
+        adapter is a DP-trained model, so this is post-processing and spends ε = 0 (the
+        accountant refunds the reservation). Fails, charging nothing, when none is approved."""
+        question = str(inner.get("prompt", ""))[: self.settings.max_prompt_chars]
+        max_tokens = max(1, min(int(inner.get("max_tokens", 64)), self.settings.max_tokens_limit))
+        ans = self.adapters.answer(question, system=SYSTEM_PROMPT, max_tokens=max_tokens)
+        if ans is None:
+            return failed("no approved adapter: an admin must approve one (fedllm adapter)")
+        out = self._ok(
+            text=ans.text, curve=PrivacyCurve.zero(self.orders), delta=delta, tokens=ans.tokens
+        )
+        out["adapter_hash"] = ans.version.hash
+        out["adapter_epsilon"] = ans.version.epsilon
+        return out
 
     def _route(
         self,

@@ -140,6 +140,8 @@ def result_record(
         "processing_time_ms": 0.0,
         "finished_at_ms": finished,
         "aggregate_json": "",
+        "adapter_hash": "",
+        "adapter_epsilon": 0.0,
     }
     for k in (
         "status",
@@ -152,6 +154,8 @@ def result_record(
         "rdp_epsilons",
         "tokens",
         "aggregate_json",
+        "adapter_hash",
+        "adapter_epsilon",
     ):
         if k in fields:
             rec[k] = fields[k]
