@@ -185,3 +185,39 @@ def test_adapter_answer_spends_zero_and_names_the_adapter(
     # the adapter path needs no node model: this node (FEDLLM_NODE_LOAD_MODEL=false) has none
     dp = engine.answer(routed(3, use_adapter=False, epsilon=0.5))
     assert dp["status"] == "failed" and "aggregate queries only" in dp["reason"]
+
+
+def test_publish_from_the_round_store(tmp_path: Path) -> None:
+    """`fedllm federate` / `fedllm adapter publish`: the last stored global adapter, pending,
+    with the round's per-hospital ε; a store whose hash disagrees with its bytes is refused."""
+    from fedllm.adapter_cli import publish_from_store
+    from fedllm.services.federation.store import RoundStore
+
+    store = RoundStore(f"sqlite:///{tmp_path / 'rounds.db'}")
+    vec = np.linspace(-1, 1, 32, dtype=np.float32)
+    for r, v in ((1, vec * 0), (2, vec)):
+        store.close_round(
+            "fed-a",
+            r,
+            attempt=0,
+            status="finished" if r == 2 else "aggregated",
+            fields={"adapter_hash": content_hash(to_bytes(v)), "epsilon_by_hospital": {"h1": r}},
+            global_vector=v,
+        )
+    reg = AdapterRegistry(tmp_path / "adapters")
+    kw: dict[str, Any] = dict(
+        delta=1e-5, base_model="tiny-llama-test", lora_rank=RANK, lora_seed=SEED
+    )
+    v = publish_from_store(reg, store, "fed-a", **kw)
+    assert v.hash == content_hash(to_bytes(vec)) and v.round == 2 and v.status == "pending"
+    assert v.epsilon_by_hospital == {"h1": 2.0}
+    store.close_round(
+        "fed-b",
+        1,
+        attempt=0,
+        status="finished",
+        fields={"adapter_hash": "0" * 64},
+        global_vector=vec,
+    )
+    with pytest.raises(AdapterError, match="announced"):
+        publish_from_store(reg, store, "fed-b", **kw)
