@@ -6,13 +6,16 @@ it only once an admin approves it."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import sys
 from pathlib import Path
 from typing import Any
 
+from fedllm.common import audit
 from fedllm.common.adapters import AdapterError, AdapterRegistry, AdapterVersion
 from fedllm.common.config import Settings
+from fedllm.common.kafka import Bus, make_producer
 from fedllm.common.lora_model import to_bytes
 from fedllm.services.federation.store import RoundStore
 from fedllm.services.trainer.settings import TrainerSettings
@@ -54,13 +57,33 @@ def describe(v: AdapterVersion) -> str:
     )
 
 
-def _registry(args: argparse.Namespace) -> AdapterRegistry:
-    data_dir = Path(args.data_dir) if args.data_dir else Settings().data_dir
-    return AdapterRegistry.for_data_dir(data_dir)
+async def emit_decision(settings: Settings, v: AdapterVersion, *, action: str) -> None:
+    """The admin's decision as an AuditEvent on the audit topic (as other admin actions)."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await audit.emit(
+            Bus(producer),
+            action=f"adapter.{action}",
+            service="admin",
+            id_parts=(v.hash, action, v.decided_at_ms),
+            user_id=v.decided_by,
+            role="admin",
+            outcome="ok",
+            reason=v.reason or f"adapter {action}",
+            epsilon=v.epsilon,
+            delta=v.delta,
+            adapter_hash=v.hash,
+            federation_id=v.federation_id,
+            round=str(v.round),
+        )
+    finally:
+        await producer.stop()
 
 
 def _run(args: argparse.Namespace) -> int:
-    reg = _registry(args)
+    settings = Settings(data_dir=Path(args.data_dir)) if args.data_dir else Settings()
+    reg = AdapterRegistry.for_data_dir(settings.data_dir)
     by = args.by or getpass.getuser()
     try:
         if args.action == "publish":
@@ -88,6 +111,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     print(describe(v))
+    if args.action in ("approve", "reject"):
+        if not settings.kafka_bootstrap:
+            print("not audited: KAFKA_BOOTSTRAP is not set", file=sys.stderr)
+            return 1
+        try:
+            asyncio.run(emit_decision(settings, v, action=args.action))
+        except Exception as exc:  # the decision stands; say it is unaudited
+            print(f"decision stored but not audited: {exc!r}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -221,3 +221,26 @@ def test_publish_from_the_round_store(tmp_path: Path) -> None:
     )
     with pytest.raises(AdapterError, match="announced"):
         publish_from_store(reg, store, "fed-b", **kw)
+
+
+def test_approval_is_audited(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """`fedllm adapter approve` stores the decision and sends an AuditEvent naming the hash."""
+    import asyncio
+
+    from fedllm.adapter_cli import emit_decision
+    from fedllm.common.topics import AUDIT
+    from tests.kafka_helpers import collect
+
+    reg = AdapterRegistry(tmp_path / "adapters")
+    fresh = np.random.default_rng().normal(size=16).astype(np.float32)  # a hash no run reused
+    h = publish(reg, fresh, round_no=1)
+    v = reg.approve(h, by="alice")
+    settings = Settings(data_dir=tmp_path, kafka_bootstrap=kafka_bootstrap)
+    asyncio.run(emit_decision(settings, v, action="approve"))
+
+    def mine(rs: list[Any]) -> list[Any]:
+        return [r for r in rs if (r.get("details") or {}).get("adapter_hash") == h]
+
+    got = mine(asyncio.run(collect(settings, AUDIT, until=lambda rs: bool(mine(rs)))))
+    assert got and got[0]["action"] == "adapter.approve" and got[0]["user_id"] == "alice"
+    assert got[0]["epsilon"] == 8.25
