@@ -170,3 +170,38 @@ async def test_aggregate_kind_and_hospitals_reach_the_request(settings):
         assert r.status_code == 200, r.text
         [req] = [q for q in acct.seen if q["request_id"] == r.json()["request_id"]]
     assert req["kind"] == "aggregate" and req["hospitals"] == ["st_mary", "northside"]
+
+
+async def test_use_adapter_reaches_the_request_and_the_response_names_the_adapter(settings):
+    """use_adapter (docs/federated.md): forwarded on the request; the answer's adapter hash and
+    training ε come back; refused (422) for aggregate queries, before anything is reserved."""
+    user = uid()
+
+    def adapter_result(request):
+        if not request["use_adapter"]:
+            return ok_result(request)
+        return ok_result(request, privacy_cost=0.0, adapter_hash="ab" * 32, adapter_epsilon=8.25)
+
+    async with (
+        FakeAccountant(settings, adapter_result) as acct,
+        running_gateway(settings) as (
+            _,
+            c,
+        ),
+    ):
+        r = await c.post(
+            "/v1/inference", json={**BODY, "use_adapter": True}, headers=token(settings, user)
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["privacy_cost"] == 0.0
+        assert body["adapter_hash"] == "ab" * 32 and body["adapter_epsilon"] == 8.25
+        r = await c.post(
+            "/v1/inference",
+            json={**BODY, "use_adapter": True, "kind": "aggregate", "prompt": '{"op": "count"}'},
+            headers=token(settings, user),
+        )
+        assert r.status_code == 422 and "use_adapter" in r.text
+        r = await c.post("/v1/inference", json=BODY, headers=token(settings, user))
+        assert r.status_code == 200 and r.json()["adapter_hash"] == ""
+        assert [q["use_adapter"] for q in acct.seen if q["user_id"] == user] == [True, False]
