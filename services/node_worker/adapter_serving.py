@@ -3,8 +3,8 @@ question alone.
 
 The adapted model is the LoRA base the trainers used (``lora_model.load_adapted`` with the
 version's base, rank and seed) with the approved vector set in. A check for a newer approval
-reads one small pointer file at most every ``check_interval_s``; a swap takes the same lock as a
-generation, so a request in progress finishes on the old weights and the next one gets the new.
+(at start, after each request the node handles, and before an adapter answer) reads one small
+pointer file at most every ``check_interval_s``; a swap takes the same lock as a generation, so a request in progress finishes on the old weights and the next one gets the new.
 An answer reads no record: it is post-processing of a DP-trained model and spends no ε.
 """
 
@@ -39,7 +39,8 @@ class AdapterServer:
         self.registry = registry
         self.models_dir = Path(models_dir)
         self.check_interval_s = check_interval_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by a generation and by a swap
+        self._loading = threading.Lock()  # one check at a time
         self._model: AdaptedModel | None = None
         self._shape: tuple[str, int, int] | None = None
         self.version: AdapterVersion | None = None
@@ -51,7 +52,15 @@ class AdapterServer:
         now = time.monotonic()
         if not force and now - self._checked < self.check_interval_s:
             return
-        self._checked = now
+        if not self._loading.acquire(blocking=False):  # another thread is checking already
+            return
+        try:
+            self._checked = now
+            self._refresh()
+        finally:
+            self._loading.release()
+
+    def _refresh(self) -> None:
         h = self.registry.current_hash()
         if h == (self.version.hash if self.version else None):
             return
@@ -90,6 +99,9 @@ class AdapterServer:
     def answer(self, question: str, *, system: str, max_tokens: int) -> AdapterAnswer | None:
         """A greedy answer to the question alone, or None when no adapter is approved."""
         self.refresh()
+        if self.version is None and self._loading.locked():
+            with self._loading:  # a first load is under way in another thread: wait for it
+                pass
         with self._lock:
             if self._model is None or self.version is None:
                 return None

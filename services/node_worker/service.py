@@ -241,6 +241,7 @@ class NodeWorker:
             priority, latency_ms=float(now_ms() - started), ok=record["status"] in ("ok", "partial")
         )
         await self._audit(routed, record)
+        await refresh_adapter(self.state.engine)
 
     async def fail(self, msg: ConsumerRecord, reason: str) -> None:
         """Terminal outcome of a request that could not be handled (dead-lettered): a failed
@@ -340,11 +341,23 @@ async def _heartbeats(
             await asyncio.wait_for(stop.wait(), timeout=settings.heartbeat_interval_s)
 
 
+async def refresh_adapter(engine: Any, *, force: bool = False) -> None:
+    """Between requests: load a newly approved adapter (rate-limited inside; one small read)."""
+    adapters = getattr(engine, "adapters", None)
+    if adapters is None:
+        return
+    try:
+        await asyncio.to_thread(adapters.refresh, force=force)
+    except Exception:  # the node keeps serving; adapter requests fail until it loads
+        log.exception("adapter refresh failed")
+
+
 async def _load_engine(
     factory: EngineFactory, settings: Settings, hospital_id: str, state: NodeState
 ) -> None:
     try:
         state.engine = await asyncio.to_thread(factory, settings, hospital_id)
+        await refresh_adapter(state.engine, force=True)
     except Exception as exc:
         log.exception("engine failed to load")
         state.load_error = f"{type(exc).__name__}: {exc}"
