@@ -398,6 +398,7 @@ async def run(
     await follower.start()
     worker.halted = lambda: follower.state.halted
     policy = RetryPolicy.from_settings(settings)
+    answered: dict[TopicPartition, int] = {}  # committable offsets, committed when idle
     try:
         await consumer.start()
         # Join the group only after the engine is up, so no request waits on a loading model.
@@ -405,7 +406,6 @@ async def run(
             await asyncio.wait({load_task}, timeout=0.2)
         ready = False
         intake: IntakeQueue[Any] = IntakeQueue()
-        answered: dict[TopicPartition, int] = {}  # committable offsets, committed when idle
         since_commit = 0
         capacity = max(1, settings.node_intake_capacity)
         while not stop.is_set():
@@ -468,6 +468,8 @@ async def run(
         load_task.cancel()
         await asyncio.gather(heartbeat_task, load_task, return_exceptions=True)
         await follower.stop()
+        with contextlib.suppress(Exception):
+            await _commit(consumer, answered)  # a clean stop keeps what it answered
         with contextlib.suppress(Exception):
             await consumer.stop()
         with contextlib.suppress(Exception):

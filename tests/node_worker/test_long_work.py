@@ -56,8 +56,11 @@ class SlowEngine:
         }
 
 
-def node_settings(kafka_bootstrap: str, tmp_path: Path, *, max_poll_s: float) -> Settings:
+def node_settings(
+    kafka_bootstrap: str, tmp_path: Path, *, max_poll_s: float, intake: int = 32
+) -> Settings:
     return Settings(
+        node_intake_capacity=intake,
         kafka_bootstrap=kafka_bootstrap,
         data_dir=tmp_path,
         heartbeat_interval_s=0.3,
@@ -120,7 +123,9 @@ async def test_work_longer_than_the_session_keeps_the_membership(
 async def test_an_evicted_node_survives_the_failed_commit_and_replays_identically(
     kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = node_settings(kafka_bootstrap, tmp_path, max_poll_s=2)
+    # One request fetched at a time: the queue drains after the slow one, so its commit is tried
+    # (and fails) before the fast one is fetched.
+    settings = node_settings(kafka_bootstrap, tmp_path, max_poll_s=2, intake=1)
     hid = settings.hospitals[0].id
     engine = SlowEngine(work_s=6.0)
     caplog.set_level(logging.WARNING, logger="fedllm.services.node_worker.service")
