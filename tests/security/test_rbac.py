@@ -14,11 +14,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 TEXT = {"prompt": "Summarise recent admissions", "privacy_budget": 0.5}
 AGG = {
-    "prompt": json.dumps({"metric": "count", "condition": "E11", "group_by": "sex"}),
+    "prompt": json.dumps({"op": "count", "where": {"diagnosis": "E11", "sex": "F"}}),
     "privacy_budget": 0.5,
     "kind": "aggregate",
 }
-AGG_IDENTIFYING = {**AGG, "prompt": json.dumps({"metric": "count", "group_by": "mrn"})}
+# Valid in the query grammar (a medication name is free text) yet it names an identifying field.
+AGG_IDENTIFYING = {**AGG, "prompt": json.dumps({"op": "count", "where": {"medication": "mrn"}})}
 
 DEPT = {
     "doctor": "cardiology",
