@@ -87,6 +87,7 @@ SEMANTIC_422 = (
     "invalid aggregate query: ",
     "require_consensus is available for aggregate queries only",
     "consensus needs ",
+    "use_adapter answers ",
 )
 
 
