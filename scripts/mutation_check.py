@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from installed_layout import copy_installed_layout  # noqa: E402
 
 T = "tests/node_worker/test_side_channels.py"
+A = "tests/node_worker/test_adapter_privacy.py"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,18 @@ MUTATIONS = (
         "        out = self.groups.prefill([list(public_prompt), *map(list, group_prompts)])\n"
         "        return out[0], out[1:]\n",
         (f"{T}::test_public_row_runs_alone_and_groups_in_one_fixed_shape",),
+    ),
+    Mutation(  # the 0-ε adapter answer must be post-processing: the notes never reach it
+        "adapter_reads_notes",
+        "fedllm/services/node_worker/engine.py",
+        "        ans = self.adapters.answer(question, system=SYSTEM_PROMPT, max_tokens=max_tokens)\n",
+        "        notes = self.records.retrieve(question, per_group=1)\n"
+        "        question = '\\n'.join(n.text[:200] for g in notes for n in g) + question\n"
+        "        ans = self.adapters.answer(question, system=SYSTEM_PROMPT, max_tokens=max_tokens)\n",
+        (
+            f"{A}::test_adapter_answer_reads_no_record",
+            f"{A}::test_adapter_answer_is_the_same_at_hospitals_with_different_records",
+        ),
     ),
 )
 

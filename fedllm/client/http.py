@@ -6,7 +6,16 @@ from typing import Any
 
 import httpx
 
-from fedllm.client.models import Answer, AskError, AskTimeout, Kind
+from fedllm.client.models import Answer, AskError, AskTimeout, Kind, Status
+
+#: The gateway's status codes that carry a terminal answer (any other is an AskError).
+_STATUS: dict[int, Status] = {
+    200: "ok",
+    401: "rejected",
+    403: "rejected",
+    502: "failed",
+    504: "timeout",
+}
 
 
 class HttpClient:
@@ -76,31 +85,13 @@ class HttpClient:
         except httpx.TransportError as exc:
             raise AskError(0, f"gateway unreachable: {exc}") from None
         data = _json(r)
-        if r.status_code == 200:
-            return Answer(
-                request_id=data["request_id"],
-                status="ok",
-                text=data["response"],
-                epsilon_spent=data["privacy_cost"],
-                budget_left=data["remaining_budget"],
-                node_id=data["node_id"],
-                is_private=data["is_private"],
-                tokens=data["tokens"],
-            )
+        status = _STATUS.get(r.status_code)
+        if status == "ok":
+            return Answer.from_result(data, status=status)
         reason = str(data.get("detail", r.text))
-        rid = str(data.get("request_id", ""))
-        if r.status_code in (401, 403):
-            return Answer(
-                request_id=rid,
-                status="rejected",
-                reason=reason,
-                budget_left=data.get("remaining_budget"),
-            )
-        if r.status_code == 502:
-            return Answer(request_id=rid, status="failed", reason=reason)
-        if r.status_code == 504:
-            return Answer(request_id=rid, status="timeout", reason=reason)
-        raise AskError(r.status_code, reason)
+        if status is None:
+            raise AskError(r.status_code, reason)
+        return Answer.from_result(data, status=status, reason=reason)
 
     def budget(self, user_id: str) -> dict[str, Any]:
         """The caller's budget (GET /v1/privacy/budget/{user_id})."""

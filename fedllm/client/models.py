@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -34,19 +35,27 @@ class Answer:
         return self.status == "ok"
 
     @classmethod
-    def from_result(cls, result: dict[str, Any]) -> Answer:
-        """From a terminal InferenceResult record (the Kafka reply)."""
-        left = result.get("remaining_budget", -1.0)
+    def from_result(
+        cls,
+        result: Mapping[str, Any],
+        *,
+        status: Status | None = None,
+        reason: str | None = None,
+    ) -> Answer:
+        """From a terminal result: an InferenceResult record (the Kafka reply) or the gateway's
+        JSON body (HTTP, whose `status` the status code gives and whose `reason` is its
+        `detail`). A missing or negative `remaining_budget` is unknown (None)."""
+        left = result.get("remaining_budget")
         return cls(
-            request_id=result["request_id"],
-            status=result["status"],
-            text=result.get("response", ""),
-            epsilon_spent=result.get("privacy_cost", 0.0),
-            budget_left=left if left is not None and left >= 0 else None,
-            node_id=result.get("node_id", ""),
-            reason=result.get("reason", ""),
+            request_id=str(result.get("request_id", "")),
+            status=status or result["status"],
+            text=str(result.get("response", "")),
+            epsilon_spent=float(result.get("privacy_cost", 0.0)),
+            budget_left=float(left) if left is not None and left >= 0 else None,
+            node_id=str(result.get("node_id", "")),
+            reason=str(result.get("reason", "")) if reason is None else reason,
             is_private=bool(result.get("is_private", False)),
-            tokens=result.get("tokens", 0),
+            tokens=int(result.get("tokens", 0)),
         )
 
 

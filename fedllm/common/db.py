@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event
 
 
 def normalise_url(url: str) -> str:
@@ -34,3 +34,11 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def open_tables(url_or_engine: str | Engine, metadata: MetaData) -> Engine:
+    """An engine for a store's URL (or the engine given), with ``metadata``'s tables created
+    if they are missing."""
+    engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    metadata.create_all(engine)
+    return engine

@@ -23,7 +23,7 @@ from sqlalchemy import (
     select,
 )
 
-from fedllm.common.db import make_engine
+from fedllm.common.db import open_tables
 from fedllm.common.kafka import now_ms
 
 metadata = MetaData()
@@ -52,10 +52,7 @@ class ClosedRound:
 
 class RoundStore:
     def __init__(self, url_or_engine: str | Engine) -> None:
-        self.engine = (
-            make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
-        )
-        metadata.create_all(self.engine)
+        self.engine = open_tables(url_or_engine, metadata)
 
     def close_round(
         self,

@@ -14,7 +14,8 @@ from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedllm.services.gateway import control_plane
-from fedllm.services.gateway.deps import State
+from fedllm.services.gateway.auth import Principal
+from fedllm.services.gateway.deps import GatewayState, State
 from fedllm.services.gateway.models import ErrorBody
 from fedllm.services.gateway.routes_admin import AUTH_RESPONSES, AdminPrincipal
 
@@ -50,41 +51,49 @@ RESPONSES = {
 }
 
 
+def _view(state: GatewayState) -> EmergencyView:
+    return EmergencyView(**control_plane.control_state(state).view())
+
+
+async def _command(
+    state: GatewayState,
+    request: Request,
+    principal: Principal,
+    *,
+    action: str,
+    reason: str,
+    target: str = "",
+) -> EmergencyView:
+    """Issue one control command (audited, published, applied) and show the state after it."""
+    await control_plane.issue(
+        state, request, principal, action=action, target=target, reason=reason
+    )
+    return _view(state)
+
+
 def build_router() -> APIRouter:
     router = APIRouter(tags=["admin"])
 
     @router.get("/v1/admin/emergency", response_model=EmergencyView, responses=AUTH_RESPONSES)
     async def emergency_state(state: State, principal: AdminPrincipal) -> EmergencyView:
         """Lockdown, halt and manually opened breakers as this gateway knows them."""
-        return EmergencyView(**control_plane.control_state(state).view())
+        return _view(state)
 
     @router.post("/v1/admin/emergency/lockdown", response_model=EmergencyView, responses=RESPONSES)
     async def lockdown(
         request: Request, state: State, principal: AdminPrincipal, body: Switch
     ) -> EmergencyView:
         """Security lockdown on or off: while on, only admins are served."""
-        await control_plane.issue(
-            state,
-            request,
-            principal,
-            action="lockdown" if body.enabled else "unlock",
-            reason=body.reason,
-        )
-        return EmergencyView(**control_plane.control_state(state).view())
+        action = "lockdown" if body.enabled else "unlock"
+        return await _command(state, request, principal, action=action, reason=body.reason)
 
     @router.post("/v1/admin/emergency/halt", response_model=EmergencyView, responses=RESPONSES)
     async def halt(
         request: Request, state: State, principal: AdminPrincipal, body: Switch
     ) -> EmergencyView:
         """Halt all processing (queued work ends failed and refunded) or resume it."""
-        await control_plane.issue(
-            state,
-            request,
-            principal,
-            action="halt" if body.enabled else "resume",
-            reason=body.reason,
-        )
-        return EmergencyView(**control_plane.control_state(state).view())
+        action = "halt" if body.enabled else "resume"
+        return await _command(state, request, principal, action=action, reason=body.reason)
 
     @router.post(
         "/v1/admin/nodes/{hospital_id}/breaker", response_model=EmergencyView, responses=RESPONSES
@@ -97,14 +106,9 @@ def build_router() -> APIRouter:
         hospital_id: str = Path(pattern=HOSPITAL_ID),
     ) -> EmergencyView:
         """Open (no work is routed to the node) or close a node's circuit breaker by hand."""
-        await control_plane.issue(
-            state,
-            request,
-            principal,
-            action="breaker_open" if body.open else "breaker_close",
-            target=hospital_id,
-            reason=body.reason,
+        action = "breaker_open" if body.open else "breaker_close"
+        return await _command(
+            state, request, principal, action=action, target=hospital_id, reason=body.reason
         )
-        return EmergencyView(**control_plane.control_state(state).view())
 
     return router

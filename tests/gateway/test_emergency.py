@@ -112,6 +112,8 @@ async def test_manual_breaker_is_published_and_shown(settings) -> None:
         )
         assert r.status_code == 200 and r.json()["open_breakers"][node] == "wrong answers"
         assert (await client.get("/v1/health")).json()["emergency"]["open_breakers"][node]
+        view = (await client.get("/v1/admin/emergency", headers=adm)).json()
+        assert view["open_breakers"][node] == "wrong answers" and view["halted"] is False
         assert await control.wait_for(
             lambda c: c["action"] == "breaker_open" and c["target"] == node
         )
