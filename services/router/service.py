@@ -40,6 +40,7 @@ from fedllm.common.kafka import (
 )
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.common.residency import RegionPolicy
+from fedllm.schemas.records import ControlCommand
 from fedllm.services.router import recovery
 from fedllm.services.router.admission import ControlledRegistry
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
@@ -136,7 +137,7 @@ class RouterService:
         self._answers = asyncio.Lock()  # live node results wait while state is re-adopted
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
-    def on_control(self, record: dict[str, Any]) -> None:
+    def on_control(self, record: ControlCommand) -> None:
         """A control command folded in: apply a new routing strategy."""
         if record["action"] == "config_set" and record["target"] == "router_strategy":
             name = self.control.state.setting("router_strategy") or self.settings.router_strategy
