@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol, cast
+
+from fedllm.schemas.records import InferenceResult
 
 Status = Literal["ok", "rejected", "failed", "timeout"]
 Kind = Literal["generate", "aggregate"]
@@ -34,12 +36,12 @@ class Answer:
         return self.status == "ok"
 
     @classmethod
-    def from_result(cls, result: dict[str, Any]) -> Answer:
+    def from_result(cls, result: InferenceResult) -> Answer:
         """From a terminal InferenceResult record (the Kafka reply)."""
         left = result.get("remaining_budget", -1.0)
         return cls(
             request_id=result["request_id"],
-            status=result["status"],
+            status=cast(Status, result["status"]),  # terminal: never "partial"
             text=result.get("response", ""),
             epsilon_spent=result.get("privacy_cost", 0.0),
             budget_left=left if left is not None and left >= 0 else None,
