@@ -18,9 +18,7 @@ import pytest
 from fedllm.common import codec
 from fedllm.schemas import records
 
-SCHEMAS = Path(codec.__file__).resolve().parents[2] / "schemas"
-if not SCHEMAS.is_dir():  # installed layout
-    SCHEMAS = Path(records.__file__).resolve().parent
+SCHEMAS = Path(records.__file__).resolve().parent  # the .avsc files sit beside records.py
 AVSC = sorted(p.name for p in SCHEMAS.glob("*.avsc"))
 
 PRIMITIVES: dict[str, Any] = {
