@@ -23,6 +23,7 @@ from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.identity import CREDENTIAL_HEADER
 from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer, now_ms
+from fedllm.schemas.records import InferenceRequest, InferenceResult
 
 MAX_KEY = 64
 
@@ -102,7 +103,7 @@ class KafkaClient:
         reply = topics.reply_topic(claims["sub"])
         await ensure_topics(self.settings, {reply: 1})
         started = now_ms()
-        record = {
+        record: InferenceRequest = {
             "request_id": request_id,
             "user_id": claims["sub"],
             "role": claims["role"],
@@ -160,7 +161,7 @@ class KafkaClient:
             await consumer.position(tp)
 
     @staticmethod
-    async def _await_result(consumer: Any, request_id: str, timeout_s: float) -> dict[str, Any]:
+    async def _await_result(consumer: Any, request_id: str, timeout_s: float) -> InferenceResult:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=200)
@@ -169,7 +170,7 @@ class KafkaClient:
                     if msg.key != request_id.encode():
                         continue
                     try:
-                        result = codec.decode_expect("InferenceResult", msg.value, msg.headers)
+                        result = codec.decode_as(InferenceResult, msg.value, msg.headers)
                     except codec.DecodeError:
                         continue
                     if result["request_id"] == request_id:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 Status = Literal["ok", "rejected", "failed", "timeout"]
 Kind = Literal["generate", "aggregate"]
@@ -48,7 +48,7 @@ class Answer:
         left = result.get("remaining_budget")
         return cls(
             request_id=str(result.get("request_id", "")),
-            status=status or result["status"],
+            status=status or cast(Status, result["status"]),  # terminal: never "partial"
             text=str(result.get("response", "")),
             epsilon_spent=float(result.get("privacy_cost", 0.0)),
             budget_left=float(left) if left is not None and left >= 0 else None,

@@ -6,10 +6,11 @@ import hashlib
 import hmac
 import json
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.topics import AUDIT
+from fedllm.schemas.records import AuditEvent
 
 _NAMESPACE = uuid.UUID("6f1c9a52-3f0e-4c86-9a55-5b8f6c1d2e7a")
 
@@ -26,7 +27,7 @@ def prompt_hmac(key: bytes, text: str) -> str:
 
 def audit_event(
     *, action: str, service: str, id_parts: tuple[object, ...], **fields: Any
-) -> dict[str, Any]:
+) -> AuditEvent:
     """An AuditEvent record; unknown fields go into `details` as strings."""
     known = {
         "request_id",
@@ -43,18 +44,17 @@ def audit_event(
         "rdp_summary",
         "prompt_hmac",
     }
-    record: dict[str, Any] = {k: v for k, v in fields.items() if k in known}
     details = {
         k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if k not in known
     }
-    record.update(
-        event_id=event_id(service, action, *id_parts),
-        action=action,
-        service=service,
-        occurred_at_ms=now_ms(),
-        details=details,
-    )
-    return record
+    record: AuditEvent = {
+        "event_id": event_id(service, action, *id_parts),
+        "action": action,
+        "service": service,
+        "occurred_at_ms": now_ms(),
+        "details": details,
+    }
+    return cast(AuditEvent, {k: v for k, v in fields.items() if k in known} | dict(record))
 
 
 async def emit(bus: Bus, **kw: Any) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
@@ -37,6 +37,7 @@ SCHEMA_FILES = (
 )
 
 Headers = list[tuple[str, bytes]]
+R = TypeVar("R")
 
 
 class DecodeError(ValueError):
@@ -82,7 +83,7 @@ def _by_fingerprint() -> dict[str, Schema]:
     return {s.fingerprint: s for s in registry().values()}
 
 
-def encode(short_name: str, record: dict[str, Any]) -> tuple[bytes, Headers]:
+def encode(short_name: str, record: Mapping[str, Any]) -> tuple[bytes, Headers]:
     """Encode `record` with schema `short_name`; returns (value, headers). Invalid -> ValueError."""
     schema = registry()[short_name]
     buf = io.BytesIO()
@@ -128,3 +129,10 @@ def decode_expect(
     if name != short_name:
         raise DecodeError(f"expected {short_name}, got {name}")
     return record
+
+
+def decode_as(
+    record_type: type[R], value: bytes | None, headers: Headers | Mapping[str, bytes] | None
+) -> R:
+    """`decode_expect` typed by a record of `fedllm.schemas.records` (named as its schema)."""
+    return cast(R, decode_expect(record_type.__name__, value, headers))

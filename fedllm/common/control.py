@@ -24,6 +24,7 @@ from aiokafka import TopicPartition
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_consumer
+from fedllm.schemas.records import ControlCommand
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class ControlFollower:
         settings: Settings,
         *,
         state: ControlState | None = None,
-        on_command: Callable[[dict[str, Any]], Any] | None = None,
+        on_command: Callable[[ControlCommand], Any] | None = None,
     ) -> None:
         self.settings = settings
         self.state = state if state is not None else ControlState.for_settings(settings)
@@ -274,13 +275,13 @@ class ControlFollower:
         for msgs in batch.values():
             for msg in msgs:
                 try:
-                    record = codec.decode_expect("ControlCommand", msg.value, msg.headers)
+                    record = codec.decode_as(ControlCommand, msg.value, msg.headers)
                 except Exception as exc:
                     log.warning("control: undecodable record skipped: %r", exc)
                     continue
                 self.apply(record)
 
-    def apply(self, record: dict[str, Any]) -> None:
+    def apply(self, record: ControlCommand) -> None:
         """Fold a command once (a command applied locally is skipped when read back)."""
         if record["command_id"] in self._seen:
             return
@@ -302,7 +303,7 @@ class ControlFollower:
                 await self._consumer.stop()
 
 
-async def publish(bus: Bus, record: dict[str, Any]) -> None:
+async def publish(bus: Bus, record: ControlCommand) -> None:
     """Send one ControlCommand (keyed by target, or the action when it has none)."""
     await bus.send(
         topics.CONTROL, "ControlCommand", record, key=record["target"] or record["action"]

@@ -14,13 +14,13 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterable
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedllm.common.config import Settings
+from fedllm.schemas.records import InferenceRequest, RoutedRequest
 
 _DEMO_LABEL = b"fedllm-reservation-grant-v1"
 
@@ -60,7 +60,7 @@ def new_keypair() -> tuple[str, str]:
     return base64.b64encode(seed).decode(), base64.b64encode(public).decode()
 
 
-def grant_message(request: dict[str, Any], hospital_id: str) -> bytes:
+def grant_message(request: InferenceRequest, hospital_id: str) -> bytes:
     """The canonical bytes a grant signs (fields the router never changes)."""
     body = {
         "v": 1,
@@ -79,13 +79,13 @@ def grant_message(request: dict[str, Any], hospital_id: str) -> bytes:
 
 
 def sign_grants(
-    key: Ed25519PrivateKey, request: dict[str, Any], hospital_ids: Iterable[str]
+    key: Ed25519PrivateKey, request: InferenceRequest, hospital_ids: Iterable[str]
 ) -> dict[str, str]:
     """hospital id -> base64 signature, for every hospital that may serve the request."""
     return {h: base64.b64encode(key.sign(grant_message(request, h))).decode() for h in hospital_ids}
 
 
-def grant_refusal(key: Ed25519PublicKey, routed: dict[str, Any], hospital_id: str) -> str:
+def grant_refusal(key: Ed25519PublicKey, routed: RoutedRequest, hospital_id: str) -> str:
     """Why this node must not answer `routed` ("" when its grant holds)."""
     request = routed.get("request") or {}
     if routed.get("hospital_id") != hospital_id:

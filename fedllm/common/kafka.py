@@ -10,8 +10,8 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, overload
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -20,6 +20,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from fedllm.common import codec, fetch_wait, metrics, topics, tracing
 from fedllm.common.clock import now_ms as now_ms  # re-exported: services import it from here
 from fedllm.common.config import Settings
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ class Bus:
         self,
         topic: str,
         schema: str,
-        record: dict[str, Any],
+        record: Mapping[str, Any],
         *,
         key: str | None = None,
         headers: list[tuple[str, bytes]] | None = None,
@@ -195,12 +197,24 @@ class Bus:
             error,
         )
 
+    @overload
+    async def decode_or_dead_letter(
+        self, msg: ConsumerRecord, expect: type[R], *, service: str
+    ) -> R | None: ...
+
+    @overload
     async def decode_or_dead_letter(
         self, msg: ConsumerRecord, expect: str, *, service: str
-    ) -> dict[str, Any] | None:
-        """Decode `msg` as `expect`; on failure dead-letter it and return None."""
+    ) -> dict[str, Any] | None: ...
+
+    async def decode_or_dead_letter(
+        self, msg: ConsumerRecord, expect: str | type[Any], *, service: str
+    ) -> Any:
+        """Decode `msg` as `expect` (a schema's short name, or its record type in
+        `fedllm.schemas.records`); on failure dead-letter it and return None."""
         try:
-            return codec.decode_expect(expect, msg.value, msg.headers)
+            name = expect if isinstance(expect, str) else expect.__name__
+            return codec.decode_expect(name, msg.value, msg.headers)
         except codec.DecodeError as exc:
             await self.dead_letter(msg, str(exc), service=service)
             return None

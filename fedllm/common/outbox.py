@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,7 +66,7 @@ class Message:
 
     @classmethod
     def encode(
-        cls, topic: str, schema: str, record: dict[str, Any], *, key: str | None = None
+        cls, topic: str, schema: str, record: Mapping[str, Any], *, key: str | None = None
     ) -> Message:
         value, headers = codec.encode(schema, record)
         # The trace context of the hop that wrote it travels with the stored bytes.

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fedllm.common import audit, grants, topics
 from fedllm.common.config import Settings
@@ -28,6 +28,7 @@ from fedllm.common.identity import (
     refusal_for,
 )
 from fedllm.common.kafka import Bus, now_ms
+from fedllm.schemas.records import InferenceRequest
 from fedllm.services.accountant.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ class Admission:
         self.grant_key = grants.signing_key(settings)
 
     async def admit_many(
-        self, requests: Sequence[tuple[dict[str, Any], Sequence[tuple[str, bytes]] | None]]
-    ) -> list[dict[str, Any]]:
+        self, requests: Sequence[tuple[InferenceRequest, Sequence[tuple[str, bytes]] | None]]
+    ) -> list[InferenceRequest]:
         """The admitted requests of a batch (normalised in place), with one ledger read for the
         whole batch's replay check."""
         ids = [str(r.get("request_id", "")) for r, _ in requests]
@@ -71,7 +72,7 @@ class Admission:
 
     async def admit(
         self,
-        request: dict[str, Any],
+        request: InferenceRequest,
         headers: Sequence[tuple[str, bytes]] | None,
         *,
         existing: dict[str, Any] | None | _Unread = UNREAD,
@@ -114,13 +115,14 @@ class Admission:
         await self._reject(request, reason, principal)
         return False
 
-    def _normalise(self, request: dict[str, Any], principal: Principal) -> str:
+    def _normalise(self, request: InferenceRequest, principal: Principal) -> str:
         """Identity from the claims, public parameters from settings; "" or why not."""
-        for field, claimed in (
+        claims: tuple[tuple[Literal["user_id", "role", "department"], str], ...] = (
             ("user_id", principal.user_id),
             ("role", principal.role),
             ("department", principal.department),
-        ):
+        )
+        for field, claimed in claims:
             if request.get(field) and request[field] != claimed:
                 return f"credential does not match the request's {field}"
             request[field] = claimed
@@ -154,7 +156,7 @@ class Admission:
         return ""
 
     async def _reject(
-        self, request: dict[str, Any], reason: str, principal: Principal | None
+        self, request: InferenceRequest, reason: str, principal: Principal | None
     ) -> None:
         rid = request["request_id"]
         user = principal.user_id if principal else ""

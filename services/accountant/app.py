@@ -52,7 +52,7 @@ class Decoded:
     """One decoded event of a batch."""
 
     event: Any  # faust.types.EventT
-    record: dict[str, Any]
+    record: Any  # the batch schema's record (a TypedDict of fedllm.schemas.records)
     headers: list[tuple[str, bytes]]
 
 
@@ -187,7 +187,7 @@ def create_app(settings: Settings) -> faust.App:
         acct: Accountant, topic: str, schema: str
     ) -> tuple[
         Callable[[list[Decoded]], Awaitable[None]],
-        Callable[[dict[str, Any], str], Awaitable[None]] | None,
+        Callable[[Any, str], Awaitable[None]] | None,
     ]:
         """The batch handler for `topic`/`schema` and the terminal outcome of one event."""
         if topic == topics.RESULTS:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from fedllm.privacy.accountant import PrivacyCurve, ZcdpFilter
+from fedllm.schemas.records import InferenceResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,7 @@ def balance(zcdp: ZcdpFilter, *, charged_units: int, limit_epsilon: float) -> Ba
     )
 
 
-def reported_curve(result: dict[str, Any], *, orders: Sequence[float]) -> PrivacyCurve | None:
+def reported_curve(result: InferenceResult, *, orders: Sequence[float]) -> PrivacyCurve | None:
     """The result's spent curve, or None when it is not on the ledger's orders."""
     reported = tuple(result["rdp_orders"])
     if reported != tuple(orders):
@@ -137,7 +138,7 @@ def reported_curve(result: dict[str, Any], *, orders: Sequence[float]) -> Privac
 
 
 def charge_for(
-    result: dict[str, Any], *, orders: Sequence[float]
+    result: InferenceResult, *, orders: Sequence[float]
 ) -> tuple[PrivacyCurve | None, str, str]:
     """What to charge for a node result: (curve or None for a full refund, status, reason)."""
     status = result["status"]
@@ -158,7 +159,7 @@ def charge_for(
     return spent, "ok", ""
 
 
-def awaits_router(result: dict[str, Any], spent: PrivacyCurve | None) -> bool:
+def awaits_router(result: InferenceResult, spent: PrivacyCurve | None) -> bool:
     """A node's own failure with no spend ends nothing: the router retries elsewhere and sends
     the final verdict itself (node_id ""); the deadline sweep backs it up."""
     return result["status"] != "ok" and bool(result.get("node_id")) and spent is None

@@ -20,6 +20,7 @@ from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.metrics import record_hospital_spend
 from fedllm.common.outbox import Message
 from fedllm.privacy.accountant import PrivacyCurve, window_start
+from fedllm.schemas.records import BudgetAdjustment, InferenceRequest, InferenceResult
 from fedllm.services.accountant import decide, messages, partials
 from fedllm.services.accountant.admission import Admission
 from fedllm.services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
@@ -58,16 +59,16 @@ class Accountant:
             log.warning("outbox relay: %s (will retry)", exc)
             return 0
 
-    async def on_request(self, request: dict[str, Any], headers: Headers | None = None) -> None:
+    async def on_request(self, request: InferenceRequest, headers: Headers | None = None) -> None:
         await self.on_requests([(request, headers)])
 
-    async def on_requests(self, requests: list[tuple[dict[str, Any], Headers | None]]) -> None:
+    async def on_requests(self, requests: list[tuple[InferenceRequest, Headers | None]]) -> None:
         """Admit a batch by credential (a refusal spends nothing), reserve the admitted ones in
         one transaction that also records their decisions in the outbox, and relay them."""
         admitted = await self.admission.admit_many(requests)
         if not admitted:
             return
-        by_id: dict[str, dict[str, Any]] = {}
+        by_id: dict[str, InferenceRequest] = {}
         for request in admitted:
             by_id.setdefault(request["request_id"], request)
         await asyncio.to_thread(
@@ -77,7 +78,7 @@ class Accountant:
         )
         await self.relay_outbox()
 
-    def _reserve_messages(self, request: dict[str, Any], outcome: Outcome) -> list[Message]:
+    def _reserve_messages(self, request: InferenceRequest, outcome: Outcome) -> list[Message]:
         rid = request["request_id"]
         common = {
             "request_id": rid,
@@ -135,7 +136,7 @@ class Accountant:
             )
         return out + self._budget_messages(outcome)
 
-    async def fail_request(self, request: dict[str, Any], reason: str) -> None:
+    async def fail_request(self, request: InferenceRequest, reason: str) -> None:
         """Terminal outcome of a request event that could not be handled (dead-lettered):
         nothing reserved, a failed result and its audit record, unless it already has an
         entry (then the ledger's outcome and its outbox messages stand)."""
@@ -220,20 +221,20 @@ class Accountant:
         await asyncio.to_thread(tx)
         await self.relay_outbox()
 
-    async def on_node_result(self, result: dict[str, Any]) -> None:
+    async def on_node_result(self, result: InferenceResult) -> None:
         await self.on_node_results([result])
 
-    async def on_node_results(self, results: list[dict[str, Any]]) -> None:
+    async def on_node_results(self, results: list[InferenceResult]) -> None:
         """Settle a batch of node results in one transaction that also records the terminal
         results in the outbox, and relay them."""
-        todo: list[tuple[dict[str, Any], Settlement]] = []
+        todo: list[tuple[InferenceResult, Settlement]] = []
         for result in results:
             x = await self._settlement(result)
             if x is not None:
                 todo.append((result, x))
         await self._settle(todo)
 
-    async def fail_node_result(self, result: dict[str, Any], reason: str) -> None:
+    async def fail_node_result(self, result: InferenceResult, reason: str) -> None:
         """Terminal outcome of a node result that could not be handled (dead-lettered): the
         request fails; a release the result reports is still charged, anything else refunded."""
         try:
@@ -253,7 +254,7 @@ class Accountant:
             ]
         )
 
-    async def _settlement(self, result: dict[str, Any]) -> Settlement | None:
+    async def _settlement(self, result: InferenceResult) -> Settlement | None:
         """What `result` settles, or None when it ends nothing (yet)."""
         rid = result["request_id"]
         if result["status"] == "partial":
@@ -285,10 +286,10 @@ class Accountant:
             return None
         return Settlement(rid, spent, status, reason, result.get("node_id", ""))
 
-    async def _settle(self, todo: list[tuple[dict[str, Any], Settlement]]) -> None:
+    async def _settle(self, todo: list[tuple[InferenceResult, Settlement]]) -> None:
         if not todo:
             return
-        by_id: dict[str, tuple[dict[str, Any], Settlement]] = {}
+        by_id: dict[str, tuple[InferenceResult, Settlement]] = {}
         for item in todo:
             by_id.setdefault(item[1].request_id, item)
 
@@ -356,7 +357,7 @@ class Accountant:
             )
         ]
 
-    async def on_adjustment(self, adjustment: dict[str, Any]) -> None:
+    async def on_adjustment(self, adjustment: BudgetAdjustment) -> None:
         """Apply an admin's budget reset; audited with the admin as the actor. An applied
         reset's audit record goes into the outbox in the reset's own transaction; a replay or
         a refusal changes no ledger row and is audited directly (redelivery re-sends it)."""
@@ -377,12 +378,12 @@ class Accountant:
         if adjustment["scope"] == "user":  # a replay re-publishes a status a crash lost
             await self._publish_user_budget(adjustment["subject"])
 
-    async def fail_adjustment(self, adjustment: dict[str, Any], reason: str) -> None:
+    async def fail_adjustment(self, adjustment: BudgetAdjustment, reason: str) -> None:
         """Terminal outcome of an admin reset that could not be applied (dead-lettered)."""
         await self._audit_adjustment(adjustment, outcome="failed", reason=reason)
 
     async def _audit_adjustment(
-        self, adjustment: dict[str, Any], *, outcome: str, reason: str
+        self, adjustment: BudgetAdjustment, *, outcome: str, reason: str
     ) -> None:
         await audit.emit(
             self.bus, service=SERVICE, **_adjustment_audit(adjustment, outcome, reason)
@@ -453,14 +454,14 @@ class Accountant:
         await self.relay_outbox()
         return len(ids)
 
-    def _charge_for(self, result: dict[str, Any]) -> tuple[PrivacyCurve | None, str, str]:
+    def _charge_for(self, result: InferenceResult) -> tuple[PrivacyCurve | None, str, str]:
         return decide.charge_for(result, orders=self.ledger.accountant.orders)
 
-    def _reported_curve(self, result: dict[str, Any]) -> PrivacyCurve | None:
+    def _reported_curve(self, result: InferenceResult) -> PrivacyCurve | None:
         return decide.reported_curve(result, orders=self.ledger.accountant.orders)
 
     def _finish_messages(
-        self, outcome: Outcome, node_result: dict[str, Any] | None, *, status: str
+        self, outcome: Outcome, node_result: InferenceResult | None, *, status: str
     ) -> list[Message]:
         """The terminal result, its audit events and the budget snapshot."""
         entry = outcome.entry
@@ -492,7 +493,7 @@ class Accountant:
                     epsilon=entry["spent_epsilon"],
                     rdp_summary=messages.rdp_summary(entry["spent_rdp"], entry["spent_epsilon"]),
                     refunded_epsilon=round(max(reserved - entry["spent_epsilon"], 0.0), 6),
-                    records_used=int((node_result or {}).get("records_used", 0)),
+                    records_used=int(node_result.get("records_used", 0) if node_result else 0),
                     **common,
                 )
             )
@@ -550,7 +551,7 @@ def _recorder(build: Callable[[Outcome], list[Message]]) -> Then:
     return record
 
 
-def _adjustment_audit(adjustment: dict[str, Any], outcome: str, reason: str) -> dict[str, Any]:
+def _adjustment_audit(adjustment: BudgetAdjustment, outcome: str, reason: str) -> dict[str, Any]:
     """The fields of an adjustment's `budget.reset` audit record (the admin is the actor)."""
     return dict(
         action="budget.reset",

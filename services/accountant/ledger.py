@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from fedllm.common.clock import now_ms
 from fedllm.common.config import BudgetConfig
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, window_start
+from fedllm.schemas.records import BudgetAdjustment, InferenceRequest
 from fedllm.services.accountant import decide
 from fedllm.services.accountant.decide import Balance
 from fedllm.services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
@@ -254,14 +255,14 @@ class Ledger:
     # -- operations ------------------------------------------------------------------------
 
     def reserve(
-        self, request: dict[str, Any], *, now_s: float | None = None, then: Then | None = None
+        self, request: InferenceRequest, *, now_s: float | None = None, then: Then | None = None
     ) -> Outcome:
         """Reserve the request's (ε, δ) against its user's and department's budgets."""
         return self.reserve_many([request], now_s=now_s, then=then)[0]
 
     def reserve_many(
         self,
-        requests: Sequence[dict[str, Any]],
+        requests: Sequence[InferenceRequest],
         *,
         now_s: float | None = None,
         then: Then | None = None,
@@ -273,7 +274,7 @@ class Ledger:
         return self._run(lambda s: _then(then, s, self._reserve_batch(s, requests, window)))
 
     def _reserve_batch(
-        self, s: Session, requests: Sequence[dict[str, Any]], window: int
+        self, s: Session, requests: Sequence[InferenceRequest], window: int
     ) -> list[Outcome]:
         known = self.budget.department_epsilon
         accounts = self._lock_accounts(
@@ -323,7 +324,7 @@ class Ledger:
         return outcomes
 
     def _reserve_one(
-        self, request: dict[str, Any], window: int, accounts: dict[tuple[str, int], BudgetAccount]
+        self, request: InferenceRequest, window: int, accounts: dict[tuple[str, int], BudgetAccount]
     ) -> BudgetEntry:
         user_id, dept = request["user_id"], request["department"]
         row = BudgetEntry(
@@ -486,7 +487,7 @@ class Ledger:
 
     def reset(
         self,
-        adjustment: dict[str, Any],
+        adjustment: BudgetAdjustment,
         *,
         now_s: float | None = None,
         then: Callable[[Session], None] | None = None,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from fedllm.common.kafka import now_ms
 from fedllm.common.metrics import record_budget
 from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.schemas.records import BudgetDecision, BudgetStatus, InferenceRequest, InferenceResult
 from fedllm.services.accountant.ledger import Balance, Outcome
 
 TERMINAL_ACTION = {
@@ -18,7 +19,7 @@ TERMINAL_ACTION = {
 }
 
 
-def decision(request: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
+def decision(request: InferenceRequest, outcome: Outcome) -> BudgetDecision:
     """BudgetDecision for a reservation outcome."""
     return {
         "request_id": request["request_id"],
@@ -34,8 +35,8 @@ def decision(request: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
 
 
 def final_result(
-    outcome: Outcome, node_result: dict[str, Any] | None = None, *, status: str
-) -> dict[str, Any]:
+    outcome: Outcome, node_result: InferenceResult | None = None, *, status: str
+) -> InferenceResult:
     """The terminal InferenceResult for fedllm.results."""
     entry = outcome.entry
     base: dict[str, Any] = dict(node_result or {})
@@ -64,7 +65,7 @@ def final_result(
         base["is_private"] = False
     base.setdefault("node_id", entry.get("node_id", ""))
     base["processing_time_ms"] = float(now_ms() - entry["created_at_ms"])
-    return base
+    return cast(InferenceResult, base)
 
 
 def budget_status(
@@ -76,7 +77,7 @@ def budget_status(
     delta: float,
     user: Balance,
     dept: Balance,
-) -> dict[str, Any]:
+) -> BudgetStatus:
     """BudgetStatus snapshot of a user's (and their department's) balances."""
     record_budget("department", department, limit=dept.limit, remaining=dept.remaining)
     return {

@@ -7,12 +7,11 @@ normal path; these rows are only read by the expiry sweep.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import JSON, Engine, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
+from fedllm.schemas.records import InferenceResult
 
 
 class Base(DeclarativeBase):
@@ -31,7 +30,7 @@ def create_table(engine: Engine) -> None:
     Base.metadata.create_all(engine)
 
 
-def record(engine: Engine, result: dict[str, Any], curve: PrivacyCurve) -> None:
+def record(engine: Engine, result: InferenceResult, curve: PrivacyCurve) -> None:
     """Remember one hospital's released part (first one wins)."""
     with Session(engine) as s, s.begin():
         if s.get(PartialRelease, (result["request_id"], result["node_id"])) is None:

@@ -11,13 +11,13 @@ verified credential; results refused before any identity was established are not
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 
 from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, admin_client
+from fedllm.schemas.records import InferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ReplyRelay:
         }
         return topic in self.known
 
-    async def relay(self, result: dict[str, Any]) -> bool:
+    async def relay(self, result: InferenceResult) -> bool:
         """Copy `result` to its owner's reply topic; False when there is none."""
         user = result.get("user_id") or ""
         if not user:

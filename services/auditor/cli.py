@@ -16,6 +16,7 @@ from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.lifecycle import run_until_signalled, setup_logging
 from fedllm.common.metrics import serve_metrics
+from fedllm.schemas.records import AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _publish(records: list[dict[str, Any]], settings: Settings) -> None:
+async def _publish(records: list[AuditEvent], settings: Settings) -> None:
     """Send the purge records to the audit topic too (the auditor drops them as repeats)."""
     from fedllm.common.kafka import Bus, make_producer
     from fedllm.common.topics import AUDIT

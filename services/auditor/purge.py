@@ -13,11 +13,11 @@ import getpass
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text
 
 from fedllm.common.audit import audit_event
+from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor.chain import as_utc, iso_ms
 from fedllm.services.auditor.models import audit_log, chain_heads, checkpoints
 from fedllm.services.auditor.records import Protection, event_to_row
@@ -36,7 +36,7 @@ class ChainPurge:
     cut_seq: int
     cut_hash: str
     purged_rows: int
-    record: dict[str, Any]  # the AuditEvent of the purge (also sent to the audit topic)
+    record: AuditEvent  # the AuditEvent of the purge (also sent to the audit topic)
 
 
 def check_cutoff(before: datetime, *, retention_days: int, now: datetime | None = None) -> None:

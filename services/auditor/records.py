@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor.crypto import Sealer, derive_key, text_hmac
 from fedllm.services.auditor.settings import AuditorSettings
 
@@ -61,14 +62,14 @@ def _clean(s: Any) -> str:
     return str(s).replace("\x00", "\ufffd")
 
 
-def chain_for(event: dict[str, Any], chain_by: str) -> str:
+def chain_for(event: AuditEvent, chain_by: str) -> str:
     """'main', or the hospital id (per-hospital chains) when the event names one."""
     if chain_by == "hospital" and event.get("hospital_id"):
         return f"hospital:{_clean(event['hospital_id'])}"
     return MAIN_CHAIN
 
 
-def event_to_row(event: dict[str, Any], protection: Protection) -> dict[str, Any]:
+def event_to_row(event: AuditEvent, protection: Protection) -> dict[str, Any]:
     """Row fields (no seq, prev_hash, row_hash yet) for one decoded AuditEvent."""
     event_id = _clean(event.get("event_id", ""))
     if not event_id or len(event_id) > MAX_EVENT_ID:

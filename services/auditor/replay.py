@@ -22,6 +22,7 @@ from sqlalchemy import Engine, and_, or_, select
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_consumer
+from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor import migrate, store
 from fedllm.services.auditor.chain import as_utc, content_view
 from fedllm.services.auditor.models import audit_log, checkpoints
@@ -144,7 +145,7 @@ async def read_into(
                     first, _ = report.offsets.get(tp.partition, (msg.offset, msg.offset))
                     report.offsets[tp.partition] = (first, msg.offset)
                     try:
-                        event = codec.decode_expect("AuditEvent", msg.value, msg.headers)
+                        event = codec.decode_as(AuditEvent, msg.value, msg.headers)
                         row = event_to_row(event, protection)
                     except (codec.DecodeError, InvalidEvent):
                         report.undecodable += 1

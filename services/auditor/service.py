@@ -21,6 +21,7 @@ from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, make_consumer, make_producer
 from fedllm.common.lifecycle import clear_ready, mark_ready
+from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor import migrate, store
 from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
 from fedllm.services.auditor.settings import AuditorSettings
@@ -74,7 +75,7 @@ async def decode_batch(
     rows: list[dict[str, Any]] = []
     for msg in messages:
         with tracing.span("auditor AuditEvent", msg.headers):  # joins the request's trace
-            event = await bus.decode_or_dead_letter(msg, "AuditEvent", service=SERVICE)
+            event = await bus.decode_or_dead_letter(msg, AuditEvent, service=SERVICE)
         if event is None:
             continue
         try:

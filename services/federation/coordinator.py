@@ -34,6 +34,7 @@ from fedllm.common import chunks, secagg
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
 from fedllm.common.lora_model import to_bytes
+from fedllm.schemas.records import FlClientUpdate, FlRoundAnnouncement, FlRoundResult
 from fedllm.services.federation.aggregation import FedAvg, make_rule
 from fedllm.services.federation.config import FederationConfig, topic_names
 from fedllm.services.federation.store import RoundStore
@@ -80,7 +81,7 @@ class Coordinator:
     # ------------------------------------------------------------------ messages
     def _announcement(
         self, round_no: int, attempt: int, phase: str, deadline_ms: int, parts: dict[str, bytes]
-    ) -> dict[str, Any]:
+    ) -> FlRoundAnnouncement:
         c = self.cfg
         return {
             "federation_id": c.federation_id,
@@ -115,30 +116,26 @@ class Coordinator:
         data = to_bytes(vec)
         parts = chunks.split(data)
         for i, part in enumerate(parts):
-            await bus.send(
-                self.results_topic,
-                "FlRoundResult",
-                {
-                    "federation_id": self.cfg.federation_id,
-                    "round": round_no,
-                    "attempt": attempt,
-                    "status": status,
-                    "participants": list(fields.get("participants", [])),
-                    "chunk_index": i,
-                    "chunk_count": len(parts),
-                    "payload": part,
-                    "adapter_hash": hashlib.sha256(data).hexdigest(),
-                    "update_norm": float(fields.get("update_norm", 0.0)),
-                    "heldout_loss": float(fields.get("heldout_loss", -1.0)),
-                    "epsilon_by_hospital": dict(fields.get("epsilon_by_hospital", {})),
-                    "sent_at_ms": now_ms(),
-                },
-                key=self.cfg.federation_id,
-            )
+            record: FlRoundResult = {
+                "federation_id": self.cfg.federation_id,
+                "round": round_no,
+                "attempt": attempt,
+                "status": status,
+                "participants": list(fields.get("participants", [])),
+                "chunk_index": i,
+                "chunk_count": len(parts),
+                "payload": part,
+                "adapter_hash": hashlib.sha256(data).hexdigest(),
+                "update_norm": float(fields.get("update_norm", 0.0)),
+                "heldout_loss": float(fields.get("heldout_loss", -1.0)),
+                "epsilon_by_hospital": dict(fields.get("epsilon_by_hospital", {})),
+                "sent_at_ms": now_ms(),
+            }
+            await bus.send(self.results_topic, "FlRoundResult", record, key=self.cfg.federation_id)
 
     # ------------------------------------------------------------------ collection
     async def _collect(
-        self, consumer: Any, deadline_ms: int, done: Callable[[dict[str, Any]], bool]
+        self, consumer: Any, deadline_ms: int, done: Callable[[FlClientUpdate], bool]
     ) -> None:
         """Feed decoded updates of this federation to ``done`` until it says so or the deadline."""
         from fedllm.common import codec
@@ -148,7 +145,7 @@ class Coordinator:
             for msgs in batch.values():
                 for m in msgs:
                     try:
-                        rec = codec.decode_expect("FlClientUpdate", m.value, m.headers)
+                        rec = codec.decode_as(FlClientUpdate, m.value, m.headers)
                     except codec.DecodeError as exc:
                         log.warning("ignored undecodable update: %s", exc)
                         continue
@@ -177,7 +174,7 @@ class Coordinator:
         declined: set[str] = set()
         eps: dict[str, float] = {}
 
-        def on_join(rec: dict[str, Any]) -> bool:
+        def on_join(rec: FlClientUpdate) -> bool:
             if rec["round"] != round_no or rec["attempt"] != attempt:
                 return False
             h = rec["hospital_id"]
@@ -206,7 +203,7 @@ class Coordinator:
         got: dict[str, np.ndarray] = {}
         losses: dict[str, float] = {}
 
-        def on_update(rec: dict[str, Any]) -> bool:
+        def on_update(rec: FlClientUpdate) -> bool:
             if rec["round"] != round_no or rec["attempt"] != attempt or rec["kind"] != "update":
                 return False
             h = rec["hospital_id"]

@@ -17,6 +17,7 @@ from html import escape
 from typing import Any
 
 from fedllm.common.config import Settings
+from fedllm.schemas.records import BudgetStatus, NodeHeartbeat
 
 PALETTE = ("#1b6ca8", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0f766e", "#a16207")
 
@@ -37,8 +38,8 @@ class LedgerHistory:
     def sample(
         self,
         settings: Settings,
-        departments: dict[str, dict[str, Any]],
-        nodes: dict[str, dict[str, Any]],
+        departments: dict[str, BudgetStatus],
+        nodes: dict[str, NodeHeartbeat],
         *,
         now_s: float,
     ) -> None:

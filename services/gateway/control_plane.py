@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from fedllm.common import control
 from fedllm.common.kafka import now_ms
+from fedllm.schemas.records import ControlCommand
 from fedllm.services.gateway.auth import AuthError, Principal
 from fedllm.services.gateway.deps import GatewayState, client_address
 
@@ -50,7 +51,7 @@ def control_state(state: GatewayState) -> control.ControlState:
     return follower(state).state
 
 
-def on_command(state: GatewayState, record: dict[str, Any]) -> None:
+def on_command(state: GatewayState, record: ControlCommand) -> None:
     """Apply what the gateway itself uses: the answer cache switch."""
     if record["action"] == "config_set" and record["target"] == "cache_enabled":
         enabled = control_state(state).setting("cache_enabled")
@@ -79,11 +80,11 @@ async def issue(
     value: Any = None,
     reason: str,
     **audit_fields: str,
-) -> dict[str, Any]:
+) -> ControlCommand:
     """Audit (fail closed), publish and apply one ControlCommand; 503 if the broker is down."""
     if state.bus is None:
         raise HTTPException(503, "broker unavailable")
-    record = {
+    record: ControlCommand = {
         "command_id": str(uuid.uuid4()),
         "action": action,
         "target": target,

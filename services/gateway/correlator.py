@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from fedllm.common import codec, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_consumer, seek_to_time
+from fedllm.schemas.records import BudgetStatus, InferenceResult, NodeHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class _AssignedReader:
 
     traced = False
 
-    def on_record(self, record: dict[str, Any]) -> None:
+    def on_record(self, record: Any) -> None:  # a record of `schema` (fedllm.schemas.records)
         raise NotImplementedError
 
 
@@ -147,14 +148,14 @@ class ResultCorrelator(_AssignedReader):
         self, settings: Settings, *, orphan_capacity: int = 4096, orphan_ttl_s: float = 60.0
     ) -> None:
         super().__init__(settings)
-        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._orphans: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._waiters: dict[str, asyncio.Future[InferenceResult]] = {}
+        self._orphans: OrderedDict[str, tuple[float, InferenceResult]] = OrderedDict()
         self._orphan_capacity = orphan_capacity
         self._orphan_ttl_s = orphan_ttl_s
 
-    def register(self, request_id: str) -> asyncio.Future[dict[str, Any]]:
+    def register(self, request_id: str) -> asyncio.Future[InferenceResult]:
         """A future for `request_id`'s terminal result; register BEFORE producing."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
         early = self._orphans.pop(request_id, None)
         if early is not None and time.monotonic() - early[0] <= self._orphan_ttl_s:
             fut.set_result(early[1])
@@ -162,7 +163,7 @@ class ResultCorrelator(_AssignedReader):
             self._waiters[request_id] = fut
         return fut
 
-    def recent(self, request_id: str) -> dict[str, Any] | None:
+    def recent(self, request_id: str) -> InferenceResult | None:
         """A result this gateway read in the last `orphan_ttl_s`, if any (not consumed)."""
         hit = self._orphans.get(request_id)
         if hit is None or time.monotonic() - hit[0] > self._orphan_ttl_s:
@@ -178,7 +179,7 @@ class ResultCorrelator(_AssignedReader):
     def pending(self) -> int:
         return len(self._waiters)
 
-    def on_record(self, record: dict[str, Any]) -> None:
+    def on_record(self, record: InferenceResult) -> None:
         rid = record["request_id"]
         fut = self._waiters.pop(rid, None)
         if fut is not None and not fut.done():
@@ -201,15 +202,15 @@ class BudgetView(_AssignedReader):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.user_to_status: dict[str, dict[str, Any]] = {}
-        self.department_to_status: dict[str, dict[str, Any]] = {}
+        self.user_to_status: dict[str, BudgetStatus] = {}
+        self.department_to_status: dict[str, BudgetStatus] = {}
 
     async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         window = self.settings.budget.window_seconds
         since_ms = int(time.time() // window * window * 1000)
         await seek_to_time(consumer, tps, since_ms)
 
-    def on_record(self, record: dict[str, Any]) -> None:
+    def on_record(self, record: BudgetStatus) -> None:
         if record["window_start"] + record["window_seconds"] <= time.time():
             return  # a spent window's snapshot (record timestamps need not follow offsets)
         user, dept = record["user_id"], record["department"]
@@ -232,7 +233,7 @@ class NodeView(_AssignedReader):
 
     def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
         super().__init__(settings)
-        self.nodes: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, NodeHeartbeat] = {}
         self._capacity = capacity
         self._since_ms = 0
 
@@ -248,7 +249,7 @@ class NodeView(_AssignedReader):
         self._since_ms = since
         await seek_to_time(consumer, tps, since)
 
-    def on_record(self, record: dict[str, Any]) -> None:
+    def on_record(self, record: NodeHeartbeat) -> None:
         hospital = record["hospital_id"]
         old = self.nodes.get(hospital)
         if old is not None and record["sent_at_ms"] < old["sent_at_ms"]:

@@ -14,11 +14,12 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_consumer
+from fedllm.schemas.records import InferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ class ResultStore(Protocol):
 
     async def owner(self, request_id: str) -> str | None: ...
 
-    async def put(self, record: dict[str, Any]) -> None: ...
+    async def put(self, record: InferenceResult) -> None: ...
 
-    async def get(self, request_id: str) -> dict[str, Any] | None: ...
+    async def get(self, request_id: str) -> InferenceResult | None: ...
 
     async def close(self) -> None: ...
 
@@ -88,10 +89,10 @@ class MemoryResultStore:
     async def owner(self, request_id: str) -> str | None:
         return self._get(f"{self.prefix}:owner:{request_id}")
 
-    async def put(self, record: dict[str, Any]) -> None:
+    async def put(self, record: InferenceResult) -> None:
         self._set(f"{self.prefix}:result:{record['request_id']}", json.dumps(record))
 
-    async def get(self, request_id: str) -> dict[str, Any] | None:
+    async def get(self, request_id: str) -> InferenceResult | None:
         raw = self._get(f"{self.prefix}:result:{request_id}")
         return json.loads(raw) if raw else None
 
@@ -126,7 +127,7 @@ class RedisResultStore:
         v = await self.redis.get(f"{self.prefix}:owner:{request_id}")
         return _text(v) if v else None
 
-    async def put(self, record: dict[str, Any]) -> None:
+    async def put(self, record: InferenceResult) -> None:
         await self.redis.set(
             f"{self.prefix}:result:{record['request_id']}",
             json.dumps(record),
@@ -134,7 +135,7 @@ class RedisResultStore:
             ex=self.retention_s,
         )
 
-    async def get(self, request_id: str) -> dict[str, Any] | None:
+    async def get(self, request_id: str) -> InferenceResult | None:
         raw = await self.redis.get(f"{self.prefix}:result:{request_id}")
         return json.loads(raw) if raw else None
 
@@ -176,9 +177,7 @@ class ResultArchiver:
                     for msgs in batches.values():
                         for msg in msgs:
                             try:
-                                record = codec.decode_expect(
-                                    "InferenceResult", msg.value, msg.headers
-                                )
+                                record = codec.decode_as(InferenceResult, msg.value, msg.headers)
                             except codec.DecodeError:
                                 continue  # the accountant's DLQ is the place for these
                             await self.store.put(record)

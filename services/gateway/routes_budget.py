@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
+from fedllm.schemas.records import BudgetStatus
 from fedllm.services.gateway.auth import Principal
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, deny
 from fedllm.services.gateway.models import BudgetResponse, ErrorBody, PrivacyStatus
@@ -16,7 +17,7 @@ router = APIRouter(tags=["budget"])
 UserId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")]
 
 
-def _current(status: dict[str, Any] | None, now_s: float) -> dict[str, Any] | None:
+def _current(status: BudgetStatus | None, now_s: float) -> BudgetStatus | None:
     """The snapshot if it belongs to the current window, else None (budget renewed)."""
     if status is None or status["window_start"] + status["window_seconds"] <= now_s:
         return None

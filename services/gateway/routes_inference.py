@@ -19,6 +19,7 @@ from fedllm.common.audit import prompt_hmac
 from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
 from fedllm.common.residency import RegionPolicy
+from fedllm.schemas.records import InferenceRequest, InferenceResult
 from fedllm.services.gateway.cached_answers import request_key, serve_hit
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
 from fedllm.services.gateway.errors import printable
@@ -211,7 +212,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
         request_id = str(uuid.uuid4())
         logs.request_id_var.set(request_id)  # this request's task only: its log lines carry it
         created = now_ms()
-        record = {
+        record: InferenceRequest = {
             "request_id": request_id,
             "user_id": principal.user_id,
             "role": principal.role,
@@ -231,7 +232,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
             "created_at_ms": created,
             "deadline_ms": created + int(settings.request_timeout_s * 1000),
         }
-        result: dict[str, Any] | None = None
+        result: InferenceResult | None = None
         if state.bus is None:
             raise HTTPException(503, "broker unavailable")
         try:
@@ -358,7 +359,7 @@ async def _collect(state: GatewayState, request_id: str, started: float) -> Any:
     return _respond(state, request_id, result, started)
 
 
-def _respond(state: GatewayState, request_id: str, result: dict[str, Any], started: float) -> Any:
+def _respond(state: GatewayState, request_id: str, result: InferenceResult, started: float) -> Any:
     status = result["status"]
     state.metrics.inference.labels(
         status if status in {"ok", "rejected", "failed", "timeout"} else "unknown"

@@ -19,6 +19,7 @@ from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.config import Settings
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
+from fedllm.schemas.records import InferenceRequest, RoutedRequest
 from fedllm.services.node_worker.adapter_serving import AdapterServer
 from fedllm.services.node_worker.aggregate import (
     AggregateQuery,
@@ -271,7 +272,7 @@ class Engine:
 
     # ------------------------------------------------------------------ answering
 
-    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, request: RoutedRequest) -> dict[str, Any]:
         """InferenceResult fields for a RoutedRequest (status, response, privacy cost, ...)."""
         try:
             inner = request["request"]
@@ -354,7 +355,7 @@ class Engine:
 
     def _generate(
         self,
-        inner: dict[str, Any],
+        inner: InferenceRequest,
         *,
         key: tuple[str, int],
         rho: float,
@@ -409,7 +410,7 @@ class Engine:
             tokens=len(res.token_ids),
         )
 
-    def _adapter_answer(self, inner: dict[str, Any], *, delta: float) -> dict[str, Any]:
+    def _adapter_answer(self, inner: InferenceRequest, *, delta: float) -> dict[str, Any]:
         """The approved adapter's answer to the question alone: no record is read, and the
         adapter is a DP-trained model, so this is post-processing and spends ε = 0 (the
         accountant refunds the reservation). Fails, charging nothing, when none is approved."""
@@ -427,7 +428,7 @@ class Engine:
 
     def _route(
         self,
-        inner: dict[str, Any],
+        inner: InferenceRequest,
         *,
         key: tuple[str, int],
         rho: float,

@@ -13,6 +13,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from fedllm.schemas.records import RoutedRequest
+
 __all__ = ["PRIORITY_RANK", "IntakeQueue", "Queued", "priority_of"]
 
 #: Lower rank is served first; an unknown priority counts as ``normal``.
@@ -21,9 +23,10 @@ PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 T = TypeVar("T")
 
 
-def priority_of(routed: dict[str, Any] | None) -> str:
+def priority_of(routed: RoutedRequest | None) -> str:
     """A RoutedRequest's priority (``normal`` when absent or unknown)."""
-    p = str(((routed or {}).get("request") or {}).get("priority", "normal"))
+    inner = routed.get("request") if routed else None
+    p = str(inner.get("priority", "normal")) if inner else "normal"
     return p if p in PRIORITY_RANK else "normal"
 
 

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast, get_args
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -35,6 +35,7 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
+from fedllm.schemas.records import InferenceResult, NodeHeartbeat, RoutedRequest
 from fedllm.services.node_worker.health import NodeHealth, budget_room_level
 from fedllm.services.node_worker.intake import IntakeQueue, priority_of
 
@@ -48,7 +49,7 @@ class EngineLike(Protocol):  # pragma: no cover - structural type for the factor
     model_name: str
     device: str
 
-    def answer(self, request: dict[str, Any]) -> dict[str, Any]: ...
+    def answer(self, request: RoutedRequest) -> dict[str, Any]: ...
 
 
 EngineFactory = Callable[[Settings, str], Any]
@@ -79,7 +80,7 @@ class NodeState:
         return 0.0
 
 
-def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> dict[str, Any]:
+def heartbeat_record(settings: Settings, hospital_id: str, state: NodeState) -> NodeHeartbeat:
     engine = state.engine
     return {
         "hospital_id": hospital_id,
@@ -113,13 +114,31 @@ def _budget_room(engine: Any) -> float | None:
     return None if value is None else float(value)
 
 
+# The InferenceResult fields an engine's answer may set (the rest are the node's own).
+EngineField = Literal[
+    "status",
+    "reason",
+    "response",
+    "is_private",
+    "privacy_cost",
+    "delta",
+    "rdp_orders",
+    "rdp_epsilons",
+    "tokens",
+    "aggregate_json",
+    "adapter_hash",
+    "adapter_epsilon",
+]
+_ENGINE_FIELDS: tuple[EngineField, ...] = get_args(EngineField)
+
+
 def result_record(
-    routed: dict[str, Any], fields: dict[str, Any], *, hospital_id: str, started_ms: int = 0
-) -> dict[str, Any]:
+    routed: RoutedRequest, fields: dict[str, Any], *, hospital_id: str, started_ms: int = 0
+) -> InferenceResult:
     """An InferenceResult for ``routed`` from the engine's fields (unknown keys dropped)."""
     inner = routed.get("request") or {}
     finished = now_ms()
-    rec: dict[str, Any] = {
+    rec: InferenceResult = {
         "request_id": routed["request_id"],
         "user_id": inner.get("user_id", ""),
         "department": inner.get("department", ""),
@@ -143,20 +162,7 @@ def result_record(
         "adapter_hash": "",
         "adapter_epsilon": 0.0,
     }
-    for k in (
-        "status",
-        "reason",
-        "response",
-        "is_private",
-        "privacy_cost",
-        "delta",
-        "rdp_orders",
-        "rdp_epsilons",
-        "tokens",
-        "aggregate_json",
-        "adapter_hash",
-        "adapter_epsilon",
-    ):
+    for k in _ENGINE_FIELDS:
         if k in fields:
             rec[k] = fields[k]
     rec["reason"] = str(rec["reason"])[:1000]
@@ -185,7 +191,7 @@ class NodeWorker:
 
     async def handle(self, msg: ConsumerRecord) -> None:
         """Decode, answer and publish one message; never leaves a request without a result."""
-        routed = await self.bus.decode_or_dead_letter(msg, "RoutedRequest", service=SERVICE)
+        routed = await self.bus.decode_or_dead_letter(msg, RoutedRequest, service=SERVICE)
         if routed is None:
             return
         started = now_ms()
@@ -246,7 +252,7 @@ class NodeWorker:
     async def fail(self, msg: ConsumerRecord, reason: str) -> None:
         """Terminal outcome of a request that could not be handled (dead-lettered): a failed
         result for the router to retry elsewhere or fail (nothing was released)."""
-        routed = codec.decode_expect("RoutedRequest", msg.value, msg.headers)
+        routed = codec.decode_as(RoutedRequest, msg.value, msg.headers)
         record = result_record(
             routed, failed_fields(reason), hospital_id=self.hospital_id, started_ms=now_ms()
         )
@@ -254,7 +260,7 @@ class NodeWorker:
             topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
         )
 
-    async def _answer(self, routed: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(self, routed: RoutedRequest) -> dict[str, Any]:
         engine = self.state.engine
         if engine is None:
             return failed_fields(f"node not ready: {self.state.load_error or 'model loading'}")
@@ -268,7 +274,7 @@ class NodeWorker:
         finally:
             self.state.in_flight -= 1
 
-    async def _refused(self, routed: dict[str, Any], reason: str) -> None:
+    async def _refused(self, routed: RoutedRequest, reason: str) -> None:
         inner = routed.get("request") or {}
         try:
             await audit.emit(
@@ -287,7 +293,7 @@ class NodeWorker:
         except Exception:
             log.exception("audit event for %s not sent", routed["request_id"])
 
-    async def _audit(self, routed: dict[str, Any], record: dict[str, Any]) -> None:
+    async def _audit(self, routed: RoutedRequest, record: InferenceResult) -> None:
         inner = routed.get("request") or {}
         ok = record["status"] in ("ok", "partial")  # a part of a fan-out is a DP release too
         summary = (
@@ -481,7 +487,7 @@ def _peek_priority(msg: ConsumerRecord) -> str:
     """The request's priority, for the intake queue (an undecodable message counts as normal;
     the handler dead-letters it)."""
     try:
-        return priority_of(codec.decode_expect("RoutedRequest", msg.value, msg.headers))
+        return priority_of(codec.decode_as(RoutedRequest, msg.value, msg.headers))
     except Exception:
         return "normal"
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
+from fedllm.schemas.records import InferenceRequest
 from fedllm.services.node_worker import aggregate
 from fedllm.services.node_worker.answer_dp import EntityAnswerer, plan_question
 from fedllm.services.node_worker.cohort import load_cohort
@@ -99,7 +100,7 @@ class TextRoutes:
             return RoutedAnswer("entities", ans.text, ans.curve, ans.groups)
         return None
 
-    def fields(self, inner: dict[str, Any], **kw: Any) -> dict[str, Any] | None:
+    def fields(self, inner: InferenceRequest, **kw: Any) -> dict[str, Any] | None:
         """InferenceResult fields for a "generate" request a route answers, else ``None``."""
         res = self.answer(str(inner.get("prompt", "")), **kw)
         if res is None:

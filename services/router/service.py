@@ -40,6 +40,7 @@ from fedllm.common.kafka import (
 )
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.common.residency import RegionPolicy
+from fedllm.schemas.records import BudgetDecision, ControlCommand, InferenceResult, NodeHeartbeat
 from fedllm.services.router import recovery
 from fedllm.services.router.admission import ControlledRegistry
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
@@ -136,7 +137,7 @@ class RouterService:
         self._answers = asyncio.Lock()  # live node results wait while state is re-adopted
         self.tick_s = max(0.02, min(0.25, settings.node_ttl_s / 10, settings.node_timeout_s / 10))
 
-    def on_control(self, record: dict[str, Any]) -> None:
+    def on_control(self, record: ControlCommand) -> None:
         """A control command folded in: apply a new routing strategy."""
         if record["action"] == "config_set" and record["target"] == "router_strategy":
             name = self.control.state.setting("router_strategy") or self.settings.router_strategy
@@ -278,7 +279,7 @@ class RouterService:
     async def _on_heartbeats(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         for msgs in batch.values():
             for msg in msgs:
-                hb = await self.bus.decode_or_dead_letter(msg, "NodeHeartbeat", service=SERVICE)
+                hb = await self.bus.decode_or_dead_letter(msg, NodeHeartbeat, service=SERVICE)
                 if hb is not None:
                     await self.execute(self.dispatcher.on_heartbeat(hb, now_ms=now_ms()))
 
@@ -300,7 +301,7 @@ class RouterService:
             for msgs in batch.values():
                 for msg in msgs:
                     decision = await self.bus.decode_or_dead_letter(
-                        msg, "BudgetDecision", service=SERVICE
+                        msg, BudgetDecision, service=SERVICE
                     )
                     if decision is not None:
                         with metrics.stage(
@@ -316,33 +317,29 @@ class RouterService:
             if batch:
                 await self.decisions.commit()
 
-    async def fail_decision(self, decision: dict[str, Any], reason: str) -> None:
+    async def fail_decision(self, decision: BudgetDecision, reason: str) -> None:
         """Terminal verdict for a decision that could not be routed (dead-lettered): a failure
         result on node-results, on which the accountant refunds the reservation."""
         if not decision["approved"]:
             return
         request = decision["request"]
-        await self.bus.send(
-            topics.NODE_RESULTS,
-            "InferenceResult",
-            {
-                "request_id": request["request_id"],
-                "user_id": request["user_id"],
-                "department": request["department"],
-                "status": "failed",
-                "reason": reason,
-                "node_id": "",
-                "attempt": 0,
-                "delta": decision["delta"],
-                "finished_at_ms": now_ms(),
-            },
-            key=request["user_id"],
-        )
+        result: InferenceResult = {
+            "request_id": request["request_id"],
+            "user_id": request["user_id"],
+            "department": request["department"],
+            "status": "failed",
+            "reason": reason,
+            "node_id": "",
+            "attempt": 0,
+            "delta": decision["delta"],
+            "finished_at_ms": now_ms(),
+        }
+        await self.bus.send(topics.NODE_RESULTS, "InferenceResult", result, key=request["user_id"])
 
-    async def route_one(self, decision: dict[str, Any]) -> None:
+    async def route_one(self, decision: BudgetDecision) -> None:
         await self.execute(self.dispatcher.on_decision(decision, now_ms=now_ms()))
 
-    async def route_batch(self, decisions: list[tuple[ConsumerRecord, dict[str, Any]]]) -> None:
+    async def route_batch(self, decisions: list[tuple[ConsumerRecord, BudgetDecision]]) -> None:
         """Place a batch jointly; if that fails, deliver each decision on its own (retries,
         then a failure verdict and the DLQ). While processing is halted, each approved decision
         ends failed before any node sees it (the accountant refunds it)."""
@@ -382,7 +379,7 @@ class RouterService:
                         await self._on_answer(msg)
 
     async def _on_answer(self, msg: ConsumerRecord) -> None:
-        result = await self.bus.decode_or_dead_letter(msg, "InferenceResult", service=SERVICE)
+        result = await self.bus.decode_or_dead_letter(msg, InferenceResult, service=SERVICE)
         if result is not None:
             with metrics.stage(
                 SERVICE, "InferenceResult", headers=msg.headers, request_id=result["request_id"]

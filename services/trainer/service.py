@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
 from fedllm.common.lora_model import AdaptedModel, from_bytes, get_vector, set_vector
 from fedllm.privacy import DEFAULT_ORDERS, eps_from_rdp
 from fedllm.privacy.dpsgd import dominating_rho, dp_sgd_rdp
+from fedllm.schemas.records import FlRoundAnnouncement, FlRoundResult
 from fedllm.services.trainer.dp_lora import DpSgdConfig, PatientDpSgd, clip_update
 from fedllm.services.trainer.ledger import TrainerLedger
 
@@ -59,7 +60,7 @@ class Trainer:
         self.keys: dict[tuple[int, int], secagg.KeyPair] = {}
         self.sgd = PatientDpSgd(adapted.model, pad_id=adapted.pad_id)
         self._results = chunks.Assembler()
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[FlRoundAnnouncement] = []
         self.stopped = False
 
     def epsilon_spent(self) -> float:
@@ -71,7 +72,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ results
-    def _on_result(self, rec: dict[str, Any]) -> None:
+    def _on_result(self, rec: FlRoundResult) -> None:
         whole = self._results.add(
             rec["round"], rec["chunk_index"], rec["chunk_count"], bytes(rec["payload"])
         )
@@ -82,7 +83,7 @@ class Trainer:
                 self.stopped = True
 
     # ------------------------------------------------------------------ announcements
-    async def _send(self, bus: Bus, ann: dict[str, Any], kind: str, **fields: Any) -> None:
+    async def _send(self, bus: Bus, ann: FlRoundAnnouncement, kind: str, **fields: Any) -> None:
         rec = {
             "federation_id": self.federation_id,
             "round": ann["round"],
@@ -97,7 +98,7 @@ class Trainer:
         }
         await bus.send(self.updates_topic, "FlClientUpdate", rec, key=self.federation_id)
 
-    async def _join(self, bus: Bus, ann: dict[str, Any]) -> None:
+    async def _join(self, bus: Bus, ann: FlRoundAnnouncement) -> None:
         rdp = dp_sgd_rdp(
             sample_rate=ann["sample_rate"],
             noise_multiplier=ann["noise_multiplier"],
@@ -120,7 +121,7 @@ class Trainer:
         self.keys[(ann["round"], ann["attempt"])] = kp
         await self._send(bus, ann, "join", public_key=kp.public)
 
-    def _train(self, ann: dict[str, Any]) -> tuple[np.ndarray, float]:
+    def _train(self, ann: FlRoundAnnouncement) -> tuple[np.ndarray, float]:
         charge = self.ledger.lookup(self.federation_id, ann["round"])
         assert charge is not None  # join charged it
         if charge.update is not None:  # paid and trained before (restart): send the same update
@@ -144,7 +145,7 @@ class Trainer:
         )
         return stored, loss
 
-    async def _train_and_send(self, bus: Bus, ann: dict[str, Any]) -> None:
+    async def _train_and_send(self, bus: Bus, ann: FlRoundAnnouncement) -> None:
         parts = {p["hospital_id"]: bytes(p["public_key"]) for p in ann["participants"]}
         kp = self.keys.get((ann["round"], ann["attempt"]))
         if self.hospital_id not in parts or (ann["secure"] and kp is None):
@@ -179,7 +180,7 @@ class Trainer:
                 train_loss=loss if self.report_train_loss else -1.0,
             )
 
-    async def _on_announcement(self, bus: Bus, ann: dict[str, Any]) -> None:
+    async def _on_announcement(self, bus: Bus, ann: FlRoundAnnouncement) -> None:
         if now_ms() > ann["deadline_ms"]:
             return  # stale (replayed history)
         if ann["phase"] == "stop":
@@ -210,7 +211,7 @@ class Trainer:
         try:
             while not self.stopped and not (stop and stop.is_set()):
                 batch = await consumer.getmany(timeout_ms=200)
-                anns: list[dict[str, Any]] = []
+                anns: list[FlRoundAnnouncement] = []
                 for tp, msgs in sorted(
                     batch.items(), key=lambda kv: kv[0].topic != self.results_topic
                 ):
@@ -223,9 +224,9 @@ class Trainer:
                         if rec.get("federation_id") != self.federation_id:
                             continue
                         if name == "FlRoundResult":
-                            self._on_result(rec)
+                            self._on_result(cast(FlRoundResult, rec))
                         elif name == "FlRoundAnnouncement":
-                            anns.append(rec)
+                            anns.append(cast(FlRoundAnnouncement, rec))
                 pending, self._pending = self._pending, []
                 for ann in pending + anns:
                     await self._on_announcement(bus, ann)
