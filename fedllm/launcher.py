@@ -425,8 +425,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         choices=sorted(POPULATION_PRESETS),
-        default="demo",
-        help="hospital size: clinosim population "
+        default="realistic",
+        help="hospital size (generated once, cached): clinosim population "
         + ", ".join(f"{k}={v}" for k, v in POPULATION_PRESETS.items()),
     )
     p.set_defaults(func=_up)
