@@ -30,14 +30,23 @@ def test_filter_matches_a_naive_per_person_reference(tmp_path: Path) -> None:
     """A random mix of every-person and subset releases (plus training rounds through the
     trainer) against per-person exact sums: the same persons are left out at every step, the
     spends agree to the stored resolution (never below), and nobody passes the cap."""
-    url = f"sqlite:///{tmp_path / 'p.db'}"
+    reference_run(f"sqlite:///{tmp_path / 'p.db'}")
+
+
+def test_filter_matches_the_reference_on_postgres(fresh_database_url: str) -> None:
+    reference_run(fresh_database_url)
+    led = open_ledger(fresh_database_url)
+    assert led.summary(query_rho=0.0, population=40).persons_charged == 40
+
+
+def reference_run(url: str, steps: int = 120) -> None:
     led = open_ledger(url)
     trainer = TrainerLedger(url, hospital_id="h", rho_cap=1e6, person_rho_cap=CAP)
     people = [f"P{i:03d}" for i in range(40)]
     ref = dict.fromkeys(people, Fraction(0))
     rng = random.Random(5)
     refused = admitted = 0
-    for step in range(120):
+    for step in range(steps):
         rho = rho_for_epsilon(epsilon=rng.uniform(0.05, 0.6), delta=1e-5)
         want = frozenset(p for p in people if ref[p] + Fraction(rho) > Fraction(CAP))
         got = led.capped_persons(rho=rho)
