@@ -37,7 +37,9 @@ def _ledger(args: argparse.Namespace) -> int:
     )
     delta = node.node_delta(persons=persons)
     ledger = open_ledger(settings, args.hospital, node, delta=delta)
-    s = ledger.summary(query_rho=rho_for_epsilon(epsilon=node.max_query_epsilon, delta=delta))
+    s = ledger.summary(
+        query_rho=rho_for_epsilon(epsilon=node.max_query_epsilon, delta=delta), population=persons
+    )
 
     def eps(rho: float) -> float:
         return PrivacyCurve.from_rho(rho).epsilon(delta=delta) if rho > 0 else 0.0

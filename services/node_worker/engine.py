@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.common.adapters import AdapterRegistry
+from fedllm.common.aggregate_query import WHERE_KEYS
 from fedllm.common.config import Settings
+from fedllm.common.person_ledger import Capped
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
 from fedllm.schemas.records import InferenceRequest, RoutedRequest
@@ -328,7 +330,7 @@ class Engine:
             )
         capped = self.ledger.capped_persons(rho=rho)
         try:
-            if query is None and self.routes is not None and not capped:
+            if query is None and self.routes is not None and not (capped.all or capped.persons):
                 routed = self._route(
                     inner, key=key, rho=rho, epsilon=epsilon, delta=delta, share=share
                 )
@@ -342,10 +344,16 @@ class Engine:
                     epsilon=epsilon,
                     delta=delta,
                     parts=parts,
-                    exclude=capped,
+                    capped=capped,
                 )
+            exclude = self.records.all_persons() if capped.all else capped.persons
             return self._generate(
-                inner, key=key, rho=rho, delta=delta, temperature=temperature, exclude=capped
+                inner,
+                key=key,
+                rho=rho,
+                delta=delta,
+                temperature=temperature,
+                exclude=frozenset(exclude),
             )
         except NonFiniteVotes as exc:
             log.error("mechanism failed closed: %s", exc)
@@ -447,7 +455,7 @@ class Engine:
         )
         if not self.routes.applies(str(inner.get("prompt", ""))):
             return None
-        self.ledger.charge_persons(*key, self.records.all_persons(), rho=rho)
+        self.ledger.charge_everyone(*key, rho=rho, left_out=frozenset())
         out = self.routes.fields(
             inner,
             epsilon=route_eps,
@@ -471,13 +479,19 @@ class Engine:
         epsilon: float,
         delta: float,
         parts: int,
-        exclude: frozenset[str],
+        capped: Capped,
     ) -> dict[str, Any]:
         """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most its
         share of the reservation and returns status "partial" with its noisy release in
-        ``aggregate_json``, for the router to combine with the other hospitals' parts."""
-        cohort = without_persons(load_cohort(self.clinosim_dir), exclude)
-        self.ledger.charge_persons(*key, affected_persons(query, cohort), rho=rho)
+        ``aggregate_json``, for the router to combine with the other hospitals' parts.
+        With no ``where`` filter every person not at their cap is charged (one ledger row)."""
+        full = load_cohort(self.clinosim_dir)
+        exclude = frozenset(p.person for p in full.patients) if capped.all else capped.persons
+        cohort = without_persons(full, exclude)
+        if any(getattr(query, k) is not None for k in WHERE_KEYS):
+            self.ledger.charge_persons(*key, affected_persons(query, cohort), rho=rho)
+        elif not capped.all:  # (all at their cap: nobody's records are used, nobody is charged)
+            self.ledger.charge_everyone(*key, rho=rho, left_out=exclude)
         res = answer_on_cohort(
             query=query,
             cohort=cohort,

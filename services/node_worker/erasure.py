@@ -1,7 +1,8 @@
 """Right of access and right to erasure (GDPR art. 15/17, CCPA) on a node's serving data.
 
 ``fedllm patient export --hospital H --patient P`` writes every record of patient P held in the
-hospital's serving data (notes, structural records, FHIR resources) as one JSON document.
+hospital's serving data (notes, structural records, FHIR resources) as one JSON document, with
+the ρ the person has spent on the hospital's individual privacy filter.
 ``fedllm patient erase --hospital H --patient P`` removes them: note files, structural files,
 and every FHIR resource of the patient (the Patient resource, and each resource that refers to
 it or carries the patient's id). Other patients' records are untouched, and so are their DP
@@ -140,6 +141,24 @@ def erase_patient(root: Path, patient_id: str) -> Erased:
     return Erased(len(files.notes), len(files.structural), fhir_count)
 
 
+def privacy_spend(settings: Any, hospital_id: str, patient_id: str) -> float:
+    """The patient's person's ρ spend on the hospital's individual filter (read only). Erasure
+    keeps it: the releases it paid for exist (docs/privacy.md)."""
+    from fedllm.common.db import make_engine
+    from fedllm.common.person_ledger import read_spend
+    from fedllm.services.node_worker.records import person_of
+    from fedllm.services.node_worker.settings import NodeSettings
+
+    url = NodeSettings().store_url(settings, hospital_id)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return 0.0
+    engine = make_engine(url)
+    try:
+        return read_spend(engine, hospital_id, person_of(patient_id))
+    finally:
+        engine.dispose()
+
+
 def subject_hmac(key: bytes, patient_id: str) -> str:
     """How audit events name the patient: keyed with the hospital's secret, never in clear."""
     return hmac.new(key, b"erasure:" + patient_id.encode(), hashlib.sha256).hexdigest()[:32]
@@ -204,10 +223,12 @@ def _export(args: argparse.Namespace) -> int:
     subject = subject_hmac(hospital_key(home / "partition.key"), args.patient)
     _audit(settings, args.hospital, "patient.exported", subject, outcome="requested")
     data = export_patient(root, args.patient)
+    data["privacy_spend_rho"] = privacy_spend(settings, args.hospital, args.patient)
     Path(args.out).write_text(json.dumps(data, indent=1))
     print(
         f"{len(data['notes'])} notes, {len(data['structural'])} structural records, "
-        f"{sum(len(v) for v in data['fhir'].values())} FHIR resources -> {args.out}"
+        f"{sum(len(v) for v in data['fhir'].values())} FHIR resources, "
+        f"privacy spend rho={data['privacy_spend_rho']:.6g} -> {args.out}"
     )
     return 0
 

@@ -16,6 +16,9 @@ Three things live here, keyed by hospital:
   the one test Σρ ≤ cap). Persons whose spend plus the next query's ρ would pass the cap are
   left out of retrieval and aggregates.
 
+The budget and the filter are the hospital's one data ledger, shared with its trainer:
+``fedllm.common.person_ledger`` (a release that charges every person writes one row there).
+
 Everything here is internal to the hospital; none of it is ever released to requesters.
 """
 
@@ -37,10 +40,10 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    bindparam,
     select,
 )
 
+from fedllm.common import person_ledger as pl
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import now_ms
 
@@ -57,22 +60,6 @@ releases = Table(
     Column("persons_charged", Boolean, nullable=False, default=False),
     Column("fields_json", Text, nullable=False, default=""),
     Column("created_at_ms", BigInteger, nullable=False),
-)
-
-budgets = Table(
-    "node_budget",
-    metadata,
-    Column("hospital_id", String(128), primary_key=True),
-    Column("rho_spent", Float, nullable=False),
-    Column("rho_cap", Float, nullable=False),
-)
-
-person_spend = Table(
-    "node_person_spend",
-    metadata,
-    Column("hospital_id", String(128), primary_key=True),
-    Column("person_id", String(128), primary_key=True),
-    Column("rho_spent", Float, nullable=False),
 )
 
 
@@ -110,20 +97,7 @@ class NodeLedger:
         self.hospital_id = hospital_id
         self.person_rho_cap = person_rho_cap
         metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                select(budgets.c.rho_cap).where(budgets.c.hospital_id == hospital_id)
-            ).first()
-            if row is None:
-                conn.execute(
-                    budgets.insert().values(hospital_id=hospital_id, rho_spent=0.0, rho_cap=rho_cap)
-                )
-            elif rho_cap < row.rho_cap:  # configuration may lower the cap, never raise it
-                conn.execute(
-                    budgets.update()
-                    .where(budgets.c.hospital_id == hospital_id)
-                    .values(rho_cap=rho_cap)
-                )
+        pl.open_hospital(self.engine, hospital_id, rho_cap=rho_cap)
 
     def _key(self, request_id: str, attempt: int) -> Any:
         return and_(
@@ -157,16 +131,8 @@ class NodeLedger:
                     rho=row.rho,
                     fields=json.loads(row.fields_json) if row.fields_json else None,
                 )
-            b = conn.execute(
-                select(budgets).where(budgets.c.hospital_id == self.hospital_id).with_for_update()
-            ).one()
-            if b.rho_spent + rho > b.rho_cap:
+            if not pl.draw_lifetime(conn, self.hospital_id, rho):
                 return StoredRelease(state="refused", rho=0.0, fields=None)
-            conn.execute(
-                budgets.update()
-                .where(budgets.c.hospital_id == self.hospital_id)
-                .values(rho_spent=b.rho_spent + rho)
-            )
             conn.execute(
                 releases.insert().values(
                     hospital_id=self.hospital_id,
@@ -181,63 +147,48 @@ class NodeLedger:
             )
         return None
 
-    def capped_persons(self, *, rho: float) -> frozenset[str]:
-        """Persons whose filter cannot take another ``rho``: they leave retrieval and aggregates."""
-        limit = self.person_rho_cap - rho
+    def capped_persons(self, *, rho: float) -> pl.Capped:
+        """Persons whose filter cannot take another ``rho``: they leave retrieval and aggregates
+        (``all``: every person, a state that follows from public figures alone)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(person_spend.c.person_id).where(
-                    and_(
-                        person_spend.c.hospital_id == self.hospital_id,
-                        person_spend.c.rho_spent > limit,
-                    )
-                )
-            ).all()
-        return frozenset(r.person_id for r in rows)
+            return pl.capped(conn, self.hospital_id, rho=rho, person_cap=self.person_rho_cap)
 
-    def charge_persons(
-        self, request_id: str, attempt: int, persons: set[str] | frozenset[str], *, rho: float
-    ) -> None:
-        """Charge ``rho`` to each person once per (request, attempt), before the mechanism runs."""
+    def _charge_once(self, request_id: str, attempt: int, charge: Any) -> None:
+        """Run ``charge(conn)`` once per (request, attempt), before the mechanism runs."""
         with self.engine.begin() as conn:
             row = conn.execute(
                 select(releases).where(self._key(request_id, attempt)).with_for_update()
             ).one()
             if row.persons_charged:
                 return
-            have = {
-                r.person_id: r.rho_spent
-                for r in conn.execute(
-                    select(person_spend).where(person_spend.c.hospital_id == self.hospital_id)
-                )
-            }
-            # One prepared statement each for the update and the insert, run over every person
-            # (executemany): a per-statement round trip per person cost ~0.5 ms, so an aggregate
-            # over a 2,000-patient cohort spent ~1 s here.
-            ordered = sorted(persons)
-            known = [{"pid": pid, "spent": have[pid] + rho} for pid in ordered if pid in have]
-            new = [
-                {"hospital_id": self.hospital_id, "person_id": pid, "rho_spent": rho}
-                for pid in ordered
-                if pid not in have
-            ]
-            if known:
-                conn.execute(
-                    person_spend.update()
-                    .where(
-                        and_(
-                            person_spend.c.hospital_id == self.hospital_id,
-                            person_spend.c.person_id == bindparam("pid"),
-                        )
-                    )
-                    .values(rho_spent=bindparam("spent")),
-                    known,
-                )
-            if new:
-                conn.execute(person_spend.insert(), new)
+            charge(conn)
             conn.execute(
                 releases.update().where(self._key(request_id, attempt)).values(persons_charged=True)
             )
+
+    def charge_persons(
+        self, request_id: str, attempt: int, persons: set[str] | frozenset[str], *, rho: float
+    ) -> None:
+        """Charge ``rho`` to each of ``persons`` (one row each)."""
+        self._charge_once(
+            request_id, attempt, lambda c: pl.charge_persons(c, self.hospital_id, persons, rho)
+        )
+
+    def charge_everyone(
+        self, request_id: str, attempt: int, *, rho: float, left_out: frozenset[str]
+    ) -> None:
+        """Charge ``rho`` to every person but ``left_out`` (at their cap): one row, whatever the
+        number of persons, plus one per person left out."""
+        self._charge_once(
+            request_id,
+            attempt,
+            lambda c: pl.charge_everyone(c, self.hospital_id, rho, left_out=left_out),
+        )
+
+    def spends(self, persons: set[str] | frozenset[str]) -> dict[str, float]:
+        """Each person's ρ spend on the individual filter (internal)."""
+        with self.engine.connect() as conn:
+            return pl.spends(conn, self.hospital_id, persons)
 
     def release(self, request_id: str, attempt: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Persist the result fields (before publishing); first write wins. Returns what is
@@ -274,35 +225,30 @@ class NodeLedger:
         """(ρ spent, ρ cap) of the data set's lifetime budget. Public: the spend is a function
         of the admitted reservations alone, never of the records."""
         with self.engine.connect() as conn:
-            b = conn.execute(
-                select(budgets.c.rho_spent, budgets.c.rho_cap).where(
-                    budgets.c.hospital_id == self.hospital_id
-                )
-            ).one()
-        return float(b.rho_spent), float(b.rho_cap)
+            return pl.lifetime(conn, self.hospital_id)
 
     def lifetime_room(self) -> float:
         """Share of the data set's lifetime ρ budget left."""
         spent, cap = self.lifetime()
         return max(0.0, 1.0 - spent / cap) if cap > 0 else 0.0
 
-    def summary(self, *, query_rho: float) -> LedgerSummary:
-        """The privacy officer's view; "at cap" = cannot take one more query of ``query_rho``."""
+    def summary(self, *, query_rho: float, population: int = 0) -> LedgerSummary:
+        """The privacy officer's view; "at cap" = cannot take one more query of ``query_rho``
+        (``population``: the number of persons held, for those never charged a subset)."""
         with self.engine.connect() as conn:
-            b = conn.execute(select(budgets).where(budgets.c.hospital_id == self.hospital_id)).one()
-            spends = [
-                r.rho_spent
-                for r in conn.execute(
-                    select(person_spend.c.rho_spent).where(
-                        person_spend.c.hospital_id == self.hospital_id
-                    )
-                )
-            ]
+            spent, cap = pl.lifetime(conn, self.hospital_id)
+            n = pl.filter_counts(
+                conn,
+                self.hospital_id,
+                query_rho=query_rho,
+                person_cap=self.person_rho_cap,
+                population=population,
+            )
         return LedgerSummary(
             hospital_id=self.hospital_id,
-            rho_spent=b.rho_spent,
-            rho_cap=b.rho_cap,
-            persons_charged=len(spends),
-            persons_at_cap=sum(s + query_rho > self.person_rho_cap for s in spends),
+            rho_spent=spent,
+            rho_cap=cap,
+            persons_charged=n.persons_charged,
+            persons_at_cap=n.persons_at_cap,
             person_rho_cap=self.person_rho_cap,
         )

@@ -1,9 +1,9 @@
 """The trainer's view of its hospital's privacy ledgers, and its own round store.
 
-Services share no code, so this module declares the node's ``node_budget`` and
-``node_person_spend`` tables again with identical columns (a test pins them against the node
-worker's) and applies the same zCDP arithmetic: a charge ρ fits when spent + ρ ≤ cap; nothing
-is ever subtracted. A training round is one mechanism over the hospital's data set, so:
+The lifetime budget and the individual filter are the hospital's one data ledger, shared
+with the node worker through ``fedllm.common.person_ledger`` (same tables, same zCDP
+arithmetic: a charge ρ fits when spent + ρ ≤ cap; nothing is ever subtracted). A training
+round is one mechanism over the hospital's data set, so:
 
 * its ρ (the smallest ρ·α curve dominating the round's DP-SGD RDP curve) is drawn from the
   hospital's **lifetime** budget, the same sum every query draws from, before training starts;
@@ -35,27 +35,11 @@ from sqlalchemy import (
     select,
 )
 
+from fedllm.common import person_ledger as pl
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import now_ms
 
 metadata = MetaData()
-
-# Same tables as the node worker's ledger (services/node_worker/ledger.py).
-budgets = Table(
-    "node_budget",
-    metadata,
-    Column("hospital_id", String(128), primary_key=True),
-    Column("rho_spent", Float, nullable=False),
-    Column("rho_cap", Float, nullable=False),
-)
-
-person_spend = Table(
-    "node_person_spend",
-    metadata,
-    Column("hospital_id", String(128), primary_key=True),
-    Column("person_id", String(128), primary_key=True),
-    Column("rho_spent", Float, nullable=False),
-)
 
 round_charges = Table(
     "fl_round_charges",
@@ -98,20 +82,7 @@ class TrainerLedger:
         self.hospital_id = hospital_id
         self.person_rho_cap = person_rho_cap
         metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                select(budgets.c.rho_cap).where(budgets.c.hospital_id == hospital_id)
-            ).first()
-            if row is None:
-                conn.execute(
-                    budgets.insert().values(hospital_id=hospital_id, rho_spent=0.0, rho_cap=rho_cap)
-                )
-            elif rho_cap < row.rho_cap:  # configuration may lower the cap, never raise it
-                conn.execute(
-                    budgets.update()
-                    .where(budgets.c.hospital_id == hospital_id)
-                    .values(rho_cap=rho_cap)
-                )
+        pl.open_hospital(self.engine, hospital_id, rho_cap=rho_cap)
 
     def _key(self, federation_id: str, round_no: int):  # noqa: ANN202
         return and_(
@@ -159,45 +130,13 @@ class TrainerLedger:
             ).first()
             if row is not None:
                 return self._charge(row, fresh=False)
-            b = conn.execute(
-                select(budgets).where(budgets.c.hospital_id == self.hospital_id).with_for_update()
-            ).one()
-            if b.rho_spent + rho > b.rho_cap:
-                return None
-            have = {
-                r.person_id: r.rho_spent
-                for r in conn.execute(
-                    select(person_spend).where(person_spend.c.hospital_id == self.hospital_id)
-                )
-            }
-            eligible = sorted(
-                p for p in set(persons) if have.get(p, 0.0) + rho <= self.person_rho_cap
-            )
+            capped = pl.capped(conn, self.hospital_id, rho=rho, person_cap=self.person_rho_cap)
+            eligible = [] if capped.all else sorted(set(persons) - capped.persons)
             if not eligible:  # nobody left to train on: the hospital leaves, nothing charged
                 return None
-            conn.execute(
-                budgets.update()
-                .where(budgets.c.hospital_id == self.hospital_id)
-                .values(rho_spent=b.rho_spent + rho)
-            )
-            for pid in eligible:
-                if pid in have:
-                    conn.execute(
-                        person_spend.update()
-                        .where(
-                            and_(
-                                person_spend.c.hospital_id == self.hospital_id,
-                                person_spend.c.person_id == pid,
-                            )
-                        )
-                        .values(rho_spent=have[pid] + rho)
-                    )
-                else:
-                    conn.execute(
-                        person_spend.insert().values(
-                            hospital_id=self.hospital_id, person_id=pid, rho_spent=rho
-                        )
-                    )
+            if not pl.draw_lifetime(conn, self.hospital_id, rho):
+                return None
+            pl.charge_persons(conn, self.hospital_id, eligible, rho)
             conn.execute(
                 round_charges.insert().values(
                     hospital_id=self.hospital_id,
@@ -245,21 +184,8 @@ class TrainerLedger:
 
     def lifetime(self) -> tuple[float, float]:
         with self.engine.connect() as conn:
-            b = conn.execute(
-                select(budgets.c.rho_spent, budgets.c.rho_cap).where(
-                    budgets.c.hospital_id == self.hospital_id
-                )
-            ).one()
-        return float(b.rho_spent), float(b.rho_cap)
+            return pl.lifetime(conn, self.hospital_id)
 
     def person_spend(self, person_id: str) -> float:
         with self.engine.connect() as conn:
-            r = conn.execute(
-                select(person_spend.c.rho_spent).where(
-                    and_(
-                        person_spend.c.hospital_id == self.hospital_id,
-                        person_spend.c.person_id == person_id,
-                    )
-                )
-            ).first()
-        return 0.0 if r is None else float(r.rho_spent)
+            return pl.spends(conn, self.hospital_id, [person_id])[person_id]

@@ -54,13 +54,15 @@ def test_dominating_rho_covers_the_curve() -> None:
     assert np.isclose(np.max(rdp[fin] - rho * a[fin]), 0.0)  # tight at some order
 
 
-def test_trainer_tables_match_the_node_ledger() -> None:
-    for name in ("node_budget", "node_person_spend"):
-        ours = trainer_ledger.metadata.tables[name]
-        theirs = node_ledger.metadata.tables[name]
-        assert [(c.name, str(c.type), c.primary_key) for c in ours.columns] == [
-            (c.name, str(c.type), c.primary_key) for c in theirs.columns
-        ]
+def test_trainer_and_node_share_one_data_ledger() -> None:
+    """One declaration of the budget and filter tables (fedllm.common.person_ledger), used by
+    both services; neither redeclares them."""
+    from fedllm.common import person_ledger
+
+    for name in ("node_budget", "node_person_everyone", "node_person_extra"):
+        assert name in person_ledger.metadata.tables
+        assert name not in trainer_ledger.metadata.tables
+        assert name not in node_ledger.metadata.tables
 
 
 def test_round_charged_once_and_refused_when_budget_cannot_pay(tmp_path) -> None:

@@ -45,12 +45,11 @@ def make_engine(data_dir: Path, tiny: LoadedModel, *, routes: bool = False, **no
 
 
 def spends(engine: Engine) -> dict[str, float]:
-    from sqlalchemy import select
+    """The persons with a non-zero spend (over every person the hospital holds)."""
+    from fedllm.services.node_worker.cohort import load_cohort
 
-    from fedllm.services.node_worker.ledger import person_spend
-
-    with engine.ledger.engine.connect() as conn:
-        return {r.person_id: r.rho_spent for r in conn.execute(select(person_spend))}
+    held = engine.records.all_persons() | {p.person for p in load_cohort(engine.clinosim_dir)}
+    return {p: s for p, s in engine.ledger.spends(held).items() if s > 0}
 
 
 def test_lifetime_budget_refuses_before_any_record_is_read(
