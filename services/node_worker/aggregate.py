@@ -54,6 +54,7 @@ from fedllm.common.aggregate_query import (
     parse_query,
 )
 from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.calibration import calibrate_parts
 from fedllm.privacy.mechanisms import noisy_count, sample_discrete_gaussian
 from fedllm.privacy.rdp import rho_for_epsilon
 from fedllm.services.node_worker.cohort import (
@@ -125,20 +126,15 @@ class AggregateAnswer:
 def _calibrate(
     *, rho: float, epsilon: float, delta: float, parts: Sequence[tuple[float, float]]
 ) -> tuple[list[float], PrivacyCurve]:
-    """σ for each (Δ², share of ρ) part, smallest to rounding, and the curve they spend.
+    """σ for each (Δ², share of ρ) part (:func:`fedllm.privacy.calibration.calibrate_parts`)
+    such that Σ Δ²/(2σ²) ≤ ρ and the stored curve (ρ_spent·α) converts to ≤ ε; and that curve."""
 
-    Σ Δ²/(2σ²) ≤ ρ, and the stored curve (ρ_spent·α) converts to ≤ ε: float rounding in
-    σ, in ρ·α or in the conversion is absorbed by widening σ by a relative 1e-12 at a time.
-    """
-    if not rho > 0:
-        raise ValueError(f"zCDP budget must be > 0; got {rho}")
-    sigmas = [math.sqrt(d2 / (2 * rho * share)) for d2, share in parts]
-    while True:
-        spent = sum(d2 / (2 * s * s) for (d2, _), s in zip(parts, sigmas, strict=True))
+    def fits(spent: float) -> bool:
         curve = PrivacyCurve.from_rho(spent)
-        if spent <= rho and curve.rho_upper() <= rho and curve.epsilon(delta=delta) <= epsilon:
-            return sigmas, curve
-        sigmas = [s * (1 + 1e-12) for s in sigmas]
+        return curve.rho_upper() <= rho and curve.epsilon(delta=delta) <= epsilon
+
+    sigmas, spent = calibrate_parts(rho=rho, parts=parts, fits=fits)
+    return sigmas, PrivacyCurve.from_rho(spent)
 
 
 def _grid(x: float) -> int:
