@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fedllm.common import codec, topics, tracing
 from fedllm.common.config import Settings
-from fedllm.common.kafka import make_consumer, seek_to_time
+from fedllm.common.kafka import assign_all, make_consumer, seek_all, seek_to_time
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +70,16 @@ class _AssignedReader:
         consumer = make_consumer(self.settings, group_id=None, **overrides)
         await consumer.start()
         try:
-            while True:
-                await consumer.topics()  # refreshes cluster metadata
-                parts = consumer.partitions_for_topic(self.topic)
-                if parts:
-                    break
-                await asyncio.sleep(0.2)
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
+            tps = await assign_all(consumer, self.topic, wait_s=math.inf)
             await self._seek(consumer, tps)
-            for tp in tps:  # resolve the lazy reset now, so nothing after "ready" is missed
-                await consumer.position(tp)
         except BaseException:
             await consumer.stop()
             raise
         return consumer
 
     async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
-        if self.from_end:
-            await consumer.seek_to_end(*tps)
-        else:
-            await consumer.seek_to_beginning(*tps)
+        """Position the partitions and resolve that now, so nothing after "ready" is missed."""
+        await seek_all(consumer, tps, to_end=self.from_end)
 
     async def _run(self) -> None:
         while True:
