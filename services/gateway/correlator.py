@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fedllm.common import codec, topics, tracing
 from fedllm.common.config import Settings
+from fedllm.common.heartbeats import HeartbeatRegistry
 from fedllm.common.kafka import assign_all, make_consumer, seek_all, seek_to_time
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,12 @@ class NodeView(_AssignedReader):
 
     def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
         super().__init__(settings)
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self._capacity = capacity
+        self.registry: HeartbeatRegistry[dict[str, Any]] = HeartbeatRegistry(
+            ttl_ms=int(settings.node_ttl_s * 1000),
+            seen_ms=lambda rec: int(rec["sent_at_ms"]),
+            capacity=capacity,  # bounded: forgets the node heard from longest ago
+        )
+        self.nodes = self.registry.latest  # the latest NodeHeartbeat per hospital (live view)
         self._since_ms = 0
 
     def _handle(self, msg: Any) -> None:
@@ -239,24 +244,15 @@ class NodeView(_AssignedReader):
         await seek_to_time(consumer, tps, since)
 
     def on_record(self, record: dict[str, Any]) -> None:
-        hospital = record["hospital_id"]
-        old = self.nodes.get(hospital)
-        if old is not None and record["sent_at_ms"] < old["sent_at_ms"]:
-            return
-        if old is None and len(self.nodes) >= self._capacity:
-            # Bounded: forget the node heard from longest ago.
-            oldest = min(self.nodes, key=lambda h: self.nodes[h]["sent_at_ms"])
-            del self.nodes[oldest]
-        self.nodes[hospital] = record
+        self.registry.observe(record["hospital_id"], record, now_ms=record["sent_at_ms"])
 
     def snapshot(self, now_ms: int) -> list[dict[str, Any]]:
         """Every known node, sorted by hospital id, with `alive` against `node_ttl_s`."""
-        ttl_ms = int(self.settings.node_ttl_s * 1000)
         return [
             {
                 **rec,
                 "last_seen_ms": rec["sent_at_ms"],
-                "alive": now_ms - rec["sent_at_ms"] <= ttl_ms,
+                "alive": self.registry.is_alive(rec, now_ms=now_ms),
             }
             for _, rec in sorted(self.nodes.items())
         ]
