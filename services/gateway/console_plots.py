@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
@@ -38,7 +39,7 @@ class LedgerHistory:
         self,
         settings: Settings,
         departments: dict[str, dict[str, Any]],
-        nodes: dict[str, dict[str, Any]],
+        nodes: Mapping[str, dict[str, Any]],
         *,
         now_s: float,
     ) -> None:
