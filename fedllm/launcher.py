@@ -350,19 +350,14 @@ def _ledger_settled(settings: Settings) -> bool:
 
 async def _audit_caught_up(settings: Settings) -> bool:
     """The auditor's committed offsets have reached the end of the audit topic."""
-    from aiokafka import TopicPartition
 
-    from fedllm.common.kafka import make_consumer
+    from fedllm.common.kafka import make_consumer, partitions_of
     from fedllm.services.auditor.settings import AuditorSettings
 
     consumer = make_consumer(settings, group_id=AuditorSettings().group_id)
     await consumer.start()
     try:
-        await consumer.topics()  # refresh metadata
-        tps = [
-            TopicPartition(topics.AUDIT, p)
-            for p in sorted(consumer.partitions_for_topic(topics.AUDIT) or [])
-        ]
+        tps = await partitions_of(consumer, topics.AUDIT, missing_ok=True)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             if (await consumer.committed(tp) or 0) < ends[tp]:

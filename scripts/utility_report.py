@@ -3,8 +3,9 @@
 (The utility of DP LLM text generation is measured separately, in docs/privacy.md.)
 
 For each ε and each repetition (its own seed), every hospital answers the same query with
-:func:`fedllm.services.node_worker.aggregate.answer_on_cohort`; the federated answer is
-:func:`~fedllm.services.node_worker.aggregate.combine` of the hospitals' releases. Compared against
+:func:`fedllm.services.node_worker.aggregate.answer_on_cohort`; the federated answer is what the
+router returns: :func:`fedllm.common.aggregates.combine_parts` of the hospitals' parts, read back
+from the released JSON (:func:`fedllm.common.aggregates.part_of`). Compared against
 the exact, non-DP answer computed from the same records:
 
 * "most common diagnosis": argmax of the noisy per-category patient counts over the public
@@ -34,13 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fedllm.common.aggregates import Combined, combine_parts, part_of  # noqa: E402
 from fedllm.common.config import Settings  # noqa: E402
 from fedllm.privacy.accountant import PrivacyCurve  # noqa: E402
 from fedllm.services.node_worker.aggregate import (  # noqa: E402
     HISTOGRAM_FIELDS,
     AggregateAnswer,
     answer_on_cohort,
-    combine,
     histogram_keys,
     parse_query,
 )
@@ -85,8 +86,13 @@ def _argmaxes(counts: Counter[str]) -> set[str]:
     return {k for k, v in counts.items() if v == top}
 
 
-def _noisy_top(a: AggregateAnswer) -> str:
-    return min(a.histogram or (), key=lambda kv: (-kv[1], kv[0]))[0]
+def _noisy_top(histogram: Sequence[Sequence]) -> str:
+    return min(histogram or (), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+def _federated(answers: Sequence[AggregateAnswer]) -> Combined:
+    """The router's combination of the hospitals' parts (the production path)."""
+    return combine_parts([part_of(a, hospital_id=f"h{i}") for i, a in enumerate(answers)])
 
 
 def _answers(
@@ -138,23 +144,21 @@ def run(
             rng = random.Random(seed * 1_000_003 + r)
             for t in tasks:
                 per = _answers(cohorts, t.query, eps, delta, rng)
-                fed = combine(per)
+                fed = _federated(per).release["histogram"]
                 ok, ok_h, err = res[t.name]
                 ok.append(int(_noisy_top(fed) in _argmaxes(t.truth)))
                 hosp = [
-                    _noisy_top(a) in _argmaxes(_exact([c], t.query))
+                    _noisy_top(a.histogram or ()) in _argmaxes(_exact([c], t.query))
                     for a, c in zip(per, cohorts, strict=True)
                     if _exact([c], t.query)
                 ]
                 ok_h.append(statistics.fmean(hosp) if hosp else float("nan"))
-                err.append(
-                    statistics.fmean(abs(n - t.truth.get(k, 0)) for k, n in fed.histogram or ())
-                )
+                err.append(statistics.fmean(abs(n - t.truth.get(k, 0)) for k, n in fed or ()))
             count_err.append(
-                abs(combine(_answers(cohorts, COUNT_QUERY, eps, delta, rng)).value - exact_count)
+                abs(_federated(_answers(cohorts, COUNT_QUERY, eps, delta, rng)).value - exact_count)
             )
             mean_err.append(
-                abs(combine(_answers(cohorts, MEAN_QUERY, eps, delta, rng)).value - exact_mean)
+                abs(_federated(_answers(cohorts, MEAN_QUERY, eps, delta, rng)).value - exact_mean)
             )
         ref = answer_on_cohort(
             query=tasks[0].query, cohort=cohorts[0], epsilon=eps, delta=delta, rng=random.Random(0)

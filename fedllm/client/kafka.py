@@ -16,13 +16,21 @@ import uuid
 from typing import Any
 
 import jwt
-from aiokafka import TopicPartition
 
 from fedllm.client.models import Answer, AskError, AskTimeout, Kind
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
 from fedllm.common.identity import CREDENTIAL_HEADER
-from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer, now_ms
+from fedllm.common.kafka import (
+    Bus,
+    MissingTopicError,
+    assign_all,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    now_ms,
+    seek_all,
+)
 from fedllm.schemas.records import InferenceRequest, InferenceResult
 
 MAX_KEY = 64
@@ -143,22 +151,11 @@ class KafkaClient:
     @staticmethod
     async def _listen(consumer: Any, reply: str, *, from_start: bool) -> None:
         """Assign every partition of the reply topic, positioned before producing."""
-        for _ in range(100):
-            parts = consumer.partitions_for_topic(reply)
-            if parts:
-                break
-            await consumer.topics()  # refreshes metadata
-            await asyncio.sleep(0.1)
-        else:
-            raise AskError(0, f"reply topic {reply} not found")
-        tps = [TopicPartition(reply, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        if from_start:
-            await consumer.seek_to_beginning(*tps)
-        else:
-            await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        try:
+            tps = await assign_all(consumer, reply, wait_s=10.0)
+        except MissingTopicError:
+            raise AskError(0, f"reply topic {reply} not found") from None
+        await seek_all(consumer, tps, to_end=not from_start)
 
     @staticmethod
     async def _await_result(consumer: Any, request_id: str, timeout_s: float) -> InferenceResult:

@@ -23,7 +23,7 @@ from aiokafka import TopicPartition
 
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
-from fedllm.common.kafka import Bus, ensure_topics, make_consumer
+from fedllm.common.kafka import Bus, assign_all, ensure_topics, make_consumer, partitions_of
 from fedllm.schemas.records import ControlCommand
 
 log = logging.getLogger(__name__)
@@ -239,14 +239,10 @@ class ControlFollower:
     async def start(self, *, catch_up_s: float = 10.0) -> None:
         self._consumer = make_consumer(self.settings, group_id=None)
         await self._consumer.start()
-        await self._consumer.topics()
-        parts = self._consumer.partitions_for_topic(topics.CONTROL)
-        if not parts:  # an older deployment: create the (small) control topic
+        if not await partitions_of(self._consumer, topics.CONTROL, missing_ok=True):
+            # an older deployment: create the (small) control topic
             await ensure_topics(self.settings, {topics.CONTROL: topics.PARTITIONS[topics.CONTROL]})
-            await self._consumer.topics()
-            parts = self._consumer.partitions_for_topic(topics.CONTROL) or {0}
-        tps = [TopicPartition(topics.CONTROL, p) for p in sorted(parts)]
-        self._consumer.assign(tps)
+        tps = await assign_all(self._consumer, topics.CONTROL, wait_s=5.0)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
         with contextlib.suppress(TimeoutError):

@@ -136,15 +136,74 @@ async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
             await admin.close()
 
 
+class MissingTopicError(RuntimeError):
+    """A topic a consumer needs has no partitions in the cluster's metadata."""
+
+
+async def partitions_of(
+    consumer: AIOKafkaConsumer,
+    topic_names: str | Sequence[str],
+    *,
+    wait_s: float = 0.0,
+    missing_ok: bool = False,
+) -> list[TopicPartition]:
+    """Every partition of the topics, in topic then partition order. The metadata is refreshed,
+    and again every 0.1 s for up to ``wait_s`` while a topic is missing; then a missing topic
+    raises :class:`MissingTopicError`, or with ``missing_ok`` contributes no partitions."""
+    names = [topic_names] if isinstance(topic_names, str) else list(topic_names)
+    deadline = time.monotonic() + wait_s
+    while True:
+        # `consumer.topics()` fetches into a throwaway copy; this refreshes the metadata that
+        # `partitions_for_topic` reads (aiokafka has no public call for it)
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        found = {t: sorted(consumer.partitions_for_topic(t) or ()) for t in names}
+        missing = [t for t in names if not found[t]]
+        if not missing or missing_ok:
+            return [TopicPartition(t, p) for t in names for p in found[t]]
+        if time.monotonic() >= deadline:
+            raise MissingTopicError(f"topic {missing[0]} does not exist; run `fedllm topics` first")
+        await asyncio.sleep(0.1)
+
+
+async def assign_all(
+    consumer: AIOKafkaConsumer,
+    topic_names: str | Sequence[str],
+    *,
+    wait_s: float = 0.0,
+    missing_ok: bool = False,
+) -> list[TopicPartition]:
+    """Assign every partition of the topics to a group-less consumer (:func:`partitions_of`)."""
+    tps = await partitions_of(consumer, topic_names, wait_s=wait_s, missing_ok=missing_ok)
+    consumer.assign(tps)
+    return tps
+
+
+async def seek_all(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], *, to_end: bool
+) -> None:
+    """Position the partitions at their ends (``to_end``) or beginnings, and resolve that lazy
+    reset now, so nothing published after this returns is skipped."""
+    if to_end:
+        await consumer.seek_to_end(*tps)
+    else:
+        await consumer.seek_to_beginning(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+
+
 async def seek_to_time(
     consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], ts_ms: int
-) -> None:
-    """Position each partition at its first record at or after `ts_ms` (the end if none)."""
+) -> dict[TopicPartition, tuple[int, int]]:
+    """Position each partition at its first record at or after `ts_ms` (the end if none);
+    returns each partition's (start, end) offsets, the end as of now."""
     found = await consumer.offsets_for_times({tp: ts_ms for tp in tps})
     ends = await consumer.end_offsets(list(tps))
+    out = {}
     for tp in tps:
         hit = found.get(tp)
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+        out[tp] = (hit.offset if hit is not None else ends[tp], ends[tp])
+        consumer.seek(tp, out[tp][0])
+    return out
 
 
 class Bus:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.calibration import calibrate_parts
 from fedllm.privacy.mechanisms import sample_discrete_gaussian
 from fedllm.privacy.rdp import DEFAULT_ORDERS
 
@@ -84,10 +85,7 @@ def release_entity_votes(
             if not 0 <= v < vocab_size:
                 raise ValueError(f"group {i} names index {v} outside the vocabulary")
             hist[v] += 1
-    sigma = math.sqrt(d2 / (2 * rho))
-    while d2 / (2 * sigma * sigma) > rho:
-        sigma *= 1 + 1e-12
-    spent = d2 / (2 * sigma * sigma)
+    (sigma,), spent = calibrate_parts(rho=rho, parts=[(d2, 1.0)])
     noisy = hist + sample_discrete_gaussian(sigma=sigma, size=vocab_size, rng=rng)
     return EntityRelease(
         counts=noisy,

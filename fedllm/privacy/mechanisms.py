@@ -27,6 +27,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from fedllm.privacy.calibration import sigma_for_rho, widen
 from fedllm.privacy.rdp import (
     DEFAULT_ORDERS,
     eps_from_rdp,
@@ -275,14 +276,12 @@ class GaussianMechanism:
         rho = rho_for_epsilon(epsilon=epsilon, delta=delta, orders=orders)
         if rho <= 0:
             raise ValueError(f"no Gaussian mechanism achieves epsilon={epsilon} at delta={delta}")
-        sigma = _sigma_from_rho(rho=rho, sensitivity=sensitivity)
-        while cls(sigma, sensitivity).epsilon(delta=delta, orders=orders) > epsilon:
-            sigma = math.nextafter(sigma, math.inf)
+        (sigma,) = widen(
+            [sigma_for_rho(rho=rho, sensitivity=sensitivity)],
+            fits=lambda s: cls(s[0], sensitivity).epsilon(delta=delta, orders=orders) <= epsilon,
+            step=None,  # one float at a time
+        )
         return cls(sigma, sensitivity)
-
-
-def _sigma_from_rho(*, rho: float, sensitivity: float) -> float:
-    return sensitivity / math.sqrt(2 * rho)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, and_, or_, select
 
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
-from fedllm.common.kafka import make_consumer
+from fedllm.common.kafka import assign_all, make_consumer, seek_to_time
 from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor import migrate, store
 from fedllm.services.auditor.chain import as_utc, content_view
@@ -95,15 +95,10 @@ async def _seek_start(
             consumer.seek(tp, max(0, from_offset or 0))
         return False
     try:
-        found = await consumer.offsets_for_times({tp: from_time_ms for tp in tps})
+        await seek_to_time(consumer, tps, from_time_ms)
     except Exception as exc:  # some brokers lack ListOffsets by time: scan and filter instead
         log.info("offsets_for_times unsupported (%s); scanning from the beginning", exc)
         await consumer.seek_to_beginning(*tps)
-        return True
-    ends = await consumer.end_offsets(tps)
-    for tp in tps:
-        hit = found.get(tp)
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
     return True  # also filter: harmless when the broker answered exactly
 
 
@@ -122,9 +117,7 @@ async def read_into(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        parts = sorted(await _partitions(consumer))
-        tps = [TopicPartition(topics.AUDIT, p) for p in parts]
-        consumer.assign(tps)
+        tps = await assign_all(consumer, topics.AUDIT, wait_s=5.0)
         filter_time = await _seek_start(consumer, tps, from_offset, from_ms)
         ends = await consumer.end_offsets(tps)  # a lower bound on some brokers (see BROKER.md)
         last_data = time.monotonic()
@@ -159,16 +152,6 @@ async def read_into(
     finally:
         await consumer.stop()
     return report
-
-
-async def _partitions(consumer: Any) -> set[int]:
-    for _ in range(50):
-        await consumer.topics()
-        parts = consumer.partitions_for_topic(topics.AUDIT)
-        if parts:
-            return set(parts)
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"topic {topics.AUDIT} not found")
 
 
 def _rows(engine: Engine, where: Any) -> list[dict[str, Any]]:

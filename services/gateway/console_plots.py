@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from html import escape
 from typing import Any
@@ -39,7 +40,7 @@ class LedgerHistory:
         self,
         settings: Settings,
         departments: dict[str, BudgetStatus],
-        nodes: dict[str, NodeHeartbeat],
+        nodes: Mapping[str, NodeHeartbeat],
         *,
         now_s: float,
     ) -> None:

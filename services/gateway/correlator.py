@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any
@@ -21,7 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fedllm.common import codec, topics, tracing
 from fedllm.common.config import Settings
-from fedllm.common.kafka import make_consumer, seek_to_time
+from fedllm.common.heartbeats import HeartbeatRegistry
+from fedllm.common.kafka import assign_all, make_consumer, seek_all, seek_to_time
 from fedllm.schemas.records import BudgetStatus, InferenceResult, NodeHeartbeat
 
 log = logging.getLogger(__name__)
@@ -70,27 +72,16 @@ class _AssignedReader:
         consumer = make_consumer(self.settings, group_id=None, **overrides)
         await consumer.start()
         try:
-            while True:
-                await consumer.topics()  # refreshes cluster metadata
-                parts = consumer.partitions_for_topic(self.topic)
-                if parts:
-                    break
-                await asyncio.sleep(0.2)
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
+            tps = await assign_all(consumer, self.topic, wait_s=math.inf)
             await self._seek(consumer, tps)
-            for tp in tps:  # resolve the lazy reset now, so nothing after "ready" is missed
-                await consumer.position(tp)
         except BaseException:
             await consumer.stop()
             raise
         return consumer
 
     async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
-        if self.from_end:
-            await consumer.seek_to_end(*tps)
-        else:
-            await consumer.seek_to_beginning(*tps)
+        """Position the partitions and resolve that now, so nothing after "ready" is missed."""
+        await seek_all(consumer, tps, to_end=self.from_end)
 
     async def _run(self) -> None:
         while True:
@@ -233,8 +224,12 @@ class NodeView(_AssignedReader):
 
     def __init__(self, settings: Settings, *, capacity: int = 10_000) -> None:
         super().__init__(settings)
-        self.nodes: dict[str, NodeHeartbeat] = {}
-        self._capacity = capacity
+        self.registry: HeartbeatRegistry[NodeHeartbeat] = HeartbeatRegistry(
+            ttl_ms=int(settings.node_ttl_s * 1000),
+            seen_ms=lambda rec: int(rec["sent_at_ms"]),
+            capacity=capacity,  # bounded: forgets the node heard from longest ago
+        )
+        self.nodes = self.registry.latest  # the latest NodeHeartbeat per hospital (live view)
         self._since_ms = 0
 
     def _handle(self, msg: Any) -> None:
@@ -250,24 +245,15 @@ class NodeView(_AssignedReader):
         await seek_to_time(consumer, tps, since)
 
     def on_record(self, record: NodeHeartbeat) -> None:
-        hospital = record["hospital_id"]
-        old = self.nodes.get(hospital)
-        if old is not None and record["sent_at_ms"] < old["sent_at_ms"]:
-            return
-        if old is None and len(self.nodes) >= self._capacity:
-            # Bounded: forget the node heard from longest ago.
-            oldest = min(self.nodes, key=lambda h: self.nodes[h]["sent_at_ms"])
-            del self.nodes[oldest]
-        self.nodes[hospital] = record
+        self.registry.observe(record["hospital_id"], record, now_ms=record["sent_at_ms"])
 
     def snapshot(self, now_ms: int) -> list[dict[str, Any]]:
         """Every known node, sorted by hospital id, with `alive` against `node_ttl_s`."""
-        ttl_ms = int(self.settings.node_ttl_s * 1000)
         return [
             {
                 **rec,
                 "last_seen_ms": rec["sent_at_ms"],
-                "alive": now_ms - rec["sent_at_ms"] <= ttl_ms,
+                "alive": self.registry.is_alive(rec, now_ms=now_ms),
             }
             for _, rec in sorted(self.nodes.items())
         ]

@@ -1,7 +1,8 @@
 """Differentially private aggregate queries over one hospital's per-patient table.
 
 Query grammar and validation: :mod:`fedllm.common.aggregate_query` (shared with the gateway,
-which refuses a bad query before anything is charged). Query::
+which refuses a bad query before anything is charged); the answer, its wire form, its text and
+the fan-out combination: :mod:`fedllm.common.aggregates` (shared with the router). Query::
 
     {"op": "count" | "sum" | "mean" | "histogram",
      "field": "age" | "encounters" | "diagnoses" | "medications"   # sum/mean
@@ -35,11 +36,10 @@ unknown (e.g. no birth date for ``age``) do not match a sum/mean or an age filte
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,12 @@ from fedllm.common.aggregate_query import (
     FIELD_BOUNDS,
     HISTOGRAM_FIELDS,
     OPS,
-    WHERE_KEYS,
     AggregateQuery,
     parse_query,
 )
+from fedllm.common.aggregates import AggregateAnswer, render_answer
 from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.calibration import calibrate_parts
 from fedllm.privacy.mechanisms import noisy_count, sample_discrete_gaussian
 from fedllm.privacy.rdp import rho_for_epsilon
 from fedllm.services.node_worker.cohort import (
@@ -76,7 +77,6 @@ __all__ = [
     "AggregateQuery",
     "answer_aggregate",
     "answer_on_cohort",
-    "combine",
     "histogram_keys",
     "parse_query",
 ]
@@ -90,55 +90,18 @@ GRANULARITY = 1
 MEAN_SUM_SHARE = 0.75
 
 
-# --------------------------------------------------------------------------- answer
-
-
-@dataclass(frozen=True, slots=True)
-class AggregateAnswer:
-    """A released answer: everything here is DP output or public, nothing is exact.
-
-    ``curve`` is the privacy actually spent by this release (per hospital for a combined answer,
-    see :func:`combine`); ``records_used`` is the number of patients scanned (cohort size,
-    treated as public hospital metadata), never the number matched.
-    """
-
-    op: str
-    field: str | None
-    value: float
-    text: str
-    curve: PrivacyCurve
-    records_used: int
-    epsilon: float
-    delta: float
-    query_key: str
-    noisy_count: int | None = None
-    noisy_sum: float | None = None
-    count_sd: float | None = None
-    sum_sd: float | None = None
-    bounds: tuple[float, float] | None = None
-    histogram: tuple[tuple[str, int], ...] | None = None
-    top: int = 5
-    hospitals: int = 1
-    disjoint_patients: bool = False
-
-
 def _calibrate(
     *, rho: float, epsilon: float, delta: float, parts: Sequence[tuple[float, float]]
 ) -> tuple[list[float], PrivacyCurve]:
-    """σ for each (Δ², share of ρ) part, smallest to rounding, and the curve they spend.
+    """σ for each (Δ², share of ρ) part (:func:`fedllm.privacy.calibration.calibrate_parts`)
+    such that Σ Δ²/(2σ²) ≤ ρ and the stored curve (ρ_spent·α) converts to ≤ ε; and that curve."""
 
-    Σ Δ²/(2σ²) ≤ ρ, and the stored curve (ρ_spent·α) converts to ≤ ε: float rounding in
-    σ, in ρ·α or in the conversion is absorbed by widening σ by a relative 1e-12 at a time.
-    """
-    if not rho > 0:
-        raise ValueError(f"zCDP budget must be > 0; got {rho}")
-    sigmas = [math.sqrt(d2 / (2 * rho * share)) for d2, share in parts]
-    while True:
-        spent = sum(d2 / (2 * s * s) for (d2, _), s in zip(parts, sigmas, strict=True))
+    def fits(spent: float) -> bool:
         curve = PrivacyCurve.from_rho(spent)
-        if spent <= rho and curve.rho_upper() <= rho and curve.epsilon(delta=delta) <= epsilon:
-            return sigmas, curve
-        sigmas = [s * (1 + 1e-12) for s in sigmas]
+        return curve.rho_upper() <= rho and curve.epsilon(delta=delta) <= epsilon
+
+    sigmas, spent = calibrate_parts(rho=rho, parts=parts, fits=fits)
+    return sigmas, PrivacyCurve.from_rho(spent)
 
 
 def _grid(x: float) -> int:
@@ -153,26 +116,6 @@ def _value(p: PatientRecord, field: str) -> int | None:
     if field == "diagnoses":
         return len(p.diagnoses)
     return len(p.medications)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-
-def _describe(q: AggregateQuery) -> str:
-    parts = []
-    if q.diagnosis:
-        parts.append(f"diagnosis ~ {q.diagnosis!r}")
-    if q.medication:
-        parts.append(f"medication ~ {q.medication!r}")
-    if q.sex:
-        parts.append(f"sex {q.sex}")
-    if q.age_min is not None or q.age_max is not None:
-        parts.append(
-            f"age {q.age_min if q.age_min is not None else 0}–"
-            f"{q.age_max if q.age_max is not None else '∞'}"
-        )
-    return "patients" + (f" with {', '.join(parts)}" if parts else "")
 
 
 def _vocab(field: str) -> tuple[VocabEntry, ...]:
@@ -199,35 +142,6 @@ def _sample(rng: Rng, items: set[str], k: int) -> list[str]:
     if isinstance(rng, np.random.Generator):
         return [ordered[i] for i in rng.choice(len(ordered), size=k, replace=False)]
     return rng.sample(ordered, k)
-
-
-def _render(a: AggregateAnswer, q_desc: str) -> str:
-    where = "across " + f"{a.hospitals} hospitals" if a.hospitals > 1 else "at this hospital"
-    dp = f"differentially private (ε={a.epsilon:g}, δ={a.delta:g} per hospital release)"
-    if a.op == "count":
-        body = f"About {_fmt(a.value)} {q_desc} {where} (noise s.d. {a.count_sd:.2g})."
-    elif a.op == "sum":
-        body = (
-            f"Sum of {a.field} over {q_desc} {where}: about {_fmt(a.value)} "
-            f"(each patient clipped to {a.bounds}; noise s.d. {a.sum_sd:.2g})."
-        )
-    elif a.op == "mean":
-        body = (
-            f"Mean {a.field} of {q_desc} {where}: about {_fmt(a.value)} "
-            f"(from a noisy sum and a noisy count of about {a.noisy_count}; values clipped "
-            f"to {a.bounds})."
-        )
-    else:
-        labels = {e.key: e.label for e in _vocab(a.field or "")}
-        ranked = sorted(a.histogram or (), key=lambda kv: (-kv[1], kv[0]))[: a.top]
-        items = "; ".join(f"{labels.get(k, k)} ≈ {c}" for k, c in ranked)
-        plural = "diagnoses" if a.field == "diagnosis" else "medications"
-        body = (
-            f"Most frequent {plural} among {q_desc} {where} (noisy patient counts over "
-            f"{len(labels)} public candidates, noise s.d. {a.count_sd:.2g}; counts below "
-            f"about {3 * (a.count_sd or 0):.0f} are indistinguishable from zero): {items}."
-        )
-    return f"{body} This answer is {dp}; exact figures are never released."
 
 
 def answer_on_cohort(
@@ -335,7 +249,7 @@ def answer_on_cohort(
             curve=curve,
             **common,
         )
-    return _with_text(a, q)
+    return _with_text(a)
 
 
 def _one_row_per_person(q: AggregateQuery, cohort: Cohort) -> list[PatientRecord]:
@@ -368,8 +282,9 @@ def _clamp(x: float, bounds: tuple[float, float]) -> float:
     return min(max(x, bounds[0]), bounds[1])
 
 
-def _with_text(a: AggregateAnswer, q: AggregateQuery) -> AggregateAnswer:
-    return replace(a, text=_render(a, _describe(q)))
+def _with_text(a: AggregateAnswer) -> AggregateAnswer:
+    labels = {e.key: e.label for e in _vocab(a.field)} if a.op == "histogram" and a.field else {}
+    return replace(a, text=render_answer(a, labels=labels))
 
 
 def answer_aggregate(
@@ -386,101 +301,3 @@ def answer_aggregate(
     return answer_on_cohort(
         query=q, cohort=load_cohort(cohort_dir), epsilon=epsilon, delta=delta, rng=rng, rho=rho
     )
-
-
-# --------------------------------------------------------------------------- federation
-
-
-def combine(
-    answers: Sequence[AggregateAnswer], *, disjoint_patients: bool = False
-) -> AggregateAnswer:
-    """Sum the hospitals' noisy releases of one query (pure post-processing).
-
-    Each hospital's ledger is charged its own ``curve``. The returned ``curve`` is what the
-    *user* (and any one patient) spent: by default the **sum** of the hospitals' curves
-    (sequential composition — a patient may be treated at several hospitals, and no shared
-    patient identifier lets us rule that out). With ``disjoint_patients=True`` (each patient's
-    records live at one hospital only) parallel composition applies: a patient's data enters
-    one release only, so the spend is the **max** over hospitals (ρ_max·α).
-    """
-    if not answers:
-        raise ValueError("nothing to combine")
-    first = answers[0]
-    if any(a.query_key != first.query_key for a in answers):
-        raise ValueError("can only combine answers to the same query")
-    if any(a.delta != first.delta for a in answers):
-        raise ValueError("can only combine answers released at the same delta")
-    if disjoint_patients:  # pointwise max: at every α a patient is in one release only
-        values = zip(*(a.curve.values for a in answers), strict=True)
-        curve = PrivacyCurve(first.curve.orders, tuple(max(v) for v in values))
-    else:
-        curve = sum((a.curve for a in answers), PrivacyCurve.zero(first.curve.orders))
-
-    def total(xs: Iterable[float | None]) -> float | None:
-        vals = list(xs)
-        return None if any(v is None for v in vals) else float(sum(vals))  # type: ignore[arg-type]
-
-    def sd(xs: Iterable[float | None]) -> float | None:
-        t = total(x * x if x is not None else None for x in xs)
-        return None if t is None else math.sqrt(t)
-
-    count = total(a.noisy_count for a in answers)
-    noisy_sum = total(a.noisy_sum for a in answers)
-    hist = None
-    if first.histogram is not None:
-        keys = [k for k, _ in first.histogram]
-        sums = np.sum([[c for _, c in a.histogram or ()] for a in answers], axis=0)
-        hist = tuple((k, int(c)) for k, c in zip(keys, sums, strict=True))
-    if first.op == "count":
-        value = float(count or 0)
-    elif first.op == "sum":
-        value = float(noisy_sum or 0)
-    elif first.op == "mean":
-        assert first.bounds is not None and count is not None and noisy_sum is not None
-        value = _clamp(noisy_sum / count, first.bounds) if count >= 1 else sum(first.bounds) / 2
-    else:
-        value = float(max(c for _, c in hist or ()))
-    a = AggregateAnswer(
-        op=first.op,
-        field=first.field,
-        value=value,
-        text="",
-        curve=curve,
-        records_used=sum(a.records_used for a in answers),
-        epsilon=max(a.epsilon for a in answers),
-        delta=first.delta,
-        query_key=first.query_key,
-        noisy_count=None if count is None else int(count),
-        noisy_sum=noisy_sum,
-        count_sd=sd(a.count_sd for a in answers),
-        sum_sd=sd(a.sum_sd for a in answers),
-        bounds=first.bounds,
-        histogram=hist,
-        top=first.top,
-        hospitals=len(answers),
-        disjoint_patients=disjoint_patients,
-    )
-    q = parse_query(_query_from_key(first.query_key))
-    eps_user = curve.epsilon(delta=first.delta)
-    rule = (
-        "max over hospitals (disjoint patients)"
-        if disjoint_patients
-        else ("sum over hospitals (patients may overlap)")
-    )
-    text = _render(a, _describe(q)) + (
-        f" Privacy loss to any one patient: ε ≤ {eps_user:.3g} at δ={first.delta:g} ({rule})."
-    )
-    return replace(a, text=text)
-
-
-def _query_from_key(key: str) -> dict[str, Any]:
-    d = json.loads(key)
-    where = {k: d[k] for k in WHERE_KEYS if d.get(k) is not None}
-    out: dict[str, Any] = {"op": d["op"], "where": where}
-    if d.get("field") is not None:
-        out["field"] = d["field"]
-    if d.get("bounds") is not None:
-        out["bounds"] = list(d["bounds"])
-    if d.get("max_per_patient") is not None:
-        out["max_per_patient"] = d["max_per_patient"]
-    return out

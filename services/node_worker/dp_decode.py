@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from fedllm.privacy.accountant import PrivacyCurve
+from fedllm.privacy.calibration import sigma_for_rho
 from fedllm.privacy.mechanisms import sample_discrete_gaussian, sample_discrete_laplace
 from fedllm.privacy.rdp import DEFAULT_ORDERS, gaussian_rdp, pure_dp_rdp
 from fedllm.services.node_worker.settings import MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -177,7 +178,7 @@ def calibrate(*, rho: float, groups: int, config: DPDecodeConfig) -> Calibration
         eps_svt = math.sqrt(2.0 * rho_round)
     else:
         rho_token, eps_svt = rho / n, 0.0
-    sigma = sens / math.sqrt(2.0 * rho_token)
+    sigma = sigma_for_rho(rho=rho_token, sensitivity=sens)
     threshold = round(config.svt_threshold * groups * g)
     return Calibration(
         groups=groups,

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.aggregate_query import WHERE_KEYS
+from fedllm.common.aggregates import release_of
 from fedllm.common.config import Settings
 from fedllm.common.person_ledger import Capped
 from fedllm.privacy.accountant import PrivacyCurve
@@ -504,7 +505,7 @@ class Engine:
         out = self._ok(text=res.text, curve=res.curve, delta=delta, tokens=0)
         if parts > 1:
             out["status"] = "partial"
-            out["aggregate_json"] = json.dumps(_release(res), separators=(",", ":"))
+            out["aggregate_json"] = json.dumps(release_of(res), separators=(",", ":"))
         return out
 
     @staticmethod
@@ -521,23 +522,3 @@ class Engine:
             "tokens": tokens,
             "records_used": 0,  # never leaves the node
         }
-
-
-def _release(res: Any) -> dict[str, Any]:
-    """The DP release of an aggregate answer (noisy figures and public metadata only), as the
-    router's combiner reads it from ``aggregate_json``."""
-    return {
-        "op": res.op,
-        "field": res.field,
-        "query_key": res.query_key,
-        "bounds": list(res.bounds) if res.bounds is not None else None,
-        "top": res.top,
-        "noisy_count": res.noisy_count,
-        "noisy_sum": res.noisy_sum,
-        "count_sd": res.count_sd,
-        "sum_sd": res.sum_sd,
-        "histogram": [list(kv) for kv in res.histogram] if res.histogram is not None else None,
-        "records_used": 0,  # never leaves the node
-        "epsilon": res.epsilon,
-        "delta": res.delta,
-    }

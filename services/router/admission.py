@@ -58,8 +58,7 @@ class ControlledRegistry(NodeRegistry):
                         {"outcome": "ignored", "reason": f"node is {status}, not approved"},
                     )
                 )
-            if hospital_id in self._nodes:  # expire() reports it left and re-routes its work
-                self._nodes[hospital_id] = replace(self._nodes[hospital_id], last_seen_ms=-(2**62))
+            self.leave_now(hospital_id)  # expire() reports it left and re-routes its work
             return False
         self._ignored.pop(hospital_id, None)
         self._check_breaker(heartbeat, now_ms=now_ms)
@@ -128,6 +127,5 @@ class ControlledRegistry(NodeRegistry):
         return super().expire(now_ms=now_ms)
 
     def _forget_removed(self) -> None:
-        for hospital_id in [h for h in self._nodes if h in self.control.removed]:
-            # Left at once: expire() would only notice it after the TTL.
-            self._nodes[hospital_id] = replace(self._nodes[hospital_id], last_seen_ms=-(2**62))
+        for hospital_id in [h for h in self.ids() if h in self.control.removed]:
+            self.leave_now(hospital_id)  # at once: expire() would only notice after the TTL

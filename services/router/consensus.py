@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fedllm.services.router.combine import Part
+from fedllm.common.aggregates import Part
 
 CONSENSUS_THRESHOLD = 0.5
 

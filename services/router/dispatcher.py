@@ -22,7 +22,7 @@ Fan-out: an aggregate request naming two or more hospitals (or "*": every health
 goes to all of them at once, one RoutedRequest each with ``budget_share`` = 1/k of the reserved
 ρ and ``parts`` = k, so the sum of what the k hospitals spend stays within the reservation. Each
 node answers "partial"; when all k parts are in, the router emits one combined "ok" result
-(:mod:`fedllm.services.router.combine`; the curve is the sum of the parts' curves). A part that fails,
+(:mod:`fedllm.common.aggregates`; the curve is the sum of the parts' curves). A part that fails,
 misses its deadline or whose node leaves fails the whole request — no retry, since the answered
 parts already spent budget — and the failure result carries the answered parts' summed curve,
 which the accountant charges.
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common import topics
+from fedllm.common.aggregates import combine_parts, parse_part, part_curve, total_curve
 from fedllm.common.residency import RegionPolicy
-from fedllm.services.router.combine import combine_parts, parse_part, part_curve, total_curve
 from fedllm.services.router.consensus import consensus_of
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
 from fedllm.services.router.strategy import BatchRoutingStrategy, Choice, RoutingStrategy

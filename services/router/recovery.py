@@ -30,6 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fedllm.common import codec
+from fedllm.common.kafka import seek_to_time
 from fedllm.services.router.dispatcher import Action, Dispatcher, FanOut, InFlight
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,9 @@ async def read_since(
     Leaves the consumer positioned at those ends."""
     if not tps:
         return []
-    found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-    ends = await consumer.end_offsets(tps)
-    todo = {}
-    for tp in tps:
-        hit = found.get(tp)
-        start = hit.offset if hit is not None else ends[tp]
-        consumer.seek(tp, start)
-        if start < ends[tp]:
-            todo[tp] = ends[tp]
+    span = await seek_to_time(consumer, tps, since_ms)
+    ends = {tp: end for tp, (_, end) in span.items()}
+    todo = {tp: end for tp, (start, end) in span.items() if start < end}
     out: list[dict[str, Any]] = []
     while todo:
         batch = await consumer.getmany(*todo, timeout_ms=500)

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fedllm.common.heartbeats import HeartbeatRegistry
+
 MAX_ERROR_RATE = 0.5
 """A node whose reported error rate reaches this leaves the candidate set until it recovers."""
 
@@ -76,7 +78,8 @@ class NodeInfo:
 
 
 class NodeRegistry:
-    """Alive nodes by hospital id.
+    """Alive nodes by hospital id: a :class:`fedllm.common.heartbeats.HeartbeatRegistry` of
+    :class:`NodeInfo`, plus what this router sent each node.
 
     `last_seen_ms` is the router's receive time (so node clock skew does not matter), but a
     heartbeat whose own `sent_at_ms` is already older than the TTL is a replay of history and is
@@ -87,7 +90,9 @@ class NodeRegistry:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.ttl_ms = int(ttl_s * 1000)
-        self._nodes: dict[str, NodeInfo] = {}
+        self._nodes: HeartbeatRegistry[NodeInfo] = HeartbeatRegistry(
+            ttl_ms=self.ttl_ms, seen_ms=lambda n: n.last_seen_ms
+        )
         self._routed: dict[str, float] = {}  # survives departures: the hospital's data stays
 
     def observe(self, heartbeat: Mapping[str, Any], *, now_ms: int) -> bool:
@@ -95,44 +100,43 @@ class NodeRegistry:
         if now_ms - int(heartbeat["sent_at_ms"]) >= self.ttl_ms:
             return False
         hospital_id = heartbeat["hospital_id"]
-        joined = self.get(hospital_id, now_ms=now_ms) is None
         node = NodeInfo.from_heartbeat(heartbeat, seen_ms=now_ms)
-        self._nodes[hospital_id] = replace(node, routed_epsilon=self._routed.get(hospital_id, 0.0))
-        return joined
+        node = replace(node, routed_epsilon=self._routed.get(hospital_id, 0.0))
+        return self._nodes.observe(hospital_id, node, now_ms=now_ms)
 
     def expire(self, *, now_ms: int) -> list[NodeInfo]:
         """Remove and return the nodes not heard from within the TTL."""
-        gone = [n for n in self._nodes.values() if not self._is_alive(n, now_ms)]
-        for node in gone:
-            del self._nodes[node.hospital_id]
-        return gone
+        return self._nodes.expire(now_ms=now_ms)
 
     def alive(self, now_ms: int) -> list[NodeInfo]:
         """Nodes heard from within the TTL, healthy or not, sorted by id."""
-        return sorted(
-            (n for n in self._nodes.values() if self._is_alive(n, now_ms)),
-            key=lambda n: n.hospital_id,
-        )
+        return self._nodes.alive(now_ms)
 
     def get(self, hospital_id: str, *, now_ms: int) -> NodeInfo | None:
         """The node if alive, else None."""
-        node = self._nodes.get(hospital_id)
-        return node if node is not None and self._is_alive(node, now_ms) else None
+        return self._nodes.get(hospital_id, now_ms=now_ms)
 
     def note_routed(self, hospital_id: str, *, epsilon: float = 0.0) -> None:
         """Count a request sent to the node since its last heartbeat (until the next one), and
         the ε reserved for it in the hospital's running total."""
         self._routed[hospital_id] = self._routed.get(hospital_id, 0.0) + epsilon
-        node = self._nodes.get(hospital_id)
+        node = self._nodes.latest.get(hospital_id)
         if node is not None:
-            self._nodes[hospital_id] = replace(
-                node,
-                routed_since_heartbeat=node.routed_since_heartbeat + 1,
-                routed_epsilon=self._routed[hospital_id],
+            self._nodes.put(
+                hospital_id,
+                replace(
+                    node,
+                    routed_since_heartbeat=node.routed_since_heartbeat + 1,
+                    routed_epsilon=self._routed[hospital_id],
+                ),
             )
 
-    def ids(self) -> Iterable[str]:
-        return tuple(self._nodes)
+    def leave_now(self, hospital_id: str) -> None:
+        """Mark a known node as long silent: the next :meth:`expire` reports it left (and its
+        work is re-routed) without waiting for the TTL."""
+        node = self._nodes.latest.get(hospital_id)
+        if node is not None:
+            self._nodes.put(hospital_id, replace(node, last_seen_ms=-(2**62)))
 
-    def _is_alive(self, node: NodeInfo, now_ms: int) -> bool:
-        return now_ms - node.last_seen_ms < self.ttl_ms
+    def ids(self) -> Iterable[str]:
+        return tuple(self._nodes.latest)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from fedllm.common import audit, control, metrics, topics, tracing
@@ -32,9 +32,12 @@ from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import (
     Bus,
+    assign_all,
     make_consumer,
     make_producer,
     now_ms,
+    partitions_of,
+    seek_all,
     seek_to_time,
     wait_for_broker,
 )
@@ -77,17 +80,6 @@ class _Assigned(ConsumerRebalanceListener):
                 self.service.recovery_error = exc
         self.service.recovered.set()
         self.service._assigned.set()
-
-
-async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """Assign every partition of `topic` to a group-less consumer."""
-    await consumer.topics()  # refresh metadata
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        raise RuntimeError(f"topic {topic} does not exist; run `fedllm topics` first")
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-    consumer.assign(tps)
-    return tps
 
 
 class RouterService:
@@ -206,12 +198,11 @@ class RouterService:
         for consumer in (self.decisions, self.heartbeats, self.node_results):
             await consumer.start()
         self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self))
-        hb_tps = await _assign_all(self.heartbeats, topics.HEARTBEATS)
+        hb_tps = await assign_all(self.heartbeats, topics.HEARTBEATS)
         await seek_to_time(self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000))
-        nr_tps = await _assign_all(self.node_results, topics.NODE_RESULTS)
-        await self.node_results.seek_to_end(*nr_tps)
-        for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
-            await self.node_results.position(tp)
+        nr_tps = await assign_all(self.node_results, topics.NODE_RESULTS)
+        # resolved now, so no answer to a request we route can be skipped
+        await seek_all(self.node_results, nr_tps, to_end=True)
         await self._drain_heartbeats()
 
     async def recover(self) -> None:
@@ -224,17 +215,9 @@ class RouterService:
             reader = make_consumer(self.settings, group_id=None)
             await reader.start()
             try:
-                await reader.topics()
                 wanted = [topics.hospital_requests(h) for h in sorted(hospitals)]
-                tps = [
-                    TopicPartition(t, p)
-                    for t in wanted
-                    for p in sorted(reader.partitions_for_topic(t) or ())
-                ]
-                nr_tps = [
-                    TopicPartition(topics.NODE_RESULTS, p)
-                    for p in sorted(reader.partitions_for_topic(topics.NODE_RESULTS) or ())
-                ]
+                tps = await partitions_of(reader, wanted, missing_ok=True)
+                nr_tps = await partitions_of(reader, topics.NODE_RESULTS, missing_ok=True)
                 reader.assign(tps + nr_tps)
                 routed = await recovery.read_since(
                     reader, tps, since, "RoutedRequest", router_id=self.settings.router_id

@@ -15,13 +15,13 @@ from dp_accounting.rdp import RdpAccountant as DpRdpAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedllm.common.aggregates import Combined, combine_parts, part_of
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
 from fedllm.services.node_worker.aggregate import (
     AggregateAnswer,
     answer_aggregate,
     answer_on_cohort,
-    combine,
     parse_query,
 )
 from fedllm.services.node_worker.cohort import (
@@ -293,6 +293,12 @@ def test_numpy_generator_is_accepted() -> None:
 # --------------------------------------------------------------------------- combine
 
 
+def combine(answers: list[AggregateAnswer], *, disjoint_patients: bool = False) -> Combined:
+    """The router's combination of these answers, through the released JSON."""
+    parts = [part_of(a, hospital_id=f"h{i}") for i, a in enumerate(answers)]
+    return combine_parts(parts, disjoint_patients=disjoint_patients)
+
+
 OTHER = _cohort(
     _p("f", 55, "F", [HTN], ["Amlodipine"], encounters=4),
     _p("g", 80, "M", [HTN, DM], ["Metformin"], encounters=2),
@@ -306,9 +312,11 @@ def test_combine_two_hospitals(eps: float) -> None:
 
     counts = both({"op": "count", "where": {"diagnosis": "I10"}})
     total = combine(counts)
-    assert total.noisy_count == counts[0].noisy_count + counts[1].noisy_count
-    assert total.hospitals == 2 and total.records_used == 7
-    assert total.count_sd == pytest.approx(math.hypot(counts[0].count_sd, counts[1].count_sd))
+    assert total.release["noisy_count"] == counts[0].noisy_count + counts[1].noisy_count
+    assert total.release["hospitals"] == ["h0", "h1"] and total.records_used == 0
+    assert total.release["count_sd"] == pytest.approx(
+        math.hypot(counts[0].count_sd, counts[1].count_sd)
+    )
     rho = counts[0].curve.rho_upper()
     # default: patients may be at both hospitals -> sequential composition (sum)
     assert total.curve.rho_upper() == pytest.approx(2 * rho)
@@ -317,16 +325,17 @@ def test_combine_two_hospitals(eps: float) -> None:
     disjoint = combine(counts, disjoint_patients=True)
     assert disjoint.curve.rho_upper() == pytest.approx(rho)
     assert disjoint.curve.epsilon(delta=DELTA) <= eps
+    assert "max over hospitals" in disjoint.text
     if eps == HUGE_EPS:
         assert total.value == 3 + 2
         mean = combine(both({"op": "mean", "field": "age"}))
         assert mean.value == pytest.approx((70 + 45 + 30 + 64 + 55 + 80) / 6)
-        hist = dict(combine(both({"op": "histogram", "field": "diagnosis"})).histogram or ())
+        hist = dict(combine(both({"op": "histogram", "field": "diagnosis"})).release["histogram"])
         assert (hist["I10"], hist["E11"]) == (5, 4)
 
 
 def test_combine_refuses_different_queries() -> None:
-    with pytest.raises(ValueError, match="same query"):
+    with pytest.raises(ValueError, match="different queries"):
         combine([_ans({"op": "count"}), _ans({"op": "count", "where": {"sex": "F"}})])
     with pytest.raises(ValueError):
         combine([])
@@ -335,7 +344,7 @@ def test_combine_refuses_different_queries() -> None:
 def test_combine_of_one_is_the_answer() -> None:
     a = _ans({"op": "sum", "field": "encounters"}, eps=3.0)
     c = combine([a])
-    assert (c.value, c.noisy_sum) == (a.value, a.noisy_sum)
+    assert (c.value, c.release["noisy_sum"]) == (a.value, a.noisy_sum)
     assert c.curve == a.curve
     assert isinstance(c.curve, PrivacyCurve)
 

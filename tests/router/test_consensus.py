@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from fedllm.common import codec, topics
+from fedllm.common.aggregates import parse_part
 from fedllm.common.residency import RegionPolicy
-from fedllm.services.router.combine import parse_part
 from fedllm.services.router.consensus import consensus_of
 from fedllm.services.router.dispatcher import Dispatcher
 from fedllm.services.router.least_load import DepartmentLeastLoad

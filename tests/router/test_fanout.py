@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from fedllm.common import codec, topics
+from fedllm.common.aggregates import combine_parts, parse_part
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import rho_for_epsilon
-from fedllm.services.router.combine import combine_parts, parse_part
 from fedllm.services.router.dispatcher import Action, Audit, Dispatcher, Send
 from fedllm.services.router.least_load import DepartmentLeastLoad
 from fedllm.services.router.registry import NodeRegistry
