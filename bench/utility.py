@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.clinical_qa import Question, build_questions, score, subset  # noqa: E402
 from fedllm.common.config import HospitalConfig, Settings  # noqa: E402
+from fedllm.privacy.rdp import rho_for_epsilon  # noqa: E402
 from fedllm.services.node_worker.clinosim_data import ensure_clinosim  # noqa: E402
 from fedllm.services.node_worker.cohort import load_cohort  # noqa: E402
 from fedllm.services.node_worker.records import GroupIndex, load_notes  # noqa: E402
@@ -261,10 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
 
             def run_tok(q: Question = q, eps: float = eps) -> tuple[str, float]:
+                # The node's own order: the release row first, then the mechanism.
+                rho = rho_for_epsilon(epsilon=eps, delta=DELTA, orders=engine.orders)
+                key = (f"bench-{q.qid}-{eps:g}-{time.time_ns()}", 0)
+                engine.ledger.begin(*key, rho=rho)
                 out = engine._generate(
                     {"prompt": q.text, "max_tokens": args.max_tokens, "temperature": 1.0},
-                    epsilon=eps,
+                    key=key,
+                    rho=rho,
                     delta=DELTA,
+                    temperature=1.0,
+                    exclude=frozenset(),
                 )
                 return out["response"], float(out["privacy_cost"])
 
