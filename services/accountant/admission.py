@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from fedllm.common import audit, grants, topics
+from fedllm.common import audit, grants, results, topics
 from fedllm.common.config import Settings
 from fedllm.common.identity import (
     AuthError,
@@ -166,6 +166,7 @@ class Admission:
             "status": "rejected",
             "reason": reason,
             "finished_at_ms": now_ms(),
+            "kind": results.FINAL,
         }
         await self.bus.send(topics.RESULTS, "InferenceResult", result, key=rid)
         common = {

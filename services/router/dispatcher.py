@@ -21,11 +21,12 @@ attempt that a node started, the losing one included (docs/routing.md, "Hedging"
 Fan-out: an aggregate request naming two or more hospitals (or "*": every healthy node alive)
 goes to all of them at once, one RoutedRequest each with ``budget_share`` = 1/k of the reserved
 ρ and ``parts`` = k, so the sum of what the k hospitals spend stays within the reservation. Each
-node answers "partial"; when all k parts are in, the router emits one combined "ok" result
-(:mod:`fedllm.services.router.combine`; the curve is the sum of the parts' curves). A part that fails,
-misses its deadline or whose node leaves fails the whole request — no retry, since the answered
-parts already spent budget — and the failure result carries the answered parts' summed curve,
-which the accountant charges.
+node answers a ``part`` (status "partial"); when all k parts are in, the router emits one
+``combined`` "ok" result (:mod:`fedllm.services.router.combine`; the curve is the sum of the
+parts' curves). A part that fails, misses its deadline or whose node leaves fails the whole
+request — no retry, since the answered parts already spent budget — and the router's ``verdict``
+carries the summed curve of the parts that spent (a failed part that reports a spend included),
+which the accountant charges. Record kinds: :mod:`fedllm.common.results`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 
 from fedllm.common import topics
 from fedllm.common.residency import RegionPolicy
+from fedllm.common.results import ANSWER, COMBINED, PART, VERDICT, result_kind
 from fedllm.services.router.combine import combine_parts, parse_part, part_curve, total_curve
 from fedllm.services.router.consensus import consensus_of
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
@@ -90,6 +92,7 @@ class InFlight:
     hedge_hospital_id: str = ""  # a hedge attempt running beside the current one
     hedge_attempt: int = 0
     hedge_deadline_ms: int = 0
+    reserved_rho: float = 0.0  # the accountant's ρ, passed on to the nodes (0: legacy decision)
 
 
 @dataclass(slots=True)
@@ -103,6 +106,7 @@ class FanOut:
     deadline_ms: int
     routed_at_ms: int
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # hospital -> its result
+    reserved_rho: float = 0.0  # the accountant's ρ, passed on to the nodes (0: legacy decision)
 
     @property
     def missing(self) -> list[str]:
@@ -200,6 +204,7 @@ class Dispatcher:
                 request=request,
                 reserved_epsilon=float(decision["reserved_epsilon"]),
                 delta=float(decision["delta"]),
+                reserved_rho=float(decision.get("reserved_rho") or 0.0),
                 hospitals=targets,
                 deadline_ms=min(now_ms + self.node_timeout_ms, int(request["deadline_ms"])),
                 routed_at_ms=now_ms,
@@ -213,6 +218,7 @@ class Dispatcher:
                 request=request,
                 reserved_epsilon=float(decision["reserved_epsilon"]),
                 delta=float(decision["delta"]),
+                reserved_rho=float(decision.get("reserved_rho") or 0.0),
                 hospitals=fan_targets,
                 deadline_ms=min(now_ms + self.node_timeout_ms, int(request["deadline_ms"])),
                 routed_at_ms=now_ms,
@@ -224,36 +230,44 @@ class Dispatcher:
             request=request,
             reserved_epsilon=float(decision["reserved_epsilon"]),
             delta=float(decision["delta"]),
+            reserved_rho=float(decision.get("reserved_rho") or 0.0),
             hospital_id="",
             attempt=0,
             attempt_deadline_ms=0,
         )
 
     def on_node_result(self, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
-        """An answer on node-results closes the request, unless it is a failure of the current
-        attempt, which triggers the retry. Stale or unknown answers are ignored."""
+        """A node's answer closes the request, unless it is a failure of the current attempt,
+        which triggers the retry; a part goes to its fan-out. A router's own record (a verdict
+        or a combined answer, e.g. read back after a restart) ends the request with nothing
+        sent. Stale or unknown answers are ignored."""
         request_id = result["request_id"]
+        kind = result_kind(result)
+        if kind in (VERDICT, COMBINED):
+            if request_id in self.in_flight or request_id in self.fan_outs:
+                self._finish(request_id)
+            return []
         fan = self.fan_outs.get(request_id)
         if fan is not None:
             return self._on_part(fan, result, now_ms=now_ms)
         entry = self.in_flight.get(request_id)
-        if entry is None:
+        if entry is None or kind != ANSWER:
             return []
         node_id, attempt = result.get("node_id"), result.get("attempt", 0)
-        if result["status"] in ("failed", "timeout") and result.get("rdp_orders"):
+        if result["status"] != "ok" and result.get("rdp_orders"):
             # A mechanism started at the node before it failed (e.g. fail-closed mid-release):
             # that spend is charged and the accountant settles the request as failed with it,
             # so it ends here, without a retry.
             self._finish(request_id)
             return []
-        if result["status"] in ("failed", "timeout") and entry.hedge_hospital_id:
+        if result["status"] != "ok" and entry.hedge_hospital_id:
             if node_id == entry.hedge_hospital_id and attempt in (0, entry.hedge_attempt):
                 self._drop_hedge(entry)  # the hedge failed; the first attempt still runs
                 return []
             if node_id == entry.hospital_id and attempt in (0, entry.attempt):
                 self._promote_hedge(entry)  # the first attempt failed; the hedge still runs
                 return []
-        if result["status"] in ("failed", "timeout"):
+        if result["status"] != "ok":
             stale = result.get("node_id") != entry.hospital_id or result.get("attempt", 0) not in (
                 0,
                 entry.attempt,
@@ -376,6 +390,7 @@ class Dispatcher:
             "hospital_id": node.hospital_id,
             "attempt": entry.attempt,
             "reserved_epsilon": entry.reserved_epsilon,
+            "reserved_rho": entry.reserved_rho,
             "delta": entry.delta,
             "deadline_ms": entry.attempt_deadline_ms,
             "routed_at_ms": now_ms,
@@ -465,6 +480,7 @@ class Dispatcher:
             "hospital_id": node.hospital_id,
             "attempt": entry.hedge_attempt,
             "reserved_epsilon": entry.reserved_epsilon,
+            "reserved_rho": entry.reserved_rho,
             "delta": entry.delta,
             "deadline_ms": entry.hedge_deadline_ms,
             "routed_at_ms": now_ms,
@@ -519,6 +535,7 @@ class Dispatcher:
             "attempt": entry.attempt,
             "delta": entry.delta,
             "finished_at_ms": now_ms,
+            "kind": VERDICT,
         }
         return [
             Send(topics.NODE_RESULTS, "InferenceResult", result, request["user_id"]),
@@ -622,6 +639,7 @@ class Dispatcher:
                 "hospital_id": hospital_id,
                 "attempt": 1,
                 "reserved_epsilon": fan.reserved_epsilon,
+                "reserved_rho": fan.reserved_rho,
                 "delta": fan.delta,
                 "deadline_ms": fan.deadline_ms,
                 "routed_at_ms": now_ms,
@@ -650,16 +668,19 @@ class Dispatcher:
     def _on_part(self, fan: FanOut, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
         node_id = result.get("node_id", "")
         if node_id not in fan.missing:
-            return []  # a duplicate, or not one of this fan-out's parts (e.g. our own verdict)
-        status = result["status"]
-        if status == "partial":
+            return []  # a duplicate, or not one of this fan-out's parts
+        status, kind = result["status"], result_kind(result)
+        if kind == PART and status == "partial":
             fan.parts[node_id] = dict(result)
             return [] if fan.missing else self._complete(fan, now_ms=now_ms)
-        if status == "ok":
+        if kind == ANSWER and status == "ok":
             # A node that does not know fan-out answered the whole query: the accountant settles
             # on that answer (first wins), so there is nothing left for the router to do.
             self._finish(fan.request["request_id"])
             return []
+        if kind == PART and part_curve(result) is not None:
+            # The part failed after its mechanism started: that spend goes with the verdict.
+            fan.parts[node_id] = dict(result)
         why = f"node {node_id} answered {status}: {result.get('reason', '')}"
         return self._fail_fan_out(fan, why, now_ms=now_ms)
 
@@ -697,6 +718,7 @@ class Dispatcher:
             "processing_time_ms": float(now_ms - fan.routed_at_ms),
             "aggregate_json": json.dumps(combined.release, separators=(",", ":")),
             "finished_at_ms": now_ms,
+            "kind": COMBINED,
         }
         if agreed is not None:
             result["consensus_reached"] = agreed.reached
@@ -748,12 +770,13 @@ class Dispatcher:
             "attempt": 1 if sent else 0,
             "delta": fan.delta,
             "finished_at_ms": now_ms,
+            "kind": VERDICT,
         }
         if spent is not None:
             epsilon = spent.epsilon(delta=fan.delta)
             reason += (
-                f"; partial release: {','.join(answered)} answered their parts, "
-                f"which spent ε ≤ {epsilon:.4g} at δ={fan.delta:g} and are charged"
+                f"; partial release: {','.join(answered)} spent on their parts "
+                f"ε ≤ {epsilon:.4g} at δ={fan.delta:g}, which is charged"
             )
             result.update(
                 privacy_cost=epsilon,
