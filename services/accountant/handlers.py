@@ -63,10 +63,12 @@ class Accountant:
         await self.on_requests([(request, headers)])
 
     async def on_requests(self, requests: list[tuple[dict[str, Any], Headers | None]]) -> None:
-        """Admit a batch by credential (a refusal spends nothing), reserve the admitted ones in
-        one transaction that also records their decisions in the outbox, and relay them."""
+        """Admit a batch by credential (a refusal spends nothing and ends there: its terminal
+        result goes to the outbox), reserve the admitted ones in one transaction that also
+        records their decisions in the outbox, and relay them."""
         admitted = await self.admission.admit_many(requests)
         if not admitted:
+            await self.relay_outbox()  # the refusals' terminal results
             return
         by_id: dict[str, dict[str, Any]] = {}
         for request in admitted:
