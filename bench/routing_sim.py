@@ -297,6 +297,7 @@ def simulate(
             "request_id": routed["request_id"],
             "status": status,
             "node_id": node.spec.hospital_id,
+            "kind": "answer",
             "attempt": routed["attempt"],
         }
         rid = routed["request_id"]

@@ -45,6 +45,7 @@ class BudgetDecision(TypedDict):
     remaining_department_epsilon: float
     decided_at_ms: int
     request: InferenceRequest
+    reserved_rho: NotRequired[float]
 
 
 class RoutedRequest(TypedDict):
@@ -58,6 +59,7 @@ class RoutedRequest(TypedDict):
     request: InferenceRequest
     budget_share: NotRequired[float]
     parts: NotRequired[int]
+    reserved_rho: NotRequired[float]
 
 
 class InferenceResult(TypedDict):
@@ -85,6 +87,7 @@ class InferenceResult(TypedDict):
     adapter_hash: NotRequired[str]
     adapter_epsilon: NotRequired[float]
     confidence_score: NotRequired[float | None]
+    kind: NotRequired[str]
 
 
 class NodeHeartbeat(TypedDict):

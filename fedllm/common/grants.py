@@ -4,7 +4,8 @@ A node releases an answer only for a RoutedRequest whose inner request carries a
 for that node, so whoever writes to `hospital.<id>.requests` (a compromised router, a stray
 producer) cannot obtain a DP release that no accountant charged. The signed message binds the
 request id, the hospital, the reserved (ε, δ), the deadline and who asked what: a grant cannot
-be moved to another request, another hospital, a larger ε or a later deadline. Only the
+be moved to another request, another hospital, a larger ε or a later deadline. The ρ the routed
+request carries is checked against the signed (ε, δ). Only the
 accountant holds the private key; nodes hold the public key.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidSignature
@@ -20,9 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedllm.common.config import Settings
+from fedllm.privacy.accountant import RdpAccountant
 from fedllm.schemas.records import InferenceRequest, RoutedRequest
 
 _DEMO_LABEL = b"fedllm-reservation-grant-v1"
+_ACCOUNTANT = RdpAccountant()  # the accountant's orders: what it reserves for (ε, δ)
 
 
 def _demo_seed(settings: Settings) -> bytes:
@@ -85,6 +89,17 @@ def sign_grants(
     return {h: base64.b64encode(key.sign(grant_message(request, h))).decode() for h in hospital_ids}
 
 
+def _rho_above_grant(rho: float, request: InferenceRequest) -> bool:
+    """Whether a carried ρ (unsigned) exceeds what the signed (ε, δ) reserves, as the accountant
+    computes it (0, a legacy record, never does: the node derives ρ from ε then)."""
+    if rho == 0:
+        return False
+    if not (math.isfinite(rho) and rho > 0):
+        return True
+    limit = _ACCOUNTANT.query_rho(epsilon=float(request["epsilon"]), delta=float(request["delta"]))
+    return rho > limit * (1 + 1e-12)
+
+
 def grant_refusal(key: Ed25519PublicKey, routed: RoutedRequest, hospital_id: str) -> str:
     """Why this node must not answer `routed` ("" when its grant holds)."""
     request = routed.get("request") or {}
@@ -101,6 +116,8 @@ def grant_refusal(key: Ed25519PublicKey, routed: RoutedRequest, hospital_id: str
         return "routed epsilon exceeds the reservation"
     if float(routed.get("delta", 0.0)) != float(request["delta"]):
         return "routed delta differs from the reservation"
+    if _rho_above_grant(float(routed.get("reserved_rho") or 0.0), request):
+        return "routed rho exceeds the reservation"
     if not 0.0 < float(routed.get("budget_share", 1.0)) <= 1.0:
         return "budget share outside (0, 1]"
     if int(routed.get("deadline_ms", 0)) > int(request["deadline_ms"]):

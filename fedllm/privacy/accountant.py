@@ -283,9 +283,10 @@ class RdpAccountant:
         Nodes run zCDP/Gaussian-type mechanisms, so a spend ρ'·α with ρ' ≤ ρ fits inside it.
         A zero budget reserves nothing (the zero curve), although a tiny ρ > 0 would still
         convert to ε = 0 through δ."""
-        return PrivacyCurve.from_rho(self._query_rho(epsilon=epsilon, delta=delta), self._orders)
+        return PrivacyCurve.from_rho(self.query_rho(epsilon=epsilon, delta=delta), self._orders)
 
-    def _query_rho(self, *, epsilon: float, delta: float) -> float:
+    def query_rho(self, *, epsilon: float, delta: float) -> float:
+        """The ρ of :meth:`query_curve` (what a node may spend for the query)."""
         if epsilon == 0:
             rho_for_epsilon(epsilon=0.0, delta=delta, orders=self._orders)  # validates δ
             return 0.0
@@ -323,7 +324,7 @@ class RdpAccountant:
         orders, spent_values = np.array(self._orders), spent.as_array()
 
         def fits(eps: float) -> bool:  # == not would_exceed(spent, query_curve(eps)), vectorised
-            rdp = spent_values + self._query_rho(epsilon=eps, delta=delta) * orders
+            rdp = spent_values + self.query_rho(epsilon=eps, delta=delta) * orders
             return eps_from_rdp(orders=orders, rdp=rdp, delta=delta)[0] <= limit_epsilon
 
         if not (limit_epsilon > 0 and math.isfinite(limit_epsilon)) or not fits(0.0):

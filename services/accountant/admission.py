@@ -6,8 +6,9 @@ gateway's rules (`fedllm.common.identity`) BEFORE reserving anything. User, role
 are taken from the verified claims (an event body that names someone else is refused), the
 role's permissions and the department rule are applied as at the gateway, public parameters
 (δ, deadline cap, size limits) are the deployment's, and the admitted request is given the
-reservation grants nodes check (`fedllm.common.grants`). A refused request ends at once with a
-terminal `rejected` result and security audit records, and spends nothing.
+reservation grants nodes check (`fedllm.common.grants`). A refused request ends here, at once,
+with a terminal `rejected` result and security audit records written to the outbox (no
+decision: the router never sees it), and spends nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from fedllm.common import audit, grants, topics
+from sqlalchemy.orm import Session
+
+from fedllm.common import audit, grants, outbox, results, topics
 from fedllm.common.config import Settings
 from fedllm.common.identity import (
     AuthError,
@@ -28,6 +31,7 @@ from fedllm.common.identity import (
     refusal_for,
 )
 from fedllm.common.kafka import Bus, now_ms
+from fedllm.common.outbox import Message
 from fedllm.schemas.records import InferenceRequest
 from fedllm.services.accountant.ledger import Ledger
 
@@ -155,6 +159,10 @@ class Admission:
         request["grants"] = grants.sign_grants(self.grant_key, request, eligible)
         return ""
 
+    def _record(self, messages: list[Message]) -> None:
+        with Session(self.ledger.engine, autobegin=False) as s, s.begin():
+            outbox.add(s, messages)
+
     async def _reject(
         self, request: InferenceRequest, reason: str, principal: Principal | None
     ) -> None:
@@ -168,8 +176,8 @@ class Admission:
             "status": "rejected",
             "reason": reason,
             "finished_at_ms": now_ms(),
+            "kind": results.FINAL,
         }
-        await self.bus.send(topics.RESULTS, "InferenceResult", result, key=rid)
         common = {
             "request_id": rid,
             "user_id": user,
@@ -180,23 +188,28 @@ class Admission:
             "channel": "kafka",
         }
         action = "access.denied" if principal else "auth.failed"
-        await audit.emit(
-            self.bus,
-            action=action,
-            service=SERVICE,
-            id_parts=(rid,),
-            outcome="denied",
-            reason=reason,
-            severity="security",
-            **common,
-        )
-        await audit.emit(
-            self.bus,
-            action="request.rejected",
-            service=SERVICE,
-            id_parts=(rid,),
-            outcome="rejected",
-            reason=reason,
-            **common,
-        )
+        audits = [
+            audit.audit_event(
+                action=action,
+                service=SERVICE,
+                id_parts=(rid,),
+                outcome="denied",
+                reason=reason,
+                severity="security",
+                **common,
+            ),
+            audit.audit_event(
+                action="request.rejected",
+                service=SERVICE,
+                id_parts=(rid,),
+                outcome="rejected",
+                reason=reason,
+                **common,
+            ),
+        ]
+        # The terminal result and its audit records leave through the outbox (sent by the
+        # accountant's relay after the batch), like every other terminal result it writes.
+        messages = [Message.encode(topics.RESULTS, "InferenceResult", result, key=rid)]
+        messages += [Message.encode(topics.AUDIT, "AuditEvent", a, key=rid) for a in audits]
+        await asyncio.to_thread(self._record, messages)
         log.warning("request %s rejected at admission: %s", rid, reason)

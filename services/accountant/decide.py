@@ -10,7 +10,7 @@ with their running Σρ (integer units of the zCDP filter) and writes back what 
 - :func:`account_deltas`: how the accounts' running sums move when an entry's charge changes
   (an account reset since the reservation, i.e. a new epoch, is not touched);
 - :func:`balance`: an account's position in ε, in closed form;
-- :func:`charge_for`, :func:`reported_curve`, :func:`awaits_router`: what a node result
+- :func:`charge_for`, :func:`reported_curve`, :func:`ends_request`: what a node-results record
   settles (the curve to charge, or a refund) and whether it ends the request at all.
 
 Each is O(1) in the account's history.
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from fedllm.common.results import ANSWER, COMBINED, VERDICT, result_kind
 from fedllm.privacy.accountant import PrivacyCurve, ZcdpFilter
 from fedllm.schemas.records import InferenceResult
 
@@ -159,7 +160,14 @@ def charge_for(
     return spent, "ok", ""
 
 
-def awaits_router(result: InferenceResult, spent: PrivacyCurve | None) -> bool:
-    """A node's own failure with no spend ends nothing: the router retries elsewhere and sends
-    the final verdict itself (node_id ""); the deadline sweep backs it up."""
-    return result["status"] != "ok" and bool(result.get("node_id")) and spent is None
+def ends_request(result: InferenceResult, spent: PrivacyCurve | None) -> bool:
+    """Whether a node-results record settles its request (by its kind,
+    :func:`fedllm.common.results.result_kind`): the router's verdict or combined answer does; a
+    node's answer does when it is "ok" or reports a spend (`spent`: a mechanism started, which
+    is never retried). A part never does (the router combines the parts or fails the fan-out
+    with their spend), nor does a node's failure that spent nothing (the router retries it or
+    sends the verdict); the deadline sweep backs both up."""
+    kind = result_kind(result)
+    if kind in (VERDICT, COMBINED):
+        return True
+    return kind == ANSWER and (result["status"] == "ok" or spent is not None)

@@ -19,6 +19,7 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.metrics import record_hospital_spend
 from fedllm.common.outbox import Message
+from fedllm.common.results import PART, result_kind
 from fedllm.privacy.accountant import PrivacyCurve, window_start
 from fedllm.schemas.records import BudgetAdjustment, InferenceRequest, InferenceResult
 from fedllm.services.accountant import decide, messages, partials
@@ -63,10 +64,12 @@ class Accountant:
         await self.on_requests([(request, headers)])
 
     async def on_requests(self, requests: list[tuple[InferenceRequest, Headers | None]]) -> None:
-        """Admit a batch by credential (a refusal spends nothing), reserve the admitted ones in
-        one transaction that also records their decisions in the outbox, and relay them."""
+        """Admit a batch by credential (a refusal spends nothing and ends there: its terminal
+        result goes to the outbox), reserve the admitted ones in one transaction that also
+        records their decisions in the outbox, and relay them."""
         admitted = await self.admission.admit_many(requests)
         if not admitted:
+            await self.relay_outbox()  # the refusals' terminal results
             return
         by_id: dict[str, InferenceRequest] = {}
         for request in admitted:
@@ -88,9 +91,18 @@ class Accountant:
             "source_address": request["source_address"],
             "delta": outcome.entry["delta"],
         }
+        entry = outcome.entry
+        reserved_rho = (
+            self.ledger.accountant.query_rho(epsilon=entry["epsilon"], delta=entry["delta"])
+            if outcome.state != "rejected"
+            else 0.0
+        )
         out = [
             Message.encode(
-                topics.DECISIONS, "BudgetDecision", messages.decision(request, outcome), key=rid
+                topics.DECISIONS,
+                "BudgetDecision",
+                messages.decision(request, outcome, reserved_rho=reserved_rho),
+                key=rid,
             )
         ]
         if outcome.state == "reserved":
@@ -241,8 +253,8 @@ class Accountant:
             spent, _, _ = self._charge_for(result)
         except Exception:
             spent = None
-        if result["status"] == "partial" or decide.awaits_router(result, spent):
-            return  # not a final verdict: the router or the sweep ends the request
+        if not decide.ends_request(result, spent):
+            return  # not terminal: the router or the sweep ends the request
         await self._settle(
             [
                 (
@@ -257,9 +269,10 @@ class Accountant:
     async def _settlement(self, result: InferenceResult) -> Settlement | None:
         """What `result` settles, or None when it ends nothing (yet)."""
         rid = result["request_id"]
-        if result["status"] == "partial":
-            # One hospital's part of a fan-out: the router combines the parts. Kept so that,
-            # should the router die first, the sweep still charges what was released.
+        if result_kind(result) == PART:
+            # One hospital's part of a fan-out (released, or failed after its mechanism
+            # started): the router combines the parts or fails the fan-out with their spend.
+            # Kept so that, should the router die first, the sweep still charges the spend.
             curve = self._reported_curve(result) if result.get("node_id") else None
             if curve is not None:
                 await asyncio.to_thread(partials.record, self.ledger.engine, result, curve)
@@ -273,9 +286,9 @@ class Accountant:
                 return None
             spent = PrivacyCurve.from_dict(entry["reserved_rdp"])
             reason = f"{reason}; spend reported on unknown orders: the reservation is charged"
-        if decide.awaits_router(result, spent):
+        if not decide.ends_request(result, spent):
             # A node's own failure before any mechanism ran does not end the request: the
-            # router retries it elsewhere and reports the final failure itself (node_id "");
+            # router retries it elsewhere and reports the final failure itself (a verdict);
             # the deadline sweep backs it up. One that reports a spent curve is charged now.
             log.info(
                 "node %s failed attempt %s of %s; awaiting the router's verdict",

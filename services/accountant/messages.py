@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
+from fedllm.common import results
 from fedllm.common.kafka import now_ms
 from fedllm.common.metrics import record_budget
 from fedllm.privacy.accountant import PrivacyCurve
@@ -19,18 +20,23 @@ TERMINAL_ACTION = {
 }
 
 
-def decision(request: InferenceRequest, outcome: Outcome) -> BudgetDecision:
-    """BudgetDecision for a reservation outcome."""
+def decision(
+    request: InferenceRequest, outcome: Outcome, *, reserved_rho: float = 0.0
+) -> BudgetDecision:
+    """BudgetDecision for a reservation outcome; `reserved_rho` is the ρ of the reserved curve
+    (it travels to the nodes on the RoutedRequest)."""
+    approved = outcome.state != "rejected"
     return {
         "request_id": request["request_id"],
-        "approved": outcome.state != "rejected",
+        "approved": approved,
         "reason": outcome.reason,
-        "reserved_epsilon": request["epsilon"] if outcome.state != "rejected" else 0.0,
+        "reserved_epsilon": request["epsilon"] if approved else 0.0,
         "delta": outcome.entry["delta"],
         "remaining_user_epsilon": outcome.user.remaining,
         "remaining_department_epsilon": outcome.department.remaining,
         "decided_at_ms": now_ms(),
         "request": request,
+        "reserved_rho": reserved_rho if approved else 0.0,
     }
 
 
@@ -59,6 +65,7 @@ def final_result(
             else outcome.user.remaining
         ),
         finished_at_ms=now_ms(),
+        kind=results.FINAL,
     )
     if status != "ok":
         base["response"] = ""

@@ -44,6 +44,7 @@ from fedllm.services.node_worker.dp_decode import (
 from fedllm.services.node_worker.ledger import NodeLedger
 from fedllm.services.node_worker.model import LoadedModel, load_model
 from fedllm.services.node_worker.records import HospitalRecords, Note, hospital_key, person_of
+from fedllm.services.node_worker.reservation import reservation_rho
 from fedllm.services.node_worker.settings import NodeSettings
 from fedllm.services.node_worker.text_routes import TextRoutes
 
@@ -285,15 +286,21 @@ class Engine:
             share = float(request.get("budget_share", 1.0))
             parts = int(request.get("parts", 1))
             key = (str(request["request_id"]), int(request.get("attempt", 0)))
+            carried = float(request.get("reserved_rho") or 0.0)
         except (KeyError, TypeError, ValueError) as exc:
             return failed(f"malformed routed request: {exc!r}")
         if not (math.isfinite(epsilon) and epsilon >= 0 and 0 < delta < 1):
             return failed("invalid reserved epsilon or delta")
         if not (math.isfinite(share) and 0 < share <= 1) or parts < 1:
             return failed("invalid budget share or part count")
+        try:
+            reserved = reservation_rho(
+                reserved_rho=carried, epsilon=epsilon, delta=delta, orders=self.orders
+            )
+        except ValueError as exc:
+            return failed(f"invalid reservation: {exc}")
         # This node's part of the reservation, capped per query (the accountant refunds the rest).
-        rho = share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders)
-        rho = min(rho, self.query_rho_cap)
+        rho = min(share * reserved, self.query_rho_cap)
         if parts > 1 and kind != "aggregate":
             return failed("only aggregate queries can be answered in parts")
         if bool(inner.get("use_adapter", False)):
@@ -333,7 +340,12 @@ class Engine:
         try:
             if query is None and self.routes is not None and not (capped.all or capped.persons):
                 routed = self._route(
-                    inner, key=key, rho=rho, epsilon=epsilon, delta=delta, share=share
+                    inner,
+                    key=key,
+                    rho=rho,
+                    epsilon=epsilon,
+                    delta=delta,
+                    capped=rho < share * reserved,
                 )
                 if routed is not None:
                     return routed
@@ -443,26 +455,22 @@ class Engine:
         rho: float,
         epsilon: float,
         delta: float,
-        share: float,
+        capped: bool,
     ) -> dict[str, Any] | None:
         """A population or entity question answered by an answer-level route (text_routes), or
         None when no route reads the question. The routes read every person's records, so
         every person is charged, and they run only while nobody is at their cap (a capped
         person must leave the data, which these routes cannot do yet)."""
         assert self.routes is not None
-        uncapped = share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=self.orders)
-        route_eps, route_share = (
-            (epsilon, share) if rho >= uncapped else (self.node.max_query_epsilon, 1.0)
-        )
         if not self.routes.applies(str(inner.get("prompt", ""))):
             return None
         self.ledger.charge_everyone(*key, rho=rho, left_out=frozenset())
         out = self.routes.fields(
             inner,
-            epsilon=route_eps,
+            rho=rho,
+            epsilon=self.node.max_query_epsilon if capped else epsilon,
             delta=delta,
             rng=self.rng,
-            share=route_share,
             orders=self.orders,
         )
         if out is None:  # a route that read the question but released nothing: still charged

@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol, cast, get_args
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from fedllm.common import audit, codec, control, grants, metrics, topics
+from fedllm.common import audit, codec, control, grants, metrics, results, topics
 from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
@@ -161,6 +161,8 @@ def result_record(
         "aggregate_json": "",
         "adapter_hash": "",
         "adapter_epsilon": 0.0,
+        # What this record is follows from what was asked, never from the answer's fields.
+        "kind": results.PART if int(routed.get("parts") or 1) > 1 else results.ANSWER,
     }
     for k in _ENGINE_FIELDS:
         if k in fields:

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from fedllm.privacy.accountant import PrivacyCurve
-from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
+from fedllm.privacy.rdp import DEFAULT_ORDERS
 from fedllm.schemas.records import InferenceRequest
 from fedllm.services.node_worker import aggregate
 from fedllm.services.node_worker.answer_dp import EntityAnswerer, plan_question
 from fedllm.services.node_worker.cohort import load_cohort
 from fedllm.services.node_worker.records import Note, load_notes
+from fedllm.services.node_worker.reservation import reservation_rho
 from fedllm.services.node_worker.translate import render, translate
 
 __all__ = ["RoutedAnswer", "TextRoutes"]
@@ -79,14 +80,21 @@ class TextRoutes:
         epsilon: float,
         delta: float,
         rng: Rng,
+        rho: float | None = None,
         share: float = 1.0,
         orders: tuple[float, ...] = tuple(DEFAULT_ORDERS),
         routes: tuple[str, ...] = ("aggregate", "entities"),
     ) -> RoutedAnswer | None:
-        """The first route in ``routes`` that applies to ``question``, or ``None``."""
+        """The first route in ``routes`` that applies to ``question``, or ``None``. It spends
+        ``rho`` (the node's, from the routed request), or when not given ``share`` of what a
+        budget ε reserves (:func:`~fedllm.services.node_worker.reservation.reservation_rho`);
+        ``epsilon`` is the budget the answer's text states."""
         if not epsilon > 0:
             return None
-        rho = share * rho_for_epsilon(epsilon=epsilon, delta=delta, orders=orders)
+        if rho is None:
+            rho = share * reservation_rho(
+                reserved_rho=0.0, epsilon=epsilon, delta=delta, orders=orders
+            )
         if "aggregate" in routes and (t := translate(question)) is not None:
             cohort = load_cohort(self.clinosim_dir)
             res = aggregate.answer_on_cohort(

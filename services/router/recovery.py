@@ -12,7 +12,7 @@ before it routes anything, it reads both from `request_timeout_s` ago:
    for the unsent ones, so it can never be combined from a subset and fails at its deadline,
    charging the parts that answered) for each request routed whose deadline has not passed;
 2. :func:`replay_results` feeds the answers through the dispatcher in offset order: a router
-   verdict (`node_id` empty, or the joined hospitals of a combined result) ends the request with
+   verdict or combined answer (`fedllm.common.results.result_kind`) ends the request with
    nothing sent; a node's answer does what it would have done live — answered fan-out parts are
    collected and combined once all are in (so they are charged, not refunded), a failed
    attempt is retried, an "ok" closes.
@@ -66,6 +66,7 @@ def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_
             dispatcher.fan_outs[request_id] = FanOut(
                 request=dict(first["request"]),
                 reserved_epsilon=float(first["reserved_epsilon"]),
+                reserved_rho=float(first.get("reserved_rho") or 0.0),
                 delta=float(first["delta"]),
                 hospitals=hospitals,
                 deadline_ms=int(first["deadline_ms"]),
@@ -76,6 +77,7 @@ def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_
             dispatcher.in_flight[request_id] = InFlight(
                 request=dict(latest["request"]),
                 reserved_epsilon=float(latest["reserved_epsilon"]),
+                reserved_rho=float(latest.get("reserved_rho") or 0.0),
                 delta=float(latest["delta"]),
                 hospital_id=latest["hospital_id"],
                 attempt=int(latest["attempt"]),
@@ -87,12 +89,6 @@ def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_
     return restored
 
 
-def is_router_verdict(result: Mapping[str, Any]) -> bool:
-    """A result the router itself sent: a failure (no node) or a combined fan-out answer."""
-    node_id = result.get("node_id") or ""
-    return node_id == "" or "," in node_id
-
-
 def replay_results(
     dispatcher: Dispatcher, results: Iterable[Mapping[str, Any]], *, now_ms: int
 ) -> list[Action]:
@@ -101,9 +97,6 @@ def replay_results(
     for result in results:
         request_id = result["request_id"]
         if request_id not in dispatcher.in_flight and request_id not in dispatcher.fan_outs:
-            continue
-        if is_router_verdict(result):
-            dispatcher._finish(request_id)  # the dispatcher's own bookkeeping: nothing to send
             continue
         actions += dispatcher.on_node_result(result, now_ms=now_ms)
     return actions

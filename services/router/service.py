@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from fedllm.common import audit, control, metrics, topics, tracing
+from fedllm.common import audit, control, metrics, results, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import (
@@ -222,12 +222,12 @@ class RouterService:
                 routed = await recovery.read_since(
                     reader, tps, since, "RoutedRequest", router_id=self.settings.router_id
                 )
-                results = await recovery.read_since(reader, nr_tps, since, "InferenceResult")
+                answers = await recovery.read_since(reader, nr_tps, since, "InferenceResult")
             finally:
                 with contextlib.suppress(Exception):
                     await reader.stop()
             self.restored += recovery.restore(self.dispatcher, routed, now_ms=now_ms())
-            actions = recovery.replay_results(self.dispatcher, results, now_ms=now_ms())
+            actions = recovery.replay_results(self.dispatcher, answers, now_ms=now_ms())
             await self.execute(actions)
         if self.restored:
             log.info(
@@ -316,6 +316,7 @@ class RouterService:
             "attempt": 0,
             "delta": decision["delta"],
             "finished_at_ms": now_ms(),
+            "kind": results.VERDICT,
         }
         await self.bus.send(topics.NODE_RESULTS, "InferenceResult", result, key=request["user_id"])
 

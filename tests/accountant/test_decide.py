@@ -139,7 +139,30 @@ def test_charge_for_node_results() -> None:
 
 def test_only_the_routers_verdict_ends_a_node_failure_without_spend() -> None:
     curve = PrivacyCurve.from_rho(0.01, orders=ORDERS)
-    assert decide.awaits_router(result(status="failed"), None)
-    assert not decide.awaits_router(result(status="failed"), curve)  # spent: charged now
-    assert not decide.awaits_router(result(status="failed", node_id=""), None)  # the verdict
-    assert not decide.awaits_router(result(), None)
+    answer = {"kind": "answer"}
+    assert not decide.ends_request(result(status="failed", **answer), None)  # router retries
+    assert decide.ends_request(result(status="failed", **answer), curve)  # spent: charged now
+    assert decide.ends_request(result(**answer), curve)
+    verdict = result(status="failed", node_id="", kind="verdict")
+    assert decide.ends_request(verdict, None)
+    # The kind decides, not the node id: a verdict naming its hospital still ends the request.
+    assert decide.ends_request(dict(verdict, node_id="st_mary"), None)
+    assert decide.ends_request(result(node_id="a,b", kind="combined"), curve)
+
+
+def test_a_part_never_ends_a_request_whatever_its_status() -> None:
+    curve = PrivacyCurve.from_rho(0.01, orders=ORDERS)
+    for status in ("partial", "failed", "timeout", "ok"):
+        assert not decide.ends_request(result(status=status, kind="part"), curve)
+        assert not decide.ends_request(result(status=status, kind="part"), None)
+    assert not decide.ends_request(result(kind="final"), curve)  # not a node-results record
+
+
+def test_legacy_records_are_read_as_before() -> None:
+    """kind "": a node failure awaits the router, node_id "" is the verdict, "partial" a part."""
+    curve = PrivacyCurve.from_rho(0.01, orders=ORDERS)
+    assert not decide.ends_request(result(status="failed"), None)
+    assert decide.ends_request(result(status="failed"), curve)
+    assert decide.ends_request(result(status="failed", node_id=""), None)
+    assert decide.ends_request(result(node_id="a,b"), curve)
+    assert not decide.ends_request(result(status="partial"), curve)

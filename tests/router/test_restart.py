@@ -25,10 +25,10 @@ from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, now_ms
 from fedllm.common.lifecycle import ready_path
+from fedllm.common.results import from_router
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
 from fedllm.services.accountant.handlers import Accountant
 from fedllm.services.accountant.ledger import Ledger
-from fedllm.services.router.recovery import is_router_verdict
 from fedllm.services.router.service import RouterService
 from tests.accountant.test_deadline import reserve
 from tests.kafka_helpers import inference_request
@@ -165,7 +165,7 @@ async def test_a_router_restart_combines_and_charges_fan_out_parts_and_retries_f
         assert second.service.restored >= 2
 
         combined = await watcher.wait_for(
-            topics.NODE_RESULTS, lambda r: of(fid)(r) and is_router_verdict(r), timeout_s=15
+            topics.NODE_RESULTS, lambda r: of(fid)(r) and from_router(r), timeout_s=15
         )
         assert combined["status"] == "ok" and combined["node_id"] == f"{a},{b}"
         retried = await watcher.wait_for(
@@ -179,7 +179,7 @@ async def test_a_router_restart_combines_and_charges_fan_out_parts_and_retries_f
             verdicts = [
                 r
                 for r in watcher.records(topics.NODE_RESULTS, of(rid))
-                if is_router_verdict(r) or r["status"] == "ok"
+                if from_router(r) or r["status"] == "ok"
             ]
             assert len(verdicts) == 1, verdicts
         assert [r["request"]["request_id"] for r in node_a.received].count(fid) == 1

@@ -13,6 +13,7 @@ from fedllm.client.kafka import token_claims
 from fedllm.client.models import Answer, AskError
 from fedllm.common import grants, identity, topics
 from fedllm.common.config import Settings
+from fedllm.privacy.accountant import RdpAccountant
 from tests.kafka_helpers import inference_request
 
 SETTINGS = Settings(mode="demo")
@@ -136,6 +137,14 @@ def test_a_grant_binds_request_hospital_budget_deadline_and_prompt() -> None:
         public, routed_for(request, reserved_epsilon=2.5), "h1"
     )
     assert "delta" in grants.grant_refusal(public, routed_for(request, delta=1e-3), "h1")
+    # The carried ρ is not signed: it may not exceed what the signed (ε, δ) reserves.
+    rho = RdpAccountant().query_rho(epsilon=request["epsilon"], delta=request["delta"])
+    for fine in (0.0, rho, rho / 2):
+        assert grants.grant_refusal(public, routed_for(request, reserved_rho=fine), "h1") == ""
+    for inflated in (rho * 1.001, float("inf"), float("nan"), -rho):
+        assert grants.grant_refusal(public, routed_for(request, reserved_rho=inflated), "h1") == (
+            "routed rho exceeds the reservation"
+        ), inflated
     assert "share" in grants.grant_refusal(public, routed_for(request, budget_share=2.0), "h1")
     assert "deadline" in grants.grant_refusal(
         public, routed_for(request, deadline_ms=request["deadline_ms"] + 1), "h1"
