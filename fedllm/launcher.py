@@ -65,6 +65,7 @@ class Pipeline:
             "data_dir": self.data_dir,
             "mode": env["FEDLLM_MODE"],
             "jwt_secret": env.get("JWT_SECRET", ""),
+            "topic_namespace": env.get("FEDLLM_TOPIC_NAMESPACE", ""),
         }
         if self.hospitals is not None:
             overrides["hospitals"] = self.hospitals
@@ -359,9 +360,10 @@ async def _audit_caught_up(settings: Settings) -> bool:
     await consumer.start()
     try:
         await consumer.topics()  # refresh metadata
+        audit_topic = topics.scoped(settings, topics.AUDIT)
         tps = [
-            TopicPartition(topics.AUDIT, p)
-            for p in sorted(consumer.partitions_for_topic(topics.AUDIT) or [])
+            TopicPartition(audit_topic, p)
+            for p in sorted(consumer.partitions_for_topic(audit_topic) or [])
         ]
         ends = await consumer.end_offsets(tps)
         for tp in tps:

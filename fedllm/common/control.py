@@ -239,12 +239,13 @@ class ControlFollower:
         self._consumer = make_consumer(self.settings, group_id=None)
         await self._consumer.start()
         await self._consumer.topics()
-        parts = self._consumer.partitions_for_topic(topics.CONTROL)
+        control = topics.scoped(self.settings, topics.CONTROL)
+        parts = self._consumer.partitions_for_topic(control)
         if not parts:  # an older deployment: create the (small) control topic
             await ensure_topics(self.settings, {topics.CONTROL: topics.PARTITIONS[topics.CONTROL]})
             await self._consumer.topics()
-            parts = self._consumer.partitions_for_topic(topics.CONTROL) or {0}
-        tps = [TopicPartition(topics.CONTROL, p) for p in sorted(parts)]
+            parts = self._consumer.partitions_for_topic(control) or {0}
+        tps = [TopicPartition(control, p) for p in sorted(parts)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)

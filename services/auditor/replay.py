@@ -121,8 +121,9 @@ async def read_into(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        parts = sorted(await _partitions(consumer))
-        tps = [TopicPartition(topics.AUDIT, p) for p in parts]
+        audit_topic = topics.scoped(settings, topics.AUDIT)
+        parts = sorted(await _partitions(consumer, audit_topic))
+        tps = [TopicPartition(audit_topic, p) for p in parts]
         consumer.assign(tps)
         filter_time = await _seek_start(consumer, tps, from_offset, from_ms)
         ends = await consumer.end_offsets(tps)  # a lower bound on some brokers (see BROKER.md)
@@ -160,14 +161,14 @@ async def read_into(
     return report
 
 
-async def _partitions(consumer: Any) -> set[int]:
+async def _partitions(consumer: Any, topic: str) -> set[int]:
     for _ in range(50):
         await consumer.topics()
-        parts = consumer.partitions_for_topic(topics.AUDIT)
+        parts = consumer.partitions_for_topic(topic)
         if parts:
             return set(parts)
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"topic {topics.AUDIT} not found")
+    raise RuntimeError(f"topic {topic} not found")
 
 
 def _rows(engine: Engine, where: Any) -> list[dict[str, Any]]:

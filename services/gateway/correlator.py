@@ -67,15 +67,16 @@ class _AssignedReader:
             else {}
         )
         consumer = make_consumer(self.settings, group_id=None, **overrides)
+        topic = topics.scoped(self.settings, self.topic)
         await consumer.start()
         try:
             while True:
                 await consumer.topics()  # refreshes cluster metadata
-                parts = consumer.partitions_for_topic(self.topic)
+                parts = consumer.partitions_for_topic(topic)
                 if parts:
                     break
                 await asyncio.sleep(0.2)
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             await self._seek(consumer, tps)
             for tp in tps:  # resolve the lazy reset now, so nothing after "ready" is missed

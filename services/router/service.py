@@ -118,7 +118,7 @@ class RouterService:
             else 0
         )
         self.producer = make_producer(settings)
-        self.bus = Bus(self.producer)
+        self.bus = Bus(self.producer, settings.topic_namespace)
         self.decisions = make_consumer(settings, group_id=SERVICE)
         self.heartbeats = make_consumer(
             settings, group_id=None, fetch_max_wait_ms=settings.background_fetch_max_wait_ms
@@ -204,10 +204,11 @@ class RouterService:
         await self.producer.start()
         for consumer in (self.decisions, self.heartbeats, self.node_results):
             await consumer.start()
-        self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self))
-        hb_tps = await _assign_all(self.heartbeats, topics.HEARTBEATS)
+        scoped = functools.partial(topics.scoped, self.settings)
+        self.decisions.subscribe([scoped(topics.DECISIONS)], listener=_Assigned(self))
+        hb_tps = await _assign_all(self.heartbeats, scoped(topics.HEARTBEATS))
         await seek_to_time(self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000))
-        nr_tps = await _assign_all(self.node_results, topics.NODE_RESULTS)
+        nr_tps = await _assign_all(self.node_results, scoped(topics.NODE_RESULTS))
         await self.node_results.seek_to_end(*nr_tps)
         for tp in nr_tps:  # resolve now, so no answer to a request we route can be skipped
             await self.node_results.position(tp)
@@ -224,15 +225,17 @@ class RouterService:
             await reader.start()
             try:
                 await reader.topics()
-                wanted = [topics.hospital_requests(h) for h in sorted(hospitals)]
+                scoped = functools.partial(topics.scoped, self.settings)
+                wanted = [scoped(topics.hospital_requests(h)) for h in sorted(hospitals)]
                 tps = [
                     TopicPartition(t, p)
                     for t in wanted
                     for p in sorted(reader.partitions_for_topic(t) or ())
                 ]
+                node_results = scoped(topics.NODE_RESULTS)
                 nr_tps = [
-                    TopicPartition(topics.NODE_RESULTS, p)
-                    for p in sorted(reader.partitions_for_topic(topics.NODE_RESULTS) or ())
+                    TopicPartition(node_results, p)
+                    for p in sorted(reader.partitions_for_topic(node_results) or ())
                 ]
                 reader.assign(tps + nr_tps)
                 routed = await recovery.read_since(
