@@ -16,7 +16,6 @@ from fedllm.common import audit
 from fedllm.common.adapters import AdapterError, AdapterRegistry, AdapterVersion
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_producer
-from fedllm.common.lora_model import to_bytes
 from fedllm.services.federation.store import RoundStore
 from fedllm.services.trainer.settings import TrainerSettings
 
@@ -32,6 +31,8 @@ def publish_from_store(
     lora_seed: int,
 ) -> AdapterVersion:
     """Register the federation's last stored global adapter as pending."""
+    from fedllm.common.lora_model import to_bytes  # torch: only when publishing
+
     last = store.last(federation_id)
     if last is None:
         raise AdapterError(f"federation {federation_id} has no stored round")
@@ -63,7 +64,7 @@ async def emit_decision(settings: Settings, v: AdapterVersion, *, action: str) -
     await producer.start()
     try:
         await audit.emit(
-            Bus(producer),
+            Bus(producer, settings.topic_namespace),
             action=f"adapter.{action}",
             service="admin",
             id_parts=(v.hash, action, v.decided_at_ms),

@@ -13,24 +13,23 @@ import logging
 import sys
 import uuid
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedllm.adapter_cli import describe, publish_from_store
 from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.config import Settings
 from fedllm.common.kafka import ensure_topics, wait_for_broker
-from fedllm.common.lora_model import eval_loss, get_vector, load_adapted, set_vector
 from fedllm.embedded import EmbeddedBroker
 from fedllm.privacy import rho_for_epsilon
 from fedllm.services.federation.config import FederationConfig, topic_names
-from fedllm.services.federation.coordinator import Coordinator, RoundReport
 from fedllm.services.federation.store import RoundStore
 from fedllm.services.node_worker.clinosim_data import ensure_clinosim
 from fedllm.services.trainer.ledger import TrainerLedger
-from fedllm.services.trainer.notes import notes_by_patient, patient_rows
-from fedllm.services.trainer.service import Trainer
 from fedllm.services.trainer.settings import TrainerSettings
+
+if TYPE_CHECKING:  # the model stack (torch) is imported when a federation is built, not by the CLI
+    from fedllm.services.federation.coordinator import Coordinator, RoundReport
+    from fedllm.services.trainer.service import Trainer
 
 MAX_ROWS_PER_PATIENT = 4
 
@@ -63,6 +62,10 @@ def build_trainer(
     tiny: bool,
     report_train_loss: bool,
 ) -> Trainer:
+    from fedllm.common.lora_model import load_adapted
+    from fedllm.services.trainer.notes import notes_by_patient, patient_rows
+    from fedllm.services.trainer.service import Trainer
+
     ts = TrainerSettings()
     src = hospital_data(settings, hospital_id, seed=seed, population=population)
     adapted = load_adapted(
@@ -101,6 +104,12 @@ def build_coordinator(
     store_url: str,
     on_round=None,
 ) -> Coordinator:  # noqa: ANN001
+    import torch
+
+    from fedllm.common.lora_model import eval_loss, get_vector, load_adapted, set_vector
+    from fedllm.services.federation.coordinator import Coordinator
+    from fedllm.services.trainer.notes import notes_by_patient, patient_rows
+
     adapted = load_adapted(
         models_dir=settings.data_dir / "models", tiny=tiny, rank=cfg.lora_rank, seed=cfg.seed
     )
@@ -159,6 +168,8 @@ async def run_all(
 
 
 def _federate(args: argparse.Namespace) -> int:
+    import torch
+
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     settings = Settings(data_dir=Path(args.data_dir)) if args.data_dir else Settings()

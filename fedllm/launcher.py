@@ -65,6 +65,7 @@ class Pipeline:
             "data_dir": self.data_dir,
             "mode": env["FEDLLM_MODE"],
             "jwt_secret": env.get("JWT_SECRET", ""),
+            "topic_namespace": env.get("FEDLLM_TOPIC_NAMESPACE", ""),
         }
         if self.hospitals is not None:
             overrides["hospitals"] = self.hospitals
@@ -357,7 +358,7 @@ async def _audit_caught_up(settings: Settings) -> bool:
     consumer = make_consumer(settings, group_id=AuditorSettings().group_id)
     await consumer.start()
     try:
-        tps = await partitions_of(consumer, topics.AUDIT, missing_ok=True)
+        tps = await partitions_of(consumer, topics.scoped(settings, topics.AUDIT), missing_ok=True)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
             if (await consumer.committed(tp) or 0) < ends[tp]:

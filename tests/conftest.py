@@ -5,16 +5,23 @@ testcontainers container when a Docker engine answers, then the local server / e
 Each starts only when a test asks for it (session scope), never at import or collection.
 
 Two speeds: a test that needs none of them (no fixture below in its closure, no model or
-generated hospital, not e2e, not slow) is marked ``unit``; ``python -m pytest -m unit -q`` runs that lane without a broker, database or
-Redis (README, Development).
+generated hospital, not e2e, not slow) and whose module does not import the model stack
+(torch, transformers, peft, opacus) at its top is marked ``unit``; ``python -m pytest -m unit
+-q`` runs that lane without a broker, database or Redis (README, Development), and does not
+even import the model-stack modules (importing torch alone takes seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
+import sys
 import uuid
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +43,52 @@ INFRA_FIXTURES = frozenset(
     }
 )
 # Fixtures that are slow to set up though local (a model, generated hospitals): integration lane.
-HEAVY_FIXTURES = frozenset({"tiny", "models_dir", "clinosim_source", "hospital_data_dir"})
+HEAVY_FIXTURES = frozenset(
+    {"tiny", "models_dir", "clinosim_source", "hospital_data_dir", "fl_sources", "fl_data_dir"}
+)
 # Parametrised fixtures whose value picks a backend at run time (tests/auditor `engine`).
 INFRA_PARAMS = frozenset({"postgres"})
+
+
+# A module importing one of these at its top is in the integration lane (all its tests).
+MODEL_STACK_IMPORT = re.compile(r"^(?:import|from) (?:torch|transformers|peft|opacus)\b", re.M)
+
+
+@functools.cache
+def imports_model_stack(path: Path) -> bool:
+    """True when the test module at `path` imports torch/transformers/peft/opacus at its top
+    (read as text: deciding this must not import it)."""
+    return bool(MODEL_STACK_IMPORT.search(path.read_text(encoding="utf-8")))
+
+
+def _unit_lane_only(config: pytest.Config) -> bool:
+    return config.getoption("markexpr", "").strip() == "unit"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`-m unit` does not import a model-stack module: none of its tests is in the lane."""
+    if (
+        _unit_lane_only(config)
+        and collection_path.suffix == ".py"
+        and collection_path.name.startswith("test_")
+        and imports_model_stack(collection_path)
+    ):
+        return True
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Say so when collecting the unit lane imported the model stack (seconds of CPU each run):
+    a test module imports, at its top, a module that imports torch at its top."""
+    if _unit_lane_only(session.config):
+        loaded = sorted({"torch", "transformers", "peft", "opacus"} & set(sys.modules))
+        if loaded:
+            warnings.warn(
+                f"collecting the unit lane imported {', '.join(loaded)}: import the model "
+                "stack inside the tests or fixtures that need it",
+                pytest.PytestWarning,
+                stacklevel=1,
+            )
 
 
 def _needs_infra(item: pytest.Item) -> bool:
@@ -49,9 +99,14 @@ def _needs_infra(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the unit lane: no infrastructure fixture, not e2e, not slow."""
+    """Mark the unit lane: no infrastructure fixture, no model stack, not e2e, not slow."""
     for item in items:
-        if _needs_infra(item) or item.get_closest_marker("e2e") or item.get_closest_marker("slow"):
+        if (
+            _needs_infra(item)
+            or imports_model_stack(item.path)
+            or item.get_closest_marker("e2e")
+            or item.get_closest_marker("slow")
+        ):
             continue
         item.add_marker(pytest.mark.unit)
 

@@ -1,4 +1,6 @@
-"""Small real-broker helpers for tests: produce typed records, collect decoded records."""
+"""Small real-broker helpers for tests: produce typed records, collect decoded records.
+
+Topics are logical names (fedllm.common.topics), put in the settings' topic namespace."""
 
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from fedllm.common.identity import CREDENTIAL_HEADER, mint_token
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms
 
 _MINT = object()
+
+
+def unique_namespace() -> str:
+    """A fresh topic namespace (Settings.topic_namespace): a test's or a fixture's own topics."""
+    return f"t{uuid.uuid4().hex[:10]}."
 
 
 def credential_headers(token: str | None) -> list[tuple[str, bytes]]:
@@ -52,7 +59,7 @@ async def produce(
     await producer.start()
     try:
         for _ in range(times):
-            await Bus(producer).send(
+            await Bus(producer, settings.topic_namespace).send(
                 topic, schema, record, key=key, headers=credential_headers(token)
             )
     finally:
@@ -65,7 +72,9 @@ async def produce_raw(
     producer = make_producer(settings)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value=value, headers=headers or [])
+        await producer.send_and_wait(
+            topics.scoped(settings, topic), value=value, headers=headers or []
+        )
     finally:
         await producer.stop()
 
@@ -84,7 +93,7 @@ async def collect(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        parts = await _partitions(consumer, topic)
+        parts = await _partitions(consumer, topics.scoped(settings, topic))
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         out: list[Any] = []

@@ -13,6 +13,7 @@ from fedllm.common.aggregate_query import parse_query
 from tests.gateway.test_fuzz_bodies import QUERIES, VALUES
 
 
+@pytest.mark.slow  # 500 generated queries: seconds
 @given(q=QUERIES | VALUES)
 @hyp_settings(max_examples=500, deadline=None, derandomize=True)
 def test_parse_query_raises_only_value_error(q: object) -> None:

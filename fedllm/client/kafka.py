@@ -134,8 +134,12 @@ class KafkaClient:
         await consumer.start()
         await producer.start()
         try:
-            await self._listen(consumer, reply, from_start=idempotency_key is not None)
-            await Bus(producer).send(
+            await self._listen(
+                consumer,
+                topics.scoped(self.settings, reply),
+                from_start=idempotency_key is not None,
+            )
+            await Bus(producer, self.settings.topic_namespace).send(
                 topics.REQUESTS,
                 "InferenceRequest",
                 record,

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = Field(
         default="", validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "FEDLLM_KAFKA_BOOTSTRAP")
     )
+    # Prefix of every topic name (fedllm.common.topics.scoped); "" = the names as written.
+    # Tests give each pipeline a unique one so no two share traffic on one broker.
+    topic_namespace: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_ssl_cafile: str = ""
     kafka_ssl_certfile: str = ""

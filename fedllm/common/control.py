@@ -239,10 +239,11 @@ class ControlFollower:
     async def start(self, *, catch_up_s: float = 10.0) -> None:
         self._consumer = make_consumer(self.settings, group_id=None)
         await self._consumer.start()
-        if not await partitions_of(self._consumer, topics.CONTROL, missing_ok=True):
+        control = topics.scoped(self.settings, topics.CONTROL)
+        if not await partitions_of(self._consumer, control, missing_ok=True):
             # an older deployment: create the (small) control topic
             await ensure_topics(self.settings, {topics.CONTROL: topics.PARTITIONS[topics.CONTROL]})
-        tps = await assign_all(self._consumer, topics.CONTROL, wait_s=5.0)
+        tps = await assign_all(self._consumer, control, wait_s=5.0)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
         with contextlib.suppress(TimeoutError):

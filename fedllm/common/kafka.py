@@ -2,6 +2,10 @@
 
 Clients are configured for at-least-once delivery without idempotence or transactions
 (the local Tansu broker supports neither); every consumer must be idempotent by id.
+
+`Bus.send`, `make_consumer` and `ensure_topics` take logical topic names (fedllm.common.topics)
+and put them in the topic namespace; code that names a partition or asks the client about a
+topic itself uses `topics.scoped`.
 """
 
 from __future__ import annotations
@@ -76,10 +80,12 @@ def make_consumer(
     settings: Settings, *topic_names: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
     """A consumer with manual commits and a short fetch wait (see BROKER notes), longer while
-    idle (`idle_fetch_max_wait_ms`)."""
+    idle (`idle_fetch_max_wait_ms`). `topic_names` and `group_id` are logical: both are put in
+    the settings' topic namespace."""
+    ns = settings.topic_namespace  # topics.scoped, for many names
     kw: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
-        "group_id": group_id,
+        "group_id": None if group_id is None else ns + group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "fetch_max_wait_ms": settings.fetch_max_wait_ms,
@@ -89,7 +95,7 @@ def make_consumer(
     }
     kw.update(overrides)
     idle = (settings.idle_fetch_max_wait_ms, settings.idle_after_ms)
-    return Consumer(*topic_names, idle_fetch=idle, **kw)
+    return Consumer(*(ns + t for t in topic_names), idle_fetch=idle, **kw)
 
 
 def admin_client(settings: Settings) -> AIOKafkaAdminClient:
@@ -98,14 +104,16 @@ def admin_client(settings: Settings) -> AIOKafkaAdminClient:
 
 
 async def ensure_topics(settings: Settings, wanted: dict[str, int]) -> None:
-    """Create every topic explicitly with its partition count (never rely on auto-create)."""
+    """Create every topic explicitly with its partition count (never rely on auto-create);
+    `wanted` has logical names, created in the settings' topic namespace."""
     admin = admin_client(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        scoped = {topics.scoped(settings, t): n for t, n in wanted.items()}
         new = [
             NewTopic(name=t, num_partitions=n, replication_factor=1)
-            for t, n in wanted.items()
+            for t, n in scoped.items()
             if t not in existing
         ]
         if new:
@@ -209,8 +217,9 @@ async def seek_to_time(
 class Bus:
     """Typed producer: Avro-encodes records and sends them with schema headers."""
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, namespace: str = "") -> None:
         self.producer = producer
+        self.namespace = namespace  # Settings.topic_namespace: `send` takes logical names
 
     async def send(
         self,
@@ -224,7 +233,7 @@ class Bus:
         """Send one record; `headers` are added to the schema headers (e.g. a credential)."""
         value, schema_headers = codec.encode(schema, record)
         await self.producer.send_and_wait(
-            topic,
+            self.namespace + topic,
             value=value,
             key=key.encode() if key else None,
             headers=schema_headers + list(headers or ()) + tracing.inject_headers(),

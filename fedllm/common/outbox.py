@@ -129,11 +129,15 @@ def purge_sent(engine: Engine, *, before_ms: int) -> int:
 
 
 class Relay:
-    """Sends the outbox through an (aiokafka) producer; one flush at a time per process."""
+    """Sends the outbox through an (aiokafka) producer; one flush at a time per process.
+    Stored topics are logical; they are sent inside `namespace` (Settings.topic_namespace)."""
 
-    def __init__(self, engine: Engine, producer: Any, *, batch: int = 500) -> None:
+    def __init__(
+        self, engine: Engine, producer: Any, *, batch: int = 500, namespace: str = ""
+    ) -> None:
         self.engine = engine
         self.producer = producer
+        self.namespace = namespace
         self.batch = batch
         self._lock = asyncio.Lock()
 
@@ -154,7 +158,10 @@ class Relay:
                     try:
                         acks.append(
                             await self.producer.send(
-                                m.topic, value=m.value, key=m.key, headers=list(m.headers)
+                                self.namespace + m.topic,
+                                value=m.value,
+                                key=m.key,
+                                headers=list(m.headers),
                             )
                         )
                     except Exception as exc:  # not even queued: stop this page here

@@ -1,9 +1,18 @@
-"""Topic names and partition counts: the only addresses services share."""
+"""Topic names and partition counts: the only addresses services share.
+
+The names below are logical; `scoped(settings, name)` gives the topic on the wire, inside the
+deployment's namespace (`Settings.topic_namespace`, env FEDLLM_TOPIC_NAMESPACE; "" = the names as
+written, the production default). Tests give each pipeline its own namespace.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedllm.common.config import Settings
 
 REQUESTS = "fedllm.requests"  # InferenceRequest, key user_id; gateway -> accountant
 DECISIONS = "fedllm.decisions"  # BudgetDecision, key request_id; accountant -> router
@@ -33,6 +42,11 @@ PARTITIONS: dict[str, int] = {
     FL_UPDATES: 1,
     FL_RESULTS: 1,
 }
+
+
+def scoped(settings: Settings, name: str) -> str:
+    """The topic `name` (a logical name from this module) inside `settings`' namespace."""
+    return settings.topic_namespace + name
 
 
 def hospital_requests(hospital_id: str) -> str:

@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> faust.App:
     """Build the faust app and its agents for `settings`."""
     tls = ssl_context(settings)
     app = faust.App(
-        "fedllm-accountant",
+        topics.scoped(settings, "fedllm-accountant"),
         broker_credentials=faust.SSLCredentials(tls) if tls else None,
         broker=broker_urls(settings.kafka_bootstrap),
         value_serializer="raw",
@@ -79,25 +79,28 @@ def create_app(settings: Settings) -> faust.App:
         producer_linger_ms=0,
     )
     requests_topic = app.topic(
-        topics.REQUESTS,
+        topics.scoped(settings, topics.REQUESTS),
         key_type=bytes,
         value_type=bytes,
         partitions=topics.PARTITIONS[topics.REQUESTS],
     )
     node_results_topic = app.topic(
-        topics.NODE_RESULTS,
+        topics.scoped(settings, topics.NODE_RESULTS),
         key_type=bytes,
         value_type=bytes,
         partitions=topics.PARTITIONS[topics.NODE_RESULTS],
     )
     results_topic = app.topic(
-        topics.RESULTS,
+        topics.scoped(settings, topics.RESULTS),
         key_type=bytes,
         value_type=bytes,
         partitions=topics.PARTITIONS[topics.RESULTS],
     )
     admin_topic = app.topic(
-        topics.ADMIN, key_type=bytes, value_type=bytes, partitions=topics.PARTITIONS[topics.ADMIN]
+        topics.scoped(settings, topics.ADMIN),
+        key_type=bytes,
+        value_type=bytes,
+        partitions=topics.PARTITIONS[topics.ADMIN],
     )
     state: dict[str, Any] = {}
     building = asyncio.Lock()  # the timers and agents may all ask for it first at once
@@ -117,8 +120,9 @@ def create_app(settings: Settings) -> faust.App:
                         RdpAccountant(),
                     )
                     state["producer"] = producer
-                    state["replies"] = ReplyRelay(settings, Bus(producer))
-                    state["accountant"] = Accountant(settings, ledger, Bus(producer))
+                    bus = Bus(producer, settings.topic_namespace)
+                    state["replies"] = ReplyRelay(settings, bus)
+                    state["accountant"] = Accountant(settings, ledger, bus)
         return state["accountant"]
 
     policy = RetryPolicy.from_settings(settings)
@@ -190,7 +194,7 @@ def create_app(settings: Settings) -> faust.App:
         Callable[[Any, str], Awaitable[None]] | None,
     ]:
         """The batch handler for `topic`/`schema` and the terminal outcome of one event."""
-        if topic == topics.RESULTS:
+        if topic == topics.scoped(settings, topics.RESULTS):
 
             async def relay(batch: list[Decoded]) -> None:
                 for one in batch:

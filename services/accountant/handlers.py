@@ -49,7 +49,7 @@ class Accountant:
         self.admission = Admission(settings, ledger, bus)
         outbox.create_table(ledger.engine)
         partials.create_table(ledger.engine)
-        self.relay = outbox.Relay(ledger.engine, bus.producer)
+        self.relay = outbox.Relay(ledger.engine, bus.producer, namespace=bus.namespace)
         self._sweeps = 0
 
     async def relay_outbox(self) -> int:

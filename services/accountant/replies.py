@@ -37,8 +37,11 @@ class ReplyRelay:
         if self._admin is None:
             self._admin = admin_client(self.settings)
             await self._admin.start()
+        ns = self.settings.topic_namespace  # `known` holds logical names, as the bus takes
         self.known = {
-            t for t in await self._admin.list_topics() if t.startswith(topics.REPLIES_PREFIX)
+            t.removeprefix(ns)
+            for t in await self._admin.list_topics()
+            if t.startswith(ns + topics.REPLIES_PREFIX)
         }
         return topic in self.known
 

@@ -162,7 +162,7 @@ async def _publish(records: list[AuditEvent], settings: Settings) -> None:
     producer = make_producer(settings)
     await producer.start()
     try:
-        bus = Bus(producer)
+        bus = Bus(producer, settings.topic_namespace)
         for r in records:
             await bus.send(AUDIT, "AuditEvent", r, key=r["service"])
     except Exception as exc:  # stored already; the topic copy is a convenience

@@ -117,7 +117,7 @@ async def read_into(
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     try:
-        tps = await assign_all(consumer, topics.AUDIT, wait_s=5.0)
+        tps = await assign_all(consumer, topics.scoped(settings, topics.AUDIT), wait_s=5.0)
         filter_time = await _seek_start(consumer, tps, from_offset, from_ms)
         ends = await consumer.end_offsets(tps)  # a lower bound on some brokers (see BROKER.md)
         last_data = time.monotonic()

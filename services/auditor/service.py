@@ -161,12 +161,15 @@ async def run(
     consumer = make_consumer(
         settings, group_id=cfg.group_id, fetch_max_wait_ms=settings.background_fetch_max_wait_ms
     )
-    consumer.subscribe([topics.AUDIT], listener=_ReadyOnAssignment(settings))
+    consumer.subscribe(
+        [topics.scoped(settings, topics.AUDIT)], listener=_ReadyOnAssignment(settings)
+    )
     producer = make_producer(settings)
     await producer.start()
     await consumer.start()
     try:
-        await consume(consumer, Bus(producer), engine, cfg=cfg, protection=protection, stop=stop)
+        bus = Bus(producer, settings.topic_namespace)
+        await consume(consumer, bus, engine, cfg=cfg, protection=protection, stop=stop)
     finally:
         clear_ready(settings, SERVICE)
         await consumer.stop()

@@ -251,7 +251,7 @@ class Coordinator:
         await producer.start()
         await consumer.start()
         try:
-            bus = Bus(producer)
+            bus = Bus(producer, self.settings.topic_namespace)
             done = last is not None and last.status in ("converged", "finished", "stopped")
             round_no = start_round
             while not done and round_no <= c.max_rounds:

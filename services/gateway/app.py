@@ -124,7 +124,7 @@ def create_app(
         await ensure_topics(settings, {t: topics.PARTITIONS[t] for t in GATEWAY_TOPICS})
         producer = make_producer(settings)
         await producer.start()
-        state.producer, state.bus = producer, Bus(producer)
+        state.producer, state.bus = producer, Bus(producer, settings.topic_namespace)
         await state.correlator.start()
         await state.budgets.start()
         await state.nodes.start()

@@ -70,9 +70,10 @@ class _AssignedReader:
             else {}
         )
         consumer = make_consumer(self.settings, group_id=None, **overrides)
+        topic = topics.scoped(self.settings, self.topic)
         await consumer.start()
         try:
-            tps = await assign_all(consumer, self.topic, wait_s=math.inf)
+            tps = await assign_all(consumer, topic, wait_s=math.inf)
             await self._seek(consumer, tps)
         except BaseException:
             await consumer.stop()

@@ -202,7 +202,7 @@ def _audit(settings: Any, hospital: str, action: str, subject: str, **fields: An
         await producer.start()
         try:
             await audit.emit(
-                Bus(producer),
+                Bus(producer, settings.topic_namespace),
                 action=action,
                 service="node_worker",
                 id_parts=(hospital, subject, action),

@@ -18,9 +18,10 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the functions that load a model (not on import)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class LoadedModel:
 
 def pick_device() -> torch.device:
     """CUDA when available, else CPU."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -71,6 +74,7 @@ def is_cached(cache: Path) -> bool:
 
 def _build_cache(cache: Path) -> None:
     """De-GGUF the packaged model and save a clean fp32 copy into ``cache`` (atomic rename)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
@@ -118,6 +122,7 @@ def load_model(
     device: torch.device | None = None,
 ) -> LoadedModel:
     """The real SmolLM2-135M-Instruct (fp32, eval mode) from the cache, building it if needed."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _offline()
@@ -173,6 +178,7 @@ def tiny_model(
 
     ``models_dir`` is a ``<data_dir>/models`` folder; the tokenizer is cached there.
     """
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(_tokenizer_files(str(Path(models_dir))))

@@ -387,7 +387,7 @@ async def run(
     state = NodeState()
     producer = make_producer(settings)
     await producer.start()
-    bus = Bus(producer)
+    bus = Bus(producer, settings.topic_namespace)
     consumer = make_consumer(
         settings,
         topics.hospital_requests(hospital_id),

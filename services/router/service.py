@@ -111,7 +111,7 @@ class RouterService:
             else 0
         )
         self.producer = make_producer(settings)
-        self.bus = Bus(self.producer)
+        self.bus = Bus(self.producer, settings.topic_namespace)
         self.decisions = make_consumer(settings, group_id=SERVICE)
         self.heartbeats = make_consumer(
             settings, group_id=None, fetch_max_wait_ms=settings.background_fetch_max_wait_ms
@@ -197,10 +197,11 @@ class RouterService:
         await self.producer.start()
         for consumer in (self.decisions, self.heartbeats, self.node_results):
             await consumer.start()
-        self.decisions.subscribe([topics.DECISIONS], listener=_Assigned(self))
-        hb_tps = await assign_all(self.heartbeats, topics.HEARTBEATS)
+        scoped = functools.partial(topics.scoped, self.settings)
+        self.decisions.subscribe([scoped(topics.DECISIONS)], listener=_Assigned(self))
+        hb_tps = await assign_all(self.heartbeats, scoped(topics.HEARTBEATS))
         await seek_to_time(self.heartbeats, hb_tps, now_ms() - int(self.settings.node_ttl_s * 1000))
-        nr_tps = await assign_all(self.node_results, topics.NODE_RESULTS)
+        nr_tps = await assign_all(self.node_results, scoped(topics.NODE_RESULTS))
         # resolved now, so no answer to a request we route can be skipped
         await seek_all(self.node_results, nr_tps, to_end=True)
         await self._drain_heartbeats()
@@ -215,9 +216,10 @@ class RouterService:
             reader = make_consumer(self.settings, group_id=None)
             await reader.start()
             try:
-                wanted = [topics.hospital_requests(h) for h in sorted(hospitals)]
+                scoped = functools.partial(topics.scoped, self.settings)
+                wanted = [scoped(topics.hospital_requests(h)) for h in sorted(hospitals)]
                 tps = await partitions_of(reader, wanted, missing_ok=True)
-                nr_tps = await partitions_of(reader, topics.NODE_RESULTS, missing_ok=True)
+                nr_tps = await partitions_of(reader, scoped(topics.NODE_RESULTS), missing_ok=True)
                 reader.assign(tps + nr_tps)
                 routed = await recovery.read_since(
                     reader, tps, since, "RoutedRequest", router_id=self.settings.router_id

@@ -207,14 +207,13 @@ class Trainer:
         )
         await producer.start()
         await consumer.start()
-        bus = Bus(producer)
+        bus = Bus(producer, self.settings.topic_namespace)
+        results_topic = topics.scoped(self.settings, self.results_topic)
         try:
             while not self.stopped and not (stop and stop.is_set()):
                 batch = await consumer.getmany(timeout_ms=200)
                 anns: list[FlRoundAnnouncement] = []
-                for tp, msgs in sorted(
-                    batch.items(), key=lambda kv: kv[0].topic != self.results_topic
-                ):
+                for tp, msgs in sorted(batch.items(), key=lambda kv: kv[0].topic != results_topic):
                     for m in msgs:
                         try:
                             name, rec = codec.decode(m.value, m.headers)

@@ -17,7 +17,7 @@ from fedllm.common.config import HospitalConfig
 from fedllm.common.db import normalise_url
 from fedllm.common.outbox import Message
 from fedllm.launcher import Pipeline
-from tests.kafka_helpers import collect, inference_request, produce
+from tests.kafka_helpers import collect, inference_request, produce, unique_namespace
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +34,7 @@ def accountant(
             database_url=db,
             hospitals=[HospitalConfig(id="h1", departments=["cardiology"])],
             env={
+                "FEDLLM_TOPIC_NAMESPACE": unique_namespace(),  # its own topics
                 "FEDLLM_DELIVERY_ATTEMPTS": "3",
                 "FEDLLM_DELIVERY_BACKOFF_S": "0.1",
                 "FEDLLM_DELIVERY_BACKOFF_MAX_S": "0.5",

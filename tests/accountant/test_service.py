@@ -15,7 +15,7 @@ from fedllm.common.db import normalise_url
 from fedllm.common.kafka import now_ms
 from fedllm.launcher import Pipeline
 from fedllm.privacy.accountant import PrivacyCurve
-from tests.kafka_helpers import collect, inference_request, produce, produce_raw
+from tests.kafka_helpers import collect, inference_request, produce, produce_raw, unique_namespace
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ def accountant(
             data_dir=Path(tmp_path_factory.mktemp("acct")),
             database_url=db,
             hospitals=[HospitalConfig(id="h1", departments=["cardiology"])],
+            env={"FEDLLM_TOPIC_NAMESPACE": unique_namespace()},  # its own topics
         )
         pipe.bootstrap = kafka_bootstrap
         pipe.start_broker()

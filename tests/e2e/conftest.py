@@ -11,6 +11,7 @@ import pytest
 
 from fedllm.common.config import HospitalConfig
 from fedllm.launcher import Pipeline
+from tests.kafka_helpers import unique_namespace
 from tests.ops.otlp import Collector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,7 @@ def pipeline(postgres_admin_url: str, otlp_collector: Collector) -> Iterator[Pip
             database_url=db,
             hospitals=HOSPITALS,
             env={
+                "FEDLLM_TOPIC_NAMESPACE": unique_namespace(),  # its own topics on the broker
                 "FEDLLM_NODE_TIMEOUT_S": "40",
                 "FEDLLM_REQUEST_TIMEOUT_S": "120",
                 "FEDLLM_NODE_TTL_S": "4",

@@ -127,7 +127,7 @@ def test_undecodable_messages_go_to_dlq_and_pipeline_keeps_serving(
         )
         assert dead, f"nothing dead-lettered from {t}"
         headers = dict(dead[0].headers)
-        assert headers["dlq-origin-topic"] == t.encode()
+        assert headers["dlq-origin-topic"] == topics.scoped(s, t).encode()
         assert b"unknown schema fingerprint" in headers["dlq-error"]
     r = client.post(
         "/v1/inference",

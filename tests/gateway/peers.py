@@ -19,6 +19,7 @@ from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer
 from fedllm.services.gateway.app import create_app
 from fedllm.services.gateway.settings import GatewaySettings
 from fedllm.services.gateway.tokens import mint_token
+from tests.kafka_helpers import unique_namespace
 
 SECRET = "test-gateway-secret-0123456789abcdefghijklmnop"
 
@@ -26,9 +27,11 @@ Behaviour = Callable[[dict[str, Any]], dict[str, Any] | list[dict[str, Any]] | N
 
 
 def make_settings(kafka_bootstrap: str, **kw: Any) -> Settings:
+    """Gateway test settings, in a topic namespace of their own (unless `topic_namespace`)."""
     base: dict[str, Any] = {
         "mode": "prod",
         "kafka_bootstrap": kafka_bootstrap,
+        "topic_namespace": unique_namespace(),
         "jwt_secret": SECRET,
         "redis_url": "",
         "request_timeout_s": 10.0,
@@ -110,15 +113,17 @@ class FakeAccountant:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> FakeAccountant:
+        await prepare_topics(self.settings)
         self.producer = make_producer(self.settings)
         await self.producer.start()
-        self.bus = Bus(self.producer)
+        self.bus = Bus(self.producer, self.settings.topic_namespace)
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
         await self.consumer.topics()
+        requests = topics.scoped(self.settings, topics.REQUESTS)
         tps = [
-            TopicPartition(topics.REQUESTS, p)
-            for p in sorted(self.consumer.partitions_for_topic(topics.REQUESTS) or [])
+            TopicPartition(requests, p)
+            for p in sorted(self.consumer.partitions_for_topic(requests) or [])
         ]
         assert tps, "requests topic has no partitions"
         self.consumer.assign(tps)
@@ -182,12 +187,14 @@ class AuditTap:
         self.events: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> AuditTap:
+        await prepare_topics(self.settings)
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
         await self.consumer.topics()
+        audit_topic = topics.scoped(self.settings, topics.AUDIT)
         tps = [
-            TopicPartition(topics.AUDIT, p)
-            for p in sorted(self.consumer.partitions_for_topic(topics.AUDIT) or [])
+            TopicPartition(audit_topic, p)
+            for p in sorted(self.consumer.partitions_for_topic(audit_topic) or [])
         ]
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)

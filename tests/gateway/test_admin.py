@@ -54,9 +54,10 @@ class Tap:
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
         await self.consumer.topics()
+        topic = topics.scoped(self.settings, self.topic)
         tps = [
-            TopicPartition(self.topic, p)
-            for p in sorted(self.consumer.partitions_for_topic(self.topic) or [])
+            TopicPartition(topic, p)
+            for p in sorted(self.consumer.partitions_for_topic(topic) or [])
         ]
         assert tps, f"{self.topic} has no partitions"
         self.consumer.assign(tps)
@@ -235,13 +236,13 @@ class Heartbeats:
     async def __aenter__(self) -> Heartbeats:
         self.producer = make_producer(self.settings)
         await self.producer.start()
-        self.bus = Bus(self.producer)
+        self.bus = Bus(self.producer, self.settings.topic_namespace)
         return self
 
     async def send(self, hb: dict[str, Any], *, timestamp_ms: int | None = None) -> None:
         value, headers = codec.encode("NodeHeartbeat", hb)
         await self.producer.send_and_wait(
-            topics.HEARTBEATS,
+            topics.scoped(self.settings, topics.HEARTBEATS),
             value=value,
             key=hb["hospital_id"].encode(),
             headers=headers,

@@ -29,7 +29,7 @@ async def test_budget_view_skips_spent_windows(settings):
         )
         value, headers = codec.encode("BudgetStatus", old)
         await producer.send_and_wait(
-            topics.BUDGETS,
+            topics.scoped(settings, topics.BUDGETS),
             value=value,
             key=old_user.encode(),
             headers=headers,
@@ -38,7 +38,10 @@ async def test_budget_view_skips_spent_windows(settings):
         new = budget_status(new_user, "cardiology", spent=1.0)
         value, headers = codec.encode("BudgetStatus", new)
         await producer.send_and_wait(
-            topics.BUDGETS, value=value, key=new_user.encode(), headers=headers
+            topics.scoped(settings, topics.BUDGETS),
+            value=value,
+            key=new_user.encode(),
+            headers=headers,
         )
     finally:
         await producer.stop()

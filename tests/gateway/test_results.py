@@ -99,7 +99,8 @@ async def test_a_result_after_the_504_is_collected_by_its_owner_only(store_setti
                 },
                 response="the late answer",
             )
-            await Bus(producer).send(topics.RESULTS, "InferenceResult", late, key=rid)
+            bus = Bus(producer, store_settings.topic_namespace)
+            await bus.send(topics.RESULTS, "InferenceResult", late, key=rid)
         finally:
             await producer.stop()
         for _ in range(300):

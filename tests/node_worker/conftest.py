@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 from fedllm.services.node_worker.clinosim_data import ensure_clinosim
-from fedllm.services.node_worker.model import LoadedModel, tiny_model
+
+if TYPE_CHECKING:  # torch is imported when a test asks for the model, not at collection
+    from fedllm.services.node_worker.model import LoadedModel
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FEDLLM_TEST_CACHE", REPO / ".fedllm"))
@@ -29,6 +31,10 @@ def models_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(models_dir: Path) -> LoadedModel:
+    import torch
+
+    from fedllm.services.node_worker.model import tiny_model
+
     torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP oversubscription
     return tiny_model(models_dir=models_dir, seed=0, device=torch.device("cpu"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -20,10 +21,11 @@ from fedllm.services.node_worker.answer_dp import (
     groups_for_population,
     plan_question,
 )
-from fedllm.services.node_worker.engine import Engine
-from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.records import Note, group_of
 from tests.node_worker.test_engine import routed
+
+if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
+    from fedllm.services.node_worker.model import LoadedModel
 
 KEY = b"k" * 32
 
@@ -137,6 +139,8 @@ def test_noise_is_added_to_every_vocabulary_entry() -> None:
 def test_engine_routes_population_and_entity_questions(
     hospital_data_dir: Path, tiny: LoadedModel
 ) -> None:
+    from fedllm.services.node_worker.engine import Engine
+
     eng = Engine(
         Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(3)
     )

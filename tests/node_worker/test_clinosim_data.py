@@ -16,6 +16,7 @@ from fedllm.services.node_worker.clinosim_data import (
 )
 
 
+@pytest.mark.slow  # waits for the once-a-second redraw
 def test_progress_shows_stage_elapsed_and_estimate() -> None:
     out = io.StringIO()
     cmd = [
@@ -30,6 +31,7 @@ def test_progress_shows_stage_elapsed_and_estimate() -> None:
     assert "done in" in text
 
 
+@pytest.mark.slow  # the redraw loop notices the exit within a second
 def test_progress_raises_when_clinosim_fails() -> None:
     with pytest.raises(subprocess.CalledProcessError):
         _run_with_progress(

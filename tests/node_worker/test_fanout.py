@@ -6,7 +6,7 @@ import json
 import random
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -16,9 +16,11 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from fedllm.services.node_worker.engine import Engine
-from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.service import result_record
+
+if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
+    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.model import LoadedModel
 
 DELTA = 1e-5
 
@@ -66,6 +68,8 @@ def routed(
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
+    from fedllm.services.node_worker.engine import Engine
+
     return Engine(
         Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(5)
     )

@@ -9,7 +9,7 @@ import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -19,14 +19,16 @@ from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
-from fedllm.services.node_worker.engine import Engine
 from fedllm.services.node_worker.ledger import NodeLedger
-from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.records import person_of
 from fedllm.services.node_worker.service import run, wait_ready
 from fedllm.services.node_worker.settings import NodeSettings
 from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, with_grant
 from tests.node_worker.test_engine import routed
+
+if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
+    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.model import LoadedModel
 
 QUESTION = "Which patients had chest pain or hypertension?"
 RHO1 = rho_for_epsilon(epsilon=1.0, delta=1e-5)
@@ -34,6 +36,8 @@ RHO1 = rho_for_epsilon(epsilon=1.0, delta=1e-5)
 
 def make_engine(data_dir: Path, tiny: LoadedModel, *, routes: bool = False, **node: Any) -> Engine:
     """An engine on the decoding path (`routes=True`: with the answer-level routes too)."""
+    from fedllm.services.node_worker.engine import Engine
+
     return Engine(
         Settings(data_dir=data_dir, answer_routes=routes),
         "st_mary",
@@ -174,6 +178,8 @@ async def test_restarted_node_resends_the_same_release(
     runs: list[int] = []
 
     def factory(s: Settings, h: str) -> Engine:
+        from fedllm.services.node_worker.engine import Engine
+
         eng = Engine(s, h, model=tiny, groups=4, rng=random.Random(len(runs) * 1000 + 7))
         real = eng._generate
         eng._generate = lambda *a, **k: (runs.append(1), real(*a, **k))[1]  # type: ignore[method-assign]

@@ -63,6 +63,7 @@ def test_every_kustomization_entry_exists(root: Path) -> None:
             }, manifest
 
 
+@pytest.mark.slow  # schema validation of every manifest: a second or more each
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_every_rendered_manifest_validates_against_the_schemas(target: str) -> None:
     docs = rendered(target)
@@ -71,6 +72,7 @@ def test_every_rendered_manifest_validates_against_the_schemas(target: str) -> N
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+@pytest.mark.slow
 def test_every_source_manifest_validates_too() -> None:
     for path in (K8S / "base").glob("*.yaml"):
         if path.name == "kustomization.yaml":
@@ -296,6 +298,7 @@ def _normal(value: Any) -> Any:
     return value
 
 
+@pytest.mark.slow  # runs kubectl: about a second each
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_the_test_renderer_agrees_with_kubectl_kustomize(target: str) -> None:

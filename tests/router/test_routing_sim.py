@@ -28,6 +28,7 @@ def sim() -> ModuleType:
     return module
 
 
+@pytest.mark.slow  # every strategy on every trace: seconds
 def test_every_strategy_runs_every_trace_and_accounts_for_every_request(
     sim: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:

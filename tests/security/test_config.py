@@ -57,6 +57,7 @@ async def test_bad_user_records_are_refused(bad):
         GatewaySettings(users=[{**user, **bad}])
 
 
+@pytest.mark.slow  # four argon2 operations at the production cost
 async def test_cli_hashes_a_password(monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
