@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -13,11 +14,13 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
 from fedllm.privacy.rdp import rho_for_epsilon
-from fedllm.services.node_worker.engine import Engine
-from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.reservation import reservation_rho
 from fedllm.services.node_worker.service import failed_fields, result_record
 from tests.node_worker.test_fanout import DELTA, routed
+
+if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
+    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.model import LoadedModel
 
 
 def test_the_carried_rho_is_used_and_only_a_legacy_record_derives_it() -> None:
@@ -33,6 +36,8 @@ def test_the_carried_rho_is_used_and_only_a_legacy_record_derives_it() -> None:
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
+    from fedllm.services.node_worker.engine import Engine
+
     return Engine(
         Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(5)
     )

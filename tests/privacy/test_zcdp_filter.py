@@ -71,7 +71,8 @@ def test_other_curves_are_charged_a_dominating_rho(event: object) -> None:
 @given(limit=st.floats(0.01, 30), used=st.floats(0, 1))
 def test_remaining_is_what_a_query_may_still_reserve(limit: float, used: float) -> None:
     f = ZcdpFilter(delta=1e-5)
-    charged = int(f.limit_units(limit) * used)
+    # units above 2**53: the float product can round past the limit, so clamp it
+    charged = min(f.limit_units(limit), int(f.limit_units(limit) * used))
     left = f.remaining_epsilon(charged=charged, limit_epsilon=limit)
     assert 0 <= left <= limit
     assert f.admits(charged=charged, extra=f.query_units(left), limit_epsilon=limit)
