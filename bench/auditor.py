@@ -25,9 +25,9 @@ from sqlalchemy.engine import make_url
 from fedllm.common.audit import audit_event
 from fedllm.common.db import make_engine, normalise_url
 from fedllm.services.auditor.migrate import upgrade
-from fedllm.services.auditor.models import audit_log
-from fedllm.services.auditor.records import Protection, event_to_row
+from fedllm.services.auditor.rows import Protection, event_to_row
 from fedllm.services.auditor.store import append
+from fedllm.services.auditor.tables import audit_log
 
 COLUMNS = [c.name for c in audit_log.columns if c.name not in ("id", "stored_at")]
 

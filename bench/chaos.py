@@ -285,9 +285,9 @@ def print_missing_terminal(pipe: Pipeline) -> None:
     from sqlalchemy import select
 
     from fedllm.common.db import make_engine
-    from fedllm.services.accountant.models import BudgetEntry
+    from fedllm.services.accountant.tables import BudgetEntry
     from fedllm.services.auditor.compliance import TERMINAL_ACTIONS
-    from fedllm.services.auditor.models import audit_log
+    from fedllm.services.auditor.tables import audit_log
 
     engine = make_engine(pipe.database_url)
     try:
@@ -317,8 +317,8 @@ def invariants(pipe: Pipeline, callers: list[Caller]) -> list[tuple[str, str, bo
     from fedllm.common.db import make_engine
     from fedllm.privacy.accountant import RdpAccountant
     from fedllm.services.accountant.ledger import Ledger
-    from fedllm.services.accountant.models import BudgetAccount, BudgetEntry
-    from fedllm.services.auditor.models import audit_log
+    from fedllm.services.accountant.tables import BudgetAccount, BudgetEntry
+    from fedllm.services.auditor.tables import audit_log
 
     rows: list[tuple[str, str, bool]] = []
     unread = [c for c in callers if not c.terminal]
@@ -414,7 +414,7 @@ def _records_pairs(pipe: Pipeline) -> list[tuple[Path, Path]]:
     """(the hospital's clinosim folder in this run, its cached copy) per hospital: the synthetic
     records depend on (seed, population) only, and generating them costs minutes on a loaded
     machine; the node's privacy ledger is not cached (every run starts with a fresh budget)."""
-    from fedllm.services.node_worker.engine import clinosim_dir
+    from fedllm.services.node_worker.answering import clinosim_dir
 
     return [
         (

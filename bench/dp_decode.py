@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedllm.common.config import Settings  # noqa: E402
 from fedllm.privacy.rdp import rho_for_epsilon  # noqa: E402
+from fedllm.services.node_worker.answering import Engine  # noqa: E402
 from fedllm.services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, dp_decode  # noqa: E402
-from fedllm.services.node_worker.engine import Engine  # noqa: E402
 from fedllm.services.node_worker.model import load_model  # noqa: E402
 
 QUESTION = "Which medications are our diabetic patients taking, and how well controlled are they?"

@@ -316,7 +316,7 @@ def preload_history(
 ) -> float:
     """Write `rows` committed entries into the current window of the bench's users and
     department, and add them to the accounts' running sums; returns seconds taken."""
-    from fedllm.services.accountant.models import Base, BudgetAccount, BudgetEntry
+    from fedllm.services.accountant.tables import Base, BudgetAccount, BudgetEntry
 
     t0 = time.perf_counter()
     engine = create_engine(normalise_url(database_url))

@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
 
     from fedllm.services.node_worker.answer_dp import groups_for_population
-    from fedllm.services.node_worker.engine import Engine, clinosim_dir
+    from fedllm.services.node_worker.answering import Engine, clinosim_dir
     from fedllm.services.node_worker.text_routes import TextRoutes
 
     hid = f"bench-s{args.seed}-p{args.population}"
@@ -330,7 +330,7 @@ def cohort_notes(cdir: Path, notes: list) -> list:  # noqa: ANN001
 
 
 def engine_key(settings: Settings, hid: str) -> bytes:
-    from fedllm.services.node_worker.engine import hospital_dir
+    from fedllm.services.node_worker.answering import hospital_dir
     from fedllm.services.node_worker.records import hospital_key
 
     return hospital_key(hospital_dir(settings, hid) / "partition.key")

@@ -13,8 +13,8 @@ import tempfile
 from fedllm.common.config import Settings
 from fedllm.common.db import make_engine
 from fedllm.services.auditor import migrate
-from fedllm.services.auditor.records import Protection
 from fedllm.services.auditor.replay import read_into
+from fedllm.services.auditor.rows import Protection
 from fedllm.services.auditor.settings import AuditorSettings
 from fedllm.services.auditor.verify import verify
 

@@ -88,7 +88,7 @@ def _sha256(path: Path) -> str:
 
 
 def _audit_heads(url: str) -> dict[str, list[Any]]:
-    from fedllm.services.auditor.models import chain_heads
+    from fedllm.services.auditor.tables import chain_heads
 
     engine = make_engine(url)
     try:

@@ -275,8 +275,8 @@ def preset_hospitals(preset: str) -> list[HospitalConfig] | None:
 def generate_hospitals(settings: Settings) -> None:
     """Generate every configured hospital's records before the nodes start (once; cached),
     with a progress bar and a time estimate, so no node waits on clinosim."""
+    from fedllm.services.node_worker.answering import clinosim_dir
     from fedllm.services.node_worker.clinosim_data import ensure_clinosim
-    from fedllm.services.node_worker.engine import clinosim_dir
 
     for h in settings.hospitals:
         ensure_clinosim(

@@ -54,7 +54,7 @@ MUTATIONS = (
     ),
     Mutation(
         "notes_in_public_prompt",
-        "fedllm/services/node_worker/engine.py",
+        "fedllm/services/node_worker/answering.py",
         "public_prompt = self.encode(question, None)",
         "public_prompt = self.encode(question, [n for c in contexts for n in c][:1])",
         (f"{T}::test_public_prompt_used_by_the_engine_is_record_free",),
@@ -94,7 +94,7 @@ MUTATIONS = (
     ),
     Mutation(  # the 0-ε adapter answer must be post-processing: the notes never reach it
         "adapter_reads_notes",
-        "fedllm/services/node_worker/engine.py",
+        "fedllm/services/node_worker/answering.py",
         "        ans = self.adapters.answer(question, system=SYSTEM_PROMPT, max_tokens=max_tokens)\n",
         "        notes = self.records.retrieve(question, per_group=1)\n"
         "        question = '\\n'.join(n.text[:200] for g in notes for n in g) + question\n"

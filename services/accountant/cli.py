@@ -12,7 +12,7 @@ from fedllm.common.metrics import serve_metrics
 def _run(args: argparse.Namespace) -> int:
     import faust
 
-    from fedllm.services.accountant.app import create_app
+    from fedllm.services.accountant.service import create_app
 
     settings = Settings()
     setup_logging("accountant")

@@ -25,7 +25,7 @@ from fedllm.schemas.records import BudgetAdjustment, InferenceRequest, Inference
 from fedllm.services.accountant import decide, messages, partials
 from fedllm.services.accountant.admission import Admission
 from fedllm.services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
-from fedllm.services.accountant.models import BudgetEntry
+from fedllm.services.accountant.tables import BudgetEntry
 
 log = logging.getLogger(__name__)
 Headers = Sequence[tuple[str, bytes]]

@@ -30,7 +30,7 @@ from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, w
 from fedllm.schemas.records import BudgetAdjustment, InferenceRequest
 from fedllm.services.accountant import decide
 from fedllm.services.accountant.decide import Balance
-from fedllm.services.accountant.models import Base, BudgetAccount, BudgetEntry, BudgetReset
+from fedllm.services.accountant.tables import Base, BudgetAccount, BudgetEntry, BudgetReset
 from fedllm.services.accountant.upgrade import upgrade
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, Engine, func, select
 
 from fedllm.common import metrics
-from fedllm.services.auditor.models import audit_log, chain_heads, checkpoints
+from fedllm.services.auditor.tables import audit_log, chain_heads, checkpoints
 from fedllm.services.auditor.verify import verify
 
 log = logging.getLogger(__name__)

@@ -100,8 +100,8 @@ def cmd_anchor(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from fedllm.services.auditor.records import Protection
     from fedllm.services.auditor.replay import TargetNotEmpty, replay
+    from fedllm.services.auditor.rows import Protection
     from fedllm.services.auditor.settings import AuditorSettings
 
     settings = Settings()

@@ -16,9 +16,9 @@ from sqlalchemy import Engine, case, func, select
 
 from fedllm.services.auditor.chain import as_utc, iso_ms
 from fedllm.services.auditor.crypto import is_sealed_token
-from fedllm.services.auditor.models import audit_log
-from fedllm.services.auditor.records import CLEAR_TEXT_KEYS
+from fedllm.services.auditor.rows import CLEAR_TEXT_KEYS
 from fedllm.services.auditor.settings import SIX_YEARS_DAYS, AuditorSettings
+from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
 
 TERMINAL_ACTIONS = ("request.completed", "request.rejected", "request.failed", "request.timeout")

@@ -19,10 +19,10 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, text
 from fedllm.common.audit import audit_event
 from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor.chain import as_utc, iso_ms
-from fedllm.services.auditor.models import audit_log, chain_heads, checkpoints
-from fedllm.services.auditor.records import Protection, event_to_row
+from fedllm.services.auditor.rows import Protection, event_to_row
 from fedllm.services.auditor.settings import AuditorSettings
 from fedllm.services.auditor.store import append_rows, lock_chain_head
+from fedllm.services.auditor.tables import audit_log, chain_heads, checkpoints
 from fedllm.services.auditor.verify import PURGE_ACTION
 
 

@@ -25,8 +25,8 @@ from fedllm.common.kafka import assign_all, make_consumer, seek_to_time
 from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor import migrate, store
 from fedllm.services.auditor.chain import as_utc, content_view
-from fedllm.services.auditor.models import audit_log, checkpoints
-from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.rows import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.tables import audit_log, checkpoints
 from fedllm.services.auditor.verify import row_count
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from fedllm.common.kafka import Bus, make_consumer, make_producer
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.schemas.records import AuditEvent
 from fedllm.services.auditor import migrate, store
-from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.rows import InvalidEvent, Protection, event_to_row
 from fedllm.services.auditor.settings import AuditorSettings
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from fedllm.services.auditor.chain import GENESIS, row_hash
-from fedllm.services.auditor.models import audit_log, chain_heads
+from fedllm.services.auditor.tables import audit_log, chain_heads
 
 _IN_CHUNK = 500
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select
 
 from fedllm.services.auditor.chain import GENESIS, row_hash
-from fedllm.services.auditor.models import audit_log, chain_heads, checkpoints
+from fedllm.services.auditor.tables import audit_log, chain_heads, checkpoints
 
 PURGE_ACTION = "audit.purged"
 

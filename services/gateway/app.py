@@ -29,12 +29,12 @@ from fedllm.services.gateway import (
     routes_nodes_config,
 )
 from fedllm.services.gateway.auth import PasswordChecker
+from fedllm.services.gateway.bodies import Health, Readiness, inference_body_model
 from fedllm.services.gateway.cached_answers import make_answer_cache
 from fedllm.services.gateway.correlator import BudgetView, NodeView, ResultCorrelator
 from fedllm.services.gateway.deps import GatewayState, State
 from fedllm.services.gateway.errors import invalid_request
 from fedllm.services.gateway.metrics import GatewayMetrics
-from fedllm.services.gateway.models import Health, Readiness, inference_body_model
 from fedllm.services.gateway.ratelimit import RateLimiter, make_limiter
 from fedllm.services.gateway.results import ResultArchiver, make_result_store
 from fedllm.services.gateway.settings import GatewaySettings

@@ -22,8 +22,8 @@ from fedllm.services.gateway.answer_cache import (
     CacheKey,
     cache_content,
 )
+from fedllm.services.gateway.bodies import CachedReleaseInfo, InferenceBodyBase, InferenceResponse
 from fedllm.services.gateway.deps import GatewayState
-from fedllm.services.gateway.models import CachedReleaseInfo, InferenceBodyBase, InferenceResponse
 from fedllm.services.gateway.routes_budget import budget_of
 from fedllm.services.gateway.settings import GatewaySettings
 

@@ -19,8 +19,7 @@ from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
 from fedllm.services.gateway.auth import Principal
-from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
-from fedllm.services.gateway.models import (
+from fedllm.services.gateway.bodies import (
     AdminConfig,
     AuthView,
     BudgetConfigView,
@@ -33,6 +32,7 @@ from fedllm.services.gateway.models import (
     UserView,
     budget_reset_body,
 )
+from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
 from fedllm.services.gateway.routes_inference import rate_limit
 from fedllm.services.gateway.settings import GatewaySettings
 

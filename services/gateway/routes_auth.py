@@ -6,8 +6,8 @@ import asyncio
 
 from fastapi import APIRouter, HTTPException, Request
 
+from fedllm.services.gateway.bodies import ErrorBody, TokenRequest, TokenResponse
 from fedllm.services.gateway.deps import State, client_address
-from fedllm.services.gateway.models import ErrorBody, TokenRequest, TokenResponse
 from fedllm.services.gateway.ratelimit import Window
 from fedllm.services.gateway.tokens import mint_token
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Path, Request
 
 from fedllm.schemas.records import BudgetStatus
 from fedllm.services.gateway.auth import Principal
+from fedllm.services.gateway.bodies import BudgetResponse, ErrorBody, PrivacyStatus
 from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, deny
-from fedllm.services.gateway.models import BudgetResponse, ErrorBody, PrivacyStatus
 
 router = APIRouter(tags=["budget"])
 

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedllm.services.gateway import control_plane
 from fedllm.services.gateway.auth import Principal
+from fedllm.services.gateway.bodies import ErrorBody
 from fedllm.services.gateway.deps import GatewayState, State
-from fedllm.services.gateway.models import ErrorBody
 from fedllm.services.gateway.routes_admin import AUTH_RESPONSES, AdminPrincipal
 
 HOSPITAL_ID = r"^[A-Za-z0-9_.-]{1,64}$"

@@ -20,10 +20,7 @@ from fedllm.common.identity import CREDENTIAL_HEADER, identifying_terms
 from fedllm.common.kafka import now_ms
 from fedllm.common.residency import RegionPolicy
 from fedllm.schemas.records import InferenceRequest, InferenceResult
-from fedllm.services.gateway.cached_answers import request_key, serve_hit
-from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
-from fedllm.services.gateway.errors import printable
-from fedllm.services.gateway.models import (
+from fedllm.services.gateway.bodies import (
     BudgetRefused,
     ErrorBody,
     InferenceBodyBase,
@@ -31,6 +28,9 @@ from fedllm.services.gateway.models import (
     Pending,
     TimedOut,
 )
+from fedllm.services.gateway.cached_answers import request_key, serve_hit
+from fedllm.services.gateway.deps import CurrentPrincipal, GatewayState, State, client_address, deny
+from fedllm.services.gateway.errors import printable
 from fedllm.services.gateway.ratelimit import Window
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedllm.common import control
 from fedllm.services.gateway import control_plane
+from fedllm.services.gateway.bodies import ErrorBody
 from fedllm.services.gateway.deps import State
-from fedllm.services.gateway.models import ErrorBody
 from fedllm.services.gateway.routes_admin import AUTH_RESPONSES, AdminPrincipal
 from fedllm.services.gateway.routes_emergency import HOSPITAL_ID
 

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _ledger(args: argparse.Namespace) -> int:
     from fedllm.privacy.accountant import PrivacyCurve
     from fedllm.privacy.rdp import rho_for_epsilon
-    from fedllm.services.node_worker.engine import clinosim_dir, open_ledger
+    from fedllm.services.node_worker.answering import clinosim_dir, open_ledger
     from fedllm.services.node_worker.records import load_notes, person_of
     from fedllm.services.node_worker.settings import NodeSettings
 

@@ -184,7 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _root(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedllm.common.config import Settings
-    from fedllm.services.node_worker.engine import clinosim_dir, hospital_dir
+    from fedllm.services.node_worker.answering import clinosim_dir, hospital_dir
 
     settings = Settings()
     settings.hospital(args.hospital)

@@ -1,7 +1,7 @@
 """The node worker's Kafka loop: one process per hospital.
 
 Consumes RoutedRequests from ``hospital.<id>.requests`` (group ``node-<id>``), answers each with
-:class:`~fedllm.services.node_worker.engine.Engine` in a worker thread, produces exactly one
+:class:`~fedllm.services.node_worker.answering.Engine` in a worker thread, produces exactly one
 InferenceResult per request to ``fedllm.node-results`` (key user_id), audits it, and only then
 commits the offset (at-least-once). Heartbeats flow on their own task throughout, including
 while the model loads and while a request is being decoded.
@@ -56,7 +56,7 @@ EngineFactory = Callable[[Settings, str], Any]
 
 
 def default_engine_factory(settings: Settings, hospital_id: str) -> Any:
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
 
     return Engine(settings, hospital_id, groups=settings.dp_groups)
 

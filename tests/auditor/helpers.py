@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from fedllm.common.audit import audit_event
-from fedllm.services.auditor.records import Protection, event_to_row
+from fedllm.services.auditor.rows import Protection, event_to_row
 
 NO_KEYS = Protection(hmac_key=None, sealer=None)
 

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from fedllm.common.db import make_engine
-from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
 from tests.auditor.test_service import Running, bus, emit_many, make_settings  # noqa: F401
 from tests.pg_cluster import PG_BIN, Cluster

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, exc, insert, select, text
 
-from fedllm.services.auditor.models import audit_log, checkpoints
 from fedllm.services.auditor.purge import RetentionError, purge
 from fedllm.services.auditor.settings import AuditorSettings
 from fedllm.services.auditor.store import append
+from fedllm.services.auditor.tables import audit_log, checkpoints
 from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import event, rows, ts
 

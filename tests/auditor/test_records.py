@@ -9,7 +9,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from fedllm.common.audit import prompt_hmac
-from fedllm.services.auditor.records import InvalidEvent, Protection, event_to_row
+from fedllm.services.auditor.rows import InvalidEvent, Protection, event_to_row
 from fedllm.services.auditor.settings import AuditorSettings
 from tests.auditor.helpers import NO_KEYS, event
 

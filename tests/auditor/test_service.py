@@ -22,10 +22,10 @@ from fedllm.common.db import make_engine
 from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer
 from fedllm.common.lifecycle import ready_path
 from fedllm.services.auditor import cli, service
-from fedllm.services.auditor.models import audit_log
-from fedllm.services.auditor.records import Protection
 from fedllm.services.auditor.replay import replay
+from fedllm.services.auditor.rows import Protection
 from fedllm.services.auditor.settings import AuditorSettings
+from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import NO_KEYS, as_superuser_untriggered
 from tests.kafka_helpers import collect

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, exc, select, text
 
-from fedllm.services.auditor.models import audit_log
 from fedllm.services.auditor.store import append
+from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import as_superuser_untriggered, event, rows
 
@@ -109,7 +109,7 @@ def test_rehashed_forgery_breaks_the_next_link(ten: Engine) -> None:
 
 
 def test_per_hospital_chains(pg_engine: Engine) -> None:
-    from fedllm.services.auditor.records import Protection
+    from fedllm.services.auditor.rows import Protection
 
     prot = Protection(hmac_key=None, sealer=None, chain_by="hospital")
     append(pg_engine, rows([event(i) for i in range(6)], prot))

@@ -20,7 +20,7 @@ from fedllm.common.lora_model import load_adapted, to_bytes
 from fedllm.privacy.accountant import RdpAccountant, ZcdpFilter
 from fedllm.services.accountant import decide
 from fedllm.services.node_worker.adapter_serving import AdapterServer
-from fedllm.services.node_worker.engine import SYSTEM_PROMPT, Engine
+from fedllm.services.node_worker.answering import SYSTEM_PROMPT, Engine
 from fedllm.services.node_worker.service import result_record
 
 pytestmark = pytest.mark.federated

@@ -23,8 +23,8 @@ from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.lora_model import load_adapted, to_bytes
 from fedllm.services.node_worker.adapter_serving import AdapterServer
+from fedllm.services.node_worker.answering import SYSTEM_PROMPT, Engine
 from fedllm.services.node_worker.clinosim_data import ensure_clinosim
-from fedllm.services.node_worker.engine import SYSTEM_PROMPT, Engine
 from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.service import result_record
 

@@ -139,7 +139,7 @@ def test_noise_is_added_to_every_vocabulary_entry() -> None:
 def test_engine_routes_population_and_entity_questions(
     hospital_data_dir: Path, tiny: LoadedModel
 ) -> None:
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
 
     eng = Engine(
         Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(3)

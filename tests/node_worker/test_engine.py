@@ -17,7 +17,7 @@ from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
 from fedllm.services.node_worker.service import result_record
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
     from fedllm.services.node_worker.model import LoadedModel
 
 
@@ -57,7 +57,7 @@ def routed(
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
 
     settings = Settings(data_dir=hospital_data_dir)
     return Engine(settings, "st_mary", model=tiny, groups=4, rng=random.Random(3))
@@ -103,7 +103,7 @@ def test_aggregate_bad_json_fails(engine: Engine) -> None:
 def test_real_model_answers_in_english(hospital_data_dir: Path, models_dir: Path) -> None:
     import torch
 
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
     from fedllm.services.node_worker.model import cache_dir_for, load_model
 
     torch.set_num_threads(1)

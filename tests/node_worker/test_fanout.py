@@ -19,7 +19,7 @@ from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
 from fedllm.services.node_worker.service import result_record
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
     from fedllm.services.node_worker.model import LoadedModel
 
 DELTA = 1e-5
@@ -68,7 +68,7 @@ def routed(
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
 
     return Engine(
         Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(5)

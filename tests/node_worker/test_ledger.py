@@ -27,7 +27,7 @@ from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, with_grant
 from tests.node_worker.test_engine import routed
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
     from fedllm.services.node_worker.model import LoadedModel
 
 QUESTION = "Which patients had chest pain or hypertension?"
@@ -36,7 +36,7 @@ RHO1 = rho_for_epsilon(epsilon=1.0, delta=1e-5)
 
 def make_engine(data_dir: Path, tiny: LoadedModel, *, routes: bool = False, **node: Any) -> Engine:
     """An engine on the decoding path (`routes=True`: with the answer-level routes too)."""
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
 
     return Engine(
         Settings(data_dir=data_dir, answer_routes=routes),
@@ -63,7 +63,7 @@ def test_lifetime_budget_refuses_before_any_record_is_read(
     assert eng.answer(routed(prompt=QUESTION, epsilon=1.0, max_tokens=2))["status"] == "ok"
     monkeypatch.setattr(eng.records, "retrieve", lambda *a, **k: pytest.fail("records read"))
     monkeypatch.setattr(
-        "fedllm.services.node_worker.engine.load_cohort", lambda *a: pytest.fail("records read")
+        "fedllm.services.node_worker.answering.load_cohort", lambda *a: pytest.fail("records read")
     )
     for kind, prompt in (("generate", QUESTION), ("aggregate", json.dumps({"op": "count"}))):
         out = eng.answer(routed(prompt=prompt, kind=kind, epsilon=1.0))
@@ -178,7 +178,7 @@ async def test_restarted_node_resends_the_same_release(
     runs: list[int] = []
 
     def factory(s: Settings, h: str) -> Engine:
-        from fedllm.services.node_worker.engine import Engine
+        from fedllm.services.node_worker.answering import Engine
 
         eng = Engine(s, h, model=tiny, groups=4, rng=random.Random(len(runs) * 1000 + 7))
         real = eng._generate

@@ -196,8 +196,8 @@ def test_engine_aggregate_without_filter_charges_everyone_in_one_row(
     cohort and not charged."""
     import json
 
+    from fedllm.services.node_worker.answering import Engine
     from fedllm.services.node_worker.cohort import load_cohort
-    from fedllm.services.node_worker.engine import Engine
     from tests.node_worker.test_engine import routed
 
     eng = Engine(

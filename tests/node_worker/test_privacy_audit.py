@@ -29,9 +29,9 @@ from fedllm.common.config import Settings
 from fedllm.privacy.rdp import rho_for_epsilon
 from fedllm.services.node_worker import aggregate as agg
 from fedllm.services.node_worker import dp_decode as dpd
+from fedllm.services.node_worker.answering import Engine
 from fedllm.services.node_worker.cohort import Diagnosis, PatientRecord, load_cohort
 from fedllm.services.node_worker.dp_decode import BatchedDecoder, DPDecodeConfig, SplitDecoder
-from fedllm.services.node_worker.engine import Engine
 from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.records import HospitalRecords, Note
 

@@ -19,7 +19,7 @@ from fedllm.services.node_worker.service import failed_fields, result_record
 from tests.node_worker.test_fanout import DELTA, routed
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
     from fedllm.services.node_worker.model import LoadedModel
 
 
@@ -36,7 +36,7 @@ def test_the_carried_rho_is_used_and_only_a_legacy_record_derives_it() -> None:
 
 @pytest.fixture
 def engine(hospital_data_dir: Path, tiny: LoadedModel) -> Engine:
-    from fedllm.services.node_worker.engine import Engine
+    from fedllm.services.node_worker.answering import Engine
 
     return Engine(
         Settings(data_dir=hospital_data_dir), "st_mary", model=tiny, groups=4, rng=random.Random(5)

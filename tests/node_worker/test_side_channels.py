@@ -18,6 +18,7 @@ import torch
 from fedllm.common.config import Settings
 from fedllm.privacy.rdp import DEFAULT_ORDERS, rho_for_epsilon
 from fedllm.services.node_worker import dp_decode as dpd
+from fedllm.services.node_worker.answering import Engine
 from fedllm.services.node_worker.dp_decode import (
     BatchedDecoder,
     DPDecodeConfig,
@@ -26,7 +27,6 @@ from fedllm.services.node_worker.dp_decode import (
     calibrate,
     clip_votes,
 )
-from fedllm.services.node_worker.engine import Engine
 from fedllm.services.node_worker.model import LoadedModel
 from fedllm.services.node_worker.records import HospitalRecords, group_of, person_of
 from tests.node_worker.test_engine import routed

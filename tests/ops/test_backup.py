@@ -20,7 +20,7 @@ from fedllm.services.accountant.ledger import Ledger
 from fedllm.services.auditor import migrate, store
 from fedllm.services.auditor.anchor import AnchorSettings, check_anchors, verify_and_anchor
 from fedllm.services.auditor.chain import row_hash
-from fedllm.services.auditor.models import audit_log
+from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import as_superuser_untriggered, event, rows
 from tests.conftest import scratch_database

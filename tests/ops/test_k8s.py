@@ -212,7 +212,7 @@ def test_autoscaling_gateway_on_cpu_consumers_on_lag() -> None:
     assert (
         metric["external"]["metric"]["selector"]["matchLabels"]["consumergroup"]
         == "fedllm-accountant"
-    )  # the faust app id (services/accountant/app.py)
+    )  # the faust app id (services/accountant/service.py)
     # more consumers than partitions would idle: the bound is the partition count
     assert hpas["accountant"]["spec"]["maxReplicas"] <= min(
         topics.PARTITIONS[topics.REQUESTS], topics.PARTITIONS[topics.NODE_RESULTS]

@@ -14,7 +14,7 @@ import pytest
 
 from fedllm.common.config import Settings
 from fedllm.common.kafka import make_producer, ssl_context
-from fedllm.services.accountant.app import create_app
+from fedllm.services.accountant.service import create_app
 from tests.security.test_tls import load_gen_dev_certs
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from fedllm.services.auditor.migrate import VERSION_TABLE
-from fedllm.services.auditor.models import Base
+from fedllm.services.auditor.tables import Base
 
 connection = context.config.attributes["connection"]
 context.configure(
