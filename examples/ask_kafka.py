@@ -33,9 +33,11 @@ async def main() -> dict:
     await consumer.start()
     await producer.start()
     try:
-        consumer.assign([TopicPartition(reply, 0)])
-        await consumer.seek_to_end(TopicPartition(reply, 0))
-        await consumer.position(TopicPartition(reply, 0))  # listen before asking
+        # the broker's names carry the deployment's namespace (FEDLLM_TOPIC_NAMESPACE, usually "")
+        reply_tp = TopicPartition(topics.scoped(settings, reply), 0)
+        consumer.assign([reply_tp])
+        await consumer.seek_to_end(reply_tp)
+        await consumer.position(reply_tp)  # listen before asking
         rid, now = str(uuid.uuid4()), now_ms()
         request = {
             "request_id": rid,
@@ -53,7 +55,10 @@ async def main() -> dict:
         value, headers = codec.encode("InferenceRequest", request)
         credential = [("authorization", f"Bearer {token}".encode())]
         await producer.send_and_wait(
-            topics.REQUESTS, value, key=USER.encode(), headers=headers + credential
+            topics.scoped(settings, topics.REQUESTS),
+            value,
+            key=USER.encode(),
+            headers=headers + credential,
         )
         async for msg in consumer:  # only your own results are on this topic
             result = codec.decode_expect("InferenceResult", msg.value, msg.headers)
