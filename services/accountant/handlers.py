@@ -21,7 +21,12 @@ from fedllm.common.metrics import record_hospital_spend
 from fedllm.common.outbox import Message
 from fedllm.common.results import PART, result_kind
 from fedllm.privacy.accountant import PrivacyCurve, window_start
-from fedllm.schemas.records import BudgetAdjustment, InferenceRequest, InferenceResult
+from fedllm.schemas.records import (
+    AuditEvent,
+    BudgetAdjustment,
+    InferenceRequest,
+    InferenceResult,
+)
 from fedllm.services.accountant import decide, messages, partials
 from fedllm.services.accountant.admission import Admission
 from fedllm.services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
@@ -374,7 +379,7 @@ class Accountant:
         """Apply an admin's budget reset; audited with the admin as the actor. An applied
         reset's audit record goes into the outbox in the reset's own transaction; a replay or
         a refusal changes no ledger row and is audited directly (redelivery re-sends it)."""
-        applied = _audit(**_adjustment_audit(adjustment, "applied", ""))
+        applied = _audit_message(_adjustment_audit(adjustment, "applied", ""))
         try:
             changed = await asyncio.to_thread(
                 self.ledger.reset, adjustment, then=lambda s: outbox.add(s, [applied])
@@ -398,8 +403,9 @@ class Accountant:
     async def _audit_adjustment(
         self, adjustment: BudgetAdjustment, *, outcome: str, reason: str
     ) -> None:
-        await audit.emit(
-            self.bus, service=SERVICE, **_adjustment_audit(adjustment, outcome, reason)
+        record = _adjustment_audit(adjustment, outcome, reason)
+        await self.bus.send(
+            topics.AUDIT, "AuditEvent", record, key=record.get("request_id") or SERVICE
         )
 
     async def _publish_user_budget(self, user_id: str) -> None:
@@ -564,9 +570,10 @@ def _recorder(build: Callable[[Outcome], list[Message]]) -> Then:
     return record
 
 
-def _adjustment_audit(adjustment: BudgetAdjustment, outcome: str, reason: str) -> dict[str, Any]:
-    """The fields of an adjustment's `budget.reset` audit record (the admin is the actor)."""
-    return dict(
+def _adjustment_audit(adjustment: BudgetAdjustment, outcome: str, reason: str) -> AuditEvent:
+    """An adjustment's `budget.reset` audit record (the admin is the actor)."""
+    return audit.audit_event(
+        service=SERVICE,
         action="budget.reset",
         id_parts=(adjustment["adjustment_id"],),
         user_id=adjustment["actor_user_id"],
@@ -582,7 +589,10 @@ def _adjustment_audit(adjustment: BudgetAdjustment, outcome: str, reason: str) -
 
 def _audit(**kw: Any) -> Message:
     """An accountant AuditEvent as an outbox message."""
-    record = audit.audit_event(service=SERVICE, **kw)
+    return _audit_message(audit.audit_event(service=SERVICE, **kw))
+
+
+def _audit_message(record: AuditEvent) -> Message:
     return Message.encode(
         topics.AUDIT, "AuditEvent", record, key=record.get("request_id") or SERVICE
     )

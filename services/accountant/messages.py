@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from fedllm.common import results
 from fedllm.common.kafka import now_ms
@@ -45,34 +45,35 @@ def final_result(
 ) -> InferenceResult:
     """The terminal InferenceResult for fedllm.results."""
     entry = outcome.entry
-    base: dict[str, Any] = dict(node_result or {})
     spent = entry.get("spent_rdp")
     curve = PrivacyCurve.from_dict(spent) if spent else None
-    base.update(
-        request_id=entry["request_id"],
-        user_id=entry["user_id"],
-        department=entry["department"],
-        status=status,
-        reason=outcome.reason if status != "ok" else base.get("reason", ""),
-        privacy_cost=entry["spent_epsilon"],
-        delta=entry["delta"],
-        rdp_orders=list(curve.orders) if curve else [],
-        rdp_epsilons=list(curve.values) if curve else [],
+    answered = node_result.get("reason", "") if node_result else ""
+    final: InferenceResult = {
+        "request_id": entry["request_id"],
+        "user_id": entry["user_id"],
+        "department": entry["department"],
+        "status": status,
+        "reason": outcome.reason if status != "ok" else answered,
+        "privacy_cost": entry["spent_epsilon"],
+        "delta": entry["delta"],
+        "rdp_orders": list(curve.orders) if curve else [],
+        "rdp_epsilons": list(curve.values) if curve else [],
         # A refusal reports the binding limit (user's or department's); otherwise the user's.
-        remaining_budget=(
+        "remaining_budget": (
             min(outcome.user.remaining, outcome.department.remaining)
             if status == "rejected"
             else outcome.user.remaining
         ),
-        finished_at_ms=now_ms(),
-        kind=results.FINAL,
-    )
+        "finished_at_ms": now_ms(),
+        "kind": results.FINAL,
+    }
+    base: InferenceResult = {**node_result, **final} if node_result else final
     if status != "ok":
         base["response"] = ""
         base["is_private"] = False
     base.setdefault("node_id", entry.get("node_id", ""))
     base["processing_time_ms"] = float(now_ms() - entry["created_at_ms"])
-    return cast(InferenceResult, base)
+    return base
 
 
 def budget_status(

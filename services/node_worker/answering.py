@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.aggregate_query import WHERE_KEYS
@@ -91,13 +91,32 @@ def ensure_hospital_data(settings: Settings, hospital_id: str) -> Path:
     )
 
 
-def failed(reason: str, **extra: Any) -> dict[str, Any]:
-    return {"status": "failed", "reason": reason, "is_private": False, **extra}
+class AnswerFields(TypedDict, total=False):
+    """The InferenceResult fields an engine's answer sets (the service adds the rest, and drops
+    ``records_used``: it never leaves the node)."""
+
+    status: str
+    reason: str
+    response: str
+    is_private: bool
+    privacy_cost: float
+    delta: float
+    rdp_orders: list[float]
+    rdp_epsilons: list[float]
+    tokens: int
+    records_used: int
+    aggregate_json: str
+    adapter_hash: str
+    adapter_epsilon: float
+
+
+def failed(reason: str) -> AnswerFields:
+    return {"status": "failed", "reason": reason, "is_private": False}
 
 
 def failed_charged(
     reason: str, *, rho: float, delta: float, orders: Sequence[float]
-) -> dict[str, Any]:
+) -> AnswerFields:
     """A failure after a mechanism started: nothing released, the full reservation charged."""
     curve = PrivacyCurve.from_rho(rho, orders)
     return {
@@ -276,7 +295,7 @@ class Engine:
 
     # ------------------------------------------------------------------ answering
 
-    def answer(self, request: RoutedRequest) -> dict[str, Any]:
+    def answer(self, request: RoutedRequest) -> AnswerFields:
         """InferenceResult fields for a RoutedRequest (status, response, privacy cost, ...)."""
         try:
             inner = request["request"]
@@ -383,7 +402,7 @@ class Engine:
         delta: float,
         temperature: float,
         exclude: frozenset[str],
-    ) -> dict[str, Any]:
+    ) -> AnswerFields:
         question = str(inner.get("prompt", ""))[: self.settings.max_prompt_chars]
         max_tokens = max(0, min(int(inner.get("max_tokens", 64)), self.settings.max_tokens_limit))
         config = replace(self.config, vote_temperature=temperature)
@@ -431,7 +450,7 @@ class Engine:
             tokens=len(res.token_ids),
         )
 
-    def _adapter_answer(self, inner: InferenceRequest, *, delta: float) -> dict[str, Any]:
+    def _adapter_answer(self, inner: InferenceRequest, *, delta: float) -> AnswerFields:
         """The approved adapter's answer to the question alone: no record is read, and the
         adapter is a DP-trained model, so this is post-processing and spends ε = 0 (the
         accountant refunds the reservation). Fails, charging nothing, when none is approved."""
@@ -456,7 +475,7 @@ class Engine:
         epsilon: float,
         delta: float,
         capped: bool,
-    ) -> dict[str, Any] | None:
+    ) -> AnswerFields | None:
         """A population or entity question answered by an answer-level route (text_routes), or
         None when no route reads the question. The routes read every person's records, so
         every person is charged, and they run only while nobody is at their cap (a capped
@@ -489,7 +508,7 @@ class Engine:
         delta: float,
         parts: int,
         capped: Capped,
-    ) -> dict[str, Any]:
+    ) -> AnswerFields:
         """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most its
         share of the reservation and returns status "partial" with its noisy release in
         ``aggregate_json``, for the router to combine with the other hospitals' parts.
@@ -517,7 +536,7 @@ class Engine:
         return out
 
     @staticmethod
-    def _ok(*, text: str, curve: PrivacyCurve, delta: float, tokens: int) -> dict[str, Any]:
+    def _ok(*, text: str, curve: PrivacyCurve, delta: float, tokens: int) -> AnswerFields:
         return {
             "status": "ok",
             "reason": "",

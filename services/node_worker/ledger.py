@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
@@ -46,6 +46,9 @@ from sqlalchemy import (
 from fedllm.common import person_ledger as pl
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import now_ms
+
+if TYPE_CHECKING:  # answering imports this module
+    from fedllm.services.node_worker.answering import AnswerFields
 
 metadata = MetaData()
 
@@ -67,7 +70,7 @@ releases = Table(
 class StoredRelease:
     state: str
     rho: float
-    fields: dict[str, Any] | None
+    fields: AnswerFields | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,7 @@ class NodeLedger:
         with self.engine.connect() as conn:
             return pl.spends(conn, self.hospital_id, persons)
 
-    def release(self, request_id: str, attempt: int, fields: dict[str, Any]) -> dict[str, Any]:
+    def release(self, request_id: str, attempt: int, fields: AnswerFields) -> AnswerFields:
         """Persist the result fields (before publishing); first write wins. Returns what is
         stored, which is what must be published."""
         with self.engine.begin() as conn:
@@ -198,7 +201,8 @@ class NodeLedger:
                 select(releases).where(self._key(request_id, attempt)).with_for_update()
             ).first()
             if row is not None and row.state == "released":
-                return dict(json.loads(row.fields_json))
+                stored: AnswerFields = json.loads(row.fields_json)
+                return stored
             text = json.dumps(fields, sort_keys=True)
             if row is None:  # refused or failed before any draw: nothing charged here
                 conn.execute(

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -39,6 +39,10 @@ from fedllm.schemas.records import InferenceResult, NodeHeartbeat, RoutedRequest
 from fedllm.services.node_worker.health import NodeHealth, budget_room_level
 from fedllm.services.node_worker.intake import IntakeQueue, priority_of
 
+if TYPE_CHECKING:  # answering loads the model stack (torch): imported by the engine factory
+    from fedllm.services.node_worker.answering import AnswerFields
+    from fedllm.services.node_worker.ledger import NodeLedger
+
 log = logging.getLogger(__name__)
 
 SERVICE = "node_worker"
@@ -49,7 +53,7 @@ class EngineLike(Protocol):  # pragma: no cover - structural type for the factor
     model_name: str
     device: str
 
-    def answer(self, request: RoutedRequest) -> dict[str, Any]: ...
+    def answer(self, request: RoutedRequest) -> AnswerFields: ...
 
 
 EngineFactory = Callable[[Settings, str], Any]
@@ -133,7 +137,7 @@ _ENGINE_FIELDS: tuple[EngineField, ...] = get_args(EngineField)
 
 
 def result_record(
-    routed: RoutedRequest, fields: dict[str, Any], *, hospital_id: str, started_ms: int = 0
+    routed: RoutedRequest, fields: AnswerFields, *, hospital_id: str, started_ms: int = 0
 ) -> InferenceResult:
     """An InferenceResult for ``routed`` from the engine's fields (unknown keys dropped)."""
     inner = routed.get("request") or {}
@@ -171,7 +175,7 @@ def result_record(
     return rec
 
 
-def failed_fields(reason: str) -> dict[str, Any]:
+def failed_fields(reason: str) -> AnswerFields:
     return {"status": "failed", "reason": reason, "is_private": False}
 
 
@@ -184,7 +188,7 @@ class NodeWorker:
         self.bus = bus
         self.state = state
         self.grant_key = grants.verify_key(settings)  # fail fast on a missing key
-        self._answered: collections.OrderedDict[tuple[str, int], dict[str, Any]] = (
+        self._answered: collections.OrderedDict[tuple[str, int], AnswerFields] = (
             collections.OrderedDict()
         )
         # Why processing is halted (fedllm.control), or None: queued work then ends failed
@@ -201,7 +205,7 @@ class NodeWorker:
         self.state.health.received(priority)
         key: tuple[str, int] = (routed["request_id"], int(routed.get("attempt", 0)))
         refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
-        ledger = getattr(self.state.engine, "ledger", None)
+        ledger: NodeLedger | None = getattr(self.state.engine, "ledger", None)
         stored = (
             await asyncio.to_thread(ledger.lookup, key[0], key[1])
             if ledger is not None and not refusal
@@ -220,11 +224,10 @@ class NodeWorker:
         elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
             fields = failed_fields("deadline passed before start")
         else:
-            fields = await self._answer(routed)
+            answered = await self._answer(routed)
             if ledger is not None:  # persist before publishing; the stored copy is what goes out
-                released = await asyncio.to_thread(ledger.release, key[0], key[1], fields)
-                fields = cast(dict[str, Any], released)
-            self._answered[key] = fields
+                answered = await asyncio.to_thread(ledger.release, key[0], key[1], answered)
+            self._answered[key] = fields = answered
             while len(self._answered) > _REPLAY_CACHE:
                 self._answered.popitem(last=False)
         assert fields is not None  # every branch above sets it
@@ -262,7 +265,7 @@ class NodeWorker:
             topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
         )
 
-    async def _answer(self, routed: RoutedRequest) -> dict[str, Any]:
+    async def _answer(self, routed: RoutedRequest) -> AnswerFields:
         engine = self.state.engine
         if engine is None:
             return failed_fields(f"node not ready: {self.state.load_error or 'model loading'}")

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from fedllm.services.node_worker.cohort import load_cohort
 from fedllm.services.node_worker.records import Note, load_notes
 from fedllm.services.node_worker.reservation import reservation_rho
 from fedllm.services.node_worker.translate import render, translate
+
+if TYPE_CHECKING:  # answering imports this module
+    from fedllm.services.node_worker.answering import AnswerFields
 
 __all__ = ["RoutedAnswer", "TextRoutes"]
 
@@ -108,7 +111,7 @@ class TextRoutes:
             return RoutedAnswer("entities", ans.text, ans.curve, ans.groups)
         return None
 
-    def fields(self, inner: InferenceRequest, **kw: Any) -> dict[str, Any] | None:
+    def fields(self, inner: InferenceRequest, **kw: Any) -> AnswerFields | None:
         """InferenceResult fields for a "generate" request a route answers, else ``None``."""
         res = self.answer(str(inner.get("prompt", "")), **kw)
         if res is None:

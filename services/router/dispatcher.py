@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fedllm.common.residency import RegionPolicy
 from fedllm.common.results import ANSWER, COMBINED, VERDICT, result_kind
+from fedllm.schemas.records import BudgetDecision, InferenceResult, NodeHeartbeat
 from fedllm.services.router.fan_out import FanOuts
 from fedllm.services.router.machine import SERVICE, Action, Audit, FanOut, InFlight, Send
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
@@ -84,11 +84,11 @@ class Dispatcher(SingleNode, FanOuts):
         self.population = dict(population or {})  # public, configured: consensus rates
         self._answer_ms: deque[int] = deque(maxlen=256)  # recent answer times, for the p95
 
-    def on_decision(self, decision: Mapping[str, Any], *, now_ms: int) -> list[Action]:
+    def on_decision(self, decision: BudgetDecision, *, now_ms: int) -> list[Action]:
         """Route an approved decision; rejected, replayed or finished ones are ignored."""
         return self.on_decisions([decision], now_ms=now_ms)
 
-    def on_decisions(self, decisions: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[Action]:
+    def on_decisions(self, decisions: Sequence[BudgetDecision], *, now_ms: int) -> list[Action]:
         """Route a batching window's decisions; a batch strategy places them jointly."""
         actions: list[Action] = []
         entries: list[InFlight] = []
@@ -121,11 +121,11 @@ class Dispatcher(SingleNode, FanOuts):
             actions += self._attempt(entry, now_ms=now_ms, why="", choice=choice)
         return actions
 
-    def _admit(self, decision: Mapping[str, Any], *, now_ms: int) -> InFlight | list[Action]:
+    def _admit(self, decision: BudgetDecision, *, now_ms: int) -> InFlight | list[Action]:
         """A new single-node entry to route, or the actions for a fan-out (or nothing)."""
         if not decision["approved"]:
             return []
-        request = dict(decision["request"])
+        request = decision["request"].copy()
         request_id = request["request_id"]
         if (
             request_id in self.in_flight
@@ -171,7 +171,7 @@ class Dispatcher(SingleNode, FanOuts):
             attempt_deadline_ms=0,
         )
 
-    def on_node_result(self, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
+    def on_node_result(self, result: InferenceResult, *, now_ms: int) -> list[Action]:
         """A node's answer closes the request, unless it is a failure of the current attempt,
         which triggers the retry; a part goes to its fan-out. A router's own record (a verdict
         or a combined answer, e.g. read back after a restart) ends the request with nothing
@@ -190,7 +190,7 @@ class Dispatcher(SingleNode, FanOuts):
             return []
         return self._on_answer(entry, result, now_ms=now_ms)
 
-    def on_heartbeat(self, heartbeat: Mapping[str, Any], *, now_ms: int) -> list[Action]:
+    def on_heartbeat(self, heartbeat: NodeHeartbeat, *, now_ms: int) -> list[Action]:
         """Update the registry; audit a join."""
         if not self.registry.observe(heartbeat, now_ms=now_ms):
             return []

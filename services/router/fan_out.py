@@ -15,12 +15,11 @@ charges. Record kinds: :mod:`fedllm.common.results`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
 
 from fedllm.common import topics
 from fedllm.common.aggregates import combine_parts, parse_part, part_curve, total_curve
 from fedllm.common.results import ANSWER, COMBINED, PART, VERDICT, result_kind
+from fedllm.schemas.records import InferenceRequest, InferenceResult, RoutedRequest
 from fedllm.services.router.consensus import consensus_of
 from fedllm.services.router.machine import Action, Audit, DispatchState, FanOut, Send
 
@@ -29,7 +28,7 @@ class FanOuts(DispatchState):
     """The fan-out state machine: `fan_outs` entries and their parts."""
 
     def _consensus_targets(
-        self, request: Mapping[str, Any], *, now_ms: int
+        self, request: InferenceRequest, *, now_ms: int
     ) -> tuple[list[str], str]:
         """The k least-loaded eligible hospitals serving the department (in region, among the
         named ones if any), or the reason there are fewer than k."""
@@ -55,7 +54,7 @@ class FanOuts(DispatchState):
         pool.sort(key=lambda n: (n.load, n.hospital_id))
         return sorted(n.hospital_id for n in pool[:k]), ""
 
-    def _fan_out_targets(self, request: Mapping[str, Any], *, now_ms: int) -> list[str] | None:
+    def _fan_out_targets(self, request: InferenceRequest, *, now_ms: int) -> list[str] | None:
         """The hospitals an aggregate request fans out to, or None for a single-node route."""
         if request.get("kind") != "aggregate":
             return None
@@ -100,7 +99,7 @@ class FanOuts(DispatchState):
         audits: list[Action] = []
         for i, hospital_id in enumerate(fan.hospitals, start=1):
             self.registry.note_routed(hospital_id, epsilon=fan.reserved_epsilon / k)
-            routed = {
+            routed: RoutedRequest = {
                 "request_id": request_id,
                 "hospital_id": hospital_id,
                 "attempt": 1,
@@ -131,13 +130,13 @@ class FanOuts(DispatchState):
             )
         return sends + audits
 
-    def _on_part(self, fan: FanOut, result: Mapping[str, Any], *, now_ms: int) -> list[Action]:
+    def _on_part(self, fan: FanOut, result: InferenceResult, *, now_ms: int) -> list[Action]:
         node_id = result.get("node_id", "")
         if node_id not in fan.missing:
             return []  # a duplicate, or not one of this fan-out's parts
         status, kind = result["status"], result_kind(result)
         if kind == PART and status == "partial":
-            fan.parts[node_id] = dict(result)
+            fan.parts[node_id] = result.copy()
             return [] if fan.missing else self._complete(fan, now_ms=now_ms)
         if kind == ANSWER and status == "ok":
             # A node that does not know fan-out answered the whole query: the accountant settles
@@ -146,7 +145,7 @@ class FanOuts(DispatchState):
             return []
         if kind == PART and part_curve(result) is not None:
             # The part failed after its mechanism started: that spend goes with the verdict.
-            fan.parts[node_id] = dict(result)
+            fan.parts[node_id] = result.copy()
         why = f"node {node_id} answered {status}: {result.get('reason', '')}"
         return self._fail_fan_out(fan, why, now_ms=now_ms)
 
@@ -164,7 +163,7 @@ class FanOuts(DispatchState):
             else None
         )
         self._finish(request_id)
-        result = {
+        result: InferenceResult = {
             "request_id": request_id,
             "user_id": request["user_id"],
             "department": request["department"],
@@ -227,7 +226,7 @@ class FanOuts(DispatchState):
         curves = [c for h in answered if (c := part_curve(fan.parts[h])) is not None]
         spent = total_curve(curves)
         reason = why
-        result: dict[str, Any] = {
+        result: InferenceResult = {
             "request_id": request_id,
             "user_id": request["user_id"],
             "department": request["department"],
@@ -245,10 +244,12 @@ class FanOuts(DispatchState):
                 f"ε ≤ {epsilon:.4g} at δ={fan.delta:g}, which is charged"
             )
             result.update(
-                privacy_cost=epsilon,
-                rdp_orders=list(spent.orders),
-                rdp_epsilons=list(spent.values),
-                records_used=sum(int(fan.parts[h].get("records_used", 0)) for h in answered),
+                {
+                    "privacy_cost": epsilon,
+                    "rdp_orders": list(spent.orders),
+                    "rdp_epsilons": list(spent.values),
+                    "records_used": sum(int(fan.parts[h].get("records_used", 0)) for h in answered),
+                }
             )
         result["reason"] = reason
         return [

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedllm.common.residency import RegionPolicy
+from fedllm.schemas.records import InferenceRequest, InferenceResult
 from fedllm.services.router.registry import NodeInfo, NodeRegistry
 from fedllm.services.router.strategy import RoutingStrategy
 
@@ -24,7 +25,7 @@ class Send:
 
     topic: str
     schema: str
-    record: dict[str, Any]
+    record: Mapping[str, Any]  # a record of `schema` (fedllm.schemas.records)
     key: str
 
 
@@ -44,7 +45,7 @@ Action = Send | Audit
 class InFlight:
     """A routed request awaiting its node's answer."""
 
-    request: dict[str, Any]
+    request: InferenceRequest
     reserved_epsilon: float
     delta: float
     hospital_id: str
@@ -62,13 +63,13 @@ class InFlight:
 class FanOut:
     """An aggregate request sent to several hospitals at once, awaiting their parts."""
 
-    request: dict[str, Any]
+    request: InferenceRequest
     reserved_epsilon: float
     delta: float
     hospitals: list[str]
     deadline_ms: int
     routed_at_ms: int
-    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # hospital -> its result
+    parts: dict[str, InferenceResult] = field(default_factory=dict)  # hospital -> its result
     reserved_rho: float = 0.0  # the accountant's ρ, passed on to the nodes (0: legacy decision)
 
     @property
@@ -92,7 +93,7 @@ class DispatchState:
     population: dict[str, int]
     _answer_ms: deque[int]
 
-    def _nodes(self, request: Mapping[str, Any], now_ms: int) -> list[NodeInfo]:
+    def _nodes(self, request: InferenceRequest, now_ms: int) -> list[NodeInfo]:
         """The live nodes `request` may be routed to (data residency applied)."""
         return [
             n for n in self.registry.alive(now_ms) if self.regions.permits(request, n.hospital_id)

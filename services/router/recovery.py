@@ -24,24 +24,26 @@ recognised as in flight and not routed twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fedllm.common import codec
 from fedllm.common.kafka import seek_to_time
+from fedllm.schemas.records import InferenceResult, RoutedRequest
 from fedllm.services.router.dispatcher import Action, Dispatcher, FanOut, InFlight
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")  # a record of fedllm.schemas.records
 
 ROUTER_HEADER = "fedllm-router"
 UNSENT = "(unsent part {i}/{k})"
 
 
-def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_ms: int) -> int:
+def restore(dispatcher: Dispatcher, routed: Iterable[RoutedRequest], *, now_ms: int) -> int:
     """Rebuild the open entries from the `RoutedRequest`s this router sent; returns how many."""
-    by_request: dict[str, list[Mapping[str, Any]]] = {}
+    by_request: dict[str, list[RoutedRequest]] = {}
     for record in routed:
         by_request.setdefault(record["request_id"], []).append(record)
     restored = 0
@@ -64,7 +66,7 @@ def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_
             )
             hospitals += [UNSENT.format(i=i, k=k) for i in range(len(hospitals) + 1, k + 1)]
             dispatcher.fan_outs[request_id] = FanOut(
-                request=dict(first["request"]),
+                request=first["request"].copy(),
                 reserved_epsilon=float(first["reserved_epsilon"]),
                 reserved_rho=float(first.get("reserved_rho") or 0.0),
                 delta=float(first["delta"]),
@@ -75,7 +77,7 @@ def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_
         else:
             latest = max(records, key=lambda r: int(r["attempt"]))
             dispatcher.in_flight[request_id] = InFlight(
-                request=dict(latest["request"]),
+                request=latest["request"].copy(),
                 reserved_epsilon=float(latest["reserved_epsilon"]),
                 reserved_rho=float(latest.get("reserved_rho") or 0.0),
                 delta=float(latest["delta"]),
@@ -90,7 +92,7 @@ def restore(dispatcher: Dispatcher, routed: Iterable[Mapping[str, Any]], *, now_
 
 
 def replay_results(
-    dispatcher: Dispatcher, results: Iterable[Mapping[str, Any]], *, now_ms: int
+    dispatcher: Dispatcher, results: Iterable[InferenceResult], *, now_ms: int
 ) -> list[Action]:
     """Apply the answers seen since the lookback to the restored entries (in offset order)."""
     actions: list[Action] = []
@@ -106,19 +108,19 @@ async def read_since(
     consumer: AIOKafkaConsumer,
     tps: list[TopicPartition],
     since_ms: int,
-    schema: str,
+    record_type: type[R],
     *,
     router_id: str | None = None,
-) -> list[dict[str, Any]]:
-    """Decode every `schema` record on `tps` from `since_ms` up to the ends as of now (in offset
-    order per partition); with `router_id`, only those tagged with that router's header.
+) -> list[R]:
+    """Decode every `record_type` record on `tps` from `since_ms` up to the ends as of now (in
+    offset order per partition); with `router_id`, only those tagged with that router's header.
     Leaves the consumer positioned at those ends."""
     if not tps:
         return []
     span = await seek_to_time(consumer, tps, since_ms)
     ends = {tp: end for tp, (_, end) in span.items()}
     todo = {tp: end for tp, (start, end) in span.items() if start < end}
-    out: list[dict[str, Any]] = []
+    out: list[R] = []
     while todo:
         batch = await consumer.getmany(*todo, timeout_ms=500)
         for tp, msgs in batch.items():
@@ -128,9 +130,9 @@ async def read_since(
                 if router_id is not None and _header(msg.headers, ROUTER_HEADER) != router_id:
                     continue
                 try:
-                    out.append(codec.decode_expect(schema, msg.value, msg.headers))
+                    out.append(codec.decode_as(record_type, msg.value, msg.headers))
                 except codec.DecodeError as exc:
-                    log.warning("recovery skips an undecodable %s: %s", schema, exc)
+                    log.warning("recovery skips an undecodable %s: %s", record_type.__name__, exc)
         for tp in list(todo):
             if await consumer.position(tp) >= todo[tp]:
                 del todo[tp]

@@ -43,7 +43,13 @@ from fedllm.common.kafka import (
 )
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.common.residency import RegionPolicy
-from fedllm.schemas.records import BudgetDecision, ControlCommand, InferenceResult, NodeHeartbeat
+from fedllm.schemas.records import (
+    BudgetDecision,
+    ControlCommand,
+    InferenceResult,
+    NodeHeartbeat,
+    RoutedRequest,
+)
 from fedllm.services.router import recovery
 from fedllm.services.router.admission import ControlledRegistry
 from fedllm.services.router.dispatcher import SERVICE, Action, Audit, Dispatcher, Send
@@ -222,9 +228,9 @@ class RouterService:
                 nr_tps = await partitions_of(reader, scoped(topics.NODE_RESULTS), missing_ok=True)
                 reader.assign(tps + nr_tps)
                 routed = await recovery.read_since(
-                    reader, tps, since, "RoutedRequest", router_id=self.settings.router_id
+                    reader, tps, since, RoutedRequest, router_id=self.settings.router_id
                 )
-                answers = await recovery.read_since(reader, nr_tps, since, "InferenceResult")
+                answers = await recovery.read_since(reader, nr_tps, since, InferenceResult)
             finally:
                 with contextlib.suppress(Exception):
                     await reader.stop()

@@ -15,11 +15,9 @@ attempt that a node started, the losing one included (docs/routing.md, "Hedging"
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from fedllm.common import topics
 from fedllm.common.results import VERDICT
+from fedllm.schemas.records import InferenceResult, RoutedRequest
 from fedllm.services.router.machine import Action, Audit, DispatchState, InFlight, Send
 from fedllm.services.router.registry import NodeInfo
 from fedllm.services.router.strategy import Choice
@@ -32,9 +30,7 @@ HEDGE_PERCENTILE = 0.95
 class SingleNode(DispatchState):
     """The single-node state machine: `in_flight` entries, their attempts and hedges."""
 
-    def _on_answer(
-        self, entry: InFlight, result: Mapping[str, Any], *, now_ms: int
-    ) -> list[Action]:
+    def _on_answer(self, entry: InFlight, result: InferenceResult, *, now_ms: int) -> list[Action]:
         """A node's answer to the attempt(s) of `entry`: close it, or retry a failure."""
         request_id = entry.request["request_id"]
         node_id, attempt = result.get("node_id"), result.get("attempt", 0)
@@ -104,7 +100,7 @@ class SingleNode(DispatchState):
         self.in_flight[request_id] = entry
         self.registry.note_routed(node.hospital_id, epsilon=entry.reserved_epsilon)
 
-        routed = {
+        routed: RoutedRequest = {
             "request_id": request_id,
             "hospital_id": node.hospital_id,
             "attempt": entry.attempt,
@@ -192,7 +188,7 @@ class SingleNode(DispatchState):
         entry.hedge_attempt = entry.attempt + 1
         entry.hedge_deadline_ms = min(now_ms + self.node_timeout_ms, int(request["deadline_ms"]))
         self.registry.note_routed(node.hospital_id, epsilon=entry.reserved_epsilon)
-        routed = {
+        routed: RoutedRequest = {
             "request_id": request_id,
             "hospital_id": node.hospital_id,
             "attempt": entry.hedge_attempt,
@@ -242,7 +238,7 @@ class SingleNode(DispatchState):
         request = entry.request
         request_id = request["request_id"]
         self._finish(request_id)
-        result = {
+        result: InferenceResult = {
             "request_id": request_id,
             "user_id": request["user_id"],
             "department": request["department"],
