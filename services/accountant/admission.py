@@ -17,7 +17,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ from fedllm.common.kafka import Bus, now_ms
 from fedllm.common.outbox import Message
 from fedllm.schemas.records import InferenceRequest
 from fedllm.services.accountant.ledger import Ledger
+from fedllm.services.accountant.tables import EntryRow
 
 log = logging.getLogger(__name__)
 SERVICE = "accountant"
@@ -79,7 +80,7 @@ class Admission:
         request: InferenceRequest,
         headers: Sequence[tuple[str, bytes]] | None,
         *,
-        existing: dict[str, Any] | None | _Unread = UNREAD,
+        existing: EntryRow | None | _Unread = UNREAD,
     ) -> bool:
         """True when `request` (normalised in place) may be reserved; else it was rejected.
         `existing`: its ledger entry if the caller read it already (None: there is none)."""
@@ -92,9 +93,12 @@ class Admission:
             reason = self._normalise(request, principal)
         except AuthError as exc:
             reason = exc.reason
-        if isinstance(existing, _Unread):
-            existing = await asyncio.to_thread(self.ledger.entry, request["request_id"])
-        if existing is not None and (reason or existing["user_id"] != request["user_id"]):
+        entry = (
+            await asyncio.to_thread(self.ledger.entry, request["request_id"])
+            if isinstance(existing, _Unread)
+            else existing
+        )
+        if entry is not None and (reason or entry["user_id"] != request["user_id"]):
             # A replay whose credential no longer holds, or someone else's request id: that
             # request already has (or will have) its own terminal result; nothing happens here.
             log.warning(

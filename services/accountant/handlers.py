@@ -30,7 +30,7 @@ from fedllm.schemas.records import (
 from fedllm.services.accountant import decide, messages, partials
 from fedllm.services.accountant.admission import Admission
 from fedllm.services.accountant.ledger import Balance, Ledger, Outcome, Settlement, Then
-from fedllm.services.accountant.tables import BudgetEntry
+from fedllm.services.accountant.tables import BudgetEntry, entry_row
 
 log = logging.getLogger(__name__)
 Headers = Sequence[tuple[str, bytes]]
@@ -194,7 +194,7 @@ class Accountant:
                     row.reason,
                     zero,
                     zero,
-                    {c.name: getattr(row, c.name) for c in BudgetEntry.__table__.columns},
+                    entry_row(row),
                 )
                 rid = row.request_id
                 common = {

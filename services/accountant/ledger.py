@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import Engine, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -30,7 +30,14 @@ from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant, ZcdpFilter, w
 from fedllm.schemas.records import BudgetAdjustment, InferenceRequest
 from fedllm.services.accountant import decide
 from fedllm.services.accountant.decide import Balance
-from fedllm.services.accountant.tables import Base, BudgetAccount, BudgetEntry, BudgetReset
+from fedllm.services.accountant.tables import (
+    Base,
+    BudgetAccount,
+    BudgetEntry,
+    BudgetReset,
+    EntryRow,
+    entry_row,
+)
 from fedllm.services.accountant.upgrade import upgrade
 
 log = logging.getLogger(__name__)
@@ -53,7 +60,7 @@ class Outcome:
     reason: str
     user: Balance
     department: Balance
-    entry: dict[str, Any]
+    entry: EntryRow
     excess_rho: float = 0.0
 
 
@@ -176,12 +183,12 @@ class Ledger:
                 .limit(1)
             )
 
-    def entry(self, request_id: str) -> dict[str, Any] | None:
+    def entry(self, request_id: str) -> EntryRow | None:
         with Session(self.engine) as s:
             row = s.get(BudgetEntry, request_id)
-            return _as_dict(row) if row else None
+            return entry_row(row) if row else None
 
-    def entries(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def entries(self, request_ids: Sequence[str]) -> dict[str, EntryRow]:
         """The entries of `request_ids` that exist, by request id (one query for a batch)."""
         if not request_ids:
             return {}
@@ -189,7 +196,7 @@ class Ledger:
             rows = s.scalars(
                 select(BudgetEntry).where(BudgetEntry.request_id.in_(set(request_ids)))
             ).all()
-            return {r.request_id: _as_dict(r) for r in rows}
+            return {r.request_id: entry_row(r) for r in rows}
 
     # -- transactions and locking ----------------------------------------------------------
 
@@ -303,7 +310,7 @@ class Ledger:
                         row.state,
                         row.reason,
                         *self._entry_balances(s, row, accounts),
-                        _as_dict(row),
+                        entry_row(row),
                     )
                 )
                 continue
@@ -317,7 +324,7 @@ class Ledger:
                     row.state,
                     row.reason,
                     *self._entry_balances(s, row, accounts),
-                    _as_dict(row),
+                    entry_row(row),
                 )
             )
         s.flush()
@@ -452,7 +459,7 @@ class Ledger:
                     row.state,
                     row.reason,
                     *self._entry_balances(s, row, accounts),
-                    _as_dict(row),
+                    entry_row(row),
                     excess_rho=self.filter.rho(excess),
                 )
             )
@@ -563,10 +570,6 @@ def _rejected(row: BudgetEntry, reason: str) -> BudgetEntry:
     row.state, row.outcome, row.reason = "rejected", "rejected", reason
     row.settled_at_ms = row.created_at_ms
     return row
-
-
-def _as_dict(row: BudgetEntry) -> dict[str, Any]:
-    return {c.name: getattr(row, c.name) for c in BudgetEntry.__table__.columns}
 
 
 __all__ = ["Balance", "Ledger", "Outcome", "Settlement", "Then", "dept_scope", "user_scope"]

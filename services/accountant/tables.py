@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypedDict, cast
+
 from sqlalchemy import JSON, BigInteger, Float, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -60,6 +62,37 @@ class BudgetEntry(Base):
     charged_units: Mapped[int] = mapped_column(BigInteger, default=0)
     user_epoch: Mapped[int] = mapped_column(Integer, default=0)
     dept_epoch: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EntryRow(TypedDict):
+    """A `BudgetEntry` row as a plain record (`Ledger.entry`); keys = the table's columns
+    (tests/accountant/test_ledger.py keeps them equal)."""
+
+    request_id: str
+    user_id: str
+    department: str
+    window_start: int
+    state: str
+    epsilon: float
+    delta: float
+    reserved_rdp: dict[str, Any]
+    spent_rdp: dict[str, Any] | None
+    spent_epsilon: float
+    deadline_ms: int
+    created_at_ms: int
+    settled_at_ms: int | None
+    outcome: str
+    reason: str
+    node_id: str
+    reserved_units: int
+    charged_units: int
+    user_epoch: int
+    dept_epoch: int
+
+
+def entry_row(entry: BudgetEntry) -> EntryRow:
+    """`entry` as a plain record."""
+    return cast(EntryRow, {c.name: getattr(entry, c.name) for c in BudgetEntry.__table__.columns})
 
 
 class BudgetReset(Base):

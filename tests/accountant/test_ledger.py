@@ -158,3 +158,11 @@ def test_an_applied_reset_writes_its_outbox_message_in_its_own_transaction(ledge
     with pytest.raises(RuntimeError):
         ledger.reset(other, then=boom)
     assert ledger.reset(other) is True  # the failed attempt left no reset behind
+
+
+def test_entry_row_names_every_column() -> None:
+    """`Ledger.entry` returns the row as an `EntryRow`: the record type must name exactly the
+    table's columns (a column added to one and not the other fails here)."""
+    from fedllm.services.accountant.tables import BudgetEntry, EntryRow
+
+    assert set(EntryRow.__required_keys__) == {c.name for c in BudgetEntry.__table__.columns}
