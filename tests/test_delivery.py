@@ -17,14 +17,14 @@ from fedllm.common.db import make_engine
 from fedllm.common.delivery import RetryPolicy, Stopped, deliver
 from fedllm.common.kafka import Bus, ensure_topics, make_producer
 from fedllm.common.outbox import Message, OutboxRow
-from tests.kafka_helpers import collect, produce_raw
+from tests.kafka_helpers import collect, produce_raw, unique_namespace
 
 FAST = RetryPolicy(attempts=3, initial_s=0.01, max_s=0.05)
 
 
 @pytest.fixture
 def settings(kafka_bootstrap: str) -> Settings:
-    return Settings(kafka_bootstrap=kafka_bootstrap)
+    return Settings(kafka_bootstrap=kafka_bootstrap, topic_namespace=unique_namespace())
 
 
 async def _one_message(settings: Settings, topic: str) -> object:
@@ -40,7 +40,7 @@ async def bus_for(settings: Settings) -> AsyncIterator[Bus]:
     producer = make_producer(settings)
     await producer.start()
     try:
-        yield Bus(producer)
+        yield Bus(producer, settings.topic_namespace)
     finally:
         await producer.stop()
 
@@ -72,7 +72,8 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_its_terminal_o
     headers = dict(dlq.headers)
     assert dlq.value == msg.value  # type: ignore[attr-defined]
     assert headers["dlq-attempts"] == b"3" and headers["dlq-service"] == b"test"
-    assert headers["dlq-origin-topic"] == topic.encode() and headers["h"] == b"1"
+    assert headers["dlq-origin-topic"] == topics.scoped(settings, topic).encode()
+    assert headers["h"] == b"1"
 
 
 async def test_a_failing_batch_is_retried_then_returned_for_one_by_one_delivery(
@@ -204,7 +205,7 @@ async def test_relay_sends_committed_messages_and_a_replay_sends_identical_bytes
     producer = make_producer(settings)
     await producer.start()
     try:
-        relay = outbox.Relay(engine, producer)
+        relay = outbox.Relay(engine, producer, namespace=settings.topic_namespace)
         assert await relay.flush() == 3
         assert await relay.flush() == 0  # acked and marked: nothing left
         # A crash between the broker's ack and the mark: the rows are unsent again.
@@ -241,7 +242,7 @@ async def test_relay_marks_only_what_was_acked_when_a_page_fails(
     producer = make_producer(settings, max_request_size=10_000)
     await producer.start()
     try:
-        relay = outbox.Relay(engine, producer)
+        relay = outbox.Relay(engine, producer, namespace=settings.topic_namespace)
         with pytest.raises(Exception, match="(?i)size|large"):
             await relay.flush()
         assert [m.value for _, m in outbox.pending(engine)] == [big.value, small[2].value]

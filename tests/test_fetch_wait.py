@@ -8,9 +8,11 @@ import uuid
 
 from aiokafka import TopicPartition
 
+from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.fetch_wait import IdleFetchWait
 from fedllm.common.kafka import ensure_topics, make_consumer, make_producer
+from tests.kafka_helpers import unique_namespace
 
 
 async def _fetches_in(consumer: object, seconds: float) -> int:
@@ -39,12 +41,14 @@ async def test_idle_consumer_fetches_less_and_a_record_restores_the_short_wait(
 ) -> None:
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         fetch_max_wait_ms=10,
         idle_fetch_max_wait_ms=200,
         idle_after_ms=300,
     )
     topic = f"t.fetchwait.{uuid.uuid4().hex[:8]}"
     await ensure_topics(settings, {topic: 1})
+    topic = topics.scoped(settings, topic)  # on the wire: what aiokafka takes
     consumer = make_consumer(settings, group_id=None)
     await consumer.start()
     producer = make_producer(settings)

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from aiokafka import TopicPartition
 
+from fedllm.common import topics
 from fedllm.common.config import Settings
 from fedllm.common.kafka import (
     MissingTopicError,
@@ -19,12 +20,14 @@ from fedllm.common.kafka import (
     seek_all,
     seek_to_time,
 )
+from tests.kafka_helpers import unique_namespace
 
 
 async def test_assign_all_and_seeks(kafka_bootstrap: str) -> None:
-    settings = Settings(kafka_bootstrap=kafka_bootstrap)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_namespace=unique_namespace())
     a, b = (f"t.assign.{uuid.uuid4().hex[:8]}" for _ in range(2))
     await ensure_topics(settings, {a: 3, b: 1})
+    a, b = (topics.scoped(settings, t) for t in (a, b))  # on the wire: what the helpers take
     producer = make_producer(settings)
     await producer.start()
     try:

@@ -3,6 +3,7 @@ every consumer group, is prefixed — through topics.scoped, Bus.send and make_c
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,65 @@ async def test_bus_and_outbox_send_inside_their_namespace(tmp_path: Path) -> Non
     producer.sent.clear()
     assert await outbox.Relay(engine, producer, namespace="ns.").flush() == 1
     assert producer.sent == ["ns.fedllm.results"]  # stored logical, sent scoped
+
+
+# --- the guard: every test on the real broker runs in its own namespace (issue #10 item 5) ---
+
+TESTS = Path(__file__).parent
+BOOTSTRAP_KEYWORDS = {"kafka_bootstrap", "KAFKA_BOOTSTRAP"}
+
+
+def _callee(call: ast.Call) -> str:
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
+def unscoped_calls(source: str) -> list[tuple[int, str]]:
+    """(line, why) for each call in a test module's `source` that would put a test on the
+    broker's shared, unprefixed topics:
+
+    - a `…Settings(` given a kafka bootstrap that is not a literal (a literal is an unreachable
+      stand-in: no broker) and no `topic_namespace`;
+    - a `Bus(producer)` or an outbox `Relay(engine, producer)` with no namespace."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name, kw = _callee(node), {k.arg: k.value for k in node.keywords}
+        if name.endswith("Settings") and "topic_namespace" not in kw:
+            broker = [v for k, v in kw.items() if k in BOOTSTRAP_KEYWORDS]
+            if broker and not isinstance(broker[0], ast.Constant):
+                out.append((node.lineno, f"{name}(…) on the broker without topic_namespace"))
+        elif name == "Bus" and len(node.args) < 2 and "namespace" not in kw:
+            out.append((node.lineno, "Bus(producer) without the settings' namespace"))
+        elif name == "Relay" and "namespace" not in kw:
+            out.append((node.lineno, "outbox.Relay(…) without the settings' namespace"))
+    return out
+
+
+def test_the_guard_sees_an_unscoped_test() -> None:
+    bad = (
+        "s = Settings(kafka_bootstrap=kafka_bootstrap, data_dir=d)\n"
+        "bus = Bus(producer)\n"
+        "relay = outbox.Relay(engine, producer)\n"
+    )
+    assert [line for line, _ in unscoped_calls(bad)] == [1, 2, 3]
+    good = (
+        "s = Settings(kafka_bootstrap=kafka_bootstrap, topic_namespace=unique_namespace())\n"
+        "t = Settings(kafka_bootstrap='127.0.0.1:1')\n"
+        "bus = Bus(producer, s.topic_namespace)\n"
+        "relay = outbox.Relay(engine, producer, namespace=s.topic_namespace)\n"
+    )
+    assert unscoped_calls(good) == []
+
+
+def test_every_broker_test_runs_in_its_own_topic_namespace() -> None:
+    """Build broker Settings with `topic_namespace=unique_namespace()` (tests/kafka_helpers),
+    `Bus(producer, settings.topic_namespace)`, and wrap raw topic names handed to aiokafka in
+    `topics.scoped(settings, …)`: no test then reads or writes another's traffic."""
+    found = [
+        f"{path.relative_to(TESTS.parent)}:{line}: {why}"
+        for path in sorted(TESTS.rglob("*.py"))
+        for line, why in unscoped_calls(path.read_text(encoding="utf-8"))
+    ]
+    assert not found, "\n".join(found)

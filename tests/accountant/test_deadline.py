@@ -21,7 +21,7 @@ from fedllm.common.outbox import OutboxRow
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
 from fedllm.services.accountant.handlers import Accountant
 from fedllm.services.accountant.ledger import Ledger
-from tests.kafka_helpers import collect, credential_headers, inference_request
+from tests.kafka_helpers import collect, credential_headers, inference_request, unique_namespace
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -74,6 +74,7 @@ async def test_late_answer_before_the_sweep_is_charged_and_after_it_is_refused(
 ) -> None:
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         database_url=fresh_database_url,
         mode="demo",
         hospitals=[HospitalConfig(id="h1", departments=["cardiology"])],
@@ -83,7 +84,8 @@ async def test_late_answer_before_the_sweep_is_charged_and_after_it_is_refused(
     producer = make_producer(settings)
     await producer.start()
     try:
-        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), Bus(producer))
+        bus = Bus(producer, settings.topic_namespace)
+        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), bus)
         user = f"deadline-{uuid.uuid4().hex[:6]}"
         past = now_ms() - 10_000
         # 1. Past its deadline, the sweep has not run yet: the answer is charged and delivered.
@@ -145,6 +147,7 @@ async def test_parts_released_before_a_router_crash_are_charged_when_the_sweep_e
     instead of refunding, and a replayed part is counted once."""
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         database_url=fresh_database_url,
         mode="demo",
         hospitals=[HospitalConfig(id="h1", departments=["cardiology"])],
@@ -154,7 +157,8 @@ async def test_parts_released_before_a_router_crash_are_charged_when_the_sweep_e
     producer = make_producer(settings)
     await producer.start()
     try:
-        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), Bus(producer))
+        bus = Bus(producer, settings.topic_namespace)
+        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), bus)
         req = inference_request(
             user_id=f"fan-{uuid.uuid4().hex[:6]}", epsilon=2.0, deadline_ms=now_ms() - 10_000
         )
@@ -206,6 +210,7 @@ async def test_a_node_failure_after_its_mechanism_started_is_charged_at_once(
     that curve right away, once, whatever arrives after it."""
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         database_url=fresh_database_url,
         mode="demo",
         hospitals=[HospitalConfig(id="h1", departments=["cardiology"])],
@@ -215,7 +220,8 @@ async def test_a_node_failure_after_its_mechanism_started_is_charged_at_once(
     producer = make_producer(settings)
     await producer.start()
     try:
-        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), Bus(producer))
+        bus = Bus(producer, settings.topic_namespace)
+        acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), bus)
         req = inference_request(user_id=f"fail-{uuid.uuid4().hex[:6]}", epsilon=1.0)
         await reserve(acct, req)
         failed = dict(

@@ -20,7 +20,7 @@ from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
 from fedllm.services.accountant.handlers import Accountant
 from fedllm.services.accountant.ledger import Ledger
 from tests.accountant.test_deadline import ok_answer, reserve
-from tests.kafka_helpers import inference_request
+from tests.kafka_helpers import inference_request, unique_namespace
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def acct(kafka_bootstrap: str, fresh_database_url: str) -> AsyncIterator[Accountant]:
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         database_url=fresh_database_url,
         mode="demo",
         hospitals=[HospitalConfig(id="h1", departments=["cardiology"])],
@@ -39,7 +40,8 @@ async def acct(kafka_bootstrap: str, fresh_database_url: str) -> AsyncIterator[A
     producer = make_producer(settings)
     await producer.start()
     try:
-        yield Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), Bus(producer))
+        bus = Bus(producer, settings.topic_namespace)
+        yield Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), bus)
     finally:
         await producer.stop()
         engine.dispose()

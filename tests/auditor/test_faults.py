@@ -23,7 +23,13 @@ from sqlalchemy import func, select
 from fedllm.common.db import make_engine
 from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
-from tests.auditor.test_service import Running, bus, emit_many, make_settings  # noqa: F401
+from tests.auditor.test_service import (  # noqa: F401
+    Running,
+    bus,
+    emit_many,
+    make_settings,
+    namespace,
+)
 from tests.pg_cluster import PG_BIN, Cluster
 
 DOWN_S = float(os.environ.get("FEDLLM_TEST_PG_DOWN_S", "30"))
@@ -50,12 +56,13 @@ def cluster() -> Iterator[Cluster]:
 
 async def test_postgres_outage_loses_and_duplicates_nothing(
     bus,  # noqa: F811
+    namespace: str,  # noqa: F811
     kafka_bootstrap: str,
     cluster: Cluster,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = make_settings(kafka_bootstrap, cluster.url, tmp_path)
+    settings = make_settings(kafka_bootstrap, cluster.url, tmp_path, namespace)
     engine = make_engine(cluster.url)
     tag = f"fault-{uuid.uuid4().hex[:8]}"
     sent = 0
@@ -84,7 +91,7 @@ async def test_postgres_outage_loses_and_duplicates_nothing(
         deadline = time.monotonic() + 60
         while True:
             try:
-                with engine.connect() as conn:  # only this test's events: the topic is shared
+                with engine.connect() as conn:  # only this test's events
                     stored = conn.scalar(
                         select(func.count())
                         .select_from(audit_log)

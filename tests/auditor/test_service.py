@@ -28,14 +28,19 @@ from fedllm.services.auditor.settings import AuditorSettings
 from fedllm.services.auditor.tables import audit_log
 from fedllm.services.auditor.verify import verify
 from tests.auditor.helpers import NO_KEYS, as_superuser_untriggered
-from tests.kafka_helpers import collect
+from tests.kafka_helpers import collect, unique_namespace
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-def make_settings(bootstrap: str, db_url: str, data_dir: Path) -> Settings:
+def make_settings(bootstrap: str, db_url: str, data_dir: Path, namespace: str) -> Settings:
+    """Auditor settings in the test's topic namespace (the `namespace` fixture's, as `bus`)."""
     return Settings(
-        KAFKA_BOOTSTRAP=bootstrap, DATABASE_URL=db_url, data_dir=data_dir, session_timeout_ms=6_000
+        KAFKA_BOOTSTRAP=bootstrap,
+        topic_namespace=namespace,
+        DATABASE_URL=db_url,
+        data_dir=data_dir,
+        session_timeout_ms=6_000,
     )
 
 
@@ -77,13 +82,19 @@ class Running:
         await asyncio.wait_for(self.task, 30)
 
 
+@pytest.fixture
+def namespace() -> str:
+    """The test's own topic namespace: its audit topic holds only its events."""
+    return unique_namespace()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def bus(kafka_bootstrap: str) -> AsyncIterator[Bus]:
-    s = Settings(KAFKA_BOOTSTRAP=kafka_bootstrap)
+async def bus(kafka_bootstrap: str, namespace: str) -> AsyncIterator[Bus]:
+    s = Settings(KAFKA_BOOTSTRAP=kafka_bootstrap, topic_namespace=namespace)
     await ensure_topics(s, topics.all_topics([]))
     producer = make_producer(s)
     await producer.start()
-    yield Bus(producer)
+    yield Bus(producer, namespace)
     await producer.stop()
 
 
@@ -107,15 +118,15 @@ async def committed_offset(settings: Settings, group: str) -> int | None:
     consumer = make_consumer(settings, group_id=group)
     await consumer.start()
     try:
-        return await consumer.committed(TopicPartition(topics.AUDIT, 0))
+        return await consumer.committed(TopicPartition(topics.scoped(settings, topics.AUDIT), 0))
     finally:
         await consumer.stop()
 
 
 async def test_stores_commits_dead_letters_and_replays(
-    bus: Bus, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path
+    bus: Bus, namespace: str, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path
 ) -> None:
-    settings = make_settings(kafka_bootstrap, fresh_database_url, tmp_path)
+    settings = make_settings(kafka_bootstrap, fresh_database_url, tmp_path, namespace)
     engine = make_engine(fresh_database_url)
     tag, group = f"svc-{uuid.uuid4().hex[:8]}", f"auditor-test-{uuid.uuid4().hex[:8]}"
     async with Running(settings, group):
@@ -123,7 +134,7 @@ async def test_stores_commits_dead_letters_and_replays(
         await emit_many(bus, tag, 10)  # replayed events: same ids
         garbage = uuid.uuid4().hex.encode()
         await bus.producer.send_and_wait(
-            topics.AUDIT, value=garbage, headers=[("fedllm-fp", b"nope")]
+            topics.scoped(settings, topics.AUDIT), value=garbage, headers=[("fedllm-fp", b"nope")]
         )
         await bus.send(
             topics.AUDIT,
@@ -189,7 +200,11 @@ async def test_stores_commits_dead_letters_and_replays(
         args = parser.parse_args(list(argv))
         return int(args.func(args))
 
-    env = {"KAFKA_BOOTSTRAP": kafka_bootstrap, "DATABASE_URL": fresh_database_url}
+    env = {
+        "KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "FEDLLM_TOPIC_NAMESPACE": namespace,
+        "DATABASE_URL": fresh_database_url,
+    }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -223,9 +238,9 @@ async def test_stores_commits_dead_letters_and_replays(
 
 
 async def test_replay_from_time_covers_only_the_window(
-    bus: Bus, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path
+    bus: Bus, namespace: str, kafka_bootstrap: str, fresh_database_url: str, tmp_path: Path
 ) -> None:
-    settings = make_settings(kafka_bootstrap, fresh_database_url, tmp_path)
+    settings = make_settings(kafka_bootstrap, fresh_database_url, tmp_path, namespace)
     engine = make_engine(fresh_database_url)
     tag = f"win-{uuid.uuid4().hex[:8]}"
     async with Running(settings, f"auditor-test-{uuid.uuid4().hex[:8]}"):

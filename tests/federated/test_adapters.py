@@ -228,14 +228,18 @@ def test_approval_is_audited(tmp_path: Path, kafka_bootstrap: str) -> None:
     import asyncio
 
     from fedllm.adapter_cli import emit_decision
+    from fedllm.common.kafka import ensure_topics
     from fedllm.common.topics import AUDIT
-    from tests.kafka_helpers import collect
+    from tests.kafka_helpers import collect, unique_namespace
 
     reg = AdapterRegistry(tmp_path / "adapters")
     fresh = np.random.default_rng().normal(size=16).astype(np.float32)  # a hash no run reused
     h = publish(reg, fresh, round_no=1)
     v = reg.approve(h, by="alice")
-    settings = Settings(data_dir=tmp_path, kafka_bootstrap=kafka_bootstrap)
+    settings = Settings(
+        data_dir=tmp_path, kafka_bootstrap=kafka_bootstrap, topic_namespace=unique_namespace()
+    )
+    asyncio.run(ensure_topics(settings, {AUDIT: 1}))
     asyncio.run(emit_decision(settings, v, action="approve"))
 
     def mine(rs: list[Any]) -> list[Any]:

@@ -17,6 +17,7 @@ from fedllm.common.config import Settings
 from fedllm.federate import build_coordinator, build_trainer, run_all
 from fedllm.services.federation.config import FederationConfig
 from fedllm.services.federation.store import rounds
+from tests.kafka_helpers import unique_namespace
 
 pytestmark = [pytest.mark.federated, pytest.mark.slow]
 
@@ -56,7 +57,12 @@ def _build(settings: Settings, cfg: FederationConfig, hospitals, store: str):
 
 
 async def test_secure_rounds_over_the_broker(kafka_bootstrap: str, fl_data_dir: Path) -> None:
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, data_dir=fl_data_dir, fetch_max_wait_ms=10)
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
+        data_dir=fl_data_dir,
+        fetch_max_wait_ms=10,
+    )
     cfg = _cfg()
     store = f"sqlite:///{fl_data_dir}/rounds.db"
     coord, trainers = _build(settings, cfg, cfg.hospitals, store)
@@ -91,7 +97,12 @@ async def test_secure_rounds_over_the_broker(kafka_bootstrap: str, fl_data_dir: 
 async def test_dropout_restarts_round_without_double_charge(
     kafka_bootstrap: str, fl_data_dir: Path
 ) -> None:
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, data_dir=fl_data_dir, fetch_max_wait_ms=10)
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
+        data_dir=fl_data_dir,
+        fetch_max_wait_ms=10,
+    )
     cfg = _cfg(max_rounds=1, round_deadline_s=45.0)
     store = f"sqlite:///{fl_data_dir}/rounds.db"
     coord, trainers = _build(settings, cfg, cfg.hospitals, store)

@@ -30,7 +30,7 @@ async def publish(s, action: str) -> None:
     producer = make_producer(s)
     await producer.start()
     try:
-        await control.publish(Bus(producer), command(action))
+        await control.publish(Bus(producer, s.topic_namespace), command(action))
     finally:
         await producer.stop()
 

@@ -23,7 +23,7 @@ from fedllm.services.node_worker.ledger import NodeLedger
 from fedllm.services.node_worker.records import person_of
 from fedllm.services.node_worker.service import run, wait_ready
 from fedllm.services.node_worker.settings import NodeSettings
-from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, with_grant
+from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, unique_namespace, with_grant
 from tests.node_worker.test_engine import routed
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
@@ -168,6 +168,7 @@ async def test_restarted_node_resends_the_same_release(
     shutil.copytree(clinosim_source, tmp_path / "hospitals" / hid / "clinosim")
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         data_dir=tmp_path,
         heartbeat_interval_s=0.3,
         reservation_verify_key=GRANT_PUBLIC,

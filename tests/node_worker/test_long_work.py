@@ -22,7 +22,7 @@ from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics
 from fedllm.services.node_worker.service import run, wait_ready
-from tests.kafka_helpers import GRANT_PUBLIC, collect, produce
+from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, unique_namespace
 from tests.node_worker.test_service import routed
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
@@ -62,6 +62,7 @@ def node_settings(
     return Settings(
         node_intake_capacity=intake,
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         data_dir=tmp_path,
         heartbeat_interval_s=0.3,
         session_timeout_ms=6_000,

@@ -22,6 +22,7 @@ from tests.kafka_helpers import (
     inference_request,
     produce,
     produce_raw,
+    unique_namespace,
     with_grant,
 )
 
@@ -74,6 +75,7 @@ def settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
     hid = f"h{uuid.uuid4().hex[:8]}"
     return Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         data_dir=tmp_path,
         heartbeat_interval_s=0.3,
         reservation_verify_key=GRANT_PUBLIC,

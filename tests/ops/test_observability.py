@@ -250,13 +250,18 @@ async def test_dead_letters_and_lag_are_counted_on_the_real_broker(kafka_bootstr
 
     from aiokafka import TopicPartition
 
-    from fedllm.common.kafka import Bus, make_consumer, make_producer
-    from tests.kafka_helpers import produce_raw
+    from fedllm.common import topics
+    from fedllm.common.kafka import Bus, ensure_topics, make_consumer, make_producer
+    from tests.kafka_helpers import produce_raw, unique_namespace
 
-    settings = Settings(mode="demo", kafka_bootstrap=kafka_bootstrap)
-    topic = f"ops-metrics-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        mode="demo", kafka_bootstrap=kafka_bootstrap, topic_namespace=unique_namespace()
+    )
+    logical = f"ops-metrics-{uuid.uuid4().hex[:8]}"
+    topic = topics.scoped(settings, logical)  # on the wire, as consumers and metrics see it
+    await ensure_topics(settings, {logical: 1, topics.dlq(logical): 1})
     for i in range(10):
-        await produce_raw(settings, topic, f"not avro {i}".encode())
+        await produce_raw(settings, logical, f"not avro {i}".encode())
     consumer = make_consumer(settings, group_id=None)
     producer = make_producer(settings)
     await consumer.start()
@@ -288,7 +293,9 @@ async def test_dead_letters_and_lag_are_counted_on_the_real_broker(kafka_bootstr
         )
         msg = batch[tp][0]
         assert (
-            await Bus(producer).decode_or_dead_letter(msg, "InferenceRequest", service="ops-test")
+            await Bus(producer, settings.topic_namespace).decode_or_dead_letter(
+                msg, "InferenceRequest", service="ops-test"
+            )
             is None
         )
         assert (

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from fedllm.common import metrics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, make_producer
-from tests.kafka_helpers import collect, inference_request
+from tests.kafka_helpers import collect, inference_request, unique_namespace
 
 
 def exporter() -> InMemorySpanExporter:
@@ -24,12 +24,14 @@ def exporter() -> InMemorySpanExporter:
 
 async def test_a_stage_continues_the_trace_its_message_carries(kafka_bootstrap: str) -> None:
     spans = exporter()
-    settings = Settings(mode="demo", kafka_bootstrap=kafka_bootstrap)
+    settings = Settings(
+        mode="demo", kafka_bootstrap=kafka_bootstrap, topic_namespace=unique_namespace()
+    )
     first, second = (f"ops-trace-{uuid.uuid4().hex[:8]}-{n}" for n in (1, 2))
     producer = make_producer(settings)
     await producer.start()
     try:
-        bus = Bus(producer)
+        bus = Bus(producer, settings.topic_namespace)
         with tracing.span("client", None, kind=trace.SpanKind.PRODUCER):
             root = trace.get_current_span().get_span_context()
             await bus.send(first, "InferenceRequest", inference_request(), key="u1")

@@ -2,7 +2,7 @@
 
 A `FakeNode` heartbeats and answers its `hospital.<id>.requests` topic like a node worker
 (or stays silent); a `Watcher` decodes everything that lands on some topics. Both are plain
-aiokafka loops against the real broker, not mocks.
+aiokafka loops against the real broker, not mocks, inside the settings' topic namespace.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import rho_for_epsilon
 
 
-async def _assign_from_end(consumer: Any, topic_names: list[str]) -> None:
+async def _assign_from_end(consumer: Any, settings: Settings, topic_names: list[str]) -> None:
+    """Assign the (logical) `topic_names`, in `settings`' namespace, from their ends."""
     await consumer.topics()
-    tps = [
-        TopicPartition(t, p) for t in topic_names for p in sorted(consumer.partitions_for_topic(t))
-    ]
+    wire = [topics.scoped(settings, t) for t in topic_names]
+    tps = [TopicPartition(t, p) for t in wire for p in sorted(consumer.partitions_for_topic(t))]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
     for tp in tps:
@@ -65,10 +65,12 @@ class FakeNode:
     async def start(self) -> FakeNode:
         self.producer = make_producer(self.settings)
         await self.producer.start()
-        self.bus = Bus(self.producer)
+        self.bus = Bus(self.producer, self.settings.topic_namespace)
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
-        await _assign_from_end(self.consumer, [topics.hospital_requests(self.hospital_id)])
+        await _assign_from_end(
+            self.consumer, self.settings, [topics.hospital_requests(self.hospital_id)]
+        )
         await self._beat()
         self._tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._serve())]
         return self
@@ -175,7 +177,10 @@ class FakeNode:
 
 
 class Watcher:
-    """Collects (topic, record or raw value) for every message on `topic_names` from now on."""
+    """Collects (topic, record or raw value) for every message on `topic_names` from now on.
+
+    Topic names, given and recorded, are logical: the settings' namespace is put on and taken
+    off."""
 
     def __init__(self, settings: Settings, *topic_names: str) -> None:
         self.settings = settings
@@ -185,7 +190,7 @@ class Watcher:
     async def start(self) -> Watcher:
         self.consumer = make_consumer(self.settings, group_id=None)
         await self.consumer.start()
-        await _assign_from_end(self.consumer, self.topic_names)
+        await _assign_from_end(self.consumer, self.settings, self.topic_names)
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -203,7 +208,9 @@ class Watcher:
                         _, record = codec.decode(msg.value, msg.headers)
                     except codec.DecodeError:
                         record = msg.value
-                    self.seen.append((msg.topic, record))
+                    # the logical name: the topic on the wire less the settings' namespace
+                    topic = msg.topic.removeprefix(self.settings.topic_namespace)
+                    self.seen.append((topic, record))
 
     def records(self, topic: str, pred: Callable[[Any], bool] = lambda r: True) -> list[Any]:
         return [r for t, r in self.seen if t == topic and pred(r)]

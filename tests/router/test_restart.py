@@ -31,7 +31,7 @@ from fedllm.services.accountant.handlers import Accountant
 from fedllm.services.accountant.ledger import Ledger
 from fedllm.services.router.service import RouterService
 from tests.accountant.test_deadline import reserve
-from tests.kafka_helpers import inference_request
+from tests.kafka_helpers import inference_request, unique_namespace
 from tests.router.peers import FakeNode, Watcher
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
@@ -46,6 +46,7 @@ async def settings(
     tag = uuid.uuid4().hex[:6]
     s = Settings(
         kafka_bootstrap=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         database_url=fresh_database_url,
         mode="demo",
         hospitals=[HospitalConfig(id=f"rs{tag}_{c}", departments=[DEPT]) for c in "abc"],
@@ -107,7 +108,7 @@ async def test_a_router_restart_combines_and_charges_fan_out_parts_and_retries_f
     engine = make_engine(settings.database_url)
     producer = make_producer(settings)
     await producer.start()
-    bus = Bus(producer)
+    bus = Bus(producer, settings.topic_namespace)
     acct = Accountant(settings, Ledger(engine, settings.budget, RdpAccountant()), bus)
     node_a = await FakeNode(settings, a, (DEPT,)).start()
     node_b = await FakeNode(settings, b, (DEPT,), answers=False).start()  # holds its work

@@ -23,6 +23,7 @@ from fedllm.common.lifecycle import ready_path
 from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.privacy.rdp import rho_for_epsilon
 from fedllm.services.router.service import RouterService
+from tests.kafka_helpers import unique_namespace
 from tests.router.helpers import decision, request
 from tests.router.peers import FakeNode, Watcher
 
@@ -37,6 +38,7 @@ NODE_TTL_S = 1.0
 async def settings(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     s = Settings(
         KAFKA_BOOTSTRAP=kafka_bootstrap,
+        topic_namespace=unique_namespace(),
         node_ttl_s=NODE_TTL_S,
         node_timeout_s=NODE_TIMEOUT_S,
         session_timeout_ms=6_000,
@@ -76,7 +78,7 @@ async def watcher(settings: Settings) -> AsyncIterator[Watcher]:
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
     producer = make_producer(settings)
     await producer.start()
-    yield Bus(producer)
+    yield Bus(producer, settings.topic_namespace)
     await producer.stop()
 
 
@@ -260,10 +262,11 @@ async def test_undecodable_decision_is_dead_lettered_and_routing_goes_on(
         _, headers = codec.encode(
             "BudgetDecision", decision(request("garbage", created_ms=0, deadline_ms=1), at_ms=0)
         )
+        wire = topics.scoped(settings, topics.DECISIONS)
         await bus.producer.send_and_wait(
-            topics.DECISIONS, value=b"\xff\x00not avro", headers=headers, key=b"garbage"
+            wire, value=b"\xff\x00not avro", headers=headers, key=b"garbage"
         )
-        await bus.producer.send_and_wait(topics.DECISIONS, value=b"no headers at all")
+        await bus.producer.send_and_wait(wire, value=b"no headers at all")
         await watcher.wait_for(
             topics.dlq(topics.DECISIONS), lambda r: r == b"no headers at all", timeout_s=5
         )
