@@ -162,5 +162,6 @@ def render(t: Translation, answer: Any) -> str:
         kind = t.query["field"]
         ranked = sorted(answer.histogram or (), key=lambda kv: (-kv[1], kv[0]))[:3]
         items = ", ".join(f"{display_name(k, kind)} ≈ {c}" for k, c in ranked)
-        body = f"Most frequent {kind}s: {items} patients (± {_pm(answer.count_sd)} each)."
+        plural = {"diagnosis": "diagnoses", "medication": "medications"}.get(kind, f"{kind}s")
+        body = f"Most frequent {plural}: {items} patients (± {_pm(answer.count_sd)} each)."
     return f"{body} {dp}"

@@ -126,3 +126,14 @@ def test_non_population_questions_return_none(routes: TextRoutes) -> None:
         )
         is None
     )
+
+
+def test_a_top_diagnoses_answer_names_them_in_plain_english(routes: TextRoutes) -> None:
+    res = routes.answer(
+        "Which diagnosis is most common among our patients?",
+        epsilon=1.0,
+        delta=1e-5,
+        rng=random.Random(2),
+    )
+    assert res is not None and res.route == "aggregate"
+    assert res.text.startswith("Most frequent diagnoses: "), res.text
