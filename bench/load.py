@@ -42,9 +42,10 @@ from aiokafka import TopicPartition
 from sqlalchemy import create_engine, insert, select, update
 
 from fedllm.common import codec, topics
+from fedllm.common.config import POPULATION_PRESETS
 from fedllm.common.db import normalise_url
 from fedllm.common.kafka import ensure_topics, make_consumer, make_producer
-from fedllm.launcher import Pipeline
+from fedllm.launcher import Pipeline, preset_hospitals
 from fedllm.privacy.accountant import ZcdpFilter, window_start
 
 DEPARTMENT = "emergency"
@@ -435,39 +436,50 @@ def ledger_decisions(*, history: int, batches: int, batch: int) -> None:
 
 
 async def decay_windows(
-    pipeline: Pipeline, users: list[tuple[str, str]], *, seconds: float, window_s: float
+    pipeline: Pipeline,
+    users: list[tuple[str, str]],
+    *,
+    seconds: float,
+    window_s: float,
+    in_flight: int = 1,
 ) -> None:
-    """1 request in flight for `seconds` on one broker: req/s and p95 per window, so the
-    embedded broker's decay with stored history (BROKER notes) shows against requests served."""
+    """`in_flight` requests at a time for `seconds` on one broker: req/s and p95 per window, so
+    the embedded broker's decay with stored history (BROKER notes) shows against requests
+    served."""
     served = 0
     t_end = time.perf_counter() + seconds
     w = 0
-    while time.perf_counter() < t_end:
-        st = Stats(f"window {w}", 1)
-        t0 = time.perf_counter()
-        async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=120) as client:
-            while time.perf_counter() - t0 < window_s:
-                user, token = users[served % len(users)]
-                s0 = time.perf_counter()
-                r = await client.post(
-                    "/v1/inference",
-                    json={
-                        "prompt": AGGREGATE,
-                        "kind": "aggregate",
-                        "max_tokens": 1,
-                        "temperature": 0.0,
-                        "privacy_budget": EPSILON,
-                    },
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                served += 1
-                if r.status_code == 200:
-                    st.total.append((time.perf_counter() - s0) * 1000)
-                else:
-                    st.failures += 1
-        st.rate = len(st.total) / (time.perf_counter() - t0)
-        print(f"{st.line()}   requests served so far {served}", flush=True)
-        w += 1
+    async with httpx.AsyncClient(base_url=pipeline.gateway_url, timeout=120) as client:
+        while time.perf_counter() < t_end:
+            st = Stats(f"window {w}", in_flight)
+            t0 = time.perf_counter()
+
+            async def worker(st: Stats = st, t0: float = t0) -> None:
+                nonlocal served
+                while time.perf_counter() - t0 < window_s:
+                    user, token = users[served % len(users)]
+                    served += 1
+                    s0 = time.perf_counter()
+                    r = await client.post(
+                        "/v1/inference",
+                        json={
+                            "prompt": AGGREGATE,
+                            "kind": "aggregate",
+                            "max_tokens": 1,
+                            "temperature": 0.0,
+                            "privacy_budget": EPSILON,
+                        },
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
+                    if r.status_code == 200:
+                        st.total.append((time.perf_counter() - s0) * 1000)
+                    else:
+                        st.failures += 1
+
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+            st.rate = len(st.total) / (time.perf_counter() - t0)
+            print(f"{st.line()}   requests served so far {served}", flush=True)
+            w += 1
 
 
 # --------------------------------------------------------------------------- main
@@ -560,6 +572,13 @@ def main() -> None:
         "fresh broker (the embedded broker's decay with history)",
     )
     ap.add_argument("--decay-window", type=float, default=30.0)
+    ap.add_argument("--decay-in-flight", type=int, default=1)
+    ap.add_argument(
+        "--preset",
+        choices=sorted(POPULATION_PRESETS),
+        default="test",
+        help="hospital size (clinosim population; generated once under --data-dir)",
+    )
     args = ap.parse_args()
     args.requests = args.requests or (300 if args.quick else 2000)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -574,14 +593,27 @@ def main() -> None:
     }
 
     def pipeline() -> Pipeline:  # a fresh broker each time; the same ledger
-        return Pipeline(data_dir=data_dir, database_url=database_url, env=env)
+        return Pipeline(
+            data_dir=data_dir,
+            database_url=database_url,
+            env=env,
+            hospitals=preset_hospitals(args.preset),
+        )
 
     if args.decay:
         p = pipeline()
         try:
             p.start(timeout_s=900)
             users = tokens_for(p, args.users)
-            asyncio.run(decay_windows(p, users, seconds=args.decay, window_s=args.decay_window))
+            asyncio.run(
+                decay_windows(
+                    p,
+                    users,
+                    seconds=args.decay,
+                    window_s=args.decay_window,
+                    in_flight=args.decay_in_flight,
+                )
+            )
         finally:
             p.stop()
         return
@@ -592,7 +624,8 @@ def main() -> None:
         p.start(timeout_s=900)  # a loaded machine loads three models slowly
         print(
             f"broker: {'embedded Tansu' if p.broker else p.bootstrap}; ledger: "
-            f"{database_url.split(':')[0]}; {args.users} users, department {DEPARTMENT}, "
+            f"{database_url.split(':')[0]}; hospitals: preset {args.preset} (clinosim population "
+            f"{POPULATION_PRESETS[args.preset]}); {args.users} users, department {DEPARTMENT}, "
             f"ε={EPSILON} per query, generate share {args.generate_share}",
             flush=True,
         )
