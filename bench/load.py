@@ -53,6 +53,9 @@ EPSILON = 0.01  # small, so that no budget binds however many queries run
 AGGREGATE = json.dumps({"op": "count", "where": {"diagnosis": "diabetes"}})
 
 
+WARM_UP = 30  # unmeasured requests at the start of each phase
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
@@ -495,6 +498,19 @@ def measure(
 ) -> dict[int, Stats]:
     results: dict[int, Stats] = {}
     procs = pipeline_processes(pipeline)
+    # Unmeasured warm-up, the same in every phase: a pipeline's first requests after start
+    # pay one-off costs (connections, caches, fetch waits still idle).
+    asyncio.run(
+        http_level(
+            pipeline,
+            label=f"{phase}: warm-up",
+            n=WARM_UP,
+            in_flight=1,
+            users=users,
+            generate_share=0.0,
+            seed=0,
+        )
+    )
     for level in args.levels:
         n = args.requests if level > 1 else max(args.requests // 4, 50)
         if with_raw:

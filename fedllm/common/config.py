@@ -150,12 +150,12 @@ class Settings(BaseSettings):
     node_ttl_s: float = 5.0
     max_tokens_limit: int = 256
 
-    # Accountant (faust): events per ledger transaction, how long a partial batch waits for
-    # more (a lone request pays up to this), and offsets acked between two commits besides the
-    # periodic commit every `accountant_commit_interval_s` (replays are no-ops by request id,
-    # so committing per message only adds a broker round trip before each one).
+    # Accountant (faust): the most events per ledger transaction (a batch is what arrived while
+    # the previous one was handled; nothing waits on a timer), and offsets acked between two
+    # commits besides the periodic commit every `accountant_commit_interval_s` (replays are
+    # no-ops by request id, so committing per message only adds a broker round trip before
+    # each one).
     accountant_batch_max: int = 256
-    accountant_batch_window_ms: int = 10
     accountant_commit_every: int = 1_000
     accountant_commit_interval_s: float = 0.5
 

@@ -2,8 +2,9 @@
 
 - `reserve_budget` over fedllm.requests (keyed by user) reserves (ε, δ) and emits the decision;
 - `settle_budget` over fedllm.node-results commits what was spent and refunds the rest;
-  both take events in batches (`stream.noack_take(accountant_batch_max,
-  within=accountant_batch_window_ms)`), one ledger transaction per batch;
+  both take events in natural batches (`batches.natural_batches`: what arrived while the
+  previous batch was handled, up to `accountant_batch_max`, with no timer), one ledger
+  transaction per batch;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
 - `relay_replies` over fedllm.results copies each terminal result to its owner's reply topic;
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
@@ -12,8 +13,8 @@
 Each batch goes through `fedllm.common.delivery.deliver` (retry with backoff); if it still
 fails, its events are delivered one by one, each to its own terminal outcome (a failed result
 and a refund) and the DLQ, so a poison event cannot hold up the others. Events are acked only
-after that returns (`noack_take`: faust's `take_events` would ack them even when the handler
-was interrupted); the ledger makes every replay a no-op, and the messages a ledger transition
+after that returns (the stream is read with `noack()`: faust's `take_events` would ack them
+even when the handler was interrupted); the ledger makes every replay a no-op, and the messages a ledger transition
 implies leave through the outbox relay (after each batch and every 0.5 s). Messages are raw
 bytes here and decoded with the shared Avro codec, so an undecodable one is dead-lettered
 instead of crashing the agent.
@@ -40,6 +41,7 @@ from fedllm.common.kafka import Bus, make_producer, ssl_context
 from fedllm.common.lifecycle import mark_ready
 from fedllm.common.metrics import MESSAGES
 from fedllm.privacy.accountant import RdpAccountant
+from fedllm.services.accountant.batches import natural_batches
 from fedllm.services.accountant.handlers import SERVICE, Accountant
 from fedllm.services.accountant.ledger import Ledger
 from fedllm.services.accountant.replies import ReplyRelay
@@ -105,7 +107,6 @@ def create_app(settings: Settings) -> faust.App:
     state: dict[str, Any] = {}
     building = asyncio.Lock()  # the timers and agents may all ask for it first at once
     batch_max = settings.accountant_batch_max
-    within_s = settings.accountant_batch_window_ms / 1000
 
     async def accountant() -> Accountant:
         """The Accountant, built on first use inside the worker's event loop."""
@@ -222,13 +223,13 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(requests_topic, name="reserve_budget")
     async def reserve_budget(stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(batch_max, within=within_s):
-            await handle(list(events), "InferenceRequest")
+        async for events in natural_batches(stream.noack().events(), batch_max):
+            await handle(events, "InferenceRequest")
 
     @app.agent(node_results_topic, name="settle_budget")
     async def settle_budget(stream: faust.StreamT) -> None:
-        async for events in stream.noack_take(batch_max, within=within_s):
-            await handle(list(events), "InferenceResult")
+        async for events in natural_batches(stream.noack().events(), batch_max):
+            await handle(events, "InferenceResult")
 
     @app.agent(admin_topic, name="apply_adjustment")
     async def apply_adjustment(stream: faust.StreamT) -> None:
