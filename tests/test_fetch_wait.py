@@ -95,3 +95,33 @@ def test_no_switch_when_the_idle_wait_is_not_longer() -> None:
 
     assert adapt(Consumer(), idle_ms=10, idle_after_ms=1) is None
     assert adapt(Consumer(), idle_ms=50, idle_after_ms=1) is not None
+
+
+async def test_a_long_silence_moves_to_the_deep_idle_wait_and_data_restores_the_short_one() -> None:
+    from fedllm.common.fetch_wait import adapt
+
+    class Fetcher:
+        _fetch_max_wait_ms = 10
+        records = False
+
+        async def _proc_fetch_request(self) -> bool:
+            return self.records
+
+    class Consumer:
+        _fetcher = Fetcher()
+
+    consumer = Consumer()
+    switch = adapt(consumer, idle_ms=100, idle_after_ms=1_000, deep_ms=500, deep_after_ms=30_000)
+    assert switch is not None
+    fetcher = consumer._fetcher
+    waits = []
+    for silent_s in (0.5, 2.0, 31.0):  # how long no fetch has brought records
+        switch.last_data = time.monotonic() - silent_s
+        await fetcher._proc_fetch_request()
+        waits.append(fetcher._fetch_max_wait_ms)
+    assert waits == [10, 100, 500]
+    fetcher.records = True
+    await fetcher._proc_fetch_request()
+    assert fetcher._fetch_max_wait_ms == 10 and not switch.idle
+    # A deep tier no longer than the consumer's own wait is left out.
+    assert adapt(Consumer(), idle_ms=5, idle_after_ms=1, deep_ms=10, deep_after_ms=2) is None

@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     # request after an idle spell pays up to this much per hop. ≤ the fetch wait: off.
     idle_fetch_max_wait_ms: int = 100
     idle_after_ms: int = 1_000
+    # A second, longer wait once idle for `deep_idle_after_ms`: a pipeline left alone polls 5×
+    # less again (docs/performance.md: idle 17 % → 9 % of a core); the first request after such
+    # a silence pays up to this much per hop. On Apache Kafka a waiting fetch is answered as
+    # soon as data arrives, so neither wait costs latency there.
+    deep_idle_fetch_max_wait_ms: int = 500
+    deep_idle_after_ms: int = 30_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
 

@@ -39,6 +39,8 @@ class FastFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                 consumer,
                 idle_ms=settings.idle_fetch_max_wait_ms,
                 idle_after_ms=settings.idle_after_ms,
+                deep_ms=settings.deep_idle_fetch_max_wait_ms,
+                deep_after_ms=settings.deep_idle_after_ms,
             )
 
         consumer.start = start_then_adapt
