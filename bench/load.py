@@ -546,17 +546,23 @@ def measure(
 
 
 def idle_cpu(pipeline: Pipeline, seconds: float) -> None:
+    """The idle pipeline's CPU: just after the load (consumers on the idle fetch wait), then
+    once every consumer is on the deep idle wait (`deep_idle_after_ms` without data)."""
     procs = pipeline_processes(pipeline)
-    time.sleep(2)
-    before, t0 = cpu_seconds(procs), time.perf_counter()
-    time.sleep(seconds)
-    share = cpu_share(before, cpu_seconds(procs), time.perf_counter() - t0)
-    print(
-        f"idle pipeline over {seconds:.0f} s: {sum(share.values()):.3f} cores in all ("
-        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
-        + ")",
-        flush=True,
-    )
+    t_load = time.perf_counter()
+    deep_s = pipeline.settings.deep_idle_after_ms / 1000
+    for label, start_s in (("just after the load", 2.0), ("after the deep idle wait", deep_s + 2)):
+        time.sleep(max(0.0, start_s - (time.perf_counter() - t_load)))
+        before, t0 = cpu_seconds(procs), time.perf_counter()
+        time.sleep(seconds)
+        share = cpu_share(before, cpu_seconds(procs), time.perf_counter() - t0)
+        print(
+            f"idle pipeline, {label}, over {seconds:.0f} s: {sum(share.values()):.3f} cores in "
+            "all ("
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(share.items(), key=lambda kv: -kv[1]))
+            + ")",
+            flush=True,
+        )
 
 
 def main() -> None:
