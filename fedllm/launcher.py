@@ -140,9 +140,12 @@ class Pipeline:
         return self
 
     def start(self, timeout_s: float = 300.0) -> Pipeline:
-        """`launch`, then wait until every service is ready."""
+        """`launch`, then wait until every service is ready and every node routable."""
+        launched_ms = int(time.time() * 1000)
         self.launch()
         self.wait_ready(list(self.procs), timeout_s=timeout_s)
+        hospitals = [h.id for h in self.settings.hospitals]
+        asyncio.run(nodes_routable(self.settings, hospitals, since_ms=launched_ms))
         return self
 
     def wait_ready(self, names: list[str], *, timeout_s: float) -> None:
@@ -347,6 +350,39 @@ def _ledger_settled(settings: Settings) -> bool:
         return open_ == 0 and unsent == 0
     finally:
         engine.dispose()
+
+
+async def nodes_routable(
+    settings: Settings, hospital_ids: list[str], *, since_ms: int, timeout_s: float = 60.0
+) -> None:
+    """Wait until each node has announced itself healthy on the heartbeat topic (a heartbeat
+    sent at or after `since_ms`), then for the router and the gateway, which read heartbeats
+    with the background fetch wait, to have read it too. A node marks itself ready once it is
+    healthy, but the router learns that only from its next heartbeat: without this wait a
+    request sent the moment every service is ready could find no node to route to."""
+    from fedllm.common import codec
+    from fedllm.common.kafka import assign_all, make_consumer, seek_all
+    from fedllm.schemas.records import NodeHeartbeat
+
+    pending = set(hospital_ids)
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        tps = await assign_all(consumer, topics.scoped(settings, topics.HEARTBEATS), wait_s=10.0)
+        await seek_all(consumer, tps, to_end=False)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no healthy heartbeat from {sorted(pending)} in {timeout_s}s")
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                for m in messages:
+                    with contextlib.suppress(codec.DecodeError):
+                        hb = codec.decode_as(NodeHeartbeat, m.value, m.headers)
+                        if hb["healthy"] and hb["sent_at_ms"] >= since_ms:
+                            pending.discard(hb["hospital_id"])
+    finally:
+        await consumer.stop()
+    await asyncio.sleep(2 * settings.background_fetch_max_wait_ms / 1000)
 
 
 async def _audit_caught_up(settings: Settings) -> bool:
