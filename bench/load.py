@@ -51,6 +51,13 @@ from fedllm.privacy.accountant import ZcdpFilter, window_start
 DEPARTMENT = "emergency"
 EPSILON = 0.01  # small, so that no budget binds however many queries run
 AGGREGATE = json.dumps({"op": "count", "where": {"diagnosis": "diabetes"}})
+AGGREGATE_BODY = {  # the HTTP body of one aggregate query
+    "prompt": AGGREGATE,
+    "kind": "aggregate",
+    "max_tokens": 1,
+    "temperature": 0.0,
+    "privacy_budget": EPSILON,
+}
 
 
 WARM_UP = 30  # unmeasured requests at the start of each phase
@@ -194,13 +201,7 @@ async def http_level(
                     "privacy_budget": EPSILON,
                 }
             else:
-                body = {
-                    "prompt": AGGREGATE,
-                    "kind": "aggregate",
-                    "max_tokens": 1,
-                    "temperature": 0.0,
-                    "privacy_budget": EPSILON,
-                }
+                body = dict(AGGREGATE_BODY)
             t0 = time.perf_counter()
             try:
                 r = await client.post(
@@ -465,13 +466,7 @@ async def decay_windows(
                     s0 = time.perf_counter()
                     r = await client.post(
                         "/v1/inference",
-                        json={
-                            "prompt": AGGREGATE,
-                            "kind": "aggregate",
-                            "max_tokens": 1,
-                            "temperature": 0.0,
-                            "privacy_budget": EPSILON,
-                        },
+                        json=AGGREGATE_BODY,
                         headers={"Authorization": f"Bearer {token}"},
                     )
                     if r.status_code == 200:

@@ -35,13 +35,7 @@ class FastFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
         async def start_then_adapt() -> None:  # longer waits while idle (fetch_wait)
             await start()
-            fetch_wait.adapt(
-                consumer,
-                idle_ms=settings.idle_fetch_max_wait_ms,
-                idle_after_ms=settings.idle_after_ms,
-                deep_ms=settings.deep_idle_fetch_max_wait_ms,
-                deep_after_ms=settings.deep_idle_after_ms,
-            )
+            fetch_wait.adapt_to(consumer, settings)
 
         consumer.start = start_then_adapt
         return consumer

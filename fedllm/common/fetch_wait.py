@@ -21,7 +21,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedllm.common.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,13 @@ class IdleFetchWait:
     async def _proc_fetch_request(self, *args: Any, **kwargs: Any) -> Any:
         got_records = await self._proc(*args, **kwargs)
         now = time.monotonic()
+        wait = self.hot_ms
         if got_records:
             self.last_data = now
-        idle_for = now - self.last_data
-        wait = self.hot_ms
-        for after_s, tier_ms in self.tiers:
-            if idle_for >= after_s and not got_records:
-                wait = tier_ms
+        else:  # the longest tier whose silence has passed
+            for after_s, tier_ms in self.tiers:
+                if now - self.last_data >= after_s:
+                    wait = tier_ms
         self.fetcher._fetch_max_wait_ms = wait
         return got_records
 
@@ -85,3 +88,14 @@ def adapt(
     if installed is not None:
         return installed
     return IdleFetchWait(fetcher, hot_ms=int(hot_ms), tiers=tiers)
+
+
+def adapt_to(consumer: Any, settings: Settings) -> IdleFetchWait | None:
+    """`adapt` with the idle tiers of `settings` (every consumer of the pipeline, faust's too)."""
+    return adapt(
+        consumer,
+        idle_ms=settings.idle_fetch_max_wait_ms,
+        idle_after_ms=settings.idle_after_ms,
+        deep_ms=settings.deep_idle_fetch_max_wait_ms,
+        deep_after_ms=settings.deep_idle_after_ms,
+    )

@@ -66,20 +66,13 @@ class Consumer(AIOKafkaConsumer):  # type: ignore[misc]  # aiokafka is untyped
     """An aiokafka consumer whose fetch wait lengthens while it is idle
     (`fedllm.common.fetch_wait`)."""
 
-    def __init__(self, *topics: str, idle_fetch: tuple[int, int, int, int], **kw: Any) -> None:
+    def __init__(self, *topics: str, settings: Settings, **kw: Any) -> None:
         super().__init__(*topics, **kw)
-        self._idle_fetch = idle_fetch
+        self._settings = settings
 
     async def start(self) -> None:
         await super().start()
-        idle_ms, idle_after_ms, deep_ms, deep_after_ms = self._idle_fetch
-        fetch_wait.adapt(
-            self,
-            idle_ms=idle_ms,
-            idle_after_ms=idle_after_ms,
-            deep_ms=deep_ms,
-            deep_after_ms=deep_after_ms,
-        )
+        fetch_wait.adapt_to(self, self._settings)
 
 
 def make_consumer(
@@ -100,13 +93,7 @@ def make_consumer(
         **_security(settings),
     }
     kw.update(overrides)
-    idle = (
-        settings.idle_fetch_max_wait_ms,
-        settings.idle_after_ms,
-        settings.deep_idle_fetch_max_wait_ms,
-        settings.deep_idle_after_ms,
-    )
-    return Consumer(*(ns + t for t in topic_names), idle_fetch=idle, **kw)
+    return Consumer(*(ns + t for t in topic_names), settings=settings, **kw)
 
 
 def admin_client(settings: Settings) -> AIOKafkaAdminClient:

@@ -30,21 +30,19 @@ async def natural_batches(source: AsyncIterable[T], max_size: int) -> AsyncItera
     reader = asyncio.create_task(pump())
     try:
         while True:
-            if queue.empty():
+            batch: list[T] = []
+            if queue.empty():  # wait for the first item, or for the source to end
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():  # the source ended or failed with nothing queued
+                if getter.done():
+                    batch.append(getter.result())
+                else:
                     getter.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await getter
                     if queue.empty():
                         reader.result()  # raises the source's error, if any
                         return
-                    batch: list[T] = []
-                else:
-                    batch = [getter.result()]
-            else:
-                batch = []
             await asyncio.sleep(0)  # let the reader queue what has already arrived
             while len(batch) < max_size and not queue.empty():
                 batch.append(queue.get_nowait())

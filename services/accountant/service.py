@@ -14,8 +14,9 @@ Each batch goes through `fedllm.common.delivery.deliver` (retry with backoff); i
 fails, its events are delivered one by one, each to its own terminal outcome (a failed result
 and a refund) and the DLQ, so a poison event cannot hold up the others. Events are acked only
 after that returns (the stream is read with `noack()`: faust's `take_events` would ack them
-even when the handler was interrupted); the ledger makes every replay a no-op, and the messages a ledger transition
-implies leave through the outbox relay (after each batch and every 0.5 s). Messages are raw
+even when the handler was interrupted); the ledger makes every replay a no-op, and the
+messages a ledger transition implies leave through the outbox relay (after each batch and
+every 0.5 s). Messages are raw
 bytes here and decoded with the shared Avro codec, so an undecodable one is dead-lettered
 instead of crashing the agent.
 """

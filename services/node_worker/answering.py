@@ -13,7 +13,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypedDict
 
 from fedllm.common.adapters import AdapterRegistry
 from fedllm.common.aggregate_query import WHERE_KEYS
@@ -41,6 +40,7 @@ from fedllm.services.node_worker.dp_decode import (
     check_temperature,
     dp_decode,
 )
+from fedllm.services.node_worker.fields import AnswerFields, failed
 from fedllm.services.node_worker.ledger import NodeLedger
 from fedllm.services.node_worker.model import LoadedModel, load_model
 from fedllm.services.node_worker.records import HospitalRecords, Note, hospital_key, person_of
@@ -89,29 +89,6 @@ def ensure_hospital_data(settings: Settings, hospital_id: str) -> Path:
     return ensure_clinosim(
         clinosim_dir(settings, hospital_id), seed=cfg.seed, population=cfg.population
     )
-
-
-class AnswerFields(TypedDict, total=False):
-    """The InferenceResult fields an engine's answer sets (the service adds the rest, and drops
-    ``records_used``: it never leaves the node)."""
-
-    status: str
-    reason: str
-    response: str
-    is_private: bool
-    privacy_cost: float
-    delta: float
-    rdp_orders: list[float]
-    rdp_epsilons: list[float]
-    tokens: int
-    records_used: int
-    aggregate_json: str
-    adapter_hash: str
-    adapter_epsilon: float
-
-
-def failed(reason: str) -> AnswerFields:
-    return {"status": "failed", "reason": reason, "is_private": False}
 
 
 def failed_charged(

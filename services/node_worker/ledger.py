@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -46,9 +46,7 @@ from sqlalchemy import (
 from fedllm.common import person_ledger as pl
 from fedllm.common.db import make_engine
 from fedllm.common.kafka import now_ms
-
-if TYPE_CHECKING:  # answering imports this module
-    from fedllm.services.node_worker.answering import AnswerFields
+from fedllm.services.node_worker.fields import AnswerFields
 
 metadata = MetaData()
 

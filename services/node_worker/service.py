@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -36,12 +36,10 @@ from fedllm.common.delivery import RetryPolicy, deliver
 from fedllm.common.kafka import Bus, make_consumer, make_producer, now_ms, wait_for_broker
 from fedllm.common.lifecycle import clear_ready, mark_ready
 from fedllm.schemas.records import InferenceResult, NodeHeartbeat, RoutedRequest
+from fedllm.services.node_worker.fields import ENGINE_FIELDS, AnswerFields, failed
 from fedllm.services.node_worker.health import NodeHealth, budget_room_level
 from fedllm.services.node_worker.intake import IntakeQueue, priority_of
-
-if TYPE_CHECKING:  # answering loads the model stack (torch): imported by the engine factory
-    from fedllm.services.node_worker.answering import AnswerFields
-    from fedllm.services.node_worker.ledger import NodeLedger
+from fedllm.services.node_worker.ledger import NodeLedger
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +116,6 @@ def _budget_room(engine: Any) -> float | None:
     return None if value is None else float(value)
 
 
-# The InferenceResult fields an engine's answer may set (the rest are the node's own).
-EngineField = Literal[
-    "status",
-    "reason",
-    "response",
-    "is_private",
-    "privacy_cost",
-    "delta",
-    "rdp_orders",
-    "rdp_epsilons",
-    "tokens",
-    "aggregate_json",
-    "adapter_hash",
-    "adapter_epsilon",
-]
-_ENGINE_FIELDS: tuple[EngineField, ...] = get_args(EngineField)
-
-
 def result_record(
     routed: RoutedRequest, fields: AnswerFields, *, hospital_id: str, started_ms: int = 0
 ) -> InferenceResult:
@@ -168,15 +148,11 @@ def result_record(
         # What this record is follows from what was asked, never from the answer's fields.
         "kind": results.PART if int(routed.get("parts") or 1) > 1 else results.ANSWER,
     }
-    for k in _ENGINE_FIELDS:
+    for k in ENGINE_FIELDS:
         if k in fields:
             rec[k] = fields[k]
     rec["reason"] = str(rec["reason"])[:1000]
     return rec
-
-
-def failed_fields(reason: str) -> AnswerFields:
-    return {"status": "failed", "reason": reason, "is_private": False}
 
 
 class NodeWorker:
@@ -215,14 +191,14 @@ class NodeWorker:
         fields = fields if fields is not None else self._answered.get(key)
         if refusal:  # no reservation the accountant signed for this node: no release
             log.warning("refused routed request %s: %s", routed["request_id"], refusal)
-            fields = failed_fields(f"refused: {refusal}")
+            fields = failed(f"refused: {refusal}")
             await self._refused(routed, refusal)
         elif fields is not None:
             log.info("replayed request %s attempt %d: re-sending its release", *key)
         elif (halt := self.halted()) is not None:
-            fields = failed_fields(f"processing halted: {halt}")
+            fields = failed(f"processing halted: {halt}")
         elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
-            fields = failed_fields("deadline passed before start")
+            fields = failed("deadline passed before start")
         else:
             answered = await self._answer(routed)
             if ledger is not None:  # persist before publishing; the stored copy is what goes out
@@ -240,7 +216,7 @@ class NodeWorker:
             log.error("result for %s does not encode: %s", routed["request_id"], exc)
             record = result_record(
                 routed,
-                failed_fields("internal error: unencodable result"),
+                failed("internal error: unencodable result"),
                 hospital_id=self.hospital_id,
                 started_ms=started,
             )
@@ -259,7 +235,7 @@ class NodeWorker:
         result for the router to retry elsewhere or fail (nothing was released)."""
         routed = codec.decode_as(RoutedRequest, msg.value, msg.headers)
         record = result_record(
-            routed, failed_fields(reason), hospital_id=self.hospital_id, started_ms=now_ms()
+            routed, failed(reason), hospital_id=self.hospital_id, started_ms=now_ms()
         )
         await self.bus.send(
             topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
@@ -268,14 +244,14 @@ class NodeWorker:
     async def _answer(self, routed: RoutedRequest) -> AnswerFields:
         engine = self.state.engine
         if engine is None:
-            return failed_fields(f"node not ready: {self.state.load_error or 'model loading'}")
+            return failed(f"node not ready: {self.state.load_error or 'model loading'}")
         self.state.in_flight += 1
         try:
             with metrics.model_time(self.hospital_id):
                 return await asyncio.to_thread(engine.answer, routed)
         except Exception as exc:  # one bad request must not kill the node
             log.exception("request %s failed", routed.get("request_id"))
-            return failed_fields(f"{type(exc).__name__}: {exc}")
+            return failed(f"{type(exc).__name__}: {exc}")
         finally:
             self.state.in_flight -= 1
 

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -28,12 +28,10 @@ from fedllm.schemas.records import InferenceRequest
 from fedllm.services.node_worker import aggregate
 from fedllm.services.node_worker.answer_dp import EntityAnswerer, plan_question
 from fedllm.services.node_worker.cohort import load_cohort
+from fedllm.services.node_worker.fields import AnswerFields
 from fedllm.services.node_worker.records import Note, load_notes
 from fedllm.services.node_worker.reservation import reservation_rho
 from fedllm.services.node_worker.translate import render, translate
-
-if TYPE_CHECKING:  # answering imports this module
-    from fedllm.services.node_worker.answering import AnswerFields
 
 __all__ = ["RoutedAnswer", "TextRoutes"]
 
