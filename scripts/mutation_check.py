@@ -26,6 +26,7 @@ from installed_layout import copy_installed_layout  # noqa: E402
 
 T = "tests/node_worker/test_side_channels.py"
 A = "tests/node_worker/test_adapter_privacy.py"
+R = "tests/node_worker/test_reservation.py"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,13 @@ MUTATIONS = (
             f"{A}::test_adapter_answer_reads_no_record",
             f"{A}::test_adapter_answer_is_the_same_at_hospitals_with_different_records",
         ),
+    ),
+    Mutation(  # the cohort size an answer scanned depends on the records: it never leaves
+        "record_count_published",
+        "fedllm/services/node_worker/service.py",
+        "    for k in ENGINE_FIELDS:\n",
+        '    for k in (*ENGINE_FIELDS, "records_used"):\n',
+        (f"{R}::test_a_published_result_carries_no_record_count_and_no_timing",),
     ),
 )
 

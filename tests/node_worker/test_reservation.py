@@ -14,8 +14,9 @@ from fedllm.common.config import Settings
 from fedllm.common.kafka import now_ms
 from fedllm.privacy.accountant import PrivacyCurve, RdpAccountant
 from fedllm.privacy.rdp import rho_for_epsilon
+from fedllm.services.node_worker.fields import AnswerFields, failed
 from fedllm.services.node_worker.reservation import reservation_rho
-from fedllm.services.node_worker.service import failed_fields, result_record
+from fedllm.services.node_worker.service import result_record
 from tests.node_worker.test_fanout import DELTA, routed
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
@@ -61,7 +62,7 @@ def test_the_engine_spends_the_carried_rho(engine: Engine) -> None:
 
 def test_node_records_say_answer_or_part() -> None:
     whole, part = routed({"op": "count"}), routed({"op": "count"}, share=0.5, parts=2)
-    for fields in (failed_fields("boom"), {"status": "ok", "is_private": True}):
+    for fields in (failed("boom"), {"status": "ok", "is_private": True}):
         assert (
             result_record(whole, fields, hospital_id="st_mary", started_ms=now_ms())["kind"]
             == "answer"
@@ -71,3 +72,18 @@ def test_node_records_say_answer_or_part() -> None:
             result_record(part, fields, hospital_id="st_mary", started_ms=now_ms())["kind"]
             == "part"
         )
+
+
+def test_the_published_engine_fields_are_the_answer_fields_but_records_used() -> None:
+    from fedllm.services.node_worker.fields import ENGINE_FIELDS
+
+    assert set(ENGINE_FIELDS) == set(AnswerFields.__optional_keys__) - {"records_used"}
+
+
+def test_a_published_result_carries_no_record_count_and_no_timing() -> None:
+    """The cohort size an answer scanned and the time it took depend on the records: the node's
+    published record carries neither, whatever the engine's fields hold."""
+    fields: AnswerFields = {"status": "ok", "is_private": True, "records_used": 123}
+    rec = result_record(routed({"op": "count"}), fields, hospital_id="st_mary", started_ms=1)
+    assert rec["records_used"] == 0
+    assert rec["model_time_ms"] == 0.0 and rec["processing_time_ms"] == 0.0
