@@ -63,7 +63,7 @@ def routed(
         "attempt": 1,
         "reserved_epsilon": 1.0,
         "delta": 1e-5,
-        "deadline_ms": deadline_ms if deadline_ms is not None else now_ms() + 60_000,
+        "deadline_ms": deadline_ms if deadline_ms is not None else req["deadline_ms"],
         "routed_at_ms": now_ms(),
         "request": req,
     }
