@@ -27,6 +27,7 @@ from installed_layout import copy_installed_layout  # noqa: E402
 T = "tests/node_worker/test_side_channels.py"
 A = "tests/node_worker/test_adapter_privacy.py"
 R = "tests/node_worker/test_reservation.py"
+B = "tests/node_worker/test_batch.py"
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,20 @@ MUTATIONS = (
         "    for k in ENGINE_FIELDS:\n",
         '    for k in (*ENGINE_FIELDS, "records_used"):\n',
         (f"{R}::test_a_published_result_carries_no_record_count_and_no_timing",),
+    ),
+    Mutation(  # the filter of a batched query misses the charges made earlier in its batch
+        "batch_filter_reads_committed_state",
+        "fedllm/services/node_worker/ledger.py",
+        'public figures alone)."""\n        with self._conn() as conn:',
+        'public figures alone)."""\n        with self.engine.connect() as conn:',
+        (f"{B}::test_a_batch_answers_exactly_as_one_after_the_other",),
+    ),
+    Mutation(  # a batch's mechanisms run before its draws and charges are committed
+        "batch_mechanisms_before_commit",
+        "fedllm/services/node_worker/answering.py",
+        "            staged = [self._stage(r) for r in requests]\n        return",
+        "            staged = [self._stage(r) for r in requests]\n            return",
+        (f"{B}::test_a_batch_draws_and_charges_before_any_mechanism_runs",),
     ),
 )
 

@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     # Fetched requests a node holds in its priority queue (services/node_worker/intake.py): a
     # high request overtakes queued normal/low work among these.
     node_intake_capacity: int = 32
+    # Aggregate queries next to each other in that queue are answered as one batch of at most
+    # this many: one ledger transaction for their draws and charges, one for their releases.
+    node_batch_max: int = 16
     # False: the node loads no language model and answers aggregate queries only (generate
     # requests fail before anything is drawn, uncharged); for aggregate-only sites and tests.
     node_load_model: bool = True

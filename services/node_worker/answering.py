@@ -6,11 +6,12 @@ service loop (``service.py``) feeds it RoutedRequest records and publishes what 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,9 @@ from fedllm.services.node_worker.settings import NodeSettings
 from fedllm.services.node_worker.text_routes import TextRoutes
 
 log = logging.getLogger(__name__)
+
+#: What is left of a request once its ρ is drawn: runs the mechanism, returns the fields.
+Mechanism = Callable[[], AnswerFields]
 
 SYSTEM_PROMPT = (
     "You are a clinical assistant at a hospital. Answer the clinician's question briefly and "
@@ -274,6 +278,29 @@ class Engine:
 
     def answer(self, request: RoutedRequest) -> AnswerFields:
         """InferenceResult fields for a RoutedRequest (status, response, privacy cost, ...)."""
+        return self._run(self._stage(request))
+
+    def answer_batch(self, requests: Sequence[RoutedRequest]) -> list[AnswerFields]:
+        """Fields for each of ``requests``, exactly as :meth:`answer` one after the other.
+
+        A batch of aggregate queries draws and charges in one ledger transaction, committed
+        before any of their mechanisms runs (each request's filter sees the charges of those
+        before it); any other kind charges inside its mechanism, so a batch holding one is
+        answered one request at a time."""
+        if not all(_is_aggregate(r) for r in requests):
+            return [self.answer(r) for r in requests]
+        with self.ledger.transaction():
+            staged = [self._stage(r) for r in requests]
+        return [self._run(s) for s in staged]
+
+    @staticmethod
+    def _run(staged: AnswerFields | Mechanism) -> AnswerFields:
+        return staged() if callable(staged) else staged
+
+    def _stage(self, request: RoutedRequest) -> AnswerFields | Mechanism:
+        """Validate ``request`` and draw its ρ (before any record is read): the final fields
+        when nothing is left to run, else the mechanism to run (an aggregate's persons are
+        already charged; the other routes charge inside it, before reading the records)."""
         try:
             inner = request["request"]
             kind = inner.get("kind", "generate") or "generate"
@@ -302,7 +329,7 @@ class Engine:
         if bool(inner.get("use_adapter", False)):
             if kind != "generate":
                 return failed("use_adapter answers generate requests only")
-            return self._adapter_answer(inner, delta=delta)
+            return functools.partial(self._adapter_answer, inner, delta=delta)
         temperature, query = 0.0, None
         if kind == "generate" and self.lm is None:
             return failed("this node answers aggregate queries only (no model loaded)")
@@ -333,8 +360,23 @@ class Engine:
                 orders=self.orders,
             )
         capped = self.ledger.capped_persons(rho=rho)
-        try:
-            if query is None and self.routes is not None and not (capped.all or capped.persons):
+        fail_closed = functools.partial(failed_charged, rho=rho, delta=delta, orders=self.orders)
+        if query is not None:
+            return _closed(
+                self._aggregate(
+                    query,
+                    key=key,
+                    rho=rho,
+                    epsilon=epsilon,
+                    delta=delta,
+                    parts=parts,
+                    capped=capped,
+                ),
+                fail_closed,
+            )
+
+        def generate() -> AnswerFields:
+            if self.routes is not None and not (capped.all or capped.persons):
                 routed = self._route(
                     inner,
                     key=key,
@@ -345,16 +387,6 @@ class Engine:
                 )
                 if routed is not None:
                     return routed
-            if query is not None:
-                return self._aggregate(
-                    query,
-                    key=key,
-                    rho=rho,
-                    epsilon=epsilon,
-                    delta=delta,
-                    parts=parts,
-                    capped=capped,
-                )
             exclude = self.records.all_persons() if capped.all else capped.persons
             return self._generate(
                 inner,
@@ -364,11 +396,8 @@ class Engine:
                 temperature=temperature,
                 exclude=frozenset(exclude),
             )
-        except NonFiniteVotes as exc:
-            log.error("mechanism failed closed: %s", exc)
-            return failed_charged(
-                f"mechanism failed closed: {exc}", rho=rho, delta=delta, orders=self.orders
-            )
+
+        return _closed(generate, fail_closed)
 
     def _generate(
         self,
@@ -485,11 +514,12 @@ class Engine:
         delta: float,
         parts: int,
         capped: Capped,
-    ) -> AnswerFields:
-        """Answer an aggregate query. A part of a fan-out (``parts`` > 1) spends at most its
-        share of the reservation and returns status "partial" with its noisy release in
-        ``aggregate_json``, for the router to combine with the other hospitals' parts.
-        With no ``where`` filter every person not at their cap is charged (one ledger row)."""
+    ) -> Mechanism:
+        """Charge an aggregate query's persons now and return its mechanism. A part of a
+        fan-out (``parts`` > 1) spends at most its share of the reservation and returns status
+        "partial" with its noisy release in ``aggregate_json``, for the router to combine with
+        the other hospitals' parts. With no ``where`` filter every person not at their cap is
+        charged (one ledger row)."""
         full = load_cohort(self.clinosim_dir)
         exclude = frozenset(p.person for p in full.patients) if capped.all else capped.persons
         cohort = without_persons(full, exclude)
@@ -497,20 +527,24 @@ class Engine:
             self.ledger.charge_persons(*key, affected_persons(query, cohort), rho=rho)
         elif not capped.all:  # (all at their cap: nobody's records are used, nobody is charged)
             self.ledger.charge_everyone(*key, rho=rho, left_out=exclude)
-        res = answer_on_cohort(
-            query=query,
-            cohort=cohort,
-            epsilon=epsilon,
-            delta=delta,
-            rng=self.rng,
-            rho=rho,
-        )
-        # The calibrated curve depends on ρ and the query only (never on the data).
-        out = self._ok(text=res.text, curve=res.curve, delta=delta, tokens=0)
-        if parts > 1:
-            out["status"] = "partial"
-            out["aggregate_json"] = json.dumps(release_of(res), separators=(",", ":"))
-        return out
+
+        def release() -> AnswerFields:
+            res = answer_on_cohort(
+                query=query,
+                cohort=cohort,
+                epsilon=epsilon,
+                delta=delta,
+                rng=self.rng,
+                rho=rho,
+            )
+            # The calibrated curve depends on ρ and the query only (never on the data).
+            out = self._ok(text=res.text, curve=res.curve, delta=delta, tokens=0)
+            if parts > 1:
+                out["status"] = "partial"
+                out["aggregate_json"] = json.dumps(release_of(res), separators=(",", ":"))
+            return out
+
+        return release
 
     @staticmethod
     def _ok(*, text: str, curve: PrivacyCurve, delta: float, tokens: int) -> AnswerFields:
@@ -526,3 +560,25 @@ class Engine:
             "tokens": tokens,
             "records_used": 0,  # never leaves the node
         }
+
+
+def _is_aggregate(request: RoutedRequest) -> bool:
+    inner = request.get("request") or {}
+    return inner.get("kind") == "aggregate" and not inner.get("use_adapter", False)
+
+
+def _closed(mechanism: Mechanism, fail_closed: Callable[[str], AnswerFields]) -> Mechanism:
+    """``mechanism``, failing closed and charged when it raises (its ρ is drawn): non-finite
+    votes or noise, or any error, which then fails this request only, not its batch."""
+
+    def run() -> AnswerFields:
+        try:
+            return mechanism()
+        except NonFiniteVotes as exc:
+            log.error("mechanism failed closed: %s", exc)
+            return fail_closed(f"mechanism failed closed: {exc}")
+        except Exception as exc:
+            log.exception("mechanism failed")
+            return fail_closed(f"{type(exc).__name__}: {exc}")
+
+    return run

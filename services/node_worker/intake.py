@@ -62,6 +62,10 @@ class IntakeQueue(Generic[T]):
         """The next request to run: highest priority, then earliest fetched."""
         return heapq.heappop(self._heap)
 
+    def peek(self) -> Queued[T]:
+        """What :meth:`pop` would return next, left in the queue."""
+        return self._heap[0]
+
     def done(self, partition: Any, offset: int) -> int | None:
         """Mark a request answered; the offset now safe to commit for its partition, if any."""
         open_ = self._open.get(partition, set())

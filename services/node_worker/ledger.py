@@ -25,6 +25,9 @@ Everything here is internal to the hospital; none of it is ever released to requ
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +35,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     Engine,
     Float,
     Integer,
@@ -97,8 +101,34 @@ class NodeLedger:
         )
         self.hospital_id = hospital_id
         self.person_rho_cap = person_rho_cap
+        self._local = threading.local()  # this thread's open transaction(), if any
         metadata.create_all(self.engine)
         pl.open_hospital(self.engine, hospital_id, rho_cap=rho_cap)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run this thread's ledger calls in the block as one transaction: one commit at the
+        end, each call seeing the writes of the calls before it (a batch of requests is then
+        handled exactly as one after the other). Nested blocks join the outer one."""
+        if getattr(self._local, "conn", None) is not None:
+            yield
+            return
+        with self.engine.begin() as conn:
+            self._local.conn = conn
+            try:
+                yield
+            finally:
+                self._local.conn = None
+
+    @contextmanager
+    def _conn(self) -> Iterator[Connection]:
+        """The open transaction() of this thread, or a transaction of its own."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.begin() as own:
+            yield own
 
     def _key(self, request_id: str, attempt: int) -> Any:
         return and_(
@@ -108,7 +138,7 @@ class NodeLedger:
         )
 
     def lookup(self, request_id: str, attempt: int) -> StoredRelease | None:
-        with self.engine.connect() as conn:
+        with self._conn() as conn:
             row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
         if row is None:
             return None
@@ -124,7 +154,7 @@ class NodeLedger:
         Returns None when it was drawn; the stored row when the request was seen before; a
         ``refused`` pseudo-row (nothing written) when the lifetime budget cannot cover it.
         """
-        with self.engine.begin() as conn:
+        with self._conn() as conn:
             row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
             if row is not None:
                 return StoredRelease(
@@ -151,12 +181,12 @@ class NodeLedger:
     def capped_persons(self, *, rho: float) -> pl.Capped:
         """Persons whose filter cannot take another ``rho``: they leave retrieval and aggregates
         (``all``: every person, a state that follows from public figures alone)."""
-        with self.engine.connect() as conn:
+        with self._conn() as conn:
             return pl.capped(conn, self.hospital_id, rho=rho, person_cap=self.person_rho_cap)
 
     def _charge_once(self, request_id: str, attempt: int, charge: Any) -> None:
         """Run ``charge(conn)`` once per (request, attempt), before the mechanism runs."""
-        with self.engine.begin() as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 select(releases).where(self._key(request_id, attempt)).with_for_update()
             ).one()
@@ -194,7 +224,7 @@ class NodeLedger:
     def release(self, request_id: str, attempt: int, fields: AnswerFields) -> AnswerFields:
         """Persist the result fields (before publishing); first write wins. Returns what is
         stored, which is what must be published."""
-        with self.engine.begin() as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 select(releases).where(self._key(request_id, attempt)).with_for_update()
             ).first()

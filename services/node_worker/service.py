@@ -23,7 +23,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,7 +51,7 @@ class EngineLike(Protocol):  # pragma: no cover - structural type for the factor
     model_name: str
     device: str
 
-    def answer(self, request: RoutedRequest) -> AnswerFields: ...
+    def answer_batch(self, requests: Sequence[RoutedRequest]) -> list[AnswerFields]: ...
 
 
 EngineFactory = Callable[[Settings, str], Any]
@@ -155,6 +155,19 @@ def result_record(
     return rec
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A request being handled: its fields once known (None: still to answer)."""
+
+    routed: RoutedRequest
+    priority: str
+    fields: AnswerFields | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.routed["request_id"], int(self.routed.get("attempt", 0)))
+
+
 class NodeWorker:
     """The per-request handling, separate from the consume loop so tests can drive it."""
 
@@ -173,62 +186,114 @@ class NodeWorker:
 
     async def handle(self, msg: ConsumerRecord) -> None:
         """Decode, answer and publish one message; never leaves a request without a result."""
-        routed = await self.bus.decode_or_dead_letter(msg, RoutedRequest, service=SERVICE)
-        if routed is None:
-            return
+        await self.handle_batch([msg])
+
+    async def handle_batch(self, msgs: Sequence[ConsumerRecord]) -> None:
+        """Decode, answer and publish messages, in order: their ledger reads, draws and
+        releases each take one transaction for the whole batch (one thread hop), every release
+        is stored before any result is published, and each request gets exactly one result."""
         started = now_ms()
-        priority = str((routed.get("request") or {}).get("priority", "normal"))
-        self.state.health.received(priority)
-        key: tuple[str, int] = (routed["request_id"], int(routed.get("attempt", 0)))
-        refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
-        ledger: NodeLedger | None = getattr(self.state.engine, "ledger", None)
-        stored = (
-            await asyncio.to_thread(ledger.lookup, key[0], key[1])
-            if ledger is not None and not refusal
-            else None
+        todo: list[_Pending] = []
+        for msg in msgs:
+            routed = await self.bus.decode_or_dead_letter(msg, RoutedRequest, service=SERVICE)
+            if routed is None:
+                continue
+            priority = str((routed.get("request") or {}).get("priority", "normal"))
+            self.state.health.received(priority)
+            pending = _Pending(routed, priority)
+            refusal = grants.grant_refusal(self.grant_key, routed, self.hospital_id)
+            if refusal:  # no reservation the accountant signed for this node: no release
+                log.warning("refused routed request %s: %s", routed["request_id"], refusal)
+                pending.fields = failed(f"refused: {refusal}")
+                await self._refused(routed, refusal)
+            todo.append(pending)
+        ask = [p for p in todo if p.fields is None]
+        if ask:
+            self.state.in_flight += len(ask)
+            try:
+                with metrics.model_time(self.hospital_id):
+                    await asyncio.to_thread(self._settle, ask, started)
+            finally:
+                self.state.in_flight -= len(ask)
+        records = await asyncio.gather(
+            *(
+                self._publish(
+                    p.routed, result_record(p.routed, p.fields or {}, hospital_id=self.hospital_id)
+                )
+                for p in todo
+            )
         )
-        fields = stored.fields if stored is not None and stored.state == "released" else None
-        fields = fields if fields is not None else self._answered.get(key)
-        if refusal:  # no reservation the accountant signed for this node: no release
-            log.warning("refused routed request %s: %s", routed["request_id"], refusal)
-            fields = failed(f"refused: {refusal}")
-            await self._refused(routed, refusal)
-        elif fields is not None:
-            log.info("replayed request %s attempt %d: re-sending its release", *key)
-        elif (halt := self.halted()) is not None:
-            fields = failed(f"processing halted: {halt}")
-        elif routed.get("deadline_ms", 0) > 0 and started > routed["deadline_ms"]:
-            fields = failed("deadline passed before start")
-        else:
-            answered = await self._answer(routed)
-            if ledger is not None:  # persist before publishing; the stored copy is what goes out
-                answered = await asyncio.to_thread(ledger.release, key[0], key[1], answered)
-            self._answered[key] = fields = answered
-            while len(self._answered) > _REPLAY_CACHE:
-                self._answered.popitem(last=False)
-        assert fields is not None  # every branch above sets it
-        record = result_record(routed, fields, hospital_id=self.hospital_id, started_ms=started)
+        done = list(zip(todo, records, strict=True))
+        for p, record in done:
+            # Wall time as the router sees it anyway; results themselves carry no timings.
+            self.state.health.answered(
+                p.priority,
+                latency_ms=float(now_ms() - started),
+                ok=record["status"] in ("ok", "partial"),
+            )
+        await asyncio.gather(*(self._audit(p.routed, record) for p, record in done))
+        await refresh_adapter(self.state.engine)
+
+    def _settle(self, todo: list[_Pending], started: int) -> None:
+        """In a worker thread: each request's fields — its stored release (a replay), a failure
+        before any mechanism, or the engine's answer — stored before anything is published."""
+        engine = self.state.engine
+        ledger: NodeLedger | None = getattr(engine, "ledger", None)
+        with ledger.transaction() if ledger is not None else contextlib.nullcontext():
+            for p in todo:
+                stored = ledger.lookup(*p.key) if ledger is not None else None
+                if stored is not None and stored.state == "released":
+                    p.fields = stored.fields
+                p.fields = p.fields if p.fields is not None else self._answered.get(p.key)
+                if p.fields is not None:
+                    log.info("replayed request %s attempt %d: re-sending its release", *p.key)
+                elif (halt := self.halted()) is not None:
+                    p.fields = failed(f"processing halted: {halt}")
+                elif 0 < p.routed.get("deadline_ms", 0) < started:
+                    p.fields = failed("deadline passed before start")
+        ask = [p for p in todo if p.fields is None]
+        if not ask:
+            return
+        answers = self._answer([p.routed for p in ask])
+        with ledger.transaction() if ledger is not None else contextlib.nullcontext():
+            for p, answered in zip(ask, answers, strict=True):
+                if ledger is not None:  # persist before publishing; the stored copy goes out
+                    answered = ledger.release(*p.key, answered)
+                p.fields = answered
+        for p in ask:
+            assert p.fields is not None
+            self._answered[p.key] = p.fields
+        while len(self._answered) > _REPLAY_CACHE:
+            self._answered.popitem(last=False)
+
+    def _answer(self, requests: list[RoutedRequest]) -> list[AnswerFields]:
+        engine = self.state.engine
+        if engine is None:
+            reason = f"node not ready: {self.state.load_error or 'model loading'}"
+            return [failed(reason) for _ in requests]
+        try:
+            answers: list[AnswerFields] = engine.answer_batch(requests)
+            return answers
+        except Exception as exc:  # one bad batch must not kill the node
+            log.exception("requests %s failed", [r.get("request_id") for r in requests])
+            return [failed(f"{type(exc).__name__}: {exc}") for _ in requests]
+
+    async def _publish(self, routed: RoutedRequest, record: InferenceResult) -> InferenceResult:
+        """Send ``record``; one the schema refuses is replaced by a failure. Returns what went."""
         try:
             await self.bus.send(
                 topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
             )
+            return record
         except ValueError as exc:  # the engine returned something the schema refuses
-            log.error("result for %s does not encode: %s", routed["request_id"], exc)
-            record = result_record(
-                routed,
-                failed("internal error: unencodable result"),
-                hospital_id=self.hospital_id,
-                started_ms=started,
-            )
-            await self.bus.send(
-                topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
-            )
-        # Wall time as the router sees it anyway; results themselves carry no timings.
-        self.state.health.answered(
-            priority, latency_ms=float(now_ms() - started), ok=record["status"] in ("ok", "partial")
+            log.error("result for %s does not encode: %s", record["request_id"], exc)
+        record = result_record(
+            routed, failed("internal error: unencodable result"), hospital_id=self.hospital_id
         )
-        await self._audit(routed, record)
-        await refresh_adapter(self.state.engine)
+        await self.bus.send(
+            topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
+        )
+        return record
 
     async def fail(self, msg: ConsumerRecord, reason: str) -> None:
         """Terminal outcome of a request that could not be handled (dead-lettered): a failed
@@ -240,20 +305,6 @@ class NodeWorker:
         await self.bus.send(
             topics.NODE_RESULTS, "InferenceResult", record, key=record["user_id"] or None
         )
-
-    async def _answer(self, routed: RoutedRequest) -> AnswerFields:
-        engine = self.state.engine
-        if engine is None:
-            return failed(f"node not ready: {self.state.load_error or 'model loading'}")
-        self.state.in_flight += 1
-        try:
-            with metrics.model_time(self.hospital_id):
-                return await asyncio.to_thread(engine.answer, routed)
-        except Exception as exc:  # one bad request must not kill the node
-            log.exception("request %s failed", routed.get("request_id"))
-            return failed(f"{type(exc).__name__}: {exc}")
-        finally:
-            self.state.in_flight -= 1
 
     async def _refused(self, routed: RoutedRequest, reason: str) -> None:
         inner = routed.get("request") or {}
@@ -392,7 +443,7 @@ async def run(
         while not load_task.done() and not stop.is_set():
             await asyncio.wait({load_task}, timeout=0.2)
         ready = False
-        intake: IntakeQueue[Any] = IntakeQueue()
+        intake: IntakeQueue[_Fetched] = IntakeQueue()
         since_commit = 0
         capacity = max(1, settings.node_intake_capacity)
         while not stop.is_set():
@@ -411,7 +462,8 @@ async def run(
                 log.info("node %s ready: %s", hospital_id, sorted(consumer.assignment()))
             for tp, msgs in batches.items():
                 for msg in msgs:
-                    intake.push(tp, msg.offset, _peek_priority(msg), msg)
+                    priority, aggregate = _peek(msg)
+                    intake.push(tp, msg.offset, priority, _Fetched(msg, aggregate))
             gone = intake.queued_partitions() - set(consumer.assignment())
             if gone:  # rebalanced away: their new owner answers them
                 log.info("dropped %d queued requests of revoked partitions", intake.drop(gone))
@@ -422,29 +474,29 @@ async def run(
                 state.queue_depth = 0
                 metrics.record_node_queue(hospital_id, 0)
                 continue
-            queued = intake.pop()
-            msg, tp = queued.item, queued.partition
-            state.queue_depth = len(intake)  # fetched and waiting behind this one
+            taken = [intake.pop()]
+            while (  # aggregate queries in a row are answered as one batch
+                taken[0].item.aggregate
+                and len(taken) < settings.node_batch_max
+                and len(intake)
+                and intake.peek().item.aggregate
+            ):
+                taken.append(intake.pop())
+            msgs = [q.item.msg for q in taken]
+            state.queue_depth = len(intake)  # fetched and waiting behind these
             metrics.record_node_queue(hospital_id, len(intake))
             with metrics.stage(
                 "node_worker",
                 "RoutedRequest",
-                headers=msg.headers,
-                request_id=(msg.key or b"").decode(errors="replace"),
+                headers=msgs[0].headers,
+                request_id=(msgs[0].key or b"").decode(errors="replace"),
             ):
-                await deliver(
-                    msg,
-                    functools.partial(worker.handle, msg),
-                    bus=bus,
-                    service=SERVICE,
-                    policy=policy,
-                    on_dead=functools.partial(worker.fail, msg),
-                    stop=stop,
-                )
-            offset = intake.done(tp, msg.offset)
-            if offset is not None:
-                answered[tp] = offset
-            since_commit += 1
+                await _deliver_batch(msgs, worker, bus=bus, policy=policy, stop=stop)
+            for q in taken:
+                offset = intake.done(q.partition, q.offset)
+                if offset is not None:
+                    answered[q.partition] = offset
+            since_commit += len(taken)
             if since_commit >= capacity:  # under steady load, at least every `capacity` answers
                 await _commit(consumer, answered)
                 answered.clear()
@@ -464,13 +516,54 @@ async def run(
         log.info("node %s stopped", hospital_id)
 
 
-def _peek_priority(msg: ConsumerRecord) -> str:
-    """The request's priority, for the intake queue (an undecodable message counts as normal;
-    the handler dead-letters it)."""
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    msg: ConsumerRecord
+    aggregate: bool  # an aggregate query: batched with the aggregate queries next to it
+
+
+def _peek(msg: ConsumerRecord) -> tuple[str, bool]:
+    """The request's priority, for the intake queue, and whether it is an aggregate query (an
+    undecodable message counts as a normal, lone request; the handler dead-letters it)."""
     try:
-        return priority_of(codec.decode_as(RoutedRequest, msg.value, msg.headers))
+        routed = codec.decode_as(RoutedRequest, msg.value, msg.headers)
     except Exception:
-        return "normal"
+        return "normal", False
+    return priority_of(routed), (routed.get("request") or {}).get("kind") == "aggregate"
+
+
+async def _deliver_batch(
+    msgs: list[ConsumerRecord],
+    worker: NodeWorker,
+    *,
+    bus: Bus,
+    policy: RetryPolicy,
+    stop: asyncio.Event,
+) -> None:
+    """Handle ``msgs`` as one batch; if it keeps failing, one by one (a replay re-sends what a
+    failed batch already released, so nothing is drawn twice), dead-lettering a poison one."""
+    if len(msgs) > 1:
+        outcome = await deliver(
+            msgs[0],
+            functools.partial(worker.handle_batch, msgs),
+            bus=bus,
+            service=SERVICE,
+            policy=policy,
+            stop=stop,
+            batch=len(msgs),
+        )
+        if outcome == "handled":
+            return
+    for msg in msgs:
+        await deliver(
+            msg,
+            functools.partial(worker.handle, msg),
+            bus=bus,
+            service=SERVICE,
+            policy=policy,
+            on_dead=functools.partial(worker.fail, msg),
+            stop=stop,
+        )
 
 
 async def _commit(consumer: Any, offsets: dict[TopicPartition, int]) -> None:

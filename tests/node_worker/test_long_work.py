@@ -38,6 +38,9 @@ class SlowEngine:
         self.work_s = work_s
         self.calls: list[str] = []
 
+    def answer_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self.answer(r) for r in requests]
+
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(request["request_id"])
         if request["request"]["prompt"] == "slow":

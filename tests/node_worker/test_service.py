@@ -34,6 +34,9 @@ class StubEngine:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
+    def answer_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self.answer(r) for r in requests]
+
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(request["request_id"])
         if request["request"]["prompt"] == "boom":
