@@ -9,12 +9,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fedllm.common import topics, tracing
+from fedllm.common import logs, topics, tracing
 from fedllm.common.config import Settings
 from fedllm.common.kafka import Bus, ensure_topics, make_producer, wait_for_broker
 from fedllm.services.gateway import (
@@ -81,6 +83,40 @@ def quiet_kafka_client_logs() -> None:
     kafka_log = logging.getLogger("aiokafka")
     if kafka_log.getEffectiveLevel() < logging.INFO:
         kafka_log.setLevel(logging.INFO)
+
+
+class ObserveRequests:
+    """Counts and times every HTTP request by route and status, in a server span (the root of
+    the request's trace, or a child of its traceparent). Plain ASGI: Starlette's
+    ``@app.middleware`` costs a task and a memory stream per request."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        # A route may bind the request id for its log lines: it ends with the request.
+        token = logs.request_id_var.set("")
+        try:
+            with tracing.server_span(f"gateway {scope['method']}", Headers(scope=scope)):
+                await self.app(scope, receive, sending)
+        finally:
+            logs.request_id_var.reset(token)
+            name = getattr(scope.get("route"), "path", "unmatched")
+            self.state.metrics.requests.labels(name, str(status)).inc()
+            self.state.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
 
 def create_app(
@@ -177,20 +213,7 @@ def create_app(
     control_plane.install(app, state)  # lockdown / halt, before routing and authentication
     allow_header.install(app)  # 405: every method of the path, across routers
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        status = 500
-        try:  # a server span: the root of the request's trace (or a child of its traceparent)
-            with tracing.server_span(f"gateway {request.method}", request.headers):
-                response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            name = getattr(route, "path", "unmatched")
-            state.metrics.requests.labels(name, str(status)).inc()
-            state.metrics.latency.labels(name).observe(time.perf_counter() - started)
+    app.add_middleware(ObserveRequests, state=state)
 
     @app.get("/v1/health", response_model=Health, response_model_exclude_none=True, tags=["ops"])
     async def health() -> Health:

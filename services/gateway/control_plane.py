@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedllm.common import control
 from fedllm.common.kafka import now_ms
@@ -131,13 +132,31 @@ def _caller(state: GatewayState, request: Request) -> Principal | None:
 def install(app: FastAPI, state: GatewayState) -> None:
     """The lockdown / halt middleware (runs before routing and authentication). During a
     lockdown a caller with a valid non-admin token gets 503 with the reason."""
+    app.add_middleware(EmergencyGate, state=state)
 
-    @app.middleware("http")
-    async def emergency_gate(request: Request, call_next):  # type: ignore[no-untyped-def]
+
+class EmergencyGate:
+    """Plain ASGI middleware answering 503 during a lockdown or a halt (see :func:`install`)."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(Request(scope)) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        state = self.state
         ctl = state.extra.get(EXTRA_KEY)
         current = ctl.state if ctl is not None else None
+        if current is None:
+            return None
         path = request.url.path
-        if current is not None and current.lockdown is not None:
+        if current.lockdown is not None:
             caller = None if path.startswith(LOCKDOWN_OPEN) else _caller(state, request)
             # Authenticated non-admins get the reason; without a valid token the route
             # answers 401 as always (and serves nothing).
@@ -149,8 +168,7 @@ def install(app: FastAPI, state: GatewayState) -> None:
                     headers={"Retry-After": "60"},
                 )
         if (
-            current is not None
-            and current.halted is not None
+            current.halted is not None
             and request.method == "POST"
             and path.rstrip("/") == "/v1/inference"
         ):
@@ -159,4 +177,4 @@ def install(app: FastAPI, state: GatewayState) -> None:
                 content={"detail": f"processing halted: {current.halted}"},
                 headers={"Retry-After": "60"},
             )
-        return await call_next(request)
+        return None

@@ -210,7 +210,7 @@ def build_router(body_model: type[InferenceBodyBase]) -> APIRouter:
 
         settings = state.settings
         request_id = str(uuid.uuid4())
-        logs.request_id_var.set(request_id)  # this request's task only: its log lines carry it
+        logs.request_id_var.set(request_id)  # until the request ends (app.ObserveRequests)
         created = now_ms()
         record: InferenceRequest = {
             "request_id": request_id,
