@@ -569,7 +569,8 @@ def _is_aggregate(request: RoutedRequest) -> bool:
 
 def _closed(mechanism: Mechanism, fail_closed: Callable[[str], AnswerFields]) -> Mechanism:
     """``mechanism``, failing closed and charged when it raises (its ρ is drawn): non-finite
-    votes or noise, or any error, which then fails this request only, not its batch."""
+    votes or noise, or any error, which then fails this request only, not its batch. What
+    the error says stays in the node's log: its text may depend on the records."""
 
     def run() -> AnswerFields:
         try:
@@ -577,8 +578,8 @@ def _closed(mechanism: Mechanism, fail_closed: Callable[[str], AnswerFields]) ->
         except NonFiniteVotes as exc:
             log.error("mechanism failed closed: %s", exc)
             return fail_closed(f"mechanism failed closed: {exc}")
-        except Exception as exc:
+        except Exception:
             log.exception("mechanism failed")
-            return fail_closed(f"{type(exc).__name__}: {exc}")
+            return fail_closed("mechanism failed closed: internal error")
 
     return run

@@ -274,9 +274,9 @@ class NodeWorker:
         try:
             answers: list[AnswerFields] = engine.answer_batch(requests)
             return answers
-        except Exception as exc:  # one bad batch must not kill the node
+        except Exception:  # one bad batch must not kill the node; the text stays in the log
             log.exception("requests %s failed", [r.get("request_id") for r in requests])
-            return [failed(f"{type(exc).__name__}: {exc}") for _ in requests]
+            return [failed("internal error; nothing released") for _ in requests]
 
     async def _publish(self, routed: RoutedRequest, record: InferenceResult) -> InferenceResult:
         """Send ``record``; one the schema refuses is replaced by a failure. Returns what went."""

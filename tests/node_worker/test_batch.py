@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -19,6 +20,7 @@ from fedllm.common import topics
 from fedllm.common.config import HospitalConfig, Settings
 from fedllm.common.kafka import ensure_topics
 from fedllm.common.person_ledger import cap_units, charge_units
+from fedllm.privacy.rdp import DEFAULT_ORDERS
 from fedllm.services.node_worker.ledger import releases
 from fedllm.services.node_worker.service import run, wait_ready
 from fedllm.services.node_worker.settings import NodeSettings
@@ -209,3 +211,29 @@ async def test_the_node_loop_batches_queued_aggregates_and_replays_them(
     for a, b in by_id.values():
         for k in ("status", "response", "rdp_epsilons", "privacy_cost"):
             assert a[k] == b[k]
+
+
+def test_an_error_in_one_mechanism_fails_that_request_closed_and_charged(
+    hospital_data_dir: Path, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rest of the batch is answered; the failed one reports its whole reservation (its ρ
+    was drawn) and none of the error's text, which may depend on the records."""
+    from fedllm.services.node_worker import answering
+
+    eng = make_engine(hospital_data_dir, tiny, person_epsilon=100.0, lifetime_epsilon=100.0)
+    calls: list[int] = []
+    real = answering.answer_on_cohort
+
+    def second_fails(**kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("patient p-0042 has no age")
+        return real(**kw)
+
+    monkeypatch.setattr(answering, "answer_on_cohort", second_fails)
+    out = eng.answer_batch(requests()[:3])
+    assert [a["status"] for a in out] == ["ok", "failed", "ok"]
+    assert out[1]["reason"] == "mechanism failed closed: internal error"
+    assert out[1]["privacy_cost"] > 0
+    drawn = eng.query_rho_cap * np.asarray(DEFAULT_ORDERS)  # the whole reservation: ρ·α
+    np.testing.assert_allclose(out[1]["rdp_epsilons"], drawn)

@@ -129,7 +129,8 @@ async def test_node_loop_end_to_end(settings: Settings) -> None:
         assert by_id[late["request_id"]][0]["reason"] == "deadline passed before start"
         assert late["request_id"] not in stub.calls
         assert by_id[boom["request_id"]][0]["status"] == "failed"
-        assert "model exploded" in by_id[boom["request_id"]][0]["reason"]
+        # What the error says stays in the node's log: its text may depend on the records.
+        assert by_id[boom["request_id"]][0]["reason"] == "internal error; nothing released"
 
         dlq = await collect(
             settings, topics.dlq(topic), until=lambda rs: len(rs) >= 1, timeout_s=20, raw=True
