@@ -112,10 +112,12 @@ def bounded(kind: str, value: str) -> str:
 
 
 @contextmanager
-def stage(service: str, name: str, *, request_id: str = "", headers: Any = None) -> Iterator[None]:
-    """Count and time one message through a stage (an exception counts as an error); given the
-    message's `headers`, the block runs in a trace span continuing the context they carry; its
-    log lines carry `request_id`."""
+def stage(
+    service: str, name: str, *, request_id: str = "", headers: Any = None, messages: int = 1
+) -> Iterator[None]:
+    """Count and time one message (or a batch of `messages`) through a stage (an exception
+    counts as an error); given the message's `headers`, the block runs in a trace span
+    continuing the context they carry; its log lines carry `request_id`."""
     started = time.perf_counter()
     outcome = "error"
     traced = tracing.span(f"{service} {name}", headers) if headers is not None else nullcontext()
@@ -124,7 +126,7 @@ def stage(service: str, name: str, *, request_id: str = "", headers: Any = None)
             yield
         outcome = "ok"
     finally:
-        STAGE_REQUESTS.labels(service, name, outcome).inc()
+        STAGE_REQUESTS.labels(service, name, outcome).inc(messages)
         STAGE_LATENCY.labels(service, name).observe(time.perf_counter() - started)
 
 

@@ -490,6 +490,7 @@ async def run(
                 "RoutedRequest",
                 headers=msgs[0].headers,
                 request_id=(msgs[0].key or b"").decode(errors="replace"),
+                messages=len(msgs),
             ):
                 await _deliver_batch(msgs, worker, bus=bus, policy=policy, stop=stop)
             for q in taken:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from fedllm.common import topics
@@ -199,7 +200,13 @@ async def test_the_node_loop_batches_queued_aggregates_and_replays_them(
             stop.set()
             await asyncio.wait_for(task, timeout=30)
 
+    def stage_count() -> float:
+        labels = {"service": "node_worker", "stage": "RoutedRequest", "outcome": "ok"}
+        return REGISTRY.get_sample_value("fedllm_stage_requests_total", labels) or 0.0
+
+    counted = stage_count()
     first = await serve(len(reqs))
+    assert stage_count() - counted == len(reqs)  # the stage metric counts messages, not batches
     assert sorted(r["request_id"] for r in first) == sorted(ids)  # each exactly once
     assert all(r["status"] == "ok" for r in first)
     assert max(batches) > 1 and sum(batches) == len(reqs)
