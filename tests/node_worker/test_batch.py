@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +16,14 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from fedllm.common import topics
-from fedllm.common.config import HospitalConfig, Settings
-from fedllm.common.kafka import ensure_topics
+from fedllm.common.config import Settings
 from fedllm.common.person_ledger import cap_units, charge_units
 from fedllm.privacy.rdp import DEFAULT_ORDERS
 from fedllm.services.node_worker.ledger import releases
 from fedllm.services.node_worker.service import run, wait_ready
-from fedllm.services.node_worker.settings import NodeSettings
-from tests.kafka_helpers import GRANT_PUBLIC, collect, produce, unique_namespace, with_grant
+from tests.kafka_helpers import collect, produce, with_grant
 from tests.node_worker.test_engine import routed
+from tests.node_worker.test_ledger import make_engine, node_loop_settings
 
 if TYPE_CHECKING:  # torch: imported by the tests that build an engine, not at collection
     from fedllm.services.node_worker.answering import Engine
@@ -42,19 +39,6 @@ QUERIES = [
     {"op": "count"},
     {"op": "count", "where": {"sex": "M"}},
 ]
-
-
-def make_engine(data_dir: Path, tiny: LoadedModel, **node: Any) -> Engine:
-    from fedllm.services.node_worker.answering import Engine
-
-    return Engine(
-        Settings(data_dir=data_dir, answer_routes=False),
-        "st_mary",
-        model=tiny,
-        groups=4,
-        rng=random.Random(3),
-        node_settings=NodeSettings(**node),
-    )
 
 
 def requests() -> list[dict[str, Any]]:
@@ -143,19 +127,10 @@ async def test_the_node_loop_batches_queued_aggregates_and_replays_them(
 ) -> None:
     """Aggregates queued before the node starts are answered in batches, each exactly once;
     a fresh node on the same store re-sends the same releases (no second draw)."""
-    hid = f"h{uuid.uuid4().hex[:8]}"
-    shutil.copytree(clinosim_source, tmp_path / "hospitals" / hid / "clinosim")
-    settings = Settings(
-        kafka_bootstrap=kafka_bootstrap,
-        topic_namespace=unique_namespace(),
-        data_dir=tmp_path,
-        heartbeat_interval_s=0.3,
-        reservation_verify_key=GRANT_PUBLIC,
-        answer_routes=False,
-        node_load_model=False,
-        hospitals=[HospitalConfig(id=hid, departments=["cardiology"])],
+    settings = await node_loop_settings(
+        kafka_bootstrap, tmp_path, clinosim_source, node_load_model=False
     )
-    await ensure_topics(settings, {**topics.all_topics([hid])})
+    hid = settings.hospitals[0].id
     batches: list[int] = []
 
     def factory(s: Settings, h: str) -> Engine:

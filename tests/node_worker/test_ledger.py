@@ -159,11 +159,11 @@ def test_privacy_ledger_cli(
     assert at_cap > 0 and f"persons at cap   {at_cap}" in out
 
 
-async def test_restarted_node_resends_the_same_release(
-    kafka_bootstrap: str, tmp_path: Path, clinosim_source: Path, tiny: LoadedModel
-) -> None:
-    """Run the node loop, stop it, start a fresh one (new engine, new noise source) on the same
-    store, redeliver the request: the same release goes out and no mechanism runs again."""
+async def node_loop_settings(
+    kafka_bootstrap: str, tmp_path: Path, clinosim_source: Path, **extra: Any
+) -> Settings:
+    """Settings for one node loop on the test broker: a fresh hospital (a copy of the clinosim
+    records under ``tmp_path``) in its own topic namespace, its topics created."""
     hid = f"h{uuid.uuid4().hex[:8]}"
     shutil.copytree(clinosim_source, tmp_path / "hospitals" / hid / "clinosim")
     settings = Settings(
@@ -174,8 +174,19 @@ async def test_restarted_node_resends_the_same_release(
         reservation_verify_key=GRANT_PUBLIC,
         answer_routes=False,
         hospitals=[HospitalConfig(id=hid, departments=["cardiology"])],
+        **extra,
     )
     await ensure_topics(settings, {**topics.all_topics([hid])})
+    return settings
+
+
+async def test_restarted_node_resends_the_same_release(
+    kafka_bootstrap: str, tmp_path: Path, clinosim_source: Path, tiny: LoadedModel
+) -> None:
+    """Run the node loop, stop it, start a fresh one (new engine, new noise source) on the same
+    store, redeliver the request: the same release goes out and no mechanism runs again."""
+    settings = await node_loop_settings(kafka_bootstrap, tmp_path, clinosim_source)
+    hid = settings.hospitals[0].id
     runs: list[int] = []
 
     def factory(s: Settings, h: str) -> Engine:
