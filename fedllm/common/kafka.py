@@ -20,6 +20,7 @@ from typing import Any, TypeVar, overload
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from fedllm.common import codec, fetch_wait, metrics, topics, tracing
 from fedllm.common.clock import now_ms as now_ms  # re-exported: services import it from here
@@ -121,6 +122,18 @@ async def ensure_topics(settings: Settings, wanted: dict[str, int]) -> None:
                 pass
     finally:
         await admin.close()
+
+
+async def existing_topics(admin: AIOKafkaAdminClient, names: Sequence[str]) -> set[str]:
+    """Those of `names` (broker names) that exist, asked about by name: one metadata request
+    whose cost does not grow with the cluster's topic count (as `list_topics` does), and
+    which never creates a topic (aiokafka's `describe_topics` would let a broker with
+    `auto.create.topics.enable` create every name it is asked about)."""
+    if not names:
+        return set()
+    request = MetadataRequest(list(names), allow_auto_topic_creation=False)
+    response = (await admin._send_request(request)).to_object()  # no public call takes the flag
+    return {t["topic"] for t in response["topics"] if t["error_code"] == 0}
 
 
 async def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:

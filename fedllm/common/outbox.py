@@ -24,6 +24,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     delete,
+    insert,
     select,
     update,
 )
@@ -81,37 +82,34 @@ def create_table(engine: Engine) -> None:
 def add(session: Session, messages: Iterable[Message]) -> None:
     """Record `messages` in the caller's open transaction (sent only if it commits)."""
     now = now_ms()
-    for m in messages:
-        session.add(
-            OutboxRow(
-                topic=m.topic,
-                key=m.key,
-                value=m.value,
-                headers=[[k, v.hex()] for k, v in m.headers],
-                created_at_ms=now,
-                sent_at_ms=None,
-            )
-        )
+    rows = [
+        {
+            "topic": m.topic,
+            "key": m.key,
+            "value": m.value,
+            "headers": [[k, v.hex()] for k, v in m.headers],
+            "created_at_ms": now,
+            "sent_at_ms": None,
+        }
+        for m in messages
+    ]
+    if rows:  # one executemany, in order (ids follow the list), no ORM unit of work
+        session.execute(insert(OutboxRow), rows)
 
 
 def pending(engine: Engine, *, limit: int = 500) -> list[tuple[int, Message]]:
     """The oldest unsent messages, in the order they were recorded."""
-    with Session(engine) as s:
-        rows = s.scalars(
-            select(OutboxRow)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(OutboxRow.id, OutboxRow.topic, OutboxRow.key, OutboxRow.value, OutboxRow.headers)
             .where(OutboxRow.sent_at_ms.is_(None))
             .order_by(OutboxRow.id)
             .limit(limit)
         ).all()
-        return [
-            (
-                r.id,
-                Message(
-                    r.topic, r.key, r.value, tuple((k, bytes.fromhex(v)) for k, v in r.headers)
-                ),
-            )
-            for r in rows
-        ]
+    return [
+        (id_, Message(topic, key, value, tuple((k, bytes.fromhex(v)) for k, v in headers)))
+        for id_, topic, key, value, headers in rows
+    ]
 
 
 def mark_sent(engine: Engine, ids: list[int]) -> None:

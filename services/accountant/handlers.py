@@ -501,9 +501,7 @@ class Accountant:
             "delta": entry["delta"],
         }
         if entry["state"] == "committed":
-            reserved = self.ledger.accountant.epsilon(
-                PrivacyCurve.from_dict(entry["reserved_rdp"]), delta=entry["delta"]
-            )
+            reserved = self.ledger.filter.epsilon(entry["reserved_units"])  # O(1), cached
             out.append(
                 _audit(
                     action="budget.committed",

@@ -8,7 +8,6 @@ from typing import Any
 from fedllm.common import results
 from fedllm.common.kafka import now_ms
 from fedllm.common.metrics import record_budget
-from fedllm.privacy.accountant import PrivacyCurve
 from fedllm.schemas.records import BudgetDecision, BudgetStatus, InferenceRequest, InferenceResult
 from fedllm.services.accountant.ledger import Balance, Outcome
 
@@ -45,8 +44,7 @@ def final_result(
 ) -> InferenceResult:
     """The terminal InferenceResult for fedllm.results."""
     entry = outcome.entry
-    spent = entry.get("spent_rdp")
-    curve = PrivacyCurve.from_dict(spent) if spent else None
+    spent = entry.get("spent_rdp")  # the ledger's own PrivacyCurve.to_dict of a checked curve
     answered = node_result.get("reason", "") if node_result else ""
     final: InferenceResult = {
         "request_id": entry["request_id"],
@@ -56,8 +54,8 @@ def final_result(
         "reason": outcome.reason if status != "ok" else answered,
         "privacy_cost": entry["spent_epsilon"],
         "delta": entry["delta"],
-        "rdp_orders": list(curve.orders) if curve else [],
-        "rdp_epsilons": list(curve.values) if curve else [],
+        "rdp_orders": list(spent["orders"]) if spent else [],
+        "rdp_epsilons": list(spent["values"]) if spent else [],
         # A refusal reports the binding limit (user's or department's); otherwise the user's.
         "remaining_budget": (
             min(outcome.user.remaining, outcome.department.remaining)

@@ -6,7 +6,8 @@
   previous batch was handled, up to `accountant_batch_max`, with no timer), one ledger
   transaction per batch;
 - `apply_adjustment` over fedllm.admin applies an admin's budget reset;
-- `relay_replies` over fedllm.results copies each terminal result to its owner's reply topic;
+- `relay_replies` over fedllm.results copies each terminal result to its owner's reply topic
+  (in natural batches: one reply-topic look-up per batch);
 - `expire_reservations` times out requests whose deadline passed (on every instance; the
   ledger's row transition lets exactly one of them act).
 
@@ -199,8 +200,7 @@ def create_app(settings: Settings) -> faust.App:
         if topic == topics.scoped(settings, topics.RESULTS):
 
             async def relay(batch: list[Decoded]) -> None:
-                for one in batch:
-                    await state["replies"].relay(one.record)
+                await state["replies"].relay_many([one.record for one in batch])
 
             return relay, None
         if schema == "InferenceRequest":
@@ -239,8 +239,8 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(results_topic, name="relay_replies")
     async def relay_replies(stream: faust.StreamT) -> None:
-        async for event in stream.noack().events():
-            await handle([event], "InferenceResult")
+        async for events in natural_batches(stream.noack().events(), batch_max):
+            await handle(events, "InferenceResult")
 
     @app.timer(interval=1.0)  # every instance: settle() lets only one of them act
     async def expire_reservations() -> None:

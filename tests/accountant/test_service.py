@@ -108,10 +108,11 @@ async def test_replayed_request_and_result_spend_once(accountant: Pipeline) -> N
     latest = [b for b in budgets if b["user_id"] == "replay-user"][-1]
     assert latest["user_spent_epsilon"] == pytest.approx(result["privacy_cost"])
     audit = await collect(s, topics.AUDIT, until=lambda r: False, timeout_s=2)
-    committed = {
-        a["event_id"] for a in audit if a["request_id"] == rid and a["action"] == "budget.committed"
-    }
-    assert len(committed) == 1
+    committed = [a for a in audit if a["request_id"] == rid and a["action"] == "budget.committed"]
+    assert len({a["event_id"] for a in committed}) == 1
+    # What was reserved (ε 2.0) less what was spent comes back.
+    refunded = float(committed[0]["details"]["refunded_epsilon"])
+    assert refunded == pytest.approx(2.0 - result["privacy_cost"], abs=2e-6)
 
 
 async def test_undecodable_goes_to_dlq_and_service_keeps_going(accountant: Pipeline) -> None:
