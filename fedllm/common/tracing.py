@@ -45,6 +45,7 @@ def setup(service: str) -> None:
         log.info("traces exported over OTLP/HTTP to %s", endpoint)
     trace.set_tracer_provider(provider)
     _state["provider"] = trace.get_tracer_provider()
+    _state.pop("tracer", None)
 
 
 class _Headers:
@@ -85,7 +86,9 @@ def span(
 ) -> Iterator[None]:
     """Run the block in a span whose parent is the context carried by `headers` (or the current
     span when `headers` is None)."""
-    tracer = trace.get_tracer(TRACER)
+    tracer = _state.get("tracer")
+    if tracer is None:  # one tracer per process: get_tracer builds a new one on every call
+        tracer = _state["tracer"] = trace.get_tracer(TRACER)
     parent = extract(headers) if headers is not None else None
     with tracer.start_as_current_span(
         name, context=parent, kind=kind, attributes=attributes or None

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from fedllm.common import codec, topics
 from fedllm.common.config import Settings
@@ -57,16 +57,17 @@ class MemoryResultStore:
     def __init__(self, *, retention_s: int, prefix: str = "fedllm:gw") -> None:
         self.retention_s = retention_s
         self.prefix = prefix
-        self._data: dict[str, tuple[float, str]] = {}
+        # Texts (ids) and result records, as given: nothing here needs them serialised.
+        self._data: dict[str, tuple[float, Any]] = {}
 
-    def _get(self, key: str) -> str | None:
+    def _get(self, key: str) -> Any:
         hit = self._data.get(key)
         if hit is None or hit[0] < time.monotonic():
             self._data.pop(key, None)
             return None
         return hit[1]
 
-    def _set(self, key: str, value: str) -> None:
+    def _set(self, key: str, value: Any) -> None:
         self._data[key] = (time.monotonic() + self.retention_s, value)
         if len(self._data) > 100_000:  # bounded: drop expired entries
             now = time.monotonic()
@@ -90,11 +91,11 @@ class MemoryResultStore:
         return self._get(f"{self.prefix}:owner:{request_id}")
 
     async def put(self, record: InferenceResult) -> None:
-        self._set(f"{self.prefix}:result:{record['request_id']}", json.dumps(record))
+        self._set(f"{self.prefix}:result:{record['request_id']}", dict(record))
 
     async def get(self, request_id: str) -> InferenceResult | None:
-        raw = self._get(f"{self.prefix}:result:{request_id}")
-        return json.loads(raw) if raw else None
+        record = self._get(f"{self.prefix}:result:{request_id}")
+        return cast(InferenceResult, dict(record)) if record else None
 
     async def close(self) -> None:
         self._data.clear()

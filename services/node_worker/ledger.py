@@ -44,6 +44,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     select,
 )
 
@@ -66,6 +67,19 @@ releases = Table(
     Column("fields_json", Text, nullable=False, default=""),
     Column("created_at_ms", BigInteger, nullable=False),
 )
+
+
+# Built once (statement construction and its cache key are most of a small query's cost);
+# the parameters come from `NodeLedger._key`.
+_KEY = and_(
+    releases.c.hospital_id == bindparam("k_hospital"),
+    releases.c.request_id == bindparam("k_request"),
+    releases.c.attempt == bindparam("k_attempt"),
+)
+_ROW = select(releases).where(_KEY)
+_ROW_FOR_UPDATE = _ROW.with_for_update()
+_MARK_CHARGED = releases.update().where(_KEY).values(persons_charged=True)
+_RELEASE = releases.update().where(_KEY).values(state="released", fields_json=bindparam("v_fields"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,16 +144,13 @@ class NodeLedger:
         with self.engine.begin() as own:
             yield own
 
-    def _key(self, request_id: str, attempt: int) -> Any:
-        return and_(
-            releases.c.hospital_id == self.hospital_id,
-            releases.c.request_id == request_id,
-            releases.c.attempt == attempt,
-        )
+    def _key(self, request_id: str, attempt: int) -> dict[str, Any]:
+        """The parameters of the prebuilt statements (`_ROW` ...) for one release row."""
+        return {"k_hospital": self.hospital_id, "k_request": request_id, "k_attempt": attempt}
 
     def lookup(self, request_id: str, attempt: int) -> StoredRelease | None:
         with self._conn() as conn:
-            row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
+            row = conn.execute(_ROW, self._key(request_id, attempt)).first()
         if row is None:
             return None
         return StoredRelease(
@@ -155,7 +166,7 @@ class NodeLedger:
         ``refused`` pseudo-row (nothing written) when the lifetime budget cannot cover it.
         """
         with self._conn() as conn:
-            row = conn.execute(select(releases).where(self._key(request_id, attempt))).first()
+            row = conn.execute(_ROW, self._key(request_id, attempt)).first()
             if row is not None:
                 return StoredRelease(
                     state=row.state,
@@ -187,15 +198,11 @@ class NodeLedger:
     def _charge_once(self, request_id: str, attempt: int, charge: Any) -> None:
         """Run ``charge(conn)`` once per (request, attempt), before the mechanism runs."""
         with self._conn() as conn:
-            row = conn.execute(
-                select(releases).where(self._key(request_id, attempt)).with_for_update()
-            ).one()
+            row = conn.execute(_ROW_FOR_UPDATE, self._key(request_id, attempt)).one()
             if row.persons_charged:
                 return
             charge(conn)
-            conn.execute(
-                releases.update().where(self._key(request_id, attempt)).values(persons_charged=True)
-            )
+            conn.execute(_MARK_CHARGED, self._key(request_id, attempt))
 
     def charge_persons(
         self, request_id: str, attempt: int, persons: set[str] | frozenset[str], *, rho: float
@@ -225,9 +232,7 @@ class NodeLedger:
         """Persist the result fields (before publishing); first write wins. Returns what is
         stored, which is what must be published."""
         with self._conn() as conn:
-            row = conn.execute(
-                select(releases).where(self._key(request_id, attempt)).with_for_update()
-            ).first()
+            row = conn.execute(_ROW_FOR_UPDATE, self._key(request_id, attempt)).first()
             if row is not None and row.state == "released":
                 stored: AnswerFields = json.loads(row.fields_json)
                 return stored
@@ -246,11 +251,7 @@ class NodeLedger:
                     )
                 )
             else:
-                conn.execute(
-                    releases.update()
-                    .where(self._key(request_id, attempt))
-                    .values(state="released", fields_json=text)
-                )
+                conn.execute(_RELEASE, {**self._key(request_id, attempt), "v_fields": text})
         return fields
 
     def lifetime(self) -> tuple[float, float]:
