@@ -28,6 +28,7 @@ T = "tests/node_worker/test_side_channels.py"
 A = "tests/node_worker/test_adapter_privacy.py"
 R = "tests/node_worker/test_reservation.py"
 B = "tests/node_worker/test_batch.py"
+L = "tests/node_worker/test_ledger.py"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,13 @@ MUTATIONS = (
         'public figures alone)."""\n        with self._conn() as conn:',
         'public figures alone)."""\n        with self.engine.connect() as conn:',
         (f"{B}::test_a_batch_answers_exactly_as_one_after_the_other",),
+    ),
+    Mutation(  # a release row is found by request alone: a hospital re-sends another's release
+        "release_key_ignores_hospital",
+        "fedllm/services/node_worker/ledger.py",
+        '    releases.c.hospital_id == bindparam("k_hospital"),\n',
+        "",
+        (f"{L}::test_hospitals_sharing_one_store_keep_their_own_releases",),
     ),
     Mutation(  # a batch's mechanisms run before its draws and charges are committed
         "batch_mechanisms_before_commit",

@@ -89,6 +89,15 @@ class StoredRelease:
     fields: AnswerFields | None
 
 
+def _stored(row: Any) -> StoredRelease:
+    """A `releases` row as a StoredRelease."""
+    return StoredRelease(
+        state=row.state,
+        rho=row.rho,
+        fields=json.loads(row.fields_json) if row.fields_json else None,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerSummary:
     hospital_id: str
@@ -151,13 +160,7 @@ class NodeLedger:
     def lookup(self, request_id: str, attempt: int) -> StoredRelease | None:
         with self._conn() as conn:
             row = conn.execute(_ROW, self._key(request_id, attempt)).first()
-        if row is None:
-            return None
-        return StoredRelease(
-            state=row.state,
-            rho=row.rho,
-            fields=json.loads(row.fields_json) if row.fields_json else None,
-        )
+        return _stored(row) if row is not None else None
 
     def begin(self, request_id: str, attempt: int, *, rho: float) -> StoredRelease | None:
         """Draw ``rho`` from the lifetime budget and mark the request started, atomically.
@@ -168,11 +171,7 @@ class NodeLedger:
         with self._conn() as conn:
             row = conn.execute(_ROW, self._key(request_id, attempt)).first()
             if row is not None:
-                return StoredRelease(
-                    state=row.state,
-                    rho=row.rho,
-                    fields=json.loads(row.fields_json) if row.fields_json else None,
-                )
+                return _stored(row)
             if not pl.draw_lifetime(conn, self.hospital_id, rho):
                 return StoredRelease(state="refused", rho=0.0, fields=None)
             conn.execute(

@@ -85,6 +85,25 @@ def test_no_reset_path_reopening_cannot_raise_the_cap(tmp_path: Path) -> None:
     assert not any(hasattr(b, name) for name in ("reset", "refund", "set_spent"))
 
 
+def test_hospitals_sharing_one_store_keep_their_own_releases(tmp_path: Path) -> None:
+    """A fan-out sends one request id to several hospitals: on a shared store each hospital's
+    draw, charge mark and release are its own (no hospital re-sends another's release)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = NodeLedger(url, hospital_id="a", rho_cap=1.0, person_rho_cap=1.0)
+    b = NodeLedger(url, hospital_id="b", rho_cap=1.0, person_rho_cap=1.0)
+    assert a.begin("r", 0, rho=0.1) is None
+    assert b.lookup("r", 0) is None
+    assert b.begin("r", 0, rho=0.1) is None  # b draws too: a's row is not b's
+    a.charge_persons("r", 0, {"p1"}, rho=0.1)
+    b.charge_persons("r", 0, {"p1"}, rho=0.1)  # not skipped as already charged
+    assert a.spends({"p1"}) == pytest.approx({"p1": 0.1})
+    assert b.spends({"p1"}) == pytest.approx({"p1": 0.1})
+    assert a.release("r", 0, {"status": "ok", "response": "from a"})["response"] == "from a"
+    assert b.release("r", 0, {"status": "ok", "response": "from b"})["response"] == "from b"
+    stored = b.lookup("r", 0)
+    assert stored is not None and stored.fields == {"status": "ok", "response": "from b"}
+
+
 def test_person_filter_charges_matched_groups_and_drops_persons_at_cap(
     hospital_data_dir: Path, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
